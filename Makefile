@@ -1,0 +1,47 @@
+# segscale: `make demo` (the main job) and `make test`; both install what they need first.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON_SYS ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Every install step goes through the constraints file: it pins torch==2.13.0 so pip
+# never swaps in a multi-GB CUDA build. apex is optional and never installed from the
+# registry (that name is an unrelated package there).
+PIP := $(PY) -m pip install --disable-pip-version-check -c constraints.txt
+# pip warns about every absent extra index folder of this machine's pip config: noise.
+QUIET_PIP := { grep -v -e "is ignored: it is neither a file nor a directory" || true; }
+STAMP := $(VENV)/.segscale-installed
+
+.PHONY: help install demo test lint clean
+
+help:
+	@echo "make demo     install, then train the demo on a local Ray instance (2 CPU workers)"
+	@echo "make test     install, then run the test suite"
+	@echo "make install  create $(VENV) and install segscale with its dev tools"
+	@echo "make lint     ruff"
+	@echo "make clean    remove runs/ and build leftovers (keeps $(VENV))"
+
+install: $(STAMP)
+
+# Re-runs only when the packaging files change, so a second `make install` is instant.
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	@echo "installing segscale into $(VENV) (torch pinned by constraints.txt)"
+	@$(PIP) -q torch==2.13.0 2>&1 | $(QUIET_PIP)
+	@$(PIP) -q -e '.[dev]' 2>&1 | $(QUIET_PIP)
+	@$(PY) -m launcher build-ops
+	@touch $(STAMP)
+
+demo: install
+	$(PY) -m launcher demo
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf runs build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,29 @@
+"""Typed configuration of the ``cluster`` section (owned here, composed by ``launcher``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ClusterConfig:
+    # Ray cluster to join ("ray://..." or "host:port" or "auto"); "" = the RAY_ADDRESS
+    # environment variable, else start a local Ray instance for this run.
+    address: str = ""
+    # One Ray Train worker per accelerator (or per CPU slot on a CPU-only machine).
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    # torch intra-op threads per worker; 0 = cpus_per_worker.
+    torch_threads: int = 0
+    # torch.distributed backend; "" = nccl with GPUs, gloo otherwise.
+    backend: str = ""
+    # Ray restarts the whole worker group this many times after a failure.
+    max_failures: int = 0
+    # Each rank serves Prometheus metrics on metrics_port_base + local rank;
+    # 0 = pick free ports (their addresses go to the run's prometheus_targets.json);
+    # -1 = no exporter.
+    metrics_port_base: int = 9400
+    # Address the exporters bind to; "" = the node IP Ray reports (loopback for a
+    # local instance).
+    metrics_host: str = ""

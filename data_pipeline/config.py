@@ -1,0 +1,32 @@
+"""Typed configuration of the ``data`` section (owned here, composed by ``launcher``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SyntheticConfig:
+    """The generated dataset ``launcher demo`` and the tests use."""
+
+    num_classes: int = 5  # class 0 is the textured background
+    image_size: int = 64
+    num_train: int = 512
+    num_val: int = 64
+    samples_per_shard: int = 64
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    # manifest.json written by ``python -m data_pipeline shard``.
+    train_manifest: str = ""
+    val_manifest: str = ""
+    crop_size: int = 512
+    batch_size: int = 2  # per worker
+    num_workers: int = 0  # DataLoader worker processes per rank
+    shuffle_buffer: int = 256
+    hflip: bool = True
+    ignore_index: int = 255
+    seed: int = 0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

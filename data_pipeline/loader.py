@@ -1,0 +1,368 @@
+"""Streaming train/eval loaders over the webdataset shards named by a manifest.
+
+Who reads what. A *consumer* is one (rank, DataLoader worker) pair; there are
+``world_size * max(1, num_workers)`` of them, consumer ``rank * workers + worker``.
+
+* Enough shards (``num_shards >= consumers``): consumer ``c`` reads shards
+  ``order[c::consumers]``. For training ``order`` is a permutation drawn from
+  ``(seed, epoch)`` alone, so every consumer in epoch ``e`` agrees on it and the slices are
+  disjoint; for evaluation it is the manifest order.
+* Fewer shards than consumers: every consumer reads every shard and keeps the samples
+  whose global index (position in the manifest) is ``c`` modulo ``consumers``, so no rank
+  is starved. Each consumer then reads all bytes, which only tiny datasets hit. For
+  training with fewer samples than consumers, consumers wrap around (``c % num_samples``)
+  rather than spin forever on an empty slice.
+
+Training streams are infinite: each consumer loops over its own epochs ("epoch" is only
+a logging notion and consumers may drift apart by a shard or so; nothing waits for an
+epoch end, so uneven slices cannot hang collectives). Within an epoch a consumer shuffles
+samples through a buffer of ``shuffle_buffer`` *encoded* samples (bytes, not decoded
+pixels, to keep memory low) and augments with a generator, both seeded from
+``(seed, epoch, rank, worker)``: the same (seed, world_size, num_workers, batch_size)
+gives the same batches. Evaluation is finite, unshuffled, unaugmented, and sees every
+sample exactly once across ranks (ranks may get different counts; the caller reduces a
+confusion matrix at the end, so there are no per-batch collectives).
+
+We use webdataset's tar reader (``tarfile_to_samples``) one shard at a time rather than
+``wds.WebDataset``: its node/worker splitters cannot do the sample-modulo fallback, and
+reading per shard lets every error name the shard at fault. Images and label maps are
+decoded here with PIL per member extension; webdataset's ``decode("pil")`` would turn a
+single-channel label PNG into RGB.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, NoReturn
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline.config import DataConfig
+from data_pipeline.manifest import Manifest, ManifestError, load_manifest
+from data_pipeline.shard_writer import SEMANTIC_EXT
+from data_pipeline.transforms import pad_to, semantic_to_targets, train_augment
+
+IMAGE_EXTS = ("png", "jpg", "jpeg")  # first one present is the image
+
+
+class DataConfigError(ValueError):
+    """The data section of the config is unusable (one-line message naming the key)."""
+
+
+class ShardReadError(RuntimeError):
+    """A shard is missing, corrupt or disagrees with its manifest (message names the shard)."""
+
+
+# ------------------------------------------------------------------------ read planning
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    path: str
+    num_samples: int
+    first_index: int  # global index (manifest order) of the shard's first sample
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """What one consumer reads in one epoch."""
+
+    shards: tuple[int, ...]  # indices into the shard list, in reading order
+    modulo: int = 1  # keep samples whose global index % modulo == remainder
+    remainder: int = 0
+
+
+def plan_reads(
+    shard_sizes: Sequence[int],
+    consumer: int,
+    num_consumers: int,
+    order_seed: Sequence[int] | None,
+    allow_empty: bool,
+) -> ReadPlan:
+    """Assign shards (or, if too few, sample indices) to ``consumer`` of ``num_consumers``.
+
+    ``order_seed=None`` keeps the manifest order (evaluation). ``allow_empty=False``
+    (training) wraps consumers around when there are fewer samples than consumers.
+    """
+    if not 0 <= consumer < num_consumers:
+        raise ValueError(f"consumer {consumer} out of range for {num_consumers} consumers")
+    num_shards = len(shard_sizes)
+    order = list(range(num_shards))
+    if order_seed is not None:
+        order = [int(i) for i in np.random.default_rng(list(order_seed)).permutation(num_shards)]
+    if num_shards >= num_consumers:
+        return ReadPlan(tuple(order[consumer::num_consumers]))
+    total = sum(shard_sizes)
+    modulo = num_consumers if allow_empty else max(1, min(num_consumers, total))
+    return ReadPlan(tuple(order), modulo, consumer % modulo)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _raise_shard_error(path: str, exn: Exception) -> NoReturn:
+    if isinstance(exn, OSError) and exn.strerror:
+        detail = exn.strerror  # e.g. "No such file or directory" rather than errno 2
+    else:
+        # webdataset appends " @ <stream repr>" and stream objects to the exception's args.
+        detail = str(exn.args[0]).split(" @ ")[0] if exn.args else ""
+    raise ShardReadError(f"corrupt or unreadable shard {path}: {type(exn).__name__}: {detail}") from exn
+
+
+def read_shard(ref: ShardRef) -> Iterator[dict[str, Any]]:
+    """Raw samples (member bytes by extension, ``__key__``, ``__url__``, ``__index__``)."""
+    count = 0
+    samples = wds.tarfile_to_samples(handler=partial(_raise_shard_error, ref.path))(iter([{"url": ref.path}]))
+    for sample in samples:
+        sample["__index__"] = ref.first_index + count
+        count += 1
+        yield sample
+    if count != ref.num_samples:
+        raise ShardReadError(f"shard {ref.path} holds {count} samples, its manifest says {ref.num_samples}")
+
+
+def _read_plan(shards: Sequence[ShardRef], plan: ReadPlan) -> Iterator[dict[str, Any]]:
+    for i in plan.shards:
+        for sample in read_shard(shards[i]):
+            if sample["__index__"] % plan.modulo == plan.remainder:
+                yield sample
+
+
+def _buffer_shuffle(items: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """Shuffle through a buffer of ``size`` items; flushed (shuffled) at the end."""
+    buffer: list[Any] = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= max(1, size):
+            yield buffer.pop(int(rng.integers(len(buffer))))
+    for j in rng.permutation(len(buffer)):
+        yield buffer[j]
+
+
+def _open_member(raw: dict[str, Any], ext: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(raw[ext]))
+        image.load()  # PIL decodes lazily: surface truncation errors here
+        return image
+    except Exception as exn:
+        # PIL's UnidentifiedImageError message embeds a BytesIO repr: say it plainly.
+        detail = "not a recognised image format" if isinstance(exn, UnidentifiedImageError) else str(exn)
+        raise ShardReadError(
+            f"shard {raw['__url__']}: sample {raw['__key__']}: cannot decode .{ext}: {detail}"
+        ) from exn
+
+
+def decode_sample(raw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Member bytes -> (uint8 image 3 x H x W, int64 labels H x W), decoded with PIL."""
+    where = f"shard {raw.get('__url__')}: sample {raw.get('__key__')}"
+    image_ext = next((ext for ext in IMAGE_EXTS if ext in raw), None)
+    if image_ext is None or SEMANTIC_EXT not in raw:
+        members = sorted(k for k in raw if not k.startswith("__"))
+        raise ShardReadError(f"{where}: needs an image (.png/.jpg) and a .{SEMANTIC_EXT}, has {members}")
+    image = _open_member(raw, image_ext).convert("RGB")
+    labels = _open_member(raw, SEMANTIC_EXT)
+    if labels.mode not in ("L", "P", "I", "I;16"):  # "P": palette indices are the labels
+        raise ShardReadError(f"{where}: .{SEMANTIC_EXT} must be single-channel, got PIL mode {labels.mode}")
+    if labels.size != image.size:
+        raise ShardReadError(f"{where}: image is {image.size} but labels are {labels.size} (W x H)")
+    image_t = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    labels_t = torch.from_numpy(np.asarray(labels).astype(np.int64))
+    return image_t, labels_t
+
+
+# ---------------------------------------------------------------------------- dataset
+
+
+def _consumer() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class SegmentationStream(IterableDataset):
+    """Decoded samples for one rank: infinite and augmented (train) or finite (eval)."""
+
+    def __init__(self, shards: Sequence[ShardRef], cfg: DataConfig, rank: int, world_size: int, train: bool):
+        self.shards = list(shards)
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.train = train
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, num_workers = _consumer()
+        consumer = self.rank * num_workers + worker
+        num_consumers = self.world_size * num_workers
+        if self.train:
+            return self._train_samples(consumer, num_consumers, worker)
+        return self._eval_samples(consumer, num_consumers)
+
+    def _train_samples(self, consumer: int, num_consumers: int, worker: int) -> Iterator[dict[str, Any]]:
+        cfg, sizes = self.cfg, [s.num_samples for s in self.shards]
+        for epoch in itertools.count():
+            plan = plan_reads(sizes, consumer, num_consumers, order_seed=(cfg.seed, epoch), allow_empty=False)
+            # Distinct entropy lists give independent streams for order, buffer and augmentation.
+            shuffle_rng = np.random.default_rng([cfg.seed, epoch, self.rank, worker, 0])
+            aug_seed = int(np.random.default_rng([cfg.seed, epoch, self.rank, worker, 1]).integers(2**62))
+            generator = torch.Generator().manual_seed(aug_seed)
+            produced = 0
+            for raw in _buffer_shuffle(_read_plan(self.shards, plan), cfg.shuffle_buffer, shuffle_rng):
+                image, semantic = decode_sample(raw)
+                image, semantic = train_augment(
+                    image, semantic, cfg.crop_size, generator, hflip=cfg.hflip, ignore_index=cfg.ignore_index
+                )
+                produced += 1
+                yield {"image": image, "semantic": semantic, "key": raw["__key__"]}
+            if produced == 0:  # would otherwise spin forever without yielding
+                raise ShardReadError(
+                    f"rank {self.rank} worker {worker}: epoch {epoch} read no samples from {plan}"
+                )
+
+    def _eval_samples(self, consumer: int, num_consumers: int) -> Iterator[dict[str, Any]]:
+        sizes = [s.num_samples for s in self.shards]
+        plan = plan_reads(sizes, consumer, num_consumers, order_seed=None, allow_empty=True)
+        for raw in _read_plan(self.shards, plan):
+            image, semantic = decode_sample(raw)
+            yield {"image": image, "semantic": semantic, "key": raw["__key__"]}
+
+
+def collate_batch(samples: list[dict[str, Any]], ignore_index: int = 255) -> dict[str, Any]:
+    """Stack samples into a batch; pads to the largest H and W (image 0, labels ignore).
+
+    Train samples are already ``crop_size`` square. Eval samples keep their size, so a
+    batch of differently sized images is padded bottom/right; padded pixels carry the
+    ignore label and therefore count in no metric. Targets are built after padding so
+    their masks match ``semantic``.
+    """
+    height = max(s["semantic"].shape[0] for s in samples)
+    width = max(s["semantic"].shape[1] for s in samples)
+    images, semantics = [], []
+    for s in samples:
+        image, semantic = pad_to(s["image"], s["semantic"], height, width, ignore_index)
+        images.append(image)
+        semantics.append(semantic)
+    semantic = torch.stack(semantics)
+    return {
+        "images": torch.stack(images),
+        "semantic": semantic,
+        "targets": [semantic_to_targets(m, ignore_index) for m in semantic],
+        "keys": [s["key"] for s in samples],
+    }
+
+
+# -------------------------------------------------------------------------- builders
+
+
+def _check_config(cfg: DataConfig, rank: int, world_size: int, train: bool) -> None:
+    checks = [
+        (cfg.batch_size >= 1, f"data.batch_size must be >= 1, got {cfg.batch_size}"),
+        (cfg.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.num_workers}"),
+        (0 <= cfg.ignore_index <= 255, f"data.ignore_index must be in [0, 255], got {cfg.ignore_index}"),
+        (
+            world_size >= 1 and 0 <= rank < world_size,
+            f"need 0 <= rank < world_size, got {rank}, {world_size}",
+        ),
+    ]
+    if train:
+        checks += [
+            (cfg.crop_size >= 1, f"data.crop_size must be >= 1, got {cfg.crop_size}"),
+            (cfg.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {cfg.shuffle_buffer}"),
+        ]
+    for ok, message in checks:
+        if not ok:
+            raise DataConfigError(message)
+
+
+def resolve_manifest(cfg: DataConfig, key: str) -> Manifest:
+    """Load the manifest named by ``cfg.<key>``; errors name ``data.<key>`` and the path."""
+    path = getattr(cfg, key)
+    if not path:
+        raise DataConfigError(f"data.{key} is not set (write shards with: python -m data_pipeline shard ...)")
+    try:
+        manifest = load_manifest(path)
+    except ManifestError as exn:
+        raise DataConfigError(f"data.{key}: {exn}") from None
+    if manifest.num_samples == 0 or not manifest.shards:
+        raise DataConfigError(f"data.{key}: {path}: the manifest lists no samples")
+    if manifest.ignore_index != cfg.ignore_index:
+        raise DataConfigError(
+            f"data.{key}: {path} labels ignore as {manifest.ignore_index} but data.ignore_index is {cfg.ignore_index}"
+        )
+    return manifest
+
+
+def shard_refs(manifest: Manifest) -> list[ShardRef]:
+    refs, first = [], 0
+    for info, path in zip(manifest.shards, manifest.shard_paths()):
+        refs.append(ShardRef(path=path, num_samples=info.num_samples, first_index=first))
+        first += info.num_samples
+    return refs
+
+
+def _data_loader(dataset: SegmentationStream, cfg: DataConfig) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        collate_fn=partial(collate_batch, ignore_index=cfg.ignore_index),
+        # Our randomness is seeded explicitly; a private generator keeps the DataLoader's
+        # base-seed draw from advancing the trainer's global torch RNG.
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+
+
+def _iterate(loader: DataLoader) -> Iterator[dict[str, Any]]:
+    """Iterate ``loader``; if the consumer stops early or an error escapes, stop its workers now.
+
+    Without this, an exception (say a corrupt shard) leaves the DataLoader iterator alive
+    in a reference cycle through the traceback; the garbage collector then finalises it
+    after its queues and spends 5 s per worker waiting for them to exit.
+    """
+    iterator = iter(loader)
+    try:
+        yield from iterator
+    except BaseException:  # includes GeneratorExit: the caller dropped the stream
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # private but long-standing API
+        if shutdown is not None:
+            shutdown()
+        raise
+
+
+class _EvalBatches:
+    """Re-iterable view of the eval DataLoader (one pass per ``iter``)."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return _iterate(self.loader)
+
+
+def build_train_loader(cfg: DataConfig, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
+    """Infinite iterator of training batches for ``rank`` (see the module docstring).
+
+    Batch: ``images`` uint8 B x 3 x crop x crop, ``semantic`` int64 B x crop x crop (255 =
+    ignore), ``targets`` (B dicts from ``semantic_to_targets``), ``keys`` (B str).
+    """
+    _check_config(cfg, rank, world_size, train=True)
+    manifest = resolve_manifest(cfg, "train_manifest")
+    dataset = SegmentationStream(shard_refs(manifest), cfg, rank, world_size, train=True)
+    return _iterate(_data_loader(dataset, cfg))
+
+
+def build_eval_loader(cfg: DataConfig, rank: int, world_size: int) -> Iterable[dict[str, Any]]:
+    """Finite, re-iterable eval batches for ``rank``: full-size images, no shuffle, no augmentation.
+
+    Across ranks every sample of ``cfg.val_manifest`` appears exactly once.
+    """
+    _check_config(cfg, rank, world_size, train=False)
+    manifest = resolve_manifest(cfg, "val_manifest")
+    dataset = SegmentationStream(shard_refs(manifest), cfg, rank, world_size, train=False)
+    return _EvalBatches(_data_loader(dataset, cfg))

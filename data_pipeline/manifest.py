@@ -1,0 +1,265 @@
+"""The manifest of one sharded split: what the loader needs to know before opening a tar.
+
+A manifest is a JSON file next to its shards (shard names are relative to its folder,
+so a dataset folder can be moved or synced to object storage as a whole)::
+
+    {
+      "manifest_version": 1,
+      "format": "synthetic",            # the reader that produced the shards
+      "split": "train",
+      "classes": ["background", ...],   # index = label value in .seg.png
+      "thing_classes": [1, 2, 3, 4],    # category ids that are "things" (panoptic)
+      "ignore_index": 255,
+      "num_samples": 512,               # == sum of shards[*].num_samples
+      "shards": [{"name": "train-000000.tar", "num_samples": 64,
+                  "bytes": 123456, "sha256": "<64 hex digits>"}, ...],
+      "created_by": "segscale 0.1.0",
+      "source": {...}                   # free-form provenance (reader options)
+    }
+
+Errors are one line naming the file and the key at fault, because a bad manifest is a
+user input error that the CLI reports without a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_VERSION = 1
+# mkstemp creates files 0600; published dataset files are meant to be read by other users
+# (Ray workers, other jobs), so they get the usual 0644 before the rename.
+PUBLISHED_FILE_MODE = 0o644
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, unreadable or inconsistent (one-line message)."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str  # path relative to the manifest's folder
+    num_samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    format: str
+    split: str
+    classes: list[str]
+    ignore_index: int
+    num_samples: int
+    shards: list[ShardInfo]
+    created_by: str
+    thing_classes: list[int] = field(default_factory=list)
+    source: dict[str, Any] = field(default_factory=dict)
+    manifest_version: int = MANIFEST_VERSION
+    # Where the manifest lives (set by load/write); shard names resolve against its folder.
+    # Not serialised.
+    path: Path | None = field(default=None, compare=False)
+
+    @property
+    def root(self) -> Path:
+        if self.path is None:
+            raise ManifestError("manifest has no path: load it with load_manifest() or write it first")
+        return self.path.parent
+
+    def shard_paths(self) -> list[str]:
+        """Absolute paths of the shards, in manifest order."""
+        return [str(self.root / shard.name) for shard in self.shards]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "manifest_version": self.manifest_version,
+            "format": self.format,
+            "split": self.split,
+            "classes": list(self.classes),
+            "thing_classes": list(self.thing_classes),
+            "ignore_index": self.ignore_index,
+            "num_samples": self.num_samples,
+            "shards": [
+                {"name": s.name, "num_samples": s.num_samples, "bytes": s.bytes, "sha256": s.sha256}
+                for s in self.shards
+            ],
+            "created_by": self.created_by,
+            "source": dict(self.source),
+        }
+
+    def summary(self) -> str:
+        """Human-readable multi-line summary (``python -m data_pipeline info``)."""
+        total_bytes = sum(s.bytes for s in self.shards)
+        counts = sorted({s.num_samples for s in self.shards})
+        lines = [
+            f"manifest:     {self.path}",
+            f"format:       {self.format} (manifest v{self.manifest_version}, {self.created_by})",
+            f"split:        {self.split}",
+            f"samples:      {self.num_samples}",
+            f"shards:       {len(self.shards)} ({_human_bytes(total_bytes)}; samples per shard "
+            f"{counts[0] if len(counts) == 1 else f'{counts[0]}-{counts[-1]}'})"
+            if self.shards
+            else "shards:       0",
+            f"classes:      {len(self.classes)}: {', '.join(self.classes)}",
+            f"thing ids:    {self.thing_classes}",
+            f"ignore_index: {self.ignore_index}",
+        ]
+        if self.source:
+            lines.append("source:       " + ", ".join(f"{k}={v}" for k, v in self.source.items()))
+        return "\n".join(lines)
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _get(obj: dict[str, Any], key: str, kind: type, where: str, path: Path) -> Any:
+    """``obj[key]`` checked against ``kind``; ``where`` is the key's dotted path for errors."""
+    if key not in obj:
+        raise ManifestError(f"{path}: missing key '{where}'")
+    value = obj[key]
+    # bool is a subclass of int: "num_samples": true must not pass as an int.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise ManifestError(f"{path}: key '{where}' must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _list_of(items: list[Any], kind: type, where: str, path: Path) -> list[Any]:
+    for i, item in enumerate(items):
+        if not isinstance(item, kind) or (isinstance(item, bool) and kind is int):
+            raise ManifestError(
+                f"{path}: key '{where}[{i}]' must be {kind.__name__}, got {type(item).__name__}"
+            )
+    return list(items)
+
+
+def load_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """Read and validate a manifest. Raises ManifestError with a one-line message."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: manifest not found") from None
+    except (OSError, UnicodeDecodeError) as exn:
+        raise ManifestError(f"{path}: cannot read manifest: {exn}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exn:
+        raise ManifestError(
+            f"{path}: invalid JSON at line {exn.lineno} column {exn.colno}: {exn.msg}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: manifest must be a JSON object, got {type(data).__name__}")
+
+    version = (
+        _get(data, "manifest_version", int, "manifest_version", path) if "manifest_version" in data else 1
+    )
+    if version != MANIFEST_VERSION:
+        raise ManifestError(
+            f"{path}: key 'manifest_version' is {version}, this segscale reads {MANIFEST_VERSION}"
+        )
+    shards = []
+    for i, raw in enumerate(_get(data, "shards", list, "shards", path)):
+        where = f"shards[{i}]"
+        if not isinstance(raw, dict):
+            raise ManifestError(f"{path}: key '{where}' must be dict, got {type(raw).__name__}")
+        shard = ShardInfo(
+            name=_get(raw, "name", str, f"{where}.name", path),
+            num_samples=_get(raw, "num_samples", int, f"{where}.num_samples", path),
+            bytes=_get(raw, "bytes", int, f"{where}.bytes", path),
+            sha256=_get(raw, "sha256", str, f"{where}.sha256", path),
+        )
+        if os.path.isabs(shard.name) or ".." in Path(shard.name).parts:
+            raise ManifestError(
+                f"{path}: key '{where}.name' must be relative to the manifest folder: {shard.name!r}"
+            )
+        if shard.num_samples < 0 or shard.bytes < 0:
+            raise ManifestError(f"{path}: key '{where}' has a negative num_samples or bytes")
+        shards.append(shard)
+
+    # Optional keys (a hand-written manifest may leave them out).
+    thing_classes: list[int] = []
+    if "thing_classes" in data:
+        thing_classes = _list_of(
+            _get(data, "thing_classes", list, "thing_classes", path), int, "thing_classes", path
+        )
+    manifest = Manifest(
+        format=_get(data, "format", str, "format", path),
+        split=_get(data, "split", str, "split", path),
+        classes=_list_of(_get(data, "classes", list, "classes", path), str, "classes", path),
+        ignore_index=_get(data, "ignore_index", int, "ignore_index", path),
+        num_samples=_get(data, "num_samples", int, "num_samples", path),
+        shards=shards,
+        created_by=_get(data, "created_by", str, "created_by", path),
+        thing_classes=thing_classes,
+        source=_get(data, "source", dict, "source", path) if "source" in data else {},
+        manifest_version=version,
+        path=path.resolve(),
+    )
+    total = sum(s.num_samples for s in shards)
+    if total != manifest.num_samples:
+        raise ManifestError(
+            f"{path}: key 'num_samples' is {manifest.num_samples} but the shards hold {total}"
+        )
+    return manifest
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_manifest(path: str | os.PathLike[str], manifest: Manifest) -> Path:
+    """Write ``manifest`` atomically (temp file in the same folder + ``os.replace``).
+
+    A reader therefore sees either the old manifest or the new one, never half a file;
+    the shard writer calls this last so a manifest only ever names complete shards.
+    Sets ``manifest.path`` and returns the resolved path.
+    """
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, PUBLISHED_FILE_MODE)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(manifest.to_json(), f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    manifest.path = path
+    return path
+
+
+def verify_shards(manifest: Manifest) -> list[str]:
+    """Check every shard's size and sha256 against the manifest; returns the problems found."""
+    problems = []
+    for shard, shard_path in zip(manifest.shards, manifest.shard_paths()):
+        try:
+            size = os.path.getsize(shard_path)
+            digest = hashlib.sha256()
+            with open(shard_path, "rb") as f:
+                for block in iter(lambda f=f: f.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError as exn:
+            problems.append(f"{shard_path}: cannot read: {exn.strerror or exn}")
+            continue
+        if size != shard.bytes:
+            problems.append(f"{shard_path}: {size} bytes, manifest says {shard.bytes}")
+        elif digest.hexdigest() != shard.sha256:
+            problems.append(f"{shard_path}: sha256 mismatch")
+    return problems

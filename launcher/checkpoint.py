@@ -1,0 +1,133 @@
+"""Checkpoint layout, verification and weight consolidation.
+
+A checkpoint is one folder (Ray Train merges every rank's files into it)::
+
+    checkpoint_.../
+      deepspeed/state/...          DeepSpeed engine state (all ranks' ZeRO shards)
+      files_rank_<r>.json          what rank r wrote, with byte sizes
+      segscale_checkpoint.json     written by rank 0: step, world size, resolved config
+
+Each rank lists its own files after DeepSpeed has written them, so a checkpoint is
+*verified* when the meta file exists and every rank's list matches what is on disk. A
+folder cut short by a crash fails verification and is never picked for a resume or an
+evaluation.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+META_FILE = "segscale_checkpoint.json"
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "state"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or unreadable; the message names the folder."""
+
+
+@dataclass
+class CheckpointMeta:
+    step: int
+    world_size: int
+    zero_stage: int
+    config: dict
+    extra: dict
+
+
+def _atomic_json(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _list_files(root: str, skip: set[str]) -> dict[str, int]:
+    files = {}
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            if rel not in skip:
+                files[rel] = os.path.getsize(path)
+    return files
+
+
+def save_checkpoint(engine, directory: str, *, step: int, rank: int, world_size: int, config: dict,
+                    extra: dict | None = None) -> None:
+    """Every rank calls this with its own (empty) ``directory``; DeepSpeed's save is collective."""
+    os.makedirs(directory, exist_ok=True)
+    engine.save_checkpoint(os.path.join(directory, DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
+                           client_state={"step": step}, save_latest=True)
+    skip = {META_FILE} | {os.path.basename(p) for p in glob.glob(os.path.join(directory, "files_rank_*.json"))}
+    _atomic_json(os.path.join(directory, f"files_rank_{rank}.json"), _list_files(directory, skip))
+    if rank == 0:
+        meta = {"step": step, "world_size": world_size, "zero_stage": engine.zero_optimization_stage(),
+                "config": config, "extra": extra or {}}
+        _atomic_json(os.path.join(directory, META_FILE), meta)
+
+
+def read_meta(directory: str) -> CheckpointMeta:
+    path = os.path.join(directory, META_FILE)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return CheckpointMeta(step=int(data["step"]), world_size=int(data["world_size"]),
+                              zero_stage=int(data["zero_stage"]), config=data["config"],
+                              extra=data.get("extra", {}))
+    except (FileNotFoundError, NotADirectoryError):
+        raise CheckpointError(f"{directory}: not a segscale checkpoint ({META_FILE} missing)") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({err})") from None
+
+
+def verify_checkpoint(directory: str) -> CheckpointMeta:
+    """Return the checkpoint's metadata, or raise CheckpointError naming what is missing."""
+    meta = read_meta(directory)
+    for rank in range(meta.world_size):
+        listing = os.path.join(directory, f"files_rank_{rank}.json")
+        try:
+            with open(listing) as f:
+                files = json.load(f)
+        except (FileNotFoundError, ValueError):
+            raise CheckpointError(f"{directory}: incomplete checkpoint, rank {rank}'s file list is missing") from None
+        for rel, size in files.items():
+            path = os.path.join(directory, rel)
+            if not os.path.exists(path) or os.path.getsize(path) != size:
+                raise CheckpointError(f"{directory}: incomplete checkpoint, {rel} is missing or truncated")
+    return meta
+
+
+def find_latest_checkpoint(run_dir: str) -> str | None:
+    """The newest *verified* checkpoint folder of a run, or None."""
+    best: tuple[int, str] | None = None
+    for directory in glob.glob(os.path.join(run_dir, "checkpoint_*")):
+        if not os.path.isdir(directory):  # e.g. Ray's checkpoint_manager_snapshot.json
+            continue
+        try:
+            meta = verify_checkpoint(directory)
+        except CheckpointError:
+            continue
+        if best is None or meta.step > best[0]:
+            best = (meta.step, directory)
+    return best[1] if best else None
+
+
+def load_model_weights(directory: str) -> dict[str, torch.Tensor]:
+    """Consolidated fp32 weights of the model in a verified checkpoint (any ZeRO stage)."""
+    meta = verify_checkpoint(directory)
+    ds_dir = os.path.join(directory, DEEPSPEED_DIR)
+    if meta.zero_stage < 3:
+        # Below ZeRO-3 rank 0's model-states file holds the whole module (fp32 under
+        # torch_autocast), which is far cheaper than merging optimizer partitions.
+        path = os.path.join(ds_dir, DEEPSPEED_TAG, "mp_rank_00_model_states.pt")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=DEEPSPEED_TAG)

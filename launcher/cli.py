@@ -1,0 +1,100 @@
+"""``python -m launcher`` / ``segscale``: the command line.
+
+    train      train a config on a local Ray instance or a cluster
+    eval       mIoU of a checkpoint on the validation shards
+    predict    colour overlay PNGs of a checkpoint's predictions
+    demo       the whole loop on generated data (what ``make demo`` runs)
+    build-ops  compile DeepSpeed's CPU ops into the cache ahead of a run
+
+Bad input (a config key, a path, a checkpoint) ends with one line naming it and exit
+code 2; a failed training run ends with exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import ops.torchvision_fix  # noqa: F401  (first: timm imports torchvision)
+
+# isort: split
+from launcher.environment import setup_process_environment
+
+
+def _add_config_args(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--config", required=required, help="YAML run config (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config key; repeatable (e.g. --set train.max_steps=100)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segscale", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a config")
+    _add_config_args(train, required=True)
+    train.add_argument("--address", default="", help="Ray cluster address (default: RAY_ADDRESS, else local)")
+
+    for name, text in (("eval", "mIoU of a checkpoint on the validation shards"),
+                       ("predict", "write colour overlays of a checkpoint's predictions")):
+        p = sub.add_parser(name, help=text)
+        _add_config_args(p, required=False)
+        p.add_argument("--checkpoint", default="",
+                       help="checkpoint folder, or a run folder (its latest verified checkpoint); "
+                            "default: the latest checkpoint of --config's run")
+        if name == "eval":
+            p.add_argument("--json", default="", help="also write the results to this JSON file")
+        else:
+            p.add_argument("--out", default="", help="output folder (default: <run>/predictions)")
+            p.add_argument("--num", type=int, default=8, help="number of validation images")
+
+    demo = sub.add_parser("demo", help="generate data, train on 2 workers, evaluate, draw overlays")
+    _add_config_args(demo, required=False)
+    sub.add_parser("build-ops", help="compile DeepSpeed's CPU ops into TORCH_EXTENSIONS_DIR")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_process_environment()
+    # Imported late so `--help` and argument errors are instant.
+    from launcher.checkpoint import CheckpointError
+    from launcher.config import ConfigError
+
+    try:
+        if args.command == "train":
+            from launcher.commands import train_command
+
+            return train_command(args.config, args.overrides, args.address)
+        if args.command == "eval":
+            from launcher.commands import eval_command
+
+            return eval_command(args.config, args.overrides, args.checkpoint, args.json)
+        if args.command == "predict":
+            from launcher.commands import predict_command
+
+            return predict_command(args.config, args.overrides, args.checkpoint, args.out, args.num)
+        if args.command == "demo":
+            from launcher.demo import run_demo
+
+            return run_demo(args.config or "configs/demo.yaml", args.overrides)
+        if args.command == "build-ops":
+            from launcher.environment import build_deepspeed_ops, torch_extensions_dir
+
+            built = build_deepspeed_ops()
+            print(f"DeepSpeed ops ready in {torch_extensions_dir()}: {', '.join(built) or 'none needed'}")
+            return 0
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
+        if os.environ.get("SEGSCALE_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

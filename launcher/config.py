@@ -1,0 +1,119 @@
+"""The run configuration: the sections owned by each package, composed, plus ``train``.
+
+A run config is YAML with four sections (``model``, ``data``, ``train``, ``cluster``).
+A file may start from another with ``base: other.yaml`` (relative to the file), and the
+command line changes single keys with ``--set section.key=value``. See README.md.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+import yaml
+
+from cluster.config import ClusterConfig
+from data_pipeline.config import DataConfig
+from launcher.typed_config import ConfigError, from_dict, merge, parse_override, to_dict
+from model.config import ModelConfig
+
+__all__ = ["ConfigError", "RunConfig", "TrainConfig", "load_config", "config_from_dict", "to_dict"]
+
+
+@dataclass
+class TrainConfig:
+    # A run's name is its identity: re-running with the same name (and output_dir)
+    # resumes it from its latest checkpoint. "" = "<config stem>-<timestamp>".
+    run_name: str = ""
+    # Where Ray Train keeps the run (checkpoints, metrics snapshots, results): a local
+    # folder, or shared storage (NFS path, s3://...) on a multi-node cluster.
+    output_dir: str = "runs"
+    max_steps: int = 160_000
+    # AdamW, MaskFormer's ADE20K recipe (DESIGN.md section 5).
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    backbone_lr_multiplier: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    poly_power: float = 0.9
+    # Gradient-norm clipping over the whole model; 0 = off.
+    grad_clip: float = 0.01
+    grad_accum_steps: int = 1
+    zero_stage: int = 1
+    # bf16 autocast keeps fp32 master weights; fp16 needs a GPU.
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    # Validation during training every N steps (0 = only at the end of the run).
+    eval_every: int = 0
+    # Stop early once validation mIoU reaches this value (0 = train to max_steps).
+    target_miou: float = 0.0
+    # Start from this checkpoint folder instead of the run's own latest one.
+    resume_from: str = ""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict:
+    """Read a config file, following ``base:`` links (cycles are an error)."""
+    path = os.path.abspath(path)
+    if path in chain:
+        raise ConfigError(f"{path}: 'base' links form a cycle")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a file path (str), got {type(base).__name__}")
+    base_path = os.path.join(os.path.dirname(path), base)
+    return merge(_read_yaml(base_path, chain + (path,)), data)
+
+
+def config_from_dict(data: dict, source: str = "config") -> RunConfig:
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load ``path`` (with its ``base`` chain) and apply ``--set`` overrides, strictly."""
+    data = _read_yaml(path)
+    for text in overrides:
+        data = merge(data, parse_override(text))
+    config = config_from_dict(data, source=path)
+    if not config.train.run_name:
+        config.train.run_name = default_run_name(path)
+    return config
+
+
+def default_run_name(config_path: str) -> str:
+    import time
+
+    stem = os.path.splitext(os.path.basename(config_path))[0]
+    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

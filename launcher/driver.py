@@ -1,0 +1,125 @@
+"""The driver side of a training run: connect to Ray, start the TorchTrainer, wait.
+
+Ray Train starts one worker per accelerator (or per CPU slot), each running
+``launcher.train_loop.train_worker``. The driver connects to the cluster named by
+``cluster.address`` / ``RAY_ADDRESS``, or starts a local Ray instance when there is none.
+Re-running with the same ``train.run_name`` and ``train.output_dir`` resumes the run:
+Ray Train V2 restores its checkpoint manager from the run folder and hands the latest
+checkpoint to the workers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from launcher.config import RunConfig, dump_config, to_dict
+from launcher.environment import runtime_env_vars
+from launcher.train_loop import train_worker
+
+
+class TrainingFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: str
+    checkpoint: str | None
+    metrics: dict
+    seconds: float
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Resolve relative paths against the driver's working directory: workers run elsewhere."""
+
+    def resolve(path: str) -> str:
+        return path if not path or "://" in path or path.startswith("pipe:") else os.path.abspath(path)
+
+    cfg.train.output_dir = resolve(cfg.train.output_dir)
+    cfg.train.resume_from = resolve(cfg.train.resume_from)
+    cfg.data.train_manifest = resolve(cfg.data.train_manifest)
+    cfg.data.val_manifest = resolve(cfg.data.val_manifest)
+    cfg.model.backbone.pretrained_path = resolve(cfg.model.backbone.pretrained_path)
+    return cfg
+
+
+def connect(cfg: RunConfig) -> bool:
+    """Join the configured Ray cluster or start a local instance; True when local."""
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
+    env = {"env_vars": runtime_env_vars(cfg.cluster.use_gpu)}
+    if ray.is_initialized():
+        return False
+    if address:
+        print(f"joining the Ray cluster at {address}", flush=True)
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return False
+    cpus = max(os.cpu_count() or 1, cfg.cluster.num_workers * cfg.cluster.cpus_per_worker)
+    print(f"starting a local Ray instance ({cpus} CPUs); set RAY_ADDRESS or --address to use a cluster",
+          flush=True)
+    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=True,
+             _node_ip_address="127.0.0.1")
+    return True
+
+
+def run_training(cfg: RunConfig) -> TrainOutcome:
+    cfg = absolute_paths(cfg)
+    run_dir = os.path.join(cfg.train.output_dir, cfg.train.run_name)
+    local = connect(cfg)
+    if "://" not in run_dir:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(dump_config(cfg))
+    backend = cfg.cluster.backend or ("nccl" if cfg.cluster.use_gpu else "gloo")
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "config": to_dict(cfg),
+            "run_dir": run_dir,
+            # Exporters of a run we started ourselves stay on loopback.
+            "metrics_host": cfg.cluster.metrics_host or ("127.0.0.1" if local else ""),
+        },
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.cluster.num_workers,
+            use_gpu=cfg.cluster.use_gpu,
+            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.train.run_name,
+            storage_path=cfg.train.output_dir,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
+        ),
+    )
+    print(f"run {cfg.train.run_name}: {cfg.cluster.num_workers} workers, ZeRO-{cfg.train.zero_stage}, "
+          f"{cfg.train.precision}, {cfg.train.max_steps} steps -> {run_dir}", flush=True)
+    started = time.time()
+    try:
+        result = trainer.fit()
+    except Exception as err:  # Ray wraps worker errors; keep the root cause on one line
+        raise TrainingFailed(f"run {cfg.train.run_name} failed: {_root_cause(err)}") from err
+    finally:
+        if local:
+            ray.shutdown()
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    return TrainOutcome(run_dir=run_dir, checkpoint=checkpoint, metrics=dict(result.metrics or {}),
+                        seconds=time.time() - started)
+
+
+def _root_cause(err: BaseException) -> str:
+    seen = set()
+    while True:
+        nxt = err.__cause__ or getattr(err, "cause", None)
+        if nxt is None or id(nxt) in seen:
+            break
+        seen.add(id(nxt))
+        err = nxt
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[-1] if text else ''}"
+

@@ -1,0 +1,56 @@
+"""Process environment shared by the driver, the workers and ``make install``.
+
+DeepSpeed JIT-compiles its CPU ops (the shared-memory communication op at the first
+``deepspeed.initialize``, ~25 s) into ``TORCH_EXTENSIONS_DIR``. Pointing every process at
+one persistent cache means the build happens once per machine (``make install`` does it
+ahead of time) instead of at the start of every run.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def torch_extensions_dir() -> str:
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "segscale", "torch_extensions"
+    )
+
+
+def runtime_env_vars(use_gpu: bool = False) -> dict[str, str]:
+    """Environment variables every Ray worker of a run gets."""
+    env = {
+        "TORCH_EXTENSIONS_DIR": torch_extensions_dir(),
+        # Ray Train V2 re-routes print() through the root logger, which DeepSpeed also
+        # writes to: every progress line would reach the driver twice.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # skips DeepSpeed's accelerator probe and its warning
+    # Pass through settings a user set on the driver that workers must share.
+    for name in ("RAY_AUTH_MODE", "OMP_NUM_THREADS", "SEGSCALE_LOG_LEVEL"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return env
+
+
+def setup_process_environment() -> None:
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
+    # Ray Train V2 is the default in Ray 2.60; pin it so resume semantics never change
+    # under us with an environment that flips it.
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def build_deepspeed_ops() -> list[str]:
+    """JIT-build the DeepSpeed CPU ops a run needs into the cache; returns their names."""
+    setup_process_environment()
+    from deepspeed.accelerator import get_accelerator
+
+    built = []
+    for builder_name in ("ShareMemCommBuilder",):
+        builder = get_accelerator().create_op_builder(builder_name)
+        if builder is None or not builder.is_compatible():
+            continue
+        builder.load(verbose=False)
+        built.append(builder.NAME)
+    return built

@@ -1,0 +1,81 @@
+"""Optimizer parameter groups and the learning-rate schedule (MaskFormer's recipe).
+
+AdamW with a lower learning rate for the backbone (x ``backbone_lr_multiplier``), no
+weight decay on normalisation weights, biases, position embeddings and relative-position
+tables (decaying them hurts transformers and buys nothing), and a linear warm-up followed
+by a poly decay, ``lr * (1 - step / max_steps) ** power``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from launcher.config import TrainConfig
+
+_NORM_TYPES = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm2d,
+)
+# Parameter-name fragments of embeddings that must not be decayed.
+_NO_DECAY_NAMES = ("pos_embed", "position", "relative_position_bias_table", "query_embed", "query_feat", "cls_token")
+
+
+def _no_weight_decay(module: nn.Module, name: str, param: nn.Parameter) -> bool:
+    if isinstance(module, _NORM_TYPES) or "norm" in type(module).__name__.lower():
+        return True
+    if param.ndim <= 1:  # biases and 1-d scales
+        return True
+    return any(fragment in name for fragment in _NO_DECAY_NAMES)
+
+
+def build_param_groups(model: nn.Module, cfg: TrainConfig, backbone_prefix: str = "backbone.") -> list[dict]:
+    """Split parameters into (backbone?, decay?) groups with their own lr/weight decay.
+
+    The schedule (LambdaLR) multiplies each group's own initial lr, so the backbone
+    multiplier holds for the whole run.
+    """
+    groups: dict[tuple[bool, bool], dict] = {}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            full_name = f"{module_name}.{param_name}" if module_name else param_name
+            is_backbone = full_name.startswith(backbone_prefix)
+            decay = not _no_weight_decay(module, full_name, param)
+            key = (is_backbone, decay)
+            if key not in groups:
+                scale = cfg.backbone_lr_multiplier if is_backbone else 1.0
+                groups[key] = {
+                    "params": [],
+                    "lr": cfg.lr * scale,
+                    "weight_decay": cfg.weight_decay if decay else 0.0,
+                    "name": ("backbone" if is_backbone else "head") + ("" if decay else "_no_decay"),
+                }
+            groups[key]["params"].append(param)
+    return [groups[k] for k in sorted(groups)]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = build_param_groups(model, cfg)
+    # A torch optimizer (not DeepSpeed's) avoids JIT-building cpu_adam/fused_adam ops.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the base lr at optimizer step ``step`` (0-based)."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(step, cfg.max_steps) / max(1, cfg.max_steps)
+    return (1.0 - progress) ** cfg.poly_power
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))

@@ -1,0 +1,51 @@
+"""Rank-0 progress lines: step, loss terms, lr, samples/s, loader share and ETA."""
+
+from __future__ import annotations
+
+import datetime
+import time
+
+
+def format_duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=max(0, round(seconds))))
+
+
+class StepLogger:
+    """Prints one line per logging window; throughput and ETA come from that window."""
+
+    def __init__(self, total_steps: int, start_step: int, samples_per_step: int, enabled: bool):
+        self.total_steps = total_steps
+        self.samples_per_step = samples_per_step  # across all ranks
+        self.enabled = enabled
+        self._window_start = time.perf_counter()
+        self._window_steps = 0
+        self._window_wait = 0.0
+        self._window_compute = 0.0
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+
+    def step(self, step: int, terms: dict[str, float], lr: float, step_seconds: float, loader_wait: float,
+             force: bool) -> float | None:
+        """Record a step; on ``force`` print a line and return the window's samples/s."""
+        self._window_steps += 1
+        self._window_wait += loader_wait
+        self._window_compute += step_seconds
+        if not force:
+            return None
+        elapsed = time.perf_counter() - self._window_start
+        seconds_per_step = elapsed / self._window_steps
+        throughput = self.samples_per_step / seconds_per_step
+        wait_share = self._window_wait / max(self._window_compute, 1e-9)
+        eta = seconds_per_step * (self.total_steps - step)
+        loss_text = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
+        self.print(
+            f"step {step}/{self.total_steps} | {loss_text} | lr {lr:.2e} | {throughput:.1f} samples/s"
+            f" | loader wait {100 * wait_share:.1f}% | eta {format_duration(eta)}"
+        )
+        self._window_start = time.perf_counter()
+        self._window_steps = 0
+        self._window_wait = 0.0
+        self._window_compute = 0.0
+        return throughput

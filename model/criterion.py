@@ -1,0 +1,115 @@
+"""MaskFormer's set criterion: match, then classification + mask losses, with deep supervision.
+
+For each output set (the final layer, then every ``aux_outputs`` entry, re-matched
+independently as in DETR):
+
+- ``loss_ce``: cross-entropy over K+1 classes for *every* query; unmatched queries
+  target "no object" (index K), whose weight is ``no_object_weight`` (``empty_weight``).
+- ``loss_focal`` / ``loss_dice``: on matched pairs only, predictions upsampled
+  (bilinear) to the target size, i.e. the input image size — MaskFormer's full-resolution
+  mask loss — each normalised by the number of ground-truth masks across all ranks.
+
+Returned losses are already multiplied by their weights; auxiliary ones are suffixed
+``_0``, ``_1``, ... (``_0`` = first decoder layer). The caller sums them. All math is
+float32 with autocast off, whatever precision produced the outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.matcher import HungarianMatcher, Indices
+from ops.losses import dice_loss, sigmoid_focal_loss
+
+
+class SetCriterion(nn.Module):
+    """``forward(outputs, targets) -> {"loss_ce", "loss_focal", "loss_dice", "loss_ce_0", ...}``.
+
+    ``targets``: one ``{"labels": int64[n] in [0, K), "masks": bool[n, H, W]}`` per image,
+    H×W the input image size (ignored pixels simply belong to no mask; n may be 0).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: HungarianMatcher,
+        class_weight: float = 1.0,
+        focal_weight: float = 20.0,
+        dice_weight: float = 1.0,
+        no_object_weight: float = 0.1,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.class_weight = class_weight
+        self.focal_weight = focal_weight
+        self.dice_weight = dice_weight
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = no_object_weight
+        self.register_buffer("empty_weight", empty_weight)
+
+    def num_masks(self, targets: list[dict], device: torch.device) -> float:
+        """Ground-truth masks per rank, averaged over ranks and clamped to >= 1 (DETR).
+
+        Every rank divides by the same number, so the gradient all-reduce averages
+        correctly weighted per-mask losses even when ranks hold different mask counts.
+        """
+        count = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(count)
+            count = count / dist.get_world_size()
+        return max(float(count.item()), 1.0)
+
+    def loss_labels(self, logits: Tensor, targets: list[dict], indices: Indices) -> Tensor:
+        logits = logits.float()
+        device = logits.device
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=device)
+        for b, (target, (src, tgt)) in enumerate(zip(targets, indices)):
+            target_classes[b, src.to(device)] = target["labels"].to(device)[tgt.to(device)]
+        # Weighted mean: divides by the summed weights of the targets, as DETR does.
+        weight = self.empty_weight.to(device=logits.device, dtype=torch.float32)
+        return F.cross_entropy(logits.transpose(1, 2), target_classes, weight)
+
+    def loss_masks(
+        self, pred_masks: Tensor, targets: list[dict], indices: Indices, num_masks: float
+    ) -> tuple[Tensor, Tensor]:
+        device = pred_masks.device
+        src = torch.cat([pred_masks[b, i.to(device)] for b, (i, _) in enumerate(indices)])
+        if src.shape[0] == 0:
+            zero = pred_masks.float().sum() * 0.0  # keeps the graph: every rank must backward
+            return zero, zero.clone()
+        sizes = {tuple(t["masks"].shape[-2:]) for t in targets}
+        if len(sizes) != 1:
+            # One batched image tensor means one size; MaskFormer's padding is the loader's job.
+            raise ValueError(f"SetCriterion: target masks of one batch must share one size, got {sorted(sizes)}")
+        height, width = sizes.pop()
+        tgt = torch.cat([t["masks"].to(device)[j.to(device)] for t, (_, j) in zip(targets, indices)]).float()
+        src = F.interpolate(src[:, None].float(), size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+        focal = sigmoid_focal_loss(src, tgt, num_masks, alpha=self.focal_alpha, gamma=self.focal_gamma)
+        dice = dice_loss(src, tgt, num_masks)
+        return focal, dice
+
+    def _losses(self, outputs: dict, targets: list[dict], num_masks: float, suffix: str) -> dict[str, Tensor]:
+        indices = self.matcher(outputs, targets)
+        focal, dice = self.loss_masks(outputs["pred_masks"], targets, indices, num_masks)
+        return {
+            f"loss_ce{suffix}": self.class_weight * self.loss_labels(outputs["pred_logits"], targets, indices),
+            f"loss_focal{suffix}": self.focal_weight * focal,
+            f"loss_dice{suffix}": self.dice_weight * dice,
+        }
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+        device = outputs["pred_logits"].device
+        with torch.autocast(device_type=device.type, enabled=False):
+            num_masks = self.num_masks(targets, device)
+            losses = self._losses(outputs, targets, num_masks, "")
+            for i, aux in enumerate(outputs.get("aux_outputs", [])):
+                losses.update(self._losses(aux, targets, num_masks, f"_{i}"))
+        return losses

@@ -1,0 +1,189 @@
+"""MaskFormer's transformer module and segmentation heads (``TransformerPredictor``).
+
+A DETR decoder: N queries attend to themselves and to the stride-32 feature map. As in
+the paper, the decoder's input ``tgt`` is all zeros ("the N query embeddings are
+initialized as zero vectors") and the learned query embeddings enter only as positional
+embeddings, added to the queries and keys of every attention. Each layer's (normed)
+output goes through the class head (K+1 logits, the last one "no object") and the
+mask-embedding MLP, whose dot product with the per-pixel embeddings gives the masks;
+every layer but the last becomes an auxiliary output (deep supervision).
+
+DETR also has a transformer *encoder* over the feature map. MaskFormer's semantic
+configs (ADE20K etc.) set ``ENC_LAYERS: 0``; only its panoptic "+ 6 Enc" models use
+one. It is left out here: with 0 layers DETR's encoder is the identity, except that in
+the pre-norm variant its final LayerNorm still normalises the memory (kept below).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import TransformerDecoderConfig
+from model.pixel_decoder import c2_xavier_fill
+from model.position_encoding import PositionEmbeddingSine
+
+
+class DecoderLayer(nn.Module):
+    """DETR decoder layer: self-attention, cross-attention, FFN; post-norm by default."""
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, pre_norm: bool) -> None:
+        super().__init__()
+        # nn.MultiheadAttention with need_weights=False dispatches to SDPA (fused kernels).
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.pre_norm = pre_norm
+
+    def _self_attn(self, tgt: Tensor, query_pos: Tensor) -> Tensor:
+        q = k = tgt + query_pos
+        return self.dropout1(self.self_attn(q, k, tgt, need_weights=False)[0])
+
+    def _cross_attn(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor) -> Tensor:
+        out = self.cross_attn(tgt + query_pos, memory + pos, memory, need_weights=False)[0]
+        return self.dropout2(out)
+
+    def _ffn(self, tgt: Tensor) -> Tensor:
+        return self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(tgt)))))
+
+    def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor) -> Tensor:
+        """``tgt``/``query_pos``: B×Q×C; ``memory``/``pos``: B×HW×C."""
+        if self.pre_norm:
+            tgt = tgt + self._self_attn(self.norm1(tgt), query_pos)
+            tgt = tgt + self._cross_attn(self.norm2(tgt), memory, pos, query_pos)
+            return tgt + self._ffn(self.norm3(tgt))
+        tgt = self.norm1(tgt + self._self_attn(tgt, query_pos))
+        tgt = self.norm2(tgt + self._cross_attn(tgt, memory, pos, query_pos))
+        return self.norm3(tgt + self._ffn(tgt))
+
+
+class StandardTransformerDecoder(nn.Module):
+    """A stack of ``DecoderLayer``s returning every layer's output after a shared final
+    LayerNorm (DETR's ``return_intermediate``): L×B×Q×C."""
+
+    def __init__(
+        self, d_model: int, nhead: int, num_layers: int, dim_feedforward: int, dropout: float, pre_norm: bool
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"model.decoder.dec_layers must be >= 1, got {num_layers}")
+        if d_model % nhead:
+            raise ValueError(f"model.decoder.hidden_dim={d_model} is not divisible by nheads={nhead}")
+        self.layers = nn.ModuleList(
+            DecoderLayer(d_model, nhead, dim_feedforward, dropout, pre_norm) for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        # The 0-layer encoder's final norm (DETR builds it only for pre-norm).
+        self.memory_norm = nn.LayerNorm(d_model) if pre_norm else nn.Identity()
+        # DETR initialises every matrix of its transformer with Xavier-uniform.
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor) -> Tensor:
+        memory = self.memory_norm(memory)
+        hidden = []
+        for layer in self.layers:
+            tgt = layer(tgt, memory, pos, query_pos)
+            hidden.append(self.norm(tgt))
+        return torch.stack(hidden)
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU between them (DETR/MaskFormer ``MLP``)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"model.decoder.mask_embed_layers must be >= 1, got {num_layers}")
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class TransformerPredictor(nn.Module):
+    """``forward(x: B×C_in×h×w stride-32 map, mask_features: B×D×H×W)`` ->
+    ``{"pred_logits": B×Q×(K+1), "pred_masks": B×Q×H×W, "aux_outputs": [...]}``."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        mask_dim: int,
+        *,
+        num_queries: int = 100,
+        hidden_dim: int = 256,
+        nheads: int = 8,
+        dim_feedforward: int = 2048,
+        dec_layers: int = 6,
+        dropout: float = 0.1,
+        pre_norm: bool = False,
+        enforce_input_project: bool = False,
+        mask_embed_layers: int = 3,
+        deep_supervision: bool = True,
+    ) -> None:
+        super().__init__()
+        if hidden_dim % 4:
+            # Half the channels encode y and half x, each as sin/cos pairs.
+            raise ValueError(f"model.decoder.hidden_dim must be a multiple of 4, got {hidden_dim}")
+        self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
+        self.decoder = StandardTransformerDecoder(hidden_dim, nheads, dec_layers, dim_feedforward, dropout, pre_norm)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.input_proj: nn.Module
+        if in_channels != hidden_dim or enforce_input_project:
+            self.input_proj = nn.Conv2d(in_channels, hidden_dim, kernel_size=1)
+            c2_xavier_fill(self.input_proj)
+        else:
+            self.input_proj = nn.Identity()
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, mask_embed_layers)
+        self.deep_supervision = deep_supervision
+
+    def forward(self, x: Tensor, mask_features: Tensor) -> dict:
+        pos = self.pe_layer(x).flatten(2).transpose(1, 2)  # B×hw×C, fp32
+        memory = self.input_proj(x).flatten(2).transpose(1, 2)  # B×hw×C
+        batch = x.shape[0]
+        query_pos = self.query_embed.weight.unsqueeze(0).expand(batch, -1, -1)
+        tgt = torch.zeros_like(query_pos)
+        hidden = self.decoder(tgt, memory, pos, query_pos)  # L×B×Q×C
+        if not self.deep_supervision:
+            hidden = hidden[-1:]
+        logits = self.class_embed(hidden)
+        masks = torch.einsum("lbqc,bchw->lbqhw", self.mask_embed(hidden), mask_features)
+        aux = [{"pred_logits": a, "pred_masks": b} for a, b in zip(logits[:-1], masks[:-1])]
+        return {"pred_logits": logits[-1], "pred_masks": masks[-1], "aux_outputs": aux}
+
+
+def build_transformer_predictor(
+    cfg: TransformerDecoderConfig, in_channels: int, num_classes: int, mask_dim: int
+) -> TransformerPredictor:
+    return TransformerPredictor(
+        in_channels,
+        num_classes,
+        mask_dim,
+        num_queries=cfg.num_queries,
+        hidden_dim=cfg.hidden_dim,
+        nheads=cfg.nheads,
+        dim_feedforward=cfg.dim_feedforward,
+        dec_layers=cfg.dec_layers,
+        dropout=cfg.dropout,
+        pre_norm=cfg.pre_norm,
+        enforce_input_project=cfg.enforce_input_project,
+        mask_embed_layers=cfg.mask_embed_layers,
+        deep_supervision=cfg.deep_supervision,
+    )

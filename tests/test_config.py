@@ -1,0 +1,88 @@
+"""Typed config: YAML presets load, overrides apply, bad keys/types are one-line errors."""
+
+import glob
+import os
+
+import pytest
+
+from launcher.config import ConfigError, RunConfig, load_config
+from launcher.typed_config import from_dict, parse_override, to_dict
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml"))))
+def test_every_preset_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.train.run_name  # a default name is filled in
+
+
+def test_demo_values_and_overrides():
+    cfg = load_config(os.path.join(REPO, "configs", "demo.yaml"),
+                      ["train.max_steps=7", "model.decoder.dropout=0.2", "data.synthetic.num_val=3",
+                       "train.lr=2e-4", "model.backbone.out_indices=[0, 1]"])
+    assert cfg.model.num_classes == 5 and cfg.model.backbone.name == "test_resnet"
+    assert cfg.train.max_steps == 7
+    assert cfg.model.decoder.dropout == 0.2
+    assert cfg.data.synthetic.num_val == 3
+    assert cfg.train.lr == pytest.approx(2e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.model.backbone.out_indices == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "override, fragments",
+    [
+        ("train.lrr=0.1", ["train.lrr", "unknown key", "did you mean 'lr'"]),
+        ("train.max_steps=abc", ["train.max_steps", "expected int", "str"]),
+        ("train.max_steps=1.5", ["train.max_steps", "expected int", "float"]),
+        ("model.backbone.grad_checkpointing=3", ["model.backbone.grad_checkpointing", "expected bool"]),
+        ("train.precision=fp8", ["train.precision", "one of 'bf16', 'fp16', 'fp32'"]),
+        ("model.backbone.out_indices=[1, x]", ["model.backbone.out_indices[1]", "expected int"]),
+        ("model.decoder=5", ["model.decoder", "expected a mapping"]),
+        ("nosection.key=1", ["nosection", "unknown key"]),
+    ],
+)
+def test_bad_override_is_one_line_error_naming_key(override, fragments):
+    with pytest.raises(ConfigError) as info:
+        load_config(os.path.join(REPO, "configs", "demo.yaml"), [override])
+    message = str(info.value)
+    assert "\n" not in message
+    assert "demo.yaml" in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_unknown_key_in_file_and_base_chain(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("train:\n  max_steps: 11\n  lr: 0.5\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\ntrain:\n  lr: 0.25\n")
+    cfg = load_config(str(child))
+    assert cfg.train.max_steps == 11 and cfg.train.lr == 0.25
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: base.yaml\nmodel:\n  backbone:\n    nmae: resnet50\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: model.backbone.nmae: unknown key \(did you mean 'name'"):
+        load_config(str(bad))
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(broken))
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(str(loop))
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        parse_override("train.max_steps")
+
+
+def test_round_trip_through_dict():
+    cfg = load_config(os.path.join(REPO, "configs", "demo.yaml"))
+    again = from_dict(RunConfig, to_dict(cfg))
+    assert again == cfg

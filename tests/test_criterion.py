@@ -1,0 +1,157 @@
+import ops.torchvision_fix  # noqa: F401  (before timm)
+
+# isort: split
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.build import build_criterion, build_model
+from model.config import BackboneConfig, ModelConfig, PixelDecoderConfig, TransformerDecoderConfig
+from model.criterion import SetCriterion
+from model.matcher import HungarianMatcher
+from ops.losses import dice_loss, sigmoid_focal_loss
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_focal_loss_hand_values():
+    logits = torch.tensor([[0.0, 2.0], [-1.0, 0.0]])
+    targets = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    p2, pm1 = _sigmoid(2.0), _sigmoid(-1.0)
+    row0 = (0.25 * 0.25 * math.log(2) + 0.25 * (1 - p2) ** 2 * -math.log(p2)) / 2
+    row1 = (0.25 * (1 - pm1) ** 2 * -math.log(pm1) + 0.75 * 0.25 * math.log(2)) / 2
+    # Pixel mean per mask, sum over masks, divided by num_masks.
+    assert float(sigmoid_focal_loss(logits, targets, num_masks=4)) == pytest.approx((row0 + row1) / 4, rel=1e-5)
+    # gamma=0, alpha<0: plain binary cross-entropy.
+    bce = F.binary_cross_entropy_with_logits(logits, targets)
+    assert float(sigmoid_focal_loss(logits, targets, 2, alpha=-1, gamma=0)) == pytest.approx(float(bce), rel=1e-6)
+
+
+def test_dice_loss_hand_values():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [30.0, 30.0, -30.0, -30.0]])
+    targets = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    # row 0: p = 0.5 each -> 1 - (2*1 + 1) / (2 + 2 + 1) = 0.4; row 1: perfect -> 0
+    assert float(dice_loss(logits, targets, num_masks=1)) == pytest.approx(0.4, abs=1e-6)
+    assert float(dice_loss(logits, targets, num_masks=2)) == pytest.approx(0.2, abs=1e-6)
+    # Accepts N×H×W masks (flattened inside) and bool targets.
+    assert float(dice_loss(logits.view(2, 2, 2), targets.view(2, 2, 2).bool(), 1)) == pytest.approx(0.4, abs=1e-6)
+
+
+def _criterion(num_classes: int = 3, **kwargs) -> SetCriterion:
+    return SetCriterion(num_classes, HungarianMatcher(), **kwargs)
+
+
+def test_classification_loss_uses_the_no_object_weight():
+    # 1 image, 2 queries, K = 2. Query 0 predicts target 0 (class 1) well; query 1 is
+    # unmatched and must predict "no object" (index 2) with weight 0.1.
+    logits = torch.tensor([[[0.1, 2.0, -1.0], [0.3, -0.2, 0.5]]])
+    masks = torch.tensor([[[[9.0, -9.0]], [[-9.0, -9.0]]]])  # 2 queries of 1×2 pixels
+    target = {"labels": torch.tensor([1]), "masks": torch.tensor([[[True, False]]])}
+    losses = _criterion(2, class_weight=2.0, no_object_weight=0.1)({"pred_logits": logits, "pred_masks": masks}, [target])
+    logp = logits[0].log_softmax(-1)
+    expected = (1.0 * -logp[0, 1] + 0.1 * -logp[1, 2]) / (1.0 + 0.1)
+    torch.testing.assert_close(losses["loss_ce"], 2.0 * expected)
+
+
+def test_mask_losses_are_at_target_resolution_and_normalised():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 4)
+    pred_masks = torch.randn(2, 4, 3, 3)  # stride 4 predictions of 12×12 images
+    targets = []
+    for n in (2, 1):
+        masks = torch.zeros(n, 12, 12, dtype=torch.bool)
+        masks[0, 2:9, 1:7] = True
+        if n == 2:
+            masks[1, 8:, 5:] = True
+        targets.append({"labels": torch.arange(n), "masks": masks})
+    criterion = _criterion(3, focal_weight=20.0, dice_weight=3.0)
+    outputs = {"pred_logits": logits, "pred_masks": pred_masks}
+    losses = criterion(outputs, targets)
+    indices = criterion.matcher(outputs, targets)
+    src = torch.cat([pred_masks[b, i] for b, (i, _) in enumerate(indices)])
+    src = F.interpolate(src[:, None], size=(12, 12), mode="bilinear", align_corners=False)[:, 0]
+    tgt = torch.cat([t["masks"][j] for t, (_, j) in zip(targets, indices)])
+    torch.testing.assert_close(losses["loss_focal"], 20.0 * sigmoid_focal_loss(src, tgt, 3))
+    torch.testing.assert_close(losses["loss_dice"], 3.0 * dice_loss(src, tgt, 3))
+
+
+def _tiny_model_cfg(**decoder) -> ModelConfig:
+    return ModelConfig(
+        num_classes=4,
+        backbone=BackboneConfig(name="test_resnet"),
+        pixel_decoder=PixelDecoderConfig(conv_dim=32, mask_dim=32),
+        decoder=TransformerDecoderConfig(
+            **{"num_queries": 6, "hidden_dim": 32, "nheads": 2, "dim_feedforward": 64, "dec_layers": 3, **decoder}
+        ),
+    )
+
+
+def _targets(batch: int, size: int = 64) -> list[dict]:
+    targets = []
+    for b in range(batch):
+        sem = torch.zeros(size, size, dtype=torch.long)
+        sem[4 + b : 30, 10:40] = 1 + b % 3
+        labels = sem.unique()
+        targets.append({"labels": labels, "masks": sem[None] == labels[:, None, None]})
+    return targets
+
+
+def test_bf16_autocast_gives_fp32_losses_with_gradients_and_deep_supervision_keys():
+    torch.manual_seed(0)
+    cfg = _tiny_model_cfg()
+    model, criterion = build_model(cfg), build_criterion(cfg)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(images)
+        assert outputs["pred_masks"].dtype == torch.bfloat16  # autocast really is on
+        losses = criterion(outputs, _targets(2))
+    names = ["loss_ce", "loss_focal", "loss_dice"]
+    assert set(losses) == {f"{n}{s}" for n in names for s in ("", "_0", "_1")}
+    for name, value in losses.items():
+        assert value.dtype == torch.float32 and value.dim() == 0 and value.requires_grad, name
+        assert torch.isfinite(value), name
+    sum(losses.values()).backward()
+    for name in ("backbone.body.conv1.0.weight", "predictor.class_embed.weight", "predictor.query_embed.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+def test_no_aux_losses_without_deep_supervision():
+    cfg = _tiny_model_cfg(deep_supervision=False)
+    outputs = build_model(cfg)(torch.zeros(1, 3, 64, 64))
+    assert outputs["aux_outputs"] == []
+    assert set(build_criterion(cfg)(outputs, _targets(1))) == {"loss_ce", "loss_focal", "loss_dice"}
+
+
+def test_images_without_masks_still_backpropagate():
+    logits = torch.randn(2, 3, 4, requires_grad=True)
+    masks = torch.randn(2, 3, 2, 2, requires_grad=True)
+    empty = {"labels": torch.empty(0, dtype=torch.int64), "masks": torch.zeros(0, 8, 8, dtype=torch.bool)}
+    losses = _criterion(3)({"pred_logits": logits, "pred_masks": masks}, [empty, empty])
+    assert losses["loss_focal"].item() == 0 and losses["loss_dice"].item() == 0
+    # every query must predict "no object": CE = mean of -log p(no object)
+    torch.testing.assert_close(losses["loss_ce"], -logits.log_softmax(-1)[..., 3].mean())
+    sum(losses.values()).backward()
+    assert masks.grad is not None and logits.grad is not None
+
+
+def test_num_masks_is_averaged_over_ranks(monkeypatch):
+    # Simulate 2 ranks: this one holds 3 masks, the other 7 -> every rank divides by 5.
+    import torch.distributed as dist
+
+    def fake_all_reduce(tensor):
+        tensor += 7
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    criterion = _criterion(3)
+    targets = [{"labels": torch.tensor([0, 1, 2]), "masks": torch.zeros(3, 4, 4, dtype=torch.bool)}]
+    assert criterion.num_masks(targets, torch.device("cpu")) == 5.0
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor: None)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 8)
+    assert criterion.num_masks(targets, torch.device("cpu")) == 1.0  # 3 / 8 clamped to 1

@@ -1,0 +1,230 @@
+# ruff: noqa: I001  (ops.torchvision_fix must come first, before anything imports torchvision)
+import ops.torchvision_fix  # noqa: F401
+
+import hashlib
+import io
+import json
+import math
+import subprocess
+import sys
+import tarfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipeline.cli import main
+from data_pipeline.config import SyntheticConfig
+from data_pipeline.manifest import ManifestError, load_manifest, write_manifest
+from data_pipeline.shard_writer import decode_panoptic, encode_panoptic, write_shards
+from data_pipeline.synthetic import generate_sample, synthetic_source
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shard(out: Path, n: int, max_count: int, *extra: str, split: str = "train") -> int:
+    return main(
+        ["shard", "--format", "synthetic", "--split", split, "--out", str(out), "--num-samples", str(n)]
+        + ["--max-count", str(max_count), "--image-size", "32", *extra]
+    )
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("n, max_count", [(50, 16), (48, 16), (5, 64)])
+def test_shard_cli_writes_all_samples_and_a_correct_manifest(tmp_path, capsys, n, max_count):
+    assert _shard(tmp_path, n, max_count) == 0
+    manifest = load_manifest(tmp_path / "train-manifest.json")
+    assert manifest.num_samples == n and manifest.split == "train" and manifest.format == "synthetic"
+    assert len(manifest.shards) == math.ceil(n / max_count)
+    assert [s.name for s in manifest.shards] == [f"train-{i:06d}.tar" for i in range(len(manifest.shards))]
+    keys = []
+    for info, path in zip(manifest.shards, manifest.shard_paths()):
+        assert info.bytes == Path(path).stat().st_size
+        assert info.sha256 == _sha256(Path(path))
+        with tarfile.open(path) as tar:
+            names = tar.getnames()
+        shard_keys = sorted({name.split(".", 1)[0] for name in names})
+        assert info.num_samples == len(shard_keys) <= max_count
+        assert sorted(names) == sorted(
+            f"{k}.{ext}" for k in shard_keys for ext in ("png", "seg.png", "pan.png", "json")
+        )
+        keys += shard_keys
+    # Sample i lands in shard i // max_count, under key train_{i:08d}.
+    assert keys == [f"train_{i:08d}" for i in range(n)]
+    assert str(tmp_path) in capsys.readouterr().out
+
+
+def test_shard_members_round_trip_exactly(tmp_path):
+    cfg = SyntheticConfig(image_size=32, num_classes=5, seed=3)
+    manifest = write_shards(synthetic_source(cfg, "train", 3), tmp_path, "train", max_count=2)
+    with tarfile.open(manifest.shard_paths()[1]) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    expected = generate_sample(2, cfg)
+    image = Image.open(io.BytesIO(members["train_00000002.png"]))
+    labels = Image.open(io.BytesIO(members["train_00000002.seg.png"]))
+    assert image.mode == "RGB" and labels.mode == "L"
+    np.testing.assert_array_equal(np.asarray(image), expected.image)
+    np.testing.assert_array_equal(np.asarray(labels), expected.semantic)
+    panoptic = decode_panoptic(np.asarray(Image.open(io.BytesIO(members["train_00000002.pan.png"]))))
+    np.testing.assert_array_equal(panoptic, expected.panoptic)
+    meta = json.loads(members["train_00000002.json"])
+    assert meta == {"height": 32, "width": 32, "segments_info": expected.segments}
+
+
+def test_panoptic_encoding_round_trips_large_ids():
+    ids = np.array([[0, 1, 255], [256, 65535, 65536 * 3 + 7]], dtype=np.int32)
+    rgb = encode_panoptic(ids)
+    assert rgb.dtype == np.uint8 and tuple(rgb[1, 0]) == (0, 1, 0)
+    np.testing.assert_array_equal(decode_panoptic(rgb), ids)
+
+
+def test_sharding_is_deterministic_across_runs_and_workers(tmp_path):
+    assert _shard(tmp_path / "a", 40, 16) == 0
+    assert _shard(tmp_path / "b", 40, 16, "--workers", "2") == 0
+    a = load_manifest(tmp_path / "a" / "train-manifest.json")
+    b = load_manifest(tmp_path / "b" / "train-manifest.json")
+    assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
+    assert _shard(tmp_path / "c", 40, 16, "--seed", "1") == 0
+    c = load_manifest(tmp_path / "c" / "train-manifest.json")
+    assert c.shards[0].sha256 != a.shards[0].sha256
+
+
+def test_write_leaves_no_temp_files_and_replaces_stale_shards(tmp_path):
+    assert _shard(tmp_path, 40, 8) == 0  # 5 shards
+    assert _shard(tmp_path, 20, 8) == 0  # 3 shards: the 2 extra ones must go
+    assert _shard(tmp_path, 10, 8, split="val") == 0  # shares the folder, leaves train alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "train-000000.tar",
+        "train-000001.tar",
+        "train-000002.tar",
+        "train-manifest.json",
+        "val-000000.tar",
+        "val-000001.tar",
+        "val-manifest.json",
+    ]
+
+
+def test_failed_write_leaves_complete_shards_only_and_no_manifest(tmp_path):
+    cfg = SyntheticConfig(image_size=32)
+    good = synthetic_source(cfg, "train", 30)
+
+    def flaky(index):
+        if index == 21:
+            raise RuntimeError("reader failed")
+        return good.load(index)
+
+    assert _shard(tmp_path, 30, 8) == 0  # an older complete run: its manifest must go too
+    with pytest.raises(RuntimeError, match="reader failed"):
+        write_shards(replace(good, load=flaky), tmp_path, "train", max_count=8)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "train-manifest.json" not in names
+    assert not [n for n in names if n.startswith(".") or n.endswith(".tmp")]
+    for name in ("train-000000.tar", "train-000001.tar"):  # rewritten, complete
+        with tarfile.open(tmp_path / name) as tar:
+            assert len(tar.getnames()) == 8 * 4
+
+
+def _valid_manifest(tmp_path: Path) -> Path:
+    assert _shard(tmp_path, 4, 2) == 0
+    return tmp_path / "train-manifest.json"
+
+
+def _edit(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda d: d.pop("classes"), "missing key 'classes'"),
+        (lambda d: d["shards"][1].pop("sha256"), "missing key 'shards[1].sha256'"),
+        (lambda d: d.update(num_samples="4"), "key 'num_samples' must be int, got str"),
+        (lambda d: d.update(ignore_index=True), "key 'ignore_index' must be int, got bool"),
+        (lambda d: d["shards"][0].update(num_samples=[]), "key 'shards[0].num_samples' must be int"),
+        (lambda d: d["classes"].append(3), "key 'classes[5]' must be str"),
+        (lambda d: d.update(num_samples=5), "key 'num_samples' is 5 but the shards hold 4"),
+        (lambda d: d["shards"][0].update(name="/abs/x.tar"), "key 'shards[0].name' must be relative"),
+    ],
+)
+def test_manifest_errors_name_the_file_and_key(tmp_path, edit, expected):
+    path = _valid_manifest(tmp_path)
+    _edit(path, edit)
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    message = str(err.value)
+    assert expected in message and str(path) in message and "\n" not in message
+
+
+def test_manifest_missing_file_and_bad_json(tmp_path):
+    with pytest.raises(ManifestError, match="manifest not found"):
+        load_manifest(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "synthetic",\n  oops}')
+    with pytest.raises(ManifestError, match=r"bad.json: invalid JSON at line 2"):
+        load_manifest(bad)
+
+
+def test_write_manifest_round_trips_atomically(tmp_path):
+    manifest = load_manifest(_valid_manifest(tmp_path))
+    target = tmp_path / "sub" / "copy.json"
+    write_manifest(target, manifest)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["copy.json"]
+    copy = load_manifest(target)
+    assert copy == manifest  # path is excluded from equality
+    assert copy.shard_paths() == [str(target.parent / s.name) for s in manifest.shards]
+
+
+def test_info_and_verify_cli(tmp_path, capsys):
+    path = _valid_manifest(tmp_path)
+    capsys.readouterr()
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "samples:      4" in out and "background" in out
+    assert main(["verify", str(path)]) == 0
+    shard = tmp_path / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert main(["verify", str(path)]) == 1
+    assert "train-000001.tar: sha256 mismatch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["shard", "--format", "coco", "--split", "train", "--out", "X"], "supported formats: synthetic"),
+        (["shard", "--format", "synthetic", "--split", "train", "--out", "X"], "--num-samples is required"),
+        (
+            ["shard", "--format", "synthetic", "--split", "a.b", "--out", "X", "--num-samples", "2"],
+            "split must",
+        ),
+        (["info", "MISSING.json"], "MISSING.json: manifest not found"),
+        (["bogus"], "invalid choice"),
+    ],
+)
+def test_cli_usage_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    argv = [str(tmp_path / a) if a in ("X", "MISSING.json") else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_module_entry_point(tmp_path):
+    argv = ["shard", "--format", "nope", "--split", "train", "--out", "x"]
+    result = subprocess.run(
+        [sys.executable, "-m", "data_pipeline", *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("python -m data_pipeline: error: unknown --format 'nope'")
+    assert "Traceback" not in result.stderr
