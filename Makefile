@@ -9,6 +9,9 @@ PY := $(VENV)/bin/python
 # Every install step goes through the constraints file: it pins torch==2.13.0 so pip
 # never swaps in a multi-GB CUDA build. apex is optional and never installed from the
 # registry (that name is an unrelated package there).
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu (for example) makes pip look there
+# first for torch, for a CPU-only machine whose default registry only has CUDA builds.
+TORCH_INDEX_URL ?=
 PIP := $(PY) -m pip install --disable-pip-version-check -c constraints.txt
 # pip warns about every absent extra index folder of this machine's pip config: noise.
 QUIET_PIP := { grep -v -e "is ignored: it is neither a file nor a directory" || true; }
@@ -29,7 +32,8 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	@echo "installing segscale into $(VENV) (torch pinned by constraints.txt)"
-	@$(PIP) -q torch==2.13.0 2>&1 | $(QUIET_PIP)
+	@$(PIP) -q $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL) --extra-index-url https://pypi.org/simple) \
+		torch==2.13.0 2>&1 | $(QUIET_PIP)
 	@$(PIP) -q -e '.[dev]' 2>&1 | $(QUIET_PIP)
 	@$(PY) -m launcher build-ops
 	@touch $(STAMP)

@@ -9,14 +9,20 @@ restarted worker never collide on metric names. Names follow Prometheus conventi
 
 from __future__ import annotations
 
-import json
-import os
 import resource
 import time
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.exposition import generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+    write_to_textfile,
+)
+
+from ops.atomic_file import write_json_atomic
 
 # Step durations span ~10 ms (tiny CPU demo) to ~10 s (Swin-L at 640^2 on one GPU).
 STEP_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -126,10 +132,7 @@ class WorkerMetrics:
     def write_textfile(self, path: str) -> None:
         """Snapshot in the Prometheus text format (node_exporter textfile style), so the
         final values stay readable after the worker exits."""
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(generate_latest(self.registry))
-        os.replace(tmp, path)
+        write_to_textfile(path, self.registry)  # prometheus_client writes it atomically
 
 
 def write_file_sd(path: str, endpoints: list[MetricsEndpoint]) -> None:
@@ -137,7 +140,4 @@ def write_file_sd(path: str, endpoints: list[MetricsEndpoint]) -> None:
     # No target labels: the series already carry run and rank, and a target label of
     # the same name would be renamed exported_run/exported_rank by the scrape.
     groups = [{"targets": [f"{e.host}:{e.port}" for e in sorted(endpoints, key=lambda e: e.rank)]}]
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(groups, f, indent=2)
-    os.replace(tmp, path)
+    write_json_atomic(path, groups)

@@ -108,10 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--split", required=True, help="split name, e.g. train or val")
     shard.add_argument("--out", required=True, help=f"output folder (shards + {manifest_name('SPLIT')})")
     shard.add_argument("--num-samples", type=int, help="number of samples (synthetic)")
-    shard.add_argument("--image-size", type=int, default=64, help="image side in pixels (synthetic)")
-    shard.add_argument("--num-classes", type=int, default=5, help="classes incl. background (synthetic)")
-    shard.add_argument("--max-count", type=int, default=64, help="samples per shard")
-    shard.add_argument("--seed", type=int, default=0, help="generator seed (synthetic)")
+    defaults = SyntheticConfig()
+    shard.add_argument("--image-size", type=int, default=defaults.image_size, help="image side in pixels (synthetic)")
+    shard.add_argument("--num-classes", type=int, default=defaults.num_classes,
+                       help="classes incl. background (synthetic)")
+    shard.add_argument("--max-count", type=int, default=defaults.samples_per_shard, help="samples per shard")
+    shard.add_argument("--seed", type=int, default=defaults.seed, help="generator seed (synthetic)")
     shard.add_argument("--workers", type=int, default=1, help="encoding processes")
     shard.set_defaults(run=_shard)
 

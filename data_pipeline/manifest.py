@@ -26,15 +26,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ops.atomic_file import write_json_atomic
+
 MANIFEST_VERSION = 1
-# mkstemp creates files 0600; published dataset files are meant to be read by other users
-# (Ray workers, other jobs), so they get the usual 0644 before the rename.
-PUBLISHED_FILE_MODE = 0o644
 
 
 class ManifestError(ValueError):
@@ -228,19 +226,7 @@ def write_manifest(path: str | os.PathLike[str], manifest: Manifest) -> Path:
     Sets ``manifest.path`` and returns the resolved path.
     """
     path = Path(path).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, PUBLISHED_FILE_MODE)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(manifest.to_json(), f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, manifest.to_json())
     manifest.path = path
     return path
 

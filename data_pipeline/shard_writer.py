@@ -33,7 +33,6 @@ import multiprocessing
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -46,7 +45,8 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from data_pipeline.manifest import PUBLISHED_FILE_MODE, Manifest, ShardInfo, write_manifest
+from data_pipeline.manifest import Manifest, ShardInfo, write_manifest
+from ops.atomic_file import atomic_write
 
 IMAGE_EXT = "png"
 SEMANTIC_EXT = "seg.png"
@@ -157,21 +157,12 @@ class _HashingWriter:
 
 def _write_shard(path: Path, samples: list[dict[str, Any]]) -> ShardInfo:
     """Write one complete shard atomically: temp file in the same folder, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, PUBLISHED_FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            hashing = _HashingWriter(f)
-            # mtime=0 and fixed owner: identical input gives a byte-identical shard.
-            with wds.TarWriter(hashing, encoder=False, mtime=0.0) as writer:
-                for sample in samples:
-                    writer.write(sample)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as f:
+        hashing = _HashingWriter(f)
+        # mtime=0 and fixed owner: identical input gives a byte-identical shard.
+        with wds.TarWriter(hashing, encoder=False, mtime=0.0) as writer:
+            for sample in samples:
+                writer.write(sample)
     return ShardInfo(
         name=path.name, num_samples=len(samples), bytes=hashing.bytes, sha256=hashing.sha256.hexdigest()
     )

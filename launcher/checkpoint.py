@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ops.atomic_file import write_json_atomic
+
 META_FILE = "segscale_checkpoint.json"
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
@@ -37,39 +39,37 @@ class CheckpointMeta:
     world_size: int
     zero_stage: int
     config: dict
-    extra: dict
 
 
-def _atomic_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _list_files(root: str, skip: set[str]) -> dict[str, int]:
+def _list_files(root: str) -> dict[str, int]:
     files = {}
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
             path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, root)
-            if rel not in skip:
-                files[rel] = os.path.getsize(path)
+            files[os.path.relpath(path, root)] = os.path.getsize(path)
     return files
 
 
-def save_checkpoint(engine, directory: str, *, step: int, rank: int, world_size: int, config: dict,
-                    extra: dict | None = None) -> None:
+def save_checkpoint(engine, directory: str, *, step: int, rank: int, world_size: int, config: dict) -> None:
     """Every rank calls this with its own (empty) ``directory``; DeepSpeed's save is collective."""
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
     os.makedirs(directory, exist_ok=True)
-    engine.save_checkpoint(os.path.join(directory, DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
-                           client_state={"step": step}, save_latest=True)
-    skip = {META_FILE} | {os.path.basename(p) for p in glob.glob(os.path.join(directory, "files_rank_*.json"))}
-    _atomic_json(os.path.join(directory, f"files_rank_{rank}.json"), _list_files(directory, skip))
+    # The universal-checkpoint info lets ds_to_universal convert ZeRO-1/2 checkpoints for
+    # a resume on a different number of workers.
+    client_state = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    engine.save_checkpoint(os.path.join(directory, DEEPSPEED_DIR), tag=DEEPSPEED_TAG, client_state=client_state,
+                           save_latest=True)
+    # This rank's directory holds only its own files, so the listing is exactly its share.
+    write_json_atomic(os.path.join(directory, f"files_rank_{rank}.json"), _list_files(directory))
     if rank == 0:
         meta = {"step": step, "world_size": world_size, "zero_stage": engine.zero_optimization_stage(),
-                "config": config, "extra": extra or {}}
-        _atomic_json(os.path.join(directory, META_FILE), meta)
+                "config": config}
+        write_json_atomic(os.path.join(directory, META_FILE), meta)
 
 
 def read_meta(directory: str) -> CheckpointMeta:
@@ -78,8 +78,7 @@ def read_meta(directory: str) -> CheckpointMeta:
         with open(path) as f:
             data = json.load(f)
         return CheckpointMeta(step=int(data["step"]), world_size=int(data["world_size"]),
-                              zero_stage=int(data["zero_stage"]), config=data["config"],
-                              extra=data.get("extra", {}))
+                              zero_stage=int(data["zero_stage"]), config=data["config"])
     except (FileNotFoundError, NotADirectoryError):
         raise CheckpointError(f"{directory}: not a segscale checkpoint ({META_FILE} missing)") from None
     except (ValueError, KeyError, TypeError) as err:
@@ -116,6 +115,18 @@ def find_latest_checkpoint(run_dir: str) -> str | None:
         if best is None or meta.step > best[0]:
             best = (meta.step, directory)
     return best[1] if best else None
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint folder as given, or a run folder's latest verified checkpoint."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint or run folder")
+    if os.path.exists(os.path.join(path, META_FILE)):
+        return path
+    latest = find_latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"{path}: no verified checkpoint in this run folder")
+    return latest
 
 
 def load_model_weights(directory: str) -> dict[str, torch.Tensor]:

@@ -21,6 +21,9 @@ import ops.torchvision_fix  # noqa: F401  (first: timm imports torchvision)
 # isort: split
 from launcher.environment import setup_process_environment
 
+# The demo preset ships in the repository's configs/ (make demo runs from a checkout).
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
+
 
 def _add_config_args(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--config", required=required, help="YAML run config (see configs/)")
@@ -59,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_process_environment()
     # Imported late so `--help` and argument errors are instant.
+    from data_pipeline.loader import ShardReadError
     from launcher.checkpoint import CheckpointError
     from launcher.config import ConfigError
 
@@ -78,14 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from launcher.demo import run_demo
 
-            return run_demo(args.config or "configs/demo.yaml", args.overrides)
+            return run_demo(args.config or DEMO_CONFIG, args.overrides)
         if args.command == "build-ops":
             from launcher.environment import build_deepspeed_ops, torch_extensions_dir
 
             built = build_deepspeed_ops()
             print(f"DeepSpeed ops ready in {torch_extensions_dir()}: {', '.join(built) or 'none needed'}")
             return 0
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, CheckpointError, ShardReadError, OSError, ValueError) as err:
         if os.environ.get("SEGSCALE_DEBUG"):
             raise
         print(f"error: {err}", file=sys.stderr)

@@ -8,6 +8,7 @@ command line changes single keys with ``--set section.key=value``. See README.md
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -102,15 +103,11 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> RunCo
     data = _read_yaml(path)
     for text in overrides:
         data = merge(data, parse_override(text))
-    config = config_from_dict(data, source=path)
-    if not config.train.run_name:
-        config.train.run_name = default_run_name(path)
-    return config
+    return config_from_dict(data, source=path)
 
 
 def default_run_name(config_path: str) -> str:
-    import time
-
+    """``<config stem>-<timestamp>``: unique per run, as Ray Train needs."""
     stem = os.path.splitext(os.path.basename(config_path))[0]
     return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 

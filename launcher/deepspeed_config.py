@@ -32,3 +32,8 @@ def build_deepspeed_config(cfg: TrainConfig, micro_batch_size: int) -> dict:
     elif cfg.precision == "fp16":
         config["fp16"] = {"enabled": True, "initial_scale_power": 16}
     return config
+
+
+def autocast_dtype(cfg: TrainConfig) -> torch.dtype | None:
+    """The autocast dtype for forward passes outside the engine (validation, eval, predict)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)

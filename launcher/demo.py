@@ -14,21 +14,26 @@ import time
 from data_pipeline.manifest import ManifestError, load_manifest
 from data_pipeline.shard_writer import write_shards
 from data_pipeline.synthetic import synthetic_source
-from launcher.commands import load_for_inference, run_evaluation, write_predictions
-from launcher.config import RunConfig, load_config
+from launcher.commands import load_for_inference
+from launcher.config import RunConfig, default_run_name, load_config
 from launcher.driver import TrainingFailed, run_training
+from launcher.evaluate import evaluate_on_validation
+from launcher.predict import write_predictions
 
 # The issue's bar for "the model really learns" on the synthetic data.
 DEMO_MIN_MIOU = 0.6
 
 
-def _existing_matches(manifest_path: str, expected_options: dict) -> bool:
-    """True when ``manifest_path`` was written from the same generator settings."""
+def _existing_matches(manifest_path: str, expected_options: dict, count: int, per_shard: int) -> bool:
+    """True when ``manifest_path`` was written from the same generator settings and sizes."""
     try:
         manifest = load_manifest(manifest_path)
-    except (ManifestError, FileNotFoundError):
+    except ManifestError:
         return False
-    return manifest.source == expected_options and all(os.path.exists(p) for p in manifest.shard_paths())
+    return (manifest.source == expected_options and manifest.num_samples == count
+            and all(s.num_samples <= per_shard for s in manifest.shards)
+            and manifest.shards[0].num_samples == min(count, per_shard)
+            and all(os.path.exists(p) for p in manifest.shard_paths()))
 
 
 def ensure_synthetic_data(cfg: RunConfig) -> None:
@@ -37,7 +42,7 @@ def ensure_synthetic_data(cfg: RunConfig) -> None:
     for split, manifest_path, count in (("train", cfg.data.train_manifest, synthetic.num_train),
                                         ("val", cfg.data.val_manifest, synthetic.num_val)):
         source = synthetic_source(synthetic, split, count)
-        if _existing_matches(manifest_path, source.options):
+        if _existing_matches(manifest_path, source.options, count, synthetic.samples_per_shard):
             print(f"data: reusing {count} {split} samples in {manifest_path}")
             continue
         expected = os.path.join(os.path.dirname(manifest_path), f"{split}-manifest.json")
@@ -53,6 +58,7 @@ def ensure_synthetic_data(cfg: RunConfig) -> None:
 def run_demo(config_path: str, overrides: list[str]) -> int:
     started = time.time()
     cfg = load_config(config_path, overrides)
+    cfg.train.run_name = cfg.train.run_name or default_run_name(config_path)
     ensure_synthetic_data(cfg)
     try:
         outcome = run_training(cfg)
@@ -64,7 +70,7 @@ def run_demo(config_path: str, overrides: list[str]) -> int:
         return 1
 
     eval_cfg, model, checkpoint = load_for_inference("", [], outcome.checkpoint)
-    results = run_evaluation(eval_cfg, model)
+    results = evaluate_on_validation(eval_cfg, model)
     overlays = write_predictions(eval_cfg, model, os.path.join(outcome.run_dir, "predictions"), num=8)
 
     passed = results["miou"] >= DEMO_MIN_MIOU

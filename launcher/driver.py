@@ -18,8 +18,9 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from launcher.config import RunConfig, dump_config, to_dict
+from launcher.config import ConfigError, RunConfig, dump_config, to_dict
 from launcher.environment import runtime_env_vars
+from launcher.preflight import check_paths_for_job, check_resume, check_run
 from launcher.train_loop import train_worker
 
 
@@ -52,24 +53,35 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 def connect(cfg: RunConfig) -> bool:
     """Join the configured Ray cluster or start a local instance; True when local."""
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
-    env = {"env_vars": runtime_env_vars(cfg.cluster.use_gpu)}
     if ray.is_initialized():
         return False
     if address:
         print(f"joining the Ray cluster at {address}", flush=True)
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as err:
+            hint = "" if os.environ.get("RAY_AUTH_MODE") else (
+                "; if the cluster uses token authentication, set RAY_AUTH_MODE=token here too")
+            raise ConnectionError(f"cluster.address: cannot connect to Ray at {address} ({err}){hint}") from None
         return False
     cpus = max(os.cpu_count() or 1, cfg.cluster.num_workers * cfg.cluster.cpus_per_worker)
     print(f"starting a local Ray instance ({cpus} CPUs); set RAY_ADDRESS or --address to use a cluster",
           flush=True)
-    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=True,
-             _node_ip_address="127.0.0.1")
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
     return True
 
 
 def run_training(cfg: RunConfig) -> TrainOutcome:
+    """Validate, connect, train; ConfigError for bad input, TrainingFailed for a failed run."""
+    if not cfg.train.run_name:
+        raise ConfigError("train.run_name: not set")
+    check_paths_for_job(cfg)
     cfg = absolute_paths(cfg)
+    check_run(cfg)
     run_dir = os.path.join(cfg.train.output_dir, cfg.train.run_name)
+    resume_from = check_resume(cfg, run_dir)
+    if resume_from:
+        print(f"run {cfg.train.run_name} has checkpoint {resume_from}: resuming from it", flush=True)
     local = connect(cfg)
     if "://" not in run_dir:
         os.makedirs(run_dir, exist_ok=True)
@@ -95,6 +107,9 @@ def run_training(cfg: RunConfig) -> TrainOutcome:
             storage_path=cfg.train.output_dir,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
+            # Through the workers' own runtime env, not ray.init's: inside `ray job submit`
+            # the job's runtime env is fixed and a second one for the driver would clash.
+            worker_runtime_env={"env_vars": runtime_env_vars(cfg.cluster.use_gpu)},
         ),
     )
     print(f"run {cfg.train.run_name}: {cfg.cluster.num_workers} workers, ZeRO-{cfg.train.zero_stage}, "

@@ -36,9 +36,13 @@ def runtime_env_vars(use_gpu: bool = False) -> dict[str, str]:
 
 def setup_process_environment() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
-    # Ray Train V2 is the default in Ray 2.60; pin it so resume semantics never change
-    # under us with an environment that flips it.
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skips DeepSpeed's probe and its warning
+    # Ray Train V2 is the default in Ray 2.60, and resume-by-run-name relies on it: V1
+    # would restart a re-run from step 0. Pin it whatever the environment says.
+    os.environ["RAY_TRAIN_V2_ENABLED"] = "1"
 
 
 def build_deepspeed_ops() -> list[str]:

@@ -9,12 +9,16 @@ the end, so ranks with different image counts never wait on each other mid-loop.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from data_pipeline.loader import build_eval_loader
+from launcher.config import RunConfig
+from launcher.deepspeed_config import autocast_dtype
 from model.inference import semantic_segmentation
 
 
@@ -51,36 +55,78 @@ class ConfusionMatrix:
         per_target = m.sum(1)  # ground-truth pixels per class
         per_prediction = m.sum(0)
         union = per_target + per_prediction - true_positive
-        present = per_target > 0  # classes absent from the ground truth don't count (as in mmseg)
-        iou = torch.where(union > 0, true_positive / union.clamp(min=1), torch.zeros_like(union))
-        accuracy = torch.where(per_target > 0, true_positive / per_target.clamp(min=1), torch.zeros_like(union))
+        # As detectron2's SemSegEvaluator (which MaskFormer reports with) and mmseg: a class
+        # counts when it occurs in the ground truth or the prediction, so predicting a class
+        # that is absent costs an IoU of 0; classes in neither are left out.
+        present = union > 0
+        iou = torch.where(present, true_positive / union.clamp(min=1), torch.zeros_like(union))
+        has_target = per_target > 0
+        accuracy = torch.where(has_target, true_positive / per_target.clamp(min=1), torch.zeros_like(union))
         total = m.sum()
         return {
             "miou": float(iou[present].mean()) if present.any() else 0.0,
             "pixel_accuracy": float(true_positive.sum() / total) if total > 0 else 0.0,
-            "mean_accuracy": float(accuracy[present].mean()) if present.any() else 0.0,
+            "mean_accuracy": float(accuracy[has_target].mean()) if has_target.any() else 0.0,
             "per_class_iou": [float(v) if p else None for v, p in zip(iou, present)],
             "pixels": int(total),
         }
 
 
+def in_lockstep(batches: Iterable[dict]) -> Iterator[tuple[dict, bool]]:
+    """Yield ``(batch, is_real)`` so every rank runs the same number of forward passes.
+
+    Under ZeRO-3 each forward all-gathers the parameters, so a rank that runs out of
+    validation images early must keep joining the gathers or the others wait forever.
+    It repeats its last batch (``is_real=False``, not counted) until every rank is done.
+    """
+    iterator = iter(batches)
+    last = None
+    while True:
+        batch = next(iterator, None)
+        any_left = torch.tensor([0 if batch is None else 1])
+        dist.all_reduce(any_left, op=dist.ReduceOp.MAX)
+        if not any_left.item():
+            return
+        if batch is not None:
+            last = batch
+            yield batch, True
+        elif last is not None:
+            yield last, False
+        else:  # this rank had no images at all: a blank one of the other ranks' size is unknown
+            raise RuntimeError("a rank got no validation images; use at least as many images as workers")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[dict], num_classes: int, ignore_index: int = 255,
-             autocast_dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> ConfusionMatrix:
-    """Run ``model`` over ``batches`` and return the (this rank's) confusion matrix."""
+             autocast_dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+             lockstep: bool = False) -> ConfusionMatrix:
+    """Run ``model`` over ``batches`` and return the (this rank's) confusion matrix.
+
+    ``lockstep`` (needed under ZeRO-3) keeps every rank's forward count equal.
+    """
     matrix = ConfusionMatrix(num_classes, ignore_index)
     was_training = model.training
     model.eval()
     device = torch.device(device)
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
+    stream = in_lockstep(batches) if lockstep else ((batch, True) for batch in batches)
     try:
-        for batch in batches:
+        for batch, is_real in stream:
             images = batch["images"].to(device)
             with autocast:
                 outputs = model(images)
-            prediction = semantic_segmentation(outputs, images.shape[-2:])
-            matrix.update(prediction.cpu(), batch["semantic"])
+            if is_real:
+                prediction = semantic_segmentation(outputs, images.shape[-2:])
+                matrix.update(prediction.cpu(), batch["semantic"])
     finally:
         model.train(was_training)
     return matrix
+
+
+def evaluate_on_validation(cfg: RunConfig, model: nn.Module) -> dict:
+    """Single-process evaluation of ``model`` on ``data.val_manifest`` (eval, demo)."""
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    matrix = evaluate(model, build_eval_loader(cfg.data, 0, 1), cfg.model.num_classes, cfg.data.ignore_index,
+                      autocast_dtype=autocast_dtype(cfg.train))
+    return matrix.results()

@@ -1,9 +1,10 @@
 """Optimizer parameter groups and the learning-rate schedule (MaskFormer's recipe).
 
-AdamW with a lower learning rate for the backbone (x ``backbone_lr_multiplier``), no
-weight decay on normalisation weights, biases, position embeddings and relative-position
-tables (decaying them hurts transformers and buys nothing), and a linear warm-up followed
-by a poly decay, ``lr * (1 - step / max_steps) ** power``.
+AdamW with a lower learning rate for the backbone (x ``backbone_lr_multiplier``), and, as
+MaskFormer's ``build_optimizer``: no weight decay on normalisation layers, ``nn.Embedding``
+tables (the queries), absolute position embeddings and relative-position bias tables;
+everything else, biases included, decays. Then a linear warm-up and a poly decay,
+``lr * (1 - step / max_steps) ** power``.
 """
 
 from __future__ import annotations
@@ -22,16 +23,16 @@ _NORM_TYPES = (
     nn.SyncBatchNorm,
     nn.InstanceNorm2d,
 )
-# Parameter-name fragments of embeddings that must not be decayed.
-_NO_DECAY_NAMES = ("pos_embed", "position", "relative_position_bias_table", "query_embed", "query_feat", "cls_token")
+# Parameter names of position tables that must not be decayed (Swin's relative bias
+# tables, ViT/Swin absolute position embeddings).
+_NO_DECAY_NAMES = ("relative_position_bias_table", "pos_embed")
 
 
-def _no_weight_decay(module: nn.Module, name: str, param: nn.Parameter) -> bool:
-    if isinstance(module, _NORM_TYPES) or "norm" in type(module).__name__.lower():
+def _no_weight_decay(module: nn.Module, param_name: str) -> bool:
+    # timm's own norm classes (LayerNorm2d, ...) subclass torch's or carry "Norm" in the name.
+    if isinstance(module, (*_NORM_TYPES, nn.Embedding)) or "norm" in type(module).__name__.lower():
         return True
-    if param.ndim <= 1:  # biases and 1-d scales
-        return True
-    return any(fragment in name for fragment in _NO_DECAY_NAMES)
+    return any(fragment in param_name for fragment in _NO_DECAY_NAMES)
 
 
 def build_param_groups(model: nn.Module, cfg: TrainConfig, backbone_prefix: str = "backbone.") -> list[dict]:
@@ -49,7 +50,7 @@ def build_param_groups(model: nn.Module, cfg: TrainConfig, backbone_prefix: str 
             seen.add(id(param))
             full_name = f"{module_name}.{param_name}" if module_name else param_name
             is_backbone = full_name.startswith(backbone_prefix)
-            decay = not _no_weight_decay(module, full_name, param)
+            decay = not _no_weight_decay(module, param_name)
             key = (is_backbone, decay)
             if key not in groups:
                 scale = cfg.backbone_lr_multiplier if is_backbone else 1.0

@@ -13,7 +13,7 @@ def format_duration(seconds: float) -> str:
 class StepLogger:
     """Prints one line per logging window; throughput and ETA come from that window."""
 
-    def __init__(self, total_steps: int, start_step: int, samples_per_step: int, enabled: bool):
+    def __init__(self, total_steps: int, samples_per_step: int, enabled: bool):
         self.total_steps = total_steps
         self.samples_per_step = samples_per_step  # across all ranks
         self.enabled = enabled

@@ -3,8 +3,8 @@
 Reads top to bottom: set up (threads, seeds, metrics, model, engine, resume), then the
 step loop (batch -> forward under autocast -> fp32 losses -> backward -> step), with
 logging, validation and checkpoints at their intervals. Rank 0 alone prints and writes
-run-level files; every rank takes part in the collective parts (DeepSpeed's save, the
-validation all-reduce, ``ray.train.report``).
+run-level files; every rank takes part in the collective parts (the per-step loss
+all-reduce, DeepSpeed's save, validation, ``ray.train.report``).
 """
 
 from __future__ import annotations
@@ -27,13 +27,30 @@ import torch.distributed as dist
 
 from cluster.metrics import WorkerMetrics, write_file_sd
 from data_pipeline.loader import build_eval_loader, build_train_loader
-from launcher.checkpoint import DEEPSPEED_DIR, DEEPSPEED_TAG, save_checkpoint, verify_checkpoint
+from launcher.checkpoint import (
+    DEEPSPEED_DIR,
+    DEEPSPEED_TAG,
+    CheckpointError,
+    find_latest_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from launcher.config import RunConfig, config_from_dict, to_dict
-from launcher.deepspeed_config import build_deepspeed_config
+from launcher.deepspeed_config import autocast_dtype, build_deepspeed_config
 from launcher.evaluate import evaluate
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.progress import StepLogger
 from model.build import build_criterion, build_model
+
+# Loss terms shown in the logs and metrics besides the total (the deep-supervision
+# copies ``loss_ce_0`` ... are in the total only).
+LOGGED_TERMS = ("loss_ce", "loss_focal", "loss_dice")
+
+
+def derive_seed(*parts: int) -> int:
+    """A seed for one purpose (rank, start step, ...) that never collides with another's,
+    unlike ``seed + rank + step`` arithmetic."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
 def seed_everything(seed: int) -> None:
@@ -42,12 +59,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _resume_directory(cfg: RunConfig) -> str | None:
-    """The checkpoint to start from: Ray's latest for this run, else ``train.resume_from``."""
+def _choose_resume_directory(cfg: RunConfig, run_dir: str) -> str | None:
+    """Newest verified checkpoint among Ray's latest, the run folder's and ``resume_from``.
+
+    Ray registers a checkpoint only when its controller polls, so one reported just
+    before a crash is complete on disk but not Ray's latest: the run folder has it.
+    """
+    candidates = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        return checkpoint.path  # local storage: the folder itself
-    return cfg.train.resume_from or None
+        candidates.append(checkpoint.path)  # local or shared-file-system storage
+    candidates.append(find_latest_checkpoint(run_dir))
+    candidates.append(cfg.train.resume_from or None)
+    best: tuple[int, str] | None = None
+    for directory in filter(None, candidates):
+        try:
+            step = verify_checkpoint(directory).step
+        except CheckpointError as err:
+            print(f"warning: skipping checkpoint: {err}", flush=True)
+            continue
+        if best is None or step > best[0]:
+            best = (step, directory)
+    return best[1] if best else None
 
 
 def _start_metrics(cfg: RunConfig, rank: int, local_rank: int, metrics_host: str) -> WorkerMetrics | None:
@@ -60,11 +93,13 @@ def _start_metrics(cfg: RunConfig, rank: int, local_rank: int, metrics_host: str
     return metrics
 
 
-def _validate(engine, cfg: RunConfig, rank: int, world_size: int, autocast_dtype) -> dict:
-    matrix = evaluate(engine.module, build_eval_loader(cfg.data, rank, world_size), cfg.model.num_classes,
-                      cfg.data.ignore_index, autocast_dtype=autocast_dtype, device=engine.device)
-    matrix.all_reduce()
-    return matrix.results()
+def _mean_over_ranks(values: dict[str, torch.Tensor], world_size: int) -> dict[str, float]:
+    """One all-reduce per step: the logged loss is the global mean, and a NaN on any
+    rank reaches every rank, so they all stop together instead of hanging."""
+    names = list(values)
+    packed = torch.stack([values[n].detach().float().cpu() for n in names])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    return dict(zip(names, (packed / world_size).tolist()))
 
 
 def train_worker(loop_config: dict) -> None:
@@ -94,32 +129,37 @@ def train_worker(loop_config: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=build_deepspeed_config(cfg.train, cfg.data.batch_size))
     criterion.to(engine.device)
-    autocast_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
+    eval_dtype = autocast_dtype(cfg.train)
 
-    start_step = 0
-    resume_dir = _resume_directory(cfg)
+    # Rank 0 picks the checkpoint so every rank loads the same one.
+    choice = [_choose_resume_directory(cfg, run_dir) if rank == 0 else None]
+    dist.broadcast_object_list(choice, src=0)
+    resume_dir, start_step = choice[0], 0
     if resume_dir:
-        meta = verify_checkpoint(resume_dir)
+        start_step = verify_checkpoint(resume_dir).step
         engine.load_checkpoint(os.path.join(resume_dir, DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
-        start_step = meta.step
         if rank == 0:
             print(f"resumed from {resume_dir} at step {start_step}", flush=True)
-    seed_everything(cfg.train.seed + 1000 * rank + start_step)  # per-rank dropout/augmentation streams
+    seed_everything(derive_seed(cfg.train.seed, rank, start_step))  # per-rank dropout streams
 
     # Until exact loader resume lands, a resumed run starts a fresh stream seeded by its
     # start step, so it does not replay the exact samples it has already seen.
-    data_cfg = dataclasses.replace(cfg.data, seed=cfg.data.seed + start_step)
+    data_cfg = dataclasses.replace(cfg.data, seed=derive_seed(cfg.data.seed, start_step) if start_step else cfg.data.seed)
     batches = iter(build_train_loader(data_cfg, rank, world_size))
     samples_per_step = cfg.data.batch_size * cfg.train.grad_accum_steps
-    logger = StepLogger(total_steps=cfg.train.max_steps, start_step=start_step,
-                        samples_per_step=samples_per_step * world_size, enabled=rank == 0)
+    logger = StepLogger(total_steps=cfg.train.max_steps, samples_per_step=samples_per_step * world_size,
+                        enabled=rank == 0)
     config_dict = to_dict(cfg)
     last_saved = start_step
     val_results: dict = {}
     val_step = -1
 
     def validate(at_step: int) -> dict:
-        results = _validate(engine, cfg, rank, world_size, autocast_dtype)
+        matrix = evaluate(engine.module, build_eval_loader(cfg.data, rank, world_size), cfg.model.num_classes,
+                          cfg.data.ignore_index, autocast_dtype=eval_dtype, device=engine.device,
+                          lockstep=cfg.train.zero_stage == 3)
+        matrix.all_reduce()
+        results = matrix.results()
         logger.print(f"step {at_step}: validation mIoU {results['miou']:.4f} "
                      f"(pixel accuracy {results['pixel_accuracy']:.4f})")
         return results
@@ -139,7 +179,7 @@ def train_worker(loop_config: dict) -> None:
     while step < cfg.train.max_steps:
         step_started = time.perf_counter()
         loader_wait = 0.0
-        terms_sum: dict[str, float] = {}
+        accumulated: dict[str, torch.Tensor] = {}
         for _ in range(cfg.train.grad_accum_steps):
             wait_started = time.perf_counter()
             batch = next(batches)
@@ -151,14 +191,12 @@ def train_worker(loop_config: dict) -> None:
             loss = sum(losses.values())
             engine.backward(loss)
             engine.step()
-            for name in ("loss_ce", "loss_focal", "loss_dice"):
-                if name in losses:
-                    terms_sum[name] = terms_sum.get(name, 0.0) + float(losses[name].detach())
-            terms_sum["loss"] = terms_sum.get("loss", 0.0) + float(loss.detach())
+            for name, value in (("loss", loss), *((n, losses[n]) for n in LOGGED_TERMS if n in losses)):
+                accumulated[name] = accumulated.get(name, 0.0) + value.detach() / cfg.train.grad_accum_steps
         step += 1
-        terms = {k: v / cfg.train.grad_accum_steps for k, v in terms_sum.items()}
+        terms = _mean_over_ranks(accumulated, world_size)
         if not np.isfinite(terms["loss"]):
-            raise FloatingPointError(f"rank {rank}: loss is {terms['loss']} at step {step}; stopping the run")
+            raise FloatingPointError(f"loss is {terms['loss']} at step {step} (mean over ranks); stopping the run")
         step_seconds = time.perf_counter() - step_started
         lr = engine.get_lr()[0]
         if metrics is not None:

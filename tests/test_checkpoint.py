@@ -8,11 +8,11 @@ import pytest
 from launcher.checkpoint import (
     META_FILE,
     CheckpointError,
-    _atomic_json,
     _list_files,
     find_latest_checkpoint,
     verify_checkpoint,
 )
+from ops.atomic_file import write_json_atomic
 
 
 def fake_checkpoint(root, name, step, world_size=2):
@@ -23,9 +23,9 @@ def fake_checkpoint(root, name, step, world_size=2):
         with open(shard, "wb") as f:
             f.write(os.urandom(100 + rank))
     for rank in range(world_size):
-        listing = {k: v for k, v in _list_files(directory, set()).items() if f"rank{rank}" in k}
-        _atomic_json(os.path.join(directory, f"files_rank_{rank}.json"), listing)
-    _atomic_json(os.path.join(directory, META_FILE),
+        listing = {k: v for k, v in _list_files(directory).items() if f"rank{rank}" in k}
+        write_json_atomic(os.path.join(directory, f"files_rank_{rank}.json"), listing)
+    write_json_atomic(os.path.join(directory, META_FILE),
                  {"step": step, "world_size": world_size, "zero_stage": 1, "config": {}})
     return directory
 

@@ -15,6 +15,7 @@ class Toy(nn.Module):
         self.query_embed = nn.Embedding(5, 4)
         self.head = nn.Linear(4, 2)
         self.norm = nn.LayerNorm(4)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 5, 4))
 
 
 def test_groups():
@@ -24,10 +25,10 @@ def test_groups():
     assert groups["backbone"]["lr"] == pytest.approx(1e-4)
     assert groups["backbone_no_decay"]["weight_decay"] == 0.0
     assert groups["head"]["weight_decay"] == 0.05
-    # conv weight decays; BN weight+bias and conv bias don't
-    assert len(groups["backbone"]["params"]) == 1 and len(groups["backbone_no_decay"]["params"]) == 3
-    # head: Linear weight decays; Linear bias, LayerNorm and the query embedding don't
-    assert len(groups["head"]["params"]) == 1 and len(groups["head_no_decay"]["params"]) == 4
+    # MaskFormer's rule: conv weight and bias decay; BatchNorm weight and bias don't
+    assert len(groups["backbone"]["params"]) == 2 and len(groups["backbone_no_decay"]["params"]) == 2
+    # head: Linear weight and bias decay; LayerNorm, the query embedding and pos_embed don't
+    assert len(groups["head"]["params"]) == 2 and len(groups["head_no_decay"]["params"]) == 4
 
 
 def test_warmup_then_poly():

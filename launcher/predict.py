@@ -1,0 +1,37 @@
+"""Predictions drawn for people: overlay PNGs of validation images."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from data_pipeline.loader import build_eval_loader
+from launcher.config import RunConfig
+from launcher.deepspeed_config import autocast_dtype
+from launcher.overlay import overlay_panel
+from model.inference import semantic_segmentation
+
+
+@torch.no_grad()
+def write_predictions(cfg: RunConfig, model: torch.nn.Module, out_dir: str, num: int) -> list[str]:
+    """Write ``num`` PNGs [image | prediction | ground truth] of the first validation images."""
+    os.makedirs(out_dir, exist_ok=True)
+    written: list[str] = []
+    dtype = autocast_dtype(cfg.train)
+    model.eval()
+    for batch in build_eval_loader(cfg.data, 0, 1):
+        images = batch["images"]
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            outputs = model(images)
+        predictions = semantic_segmentation(outputs, images.shape[-2:])
+        for image, prediction, target, key in zip(images, predictions, batch["semantic"], batch["keys"]):
+            panel = overlay_panel(image.permute(1, 2, 0).numpy(), prediction.numpy(),
+                                  target.numpy().astype(np.int64), cfg.model.num_classes, cfg.data.ignore_index)
+            path = os.path.join(out_dir, f"{key}.png")
+            panel.save(path)
+            written.append(path)
+            if len(written) >= num:
+                return written
+    return written

@@ -1,0 +1,94 @@
+"""Checks a run's config against its data and its own checkpoints before Ray starts.
+
+Everything that can be known on the driver is checked here, so bad input is a one-line
+``ConfigError`` in a second instead of a worker traceback a minute into start-up: the
+manifests exist and agree with the model's class count, intervals are positive, the
+precision fits the hardware, paths make sense for where the driver runs, and a resumed
+run has the world size its checkpoint was written with.
+"""
+
+from __future__ import annotations
+
+import os
+
+from data_pipeline.manifest import ManifestError, load_manifest
+from launcher.checkpoint import find_latest_checkpoint, verify_checkpoint
+from launcher.config import ConfigError, RunConfig
+from launcher.deepspeed_config import build_deepspeed_config
+
+# Set by Ray's job supervisor in the environment of a `ray job submit` entrypoint.
+RAY_JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def inside_ray_job() -> bool:
+    return RAY_JOB_ENV_VAR in os.environ
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path or path.startswith("pipe:")
+
+
+def check_paths_for_job(raw: RunConfig) -> None:
+    """Inside ``ray job submit`` the working dir is a temporary copy: relative paths would
+    put checkpoints where they are garbage-collected and name data no other node has."""
+    if not inside_ray_job():
+        return
+    for key, value in (("train.output_dir", raw.train.output_dir), ("data.train_manifest", raw.data.train_manifest),
+                       ("data.val_manifest", raw.data.val_manifest)):
+        if value and not os.path.isabs(value) and not _is_remote(value):
+            raise ConfigError(f"{key}: {value!r} is relative; inside a Ray job it would resolve into the job's "
+                              "temporary working dir. Give an absolute path on storage every node sees")
+
+
+def check_run(cfg: RunConfig) -> None:
+    """Validate a resolved (absolute-path) config; raises ConfigError naming the key."""
+    train = cfg.train
+    for key in ("max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "grad_accum_steps"):
+        if getattr(train, key) < 1:
+            raise ConfigError(f"train.{key}: expected a positive int, got {getattr(train, key)}")
+    if train.eval_every < 0:
+        raise ConfigError(f"train.eval_every: expected 0 (off) or a positive int, got {train.eval_every}")
+    if cfg.data.batch_size < 1:
+        raise ConfigError(f"data.batch_size: expected a positive int, got {cfg.data.batch_size}")
+    if cfg.cluster.num_workers < 1:
+        raise ConfigError(f"cluster.num_workers: expected a positive int, got {cfg.cluster.num_workers}")
+    if _is_remote(train.output_dir):
+        raise ConfigError(f"train.output_dir: {train.output_dir!r}: object storage is not supported yet; "
+                          "use a local folder or a shared file system path (NFS)")
+    try:
+        build_deepspeed_config(train, cfg.data.batch_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if train.zero_stage == 3 and cfg.model.backbone.grad_checkpointing:
+        raise ConfigError("model.backbone.grad_checkpointing: timm's non-reentrant activation checkpointing "
+                          "fails under ZeRO-3 (train.zero_stage=3); turn one of them off")
+    check_manifests(cfg)
+
+
+def check_manifests(cfg: RunConfig) -> None:
+    for key in ("train_manifest", "val_manifest"):
+        path = getattr(cfg.data, key)
+        if not path:
+            raise ConfigError(f"data.{key}: not set; give the manifest written by `python -m data_pipeline shard`")
+        try:
+            manifest = load_manifest(path)
+        except ManifestError as err:
+            raise ConfigError(f"data.{key}: {err}") from None
+        if len(manifest.classes) != cfg.model.num_classes:
+            raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but data.{key} {path} has "
+                              f"{len(manifest.classes)} classes")
+        if manifest.ignore_index != cfg.data.ignore_index:
+            raise ConfigError(f"data.ignore_index: {cfg.data.ignore_index}, but data.{key} {path} uses "
+                              f"{manifest.ignore_index}")
+
+
+def check_resume(cfg: RunConfig, run_dir: str) -> str | None:
+    """The checkpoint a re-run will resume from (or None); refuses a world-size change."""
+    directory = cfg.train.resume_from or find_latest_checkpoint(run_dir)
+    if not directory:
+        return None
+    meta = verify_checkpoint(directory)
+    if meta.world_size != cfg.cluster.num_workers:
+        raise ConfigError(f"cluster.num_workers: {cfg.cluster.num_workers}, but checkpoint {directory} was written "
+                          f"by {meta.world_size} workers; resuming on a different world size is not supported yet")
+    return directory

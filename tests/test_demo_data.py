@@ -1,0 +1,27 @@
+"""The demo regenerates its dataset when the settings change, and reuses it otherwise."""
+
+import os
+
+from launcher.config import load_config
+from launcher.demo import ensure_synthetic_data
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_reuse_and_regenerate(tmp_path, capsys):
+    def cfg(num_train, per_shard=4):
+        return load_config(os.path.join(REPO, "configs", "demo.yaml"), [
+            f"data.train_manifest={tmp_path}/train-manifest.json", f"data.val_manifest={tmp_path}/val-manifest.json",
+            f"data.synthetic.num_train={num_train}", "data.synthetic.num_val=3",
+            f"data.synthetic.samples_per_shard={per_shard}"])
+
+    ensure_synthetic_data(cfg(6))
+    assert capsys.readouterr().out.count("generated") == 2
+    ensure_synthetic_data(cfg(6))
+    assert capsys.readouterr().out.count("reusing") == 2
+    ensure_synthetic_data(cfg(9))  # more samples: train regenerated, val reused
+    out = capsys.readouterr().out
+    assert "generated 9 train samples into 3 shards" in out and "reusing 3 val" in out
+    ensure_synthetic_data(cfg(9, per_shard=5))  # other shard size: train re-sharded; val's single shard holds
+    out = capsys.readouterr().out
+    assert "generated 9 train samples into 2 shards" in out and "reusing 3 val" in out

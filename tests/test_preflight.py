@@ -1,0 +1,81 @@
+"""Pre-flight checks: bad runs fail on the driver, in a second, naming the key."""
+
+import os
+
+import pytest
+
+from data_pipeline.config import SyntheticConfig
+from data_pipeline.shard_writer import write_shards
+from data_pipeline.synthetic import synthetic_source
+from launcher.checkpoint import META_FILE
+from launcher.config import ConfigError, load_config
+from launcher.preflight import RAY_JOB_ENV_VAR, check_paths_for_job, check_resume, check_run
+from ops.atomic_file import write_json_atomic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def manifests(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    for split in ("train", "val"):
+        write_shards(synthetic_source(SyntheticConfig(num_classes=5), split, 4), root, split, max_count=4)
+    return [f"data.train_manifest={root}/train-manifest.json", f"data.val_manifest={root}/val-manifest.json"]
+
+
+def config(*overrides):
+    return load_config(os.path.join(REPO, "configs", "test_tiny.yaml"), list(overrides))
+
+
+def test_valid_config_passes(manifests):
+    check_run(config(*manifests))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.checkpoint_every=0", "train.checkpoint_every: expected a positive int, got 0"),
+        ("train.log_every=-1", "train.log_every: expected a positive int"),
+        ("train.eval_every=-5", "train.eval_every"),
+        ("train.zero_stage=5", "train.zero_stage: expected 0, 1, 2 or 3, got 5"),
+        ("train.precision=fp16", "train.precision: fp16 needs a CUDA device"),
+        ("model.num_classes=7", "model.num_classes: 7, but data.train_manifest"),
+        ("data.ignore_index=0", "data.ignore_index: 0"),
+        ("train.output_dir=s3://bucket/runs", "train.output_dir: 's3://bucket/runs': object storage"),
+        ("cluster.num_workers=0", "cluster.num_workers"),
+    ],
+)
+def test_bad_values_are_named(manifests, override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("?", r"\?")):
+        check_run(config(*manifests, override))
+
+
+def test_missing_manifest_is_named(tmp_path, manifests):
+    with pytest.raises(ConfigError, match=r"data.train_manifest: .*missing.json"):
+        check_run(config(f"data.train_manifest={tmp_path}/missing.json"))
+    with pytest.raises(ConfigError, match="data.val_manifest: not set"):
+        check_run(config(manifests[0], "data.val_manifest=''"))
+
+
+def test_zero3_with_backbone_checkpointing_is_refused(manifests):
+    with pytest.raises(ConfigError, match="model.backbone.grad_checkpointing"):
+        check_run(config(*manifests, "train.zero_stage=3", "model.backbone.grad_checkpointing=true"))
+
+
+def test_relative_paths_refused_inside_ray_job(monkeypatch):
+    cfg = config()  # test_tiny.yaml's output_dir is the relative 'runs'
+    check_paths_for_job(cfg)  # outside a job: fine
+    monkeypatch.setenv(RAY_JOB_ENV_VAR, "{}")
+    with pytest.raises(ConfigError, match="train.output_dir: 'runs' is relative; inside a Ray job"):
+        check_paths_for_job(cfg)
+
+
+def test_resume_on_other_world_size_is_refused(tmp_path):
+    checkpoint = tmp_path / "run" / "checkpoint_1"
+    checkpoint.mkdir(parents=True)
+    write_json_atomic(checkpoint / "files_rank_0.json", {})
+    write_json_atomic(checkpoint / META_FILE, {"step": 3, "world_size": 1, "zero_stage": 1, "config": {}})
+    cfg = config()  # 2 workers
+    with pytest.raises(ConfigError, match="cluster.num_workers: 2, but checkpoint .* was written by 1 workers"):
+        check_resume(cfg, str(tmp_path / "run"))
+    assert check_resume(config("cluster.num_workers=1"), str(tmp_path / "run")) == str(checkpoint)
