@@ -32,7 +32,10 @@ def _add_config_args(parser: argparse.ArgumentParser, required: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="segscale", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="segscale",
+        description="Train transformer segmentation models with pyramid decoders on Ray Train + DeepSpeed.",
+        epilog="Quick start: `make demo`. Every command takes --help. Docs: README.md.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser("train", help="train a config")

@@ -67,7 +67,10 @@ def connect(cfg: RunConfig) -> bool:
     cpus = max(os.cpu_count() or 1, cfg.cluster.num_workers * cfg.cluster.cpus_per_worker)
     print(f"starting a local Ray instance ({cpus} CPUs); set RAY_ADDRESS or --address to use a cluster",
           flush=True)
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
+    # The dashboard also serves the State API that Ray Train's placement-group cleaner polls;
+    # without it that actor logs a warning every few seconds.
+    ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+             _node_ip_address="127.0.0.1")
     return True
 
 
