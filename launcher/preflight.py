@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from data_pipeline.manifest import ManifestError, load_manifest
+from data_pipeline.loader import DataConfigError, resolve_manifest
 from launcher.checkpoint import find_latest_checkpoint, verify_checkpoint
 from launcher.config import ConfigError, RunConfig
 from launcher.deepspeed_config import build_deepspeed_config
@@ -66,20 +66,15 @@ def check_run(cfg: RunConfig) -> None:
 
 
 def check_manifests(cfg: RunConfig) -> None:
+    """Both manifests load (the loader's own checks) and match the model's class count."""
     for key in ("train_manifest", "val_manifest"):
-        path = getattr(cfg.data, key)
-        if not path:
-            raise ConfigError(f"data.{key}: not set; give the manifest written by `python -m data_pipeline shard`")
         try:
-            manifest = load_manifest(path)
-        except ManifestError as err:
-            raise ConfigError(f"data.{key}: {err}") from None
+            manifest = resolve_manifest(cfg.data, key)
+        except DataConfigError as err:
+            raise ConfigError(str(err)) from None
         if len(manifest.classes) != cfg.model.num_classes:
-            raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but data.{key} {path} has "
+            raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but data.{key} {manifest.path} has "
                               f"{len(manifest.classes)} classes")
-        if manifest.ignore_index != cfg.data.ignore_index:
-            raise ConfigError(f"data.ignore_index: {cfg.data.ignore_index}, but data.{key} {path} uses "
-                              f"{manifest.ignore_index}")
 
 
 def check_resume(cfg: RunConfig, run_dir: str) -> str | None:

@@ -40,20 +40,20 @@ def test_valid_config_passes(manifests):
         ("train.zero_stage=5", "train.zero_stage: expected 0, 1, 2 or 3, got 5"),
         ("train.precision=fp16", "train.precision: fp16 needs a CUDA device"),
         ("model.num_classes=7", "model.num_classes: 7, but data.train_manifest"),
-        ("data.ignore_index=0", "data.ignore_index: 0"),
+        ("data.ignore_index=0", "data.train_manifest: .* labels ignore as 255 but data.ignore_index is 0"),
         ("train.output_dir=s3://bucket/runs", "train.output_dir: 's3://bucket/runs': object storage"),
         ("cluster.num_workers=0", "cluster.num_workers"),
     ],
 )
 def test_bad_values_are_named(manifests, override, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("?", r"\?")):
+    with pytest.raises(ConfigError, match=message):
         check_run(config(*manifests, override))
 
 
 def test_missing_manifest_is_named(tmp_path, manifests):
     with pytest.raises(ConfigError, match=r"data.train_manifest: .*missing.json"):
         check_run(config(f"data.train_manifest={tmp_path}/missing.json"))
-    with pytest.raises(ConfigError, match="data.val_manifest: not set"):
+    with pytest.raises(ConfigError, match="data.val_manifest is not set"):
         check_run(config(manifests[0], "data.val_manifest=''"))
 
 
