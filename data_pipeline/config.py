@@ -28,5 +28,8 @@ class DataConfig:
     shuffle_buffer: int = 256
     hflip: bool = True
     ignore_index: int = 255
+    # ADE20K convention: label 0 ("other") becomes ignore (255) and every other label
+    # shifts down by one, so 150 classes are 0..149. Applied when reading label maps.
+    reduce_zero_label: bool = False
     seed: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass
@@ -20,14 +20,26 @@ class BackboneConfig:
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     # Activation checkpointing of the backbone blocks.
     grad_checkpointing: bool = False
+    # Plain ViTs (ViT-L, DeiT-B) have one stride-16 map: a simple feature pyramid
+    # (ViTDet: x4, x2, x1, x1/2) turns it into strides 4/8/16/32 with this many channels.
+    # Used only for backbones whose features all share one stride.
+    pyramid_channels: int = 256
 
 
 @dataclass
 class PixelDecoderConfig:
-    # MaskFormer's FPN pixel decoder (BasePixelDecoder).
+    # "fpn": MaskFormer's FPN (BasePixelDecoder); "msdeformattn": Mask2Former's
+    # multi-scale deformable-attention encoder over strides 8/16/32 plus an FPN step to 4.
+    name: Literal["fpn", "msdeformattn"] = "fpn"
     conv_dim: int = 256
     mask_dim: int = 256
     norm: str = "GN"  # "GN" (32 groups, or fewer for narrow convs) or "" for none
+    # msdeformattn only (Mask2Former defaults).
+    encoder_layers: int = 6
+    encoder_nheads: int = 8
+    encoder_dim_feedforward: int = 1024
+    encoder_dropout: float = 0.0
+    encoder_num_points: int = 4
 
 
 @dataclass
@@ -47,29 +59,72 @@ class TransformerDecoderConfig:
 
 
 @dataclass
+class PFTDecoderConfig:
+    """Pyramid Fusion Transformer decoder (seed 000): one decoder per scale (strides
+    4/8/16/32), K zero-initialised category queries per scale (one per class)."""
+
+    hidden_dim: int = 256
+    nheads: int = 8
+    dim_feedforward: int = 2048
+    dec_layers: int = 6
+    dropout: float = 0.0
+    pre_norm: bool = False
+    mask_embed_layers: int = 3
+    deep_supervision: bool = True
+    # Activation checkpointing of each decoder layer (reentrant, so ZeRO-3 works).
+    grad_checkpointing: bool = False
+
+
+@dataclass
 class MatcherConfig:
     cost_class: float = 1.0
     cost_focal: float = 20.0
     cost_dice: float = 1.0
+    # Points sampled per mask for the matching costs; 0 = compare whole masks.
+    num_points: int = 0
 
 
 @dataclass
 class LossConfig:
     class_weight: float = 1.0
+    # PFT's focal-style cross-entropy on the class logits (lambda_focal-ce; 0 = off).
+    focal_ce_weight: float = 0.0
     focal_weight: float = 20.0
     dice_weight: float = 1.0
     no_object_weight: float = 0.1
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    # Mask2Former's point-sampled mask loss: 0 = full-resolution masks; else the number
+    # of points per mask (12544 in Mask2Former), chosen by importance sampling.
+    num_points: int = 0
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+
+
+@dataclass
+class InferenceConfig:
+    # Sliding-window inference for images larger than the training crop: window side
+    # (0 = whole image in one pass) and stride between windows.
+    window_size: int = 0
+    window_stride: int = 0
+    # Multi-scale + flip test-time augmentation: short-side scales relative to the
+    # input (e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]); [1.0] and no flip = single scale.
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
 
 
 @dataclass
 class ModelConfig:
-    name: str = "maskformer"
+    # "maskformer" (seed 002) or "pft" (Pyramid Fusion Transformer, seed 000).
+    name: Literal["maskformer", "pft"] = "maskformer"
     num_classes: int = 150
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     pixel_decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
+    # MaskFormer's DETR-style decoder (used when name == "maskformer").
     decoder: TransformerDecoderConfig = field(default_factory=TransformerDecoderConfig)
+    # PFT's per-scale decoders (used when name == "pft").
+    pft: PFTDecoderConfig = field(default_factory=PFTDecoderConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     matcher: MatcherConfig = field(default_factory=MatcherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     # Input normalisation (ImageNet statistics, 0-255 scale), applied inside the model
