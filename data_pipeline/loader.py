@@ -160,8 +160,23 @@ def _open_member(raw: dict[str, Any], ext: str) -> Image.Image:
         ) from exn
 
 
-def decode_sample(raw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Member bytes -> (uint8 image 3 x H x W, int64 labels H x W), decoded with PIL."""
+def reduce_zero_label(labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """ADE20K convention: 0 ("other") -> ``ignore_index``, every other label - 1.
+
+    Pixels already at ``ignore_index`` stay ignored (mmseg: 0 -> 255, -1, 254 -> 255).
+    """
+    ignored = (labels == 0) | (labels == ignore_index)
+    return (labels - 1).masked_fill_(ignored, ignore_index)
+
+
+def decode_sample(
+    raw: dict[str, Any], reduce_zero: bool = False, ignore_index: int = 255
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Member bytes -> (uint8 image 3 x H x W, int64 labels H x W), decoded with PIL.
+
+    ``reduce_zero`` (``data.reduce_zero_label``) applies :func:`reduce_zero_label` to the
+    labels here, before any augmentation pads with ``ignore_index`` or builds targets.
+    """
     where = f"shard {raw.get('__url__')}: sample {raw.get('__key__')}"
     image_ext = next((ext for ext in IMAGE_EXTS if ext in raw), None)
     if image_ext is None or SEMANTIC_EXT not in raw:
@@ -175,6 +190,8 @@ def decode_sample(raw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         raise ShardReadError(f"{where}: image is {image.size} but labels are {labels.size} (W x H)")
     image_t = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
     labels_t = torch.from_numpy(np.asarray(labels).astype(np.int64))
+    if reduce_zero:
+        labels_t = reduce_zero_label(labels_t, ignore_index)
     return image_t, labels_t
 
 
@@ -204,6 +221,9 @@ class SegmentationStream(IterableDataset):
             return self._train_samples(consumer, num_consumers, worker)
         return self._eval_samples(consumer, num_consumers)
 
+    def _decode(self, raw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        return decode_sample(raw, self.cfg.reduce_zero_label, self.cfg.ignore_index)
+
     def _train_samples(self, consumer: int, num_consumers: int, worker: int) -> Iterator[dict[str, Any]]:
         cfg, sizes = self.cfg, [s.num_samples for s in self.shards]
         for epoch in itertools.count():
@@ -214,7 +234,7 @@ class SegmentationStream(IterableDataset):
             generator = torch.Generator().manual_seed(aug_seed)
             produced = 0
             for raw in _buffer_shuffle(_read_plan(self.shards, plan), cfg.shuffle_buffer, shuffle_rng):
-                image, semantic = decode_sample(raw)
+                image, semantic = self._decode(raw)
                 image, semantic = train_augment(
                     image, semantic, cfg.crop_size, generator, hflip=cfg.hflip, ignore_index=cfg.ignore_index
                 )
@@ -229,7 +249,7 @@ class SegmentationStream(IterableDataset):
         sizes = [s.num_samples for s in self.shards]
         plan = plan_reads(sizes, consumer, num_consumers, order_seed=None, allow_empty=True)
         for raw in _read_plan(self.shards, plan):
-            image, semantic = decode_sample(raw)
+            image, semantic = self._decode(raw)
             yield {"image": image, "semantic": semantic, "key": raw["__key__"]}
 
 

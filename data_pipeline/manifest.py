@@ -144,6 +144,15 @@ def _list_of(items: list[Any], kind: type, where: str, path: Path) -> list[Any]:
     return list(items)
 
 
+def training_classes(manifest: Manifest, reduce_zero_label: bool) -> list[str]:
+    """Class names in the label space the model trains on.
+
+    A manifest names the label values as stored in its shards; with ``reduce_zero_label``
+    (ADE20K) stored label 0 becomes ignore and the rest shift down, so its name drops out.
+    """
+    return manifest.classes[1:] if reduce_zero_label else list(manifest.classes)
+
+
 def load_manifest(path: str | os.PathLike[str]) -> Manifest:
     """Read and validate a manifest. Raises ManifestError with a one-line message."""
     path = Path(path)

@@ -2,7 +2,9 @@
 
     train      train a config on a local Ray instance or a cluster
     eval       mIoU of a checkpoint on the validation shards
+    eval-semantic  mIoU of a folder of predicted PNG label maps against ground truth
     predict    colour overlay PNGs of a checkpoint's predictions
+    describe   parameter counts and training memory of a config
     demo       the whole loop on generated data (what ``make demo`` runs)
     build-ops  compile DeepSpeed's CPU ops into the cache ahead of a run
 
@@ -55,6 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default="", help="output folder (default: <run>/predictions)")
             p.add_argument("--num", type=int, default=8, help="number of validation images")
 
+    semantic = sub.add_parser("eval-semantic", help="mIoU of a folder of predicted PNG label maps against ground truth")
+    semantic.add_argument("--pred-dir", required=True, help="folder of predicted label maps (PNG, matched by stem)")
+    semantic.add_argument("--gt-dir", required=True, help="folder of ground-truth label maps (PNG)")
+    semantic.add_argument("--num-classes", type=int, required=True)
+    semantic.add_argument("--ignore-index", type=int, default=255)
+    semantic.add_argument("--reduce-zero-label", action="store_true",
+                          help="ADE20K: ground-truth 0 -> ignore, other labels - 1")
+    semantic.add_argument("--json", default="", help="also write the results to this JSON file")
+
+    describe = sub.add_parser("describe", help="parameter counts per component and training memory per worker")
+    _add_config_args(describe, required=True)
+
     demo = sub.add_parser("demo", help="generate data, train on 2 workers, evaluate, draw overlays")
     _add_config_args(demo, required=False)
     sub.add_parser("build-ops", help="compile DeepSpeed's CPU ops into TORCH_EXTENSIONS_DIR")
@@ -82,6 +96,15 @@ def main(argv: list[str] | None = None) -> int:
             from launcher.commands import predict_command
 
             return predict_command(args.config, args.overrides, args.checkpoint, args.out, args.num)
+        if args.command == "eval-semantic":
+            from launcher.eval_semantic import eval_semantic_command
+
+            return eval_semantic_command(args.pred_dir, args.gt_dir, args.num_classes, args.ignore_index,
+                                         args.reduce_zero_label, args.json)
+        if args.command == "describe":
+            from launcher.describe import describe_command
+
+            return describe_command(args.config, args.overrides)
         if args.command == "demo":
             from launcher.demo import run_demo
 

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from data_pipeline.manifest import load_manifest
+from data_pipeline.manifest import load_manifest, training_classes
 from launcher.checkpoint import META_FILE, CheckpointError, load_model_weights, read_meta, resolve_checkpoint
 from launcher.config import ConfigError, RunConfig, config_from_dict, default_run_name, load_config
 from launcher.evaluate import evaluate_on_validation
@@ -67,7 +67,7 @@ def load_for_inference(config_path: str, overrides: list[str], checkpoint: str) 
 def eval_command(config_path: str, overrides: list[str], checkpoint: str, json_path: str) -> int:
     cfg, model, directory = load_for_inference(config_path, overrides, checkpoint)
     results = evaluate_on_validation(cfg, model)
-    classes = load_manifest(cfg.data.val_manifest).classes
+    classes = training_classes(load_manifest(cfg.data.val_manifest), cfg.data.reduce_zero_label)
     print(f"checkpoint {directory} (step {read_meta(directory).step}) on {cfg.data.val_manifest}")
     for name, iou in zip(classes, results["per_class_iou"]):
         print(f"  {name:<24} IoU {'-' if iou is None else f'{iou:.4f}'}")

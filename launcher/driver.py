@@ -112,7 +112,7 @@ def run_training(cfg: RunConfig) -> TrainOutcome:
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
             # Through the workers' own runtime env, not ray.init's: inside `ray job submit`
             # the job's runtime env is fixed and a second one for the driver would clash.
-            worker_runtime_env={"env_vars": runtime_env_vars(cfg.cluster.use_gpu)},
+            worker_runtime_env={"env_vars": runtime_env_vars(cfg.cluster.use_gpu, cfg.train.zero_stage)},
         ),
     )
     print(f"run {cfg.train.run_name}: {cfg.cluster.num_workers} workers, ZeRO-{cfg.train.zero_stage}, "

@@ -17,7 +17,7 @@ def torch_extensions_dir() -> str:
     )
 
 
-def runtime_env_vars(use_gpu: bool = False) -> dict[str, str]:
+def runtime_env_vars(use_gpu: bool = False, zero_stage: int = 0) -> dict[str, str]:
     """Environment variables every Ray worker of a run gets."""
     env = {
         "TORCH_EXTENSIONS_DIR": torch_extensions_dir(),
@@ -25,6 +25,10 @@ def runtime_env_vars(use_gpu: bool = False) -> dict[str, str]:
         # writes to: every progress line would reach the driver twice.
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }
+    if zero_stage == 3:
+        # ZeRO-3 fetches partitioned parameters in module hooks, which non-reentrant
+        # activation checkpointing (timm's default) breaks; reentrant recomputation works.
+        env["TIMM_REENTRANT_CKPT"] = "1"
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # skips DeepSpeed's accelerator probe and its warning
     # Pass through settings a user set on the driver that workers must share.

@@ -19,7 +19,9 @@ from torch import nn
 from data_pipeline.loader import build_eval_loader
 from launcher.config import RunConfig
 from launcher.deepspeed_config import autocast_dtype
-from model.inference import semantic_segmentation
+from model.config import InferenceConfig
+from model.inference import Rule
+from model.test_time import predict_semantic_scores
 
 
 class ConfusionMatrix:
@@ -83,7 +85,9 @@ def in_lockstep(batches: Iterable[dict]) -> Iterator[tuple[dict, bool]]:
     last = None
     while True:
         batch = next(iterator, None)
-        any_left = torch.tensor([0 if batch is None else 1])
+        # NCCL reduces only device tensors, gloo only CPU ones.
+        where = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        any_left = torch.tensor([0 if batch is None else 1], device=where)
         dist.all_reduce(any_left, op=dist.ReduceOp.MAX)
         if not any_left.item():
             return
@@ -99,11 +103,16 @@ def in_lockstep(batches: Iterable[dict]) -> Iterator[tuple[dict, bool]]:
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[dict], num_classes: int, ignore_index: int = 255,
              autocast_dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-             lockstep: bool = False) -> ConfusionMatrix:
+             lockstep: bool = False, inference: InferenceConfig | None = None,
+             rule: Rule = "maskformer") -> ConfusionMatrix:
     """Run ``model`` over ``batches`` and return the (this rank's) confusion matrix.
 
-    ``lockstep`` (needed under ZeRO-3) keeps every rank's forward count equal.
+    Predictions follow ``inference`` (``model.inference``: sliding window, scales, flip;
+    default: whole image, one scale) and the semantic ``rule`` (``model.name``).
+    ``lockstep`` (needed under ZeRO-3) keeps every rank's forward count equal, across
+    batches and across the windows/scales inside a batch.
     """
+    inference = inference if inference is not None else InferenceConfig()
     matrix = ConfusionMatrix(num_classes, ignore_index)
     was_training = model.training
     model.eval()
@@ -115,10 +124,11 @@ def evaluate(model: nn.Module, batches: Iterable[dict], num_classes: int, ignore
         for batch, is_real in stream:
             images = batch["images"].to(device)
             with autocast:
-                outputs = model(images)
+                scores = predict_semantic_scores(model, images, inference, rule, sync_passes=lockstep)
+            if scores.shape[1] != num_classes:
+                raise ValueError(f"the model predicts {scores.shape[1]} classes but model.num_classes is {num_classes}")
             if is_real:
-                prediction = semantic_segmentation(outputs, images.shape[-2:])
-                matrix.update(prediction.cpu(), batch["semantic"])
+                matrix.update(scores.argmax(1).cpu(), batch["semantic"])
     finally:
         model.train(was_training)
     return matrix
@@ -128,5 +138,6 @@ def evaluate_on_validation(cfg: RunConfig, model: nn.Module) -> dict:
     """Single-process evaluation of ``model`` on ``data.val_manifest`` (eval, demo)."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     matrix = evaluate(model, build_eval_loader(cfg.data, 0, 1), cfg.model.num_classes, cfg.data.ignore_index,
-                      autocast_dtype=autocast_dtype(cfg.train))
+                      autocast_dtype=autocast_dtype(cfg.train), inference=cfg.model.inference,
+                      rule=cfg.model.name)
     return matrix.results()

@@ -35,6 +35,11 @@ def _no_weight_decay(module: nn.Module, param_name: str) -> bool:
     return any(fragment in param_name for fragment in _NO_DECAY_NAMES)
 
 
+# Parts of the backbone module that are new, randomly initialised layers (ViTDet's
+# simple feature pyramid): they learn at the head's rate, as in ViTDet.
+_NEW_BACKBONE_PREFIXES = ("backbone.pyramid.",)
+
+
 def build_param_groups(model: nn.Module, cfg: TrainConfig, backbone_prefix: str = "backbone.") -> list[dict]:
     """Split parameters into (backbone?, decay?) groups with their own lr/weight decay.
 
@@ -49,7 +54,7 @@ def build_param_groups(model: nn.Module, cfg: TrainConfig, backbone_prefix: str 
                 continue
             seen.add(id(param))
             full_name = f"{module_name}.{param_name}" if module_name else param_name
-            is_backbone = full_name.startswith(backbone_prefix)
+            is_backbone = full_name.startswith(backbone_prefix) and not full_name.startswith(_NEW_BACKBONE_PREFIXES)
             decay = not _no_weight_decay(module, param_name)
             key = (is_backbone, decay)
             if key not in groups:

@@ -11,7 +11,7 @@ from data_pipeline.loader import build_eval_loader
 from launcher.config import RunConfig
 from launcher.deepspeed_config import autocast_dtype
 from launcher.overlay import overlay_panel
-from model.inference import semantic_segmentation
+from model.test_time import predict_semantic_scores
 
 
 @torch.no_grad()
@@ -24,8 +24,7 @@ def write_predictions(cfg: RunConfig, model: torch.nn.Module, out_dir: str, num:
     for batch in build_eval_loader(cfg.data, 0, 1):
         images = batch["images"]
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            outputs = model(images)
-        predictions = semantic_segmentation(outputs, images.shape[-2:])
+            predictions = predict_semantic_scores(model, images, cfg.model.inference, cfg.model.name).argmax(1)
         for image, prediction, target, key in zip(images, predictions, batch["semantic"], batch["keys"]):
             panel = overlay_panel(image.permute(1, 2, 0).numpy(), prediction.numpy(),
                                   target.numpy().astype(np.int64), cfg.model.num_classes, cfg.data.ignore_index)

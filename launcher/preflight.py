@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from data_pipeline.loader import DataConfigError, resolve_manifest
+from data_pipeline.manifest import training_classes
 from launcher.checkpoint import find_latest_checkpoint, verify_checkpoint
 from launcher.config import ConfigError, RunConfig
 from launcher.deepspeed_config import build_deepspeed_config
@@ -59,9 +60,6 @@ def check_run(cfg: RunConfig) -> None:
         build_deepspeed_config(train, cfg.data.batch_size)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if train.zero_stage == 3 and cfg.model.backbone.grad_checkpointing:
-        raise ConfigError("model.backbone.grad_checkpointing: timm's non-reentrant activation checkpointing "
-                          "fails under ZeRO-3 (train.zero_stage=3); turn one of them off")
     check_manifests(cfg)
 
 
@@ -72,9 +70,11 @@ def check_manifests(cfg: RunConfig) -> None:
             manifest = resolve_manifest(cfg.data, key)
         except DataConfigError as err:
             raise ConfigError(str(err)) from None
-        if len(manifest.classes) != cfg.model.num_classes:
+        classes = training_classes(manifest, cfg.data.reduce_zero_label)
+        if len(classes) != cfg.model.num_classes:
+            reduced = " after data.reduce_zero_label" if cfg.data.reduce_zero_label else ""
             raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but data.{key} {manifest.path} has "
-                              f"{len(manifest.classes)} classes")
+                              f"{len(classes)} classes{reduced}")
 
 
 def check_resume(cfg: RunConfig, run_dir: str) -> str | None:

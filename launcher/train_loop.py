@@ -157,7 +157,8 @@ def train_worker(loop_config: dict) -> None:
     def validate(at_step: int) -> dict:
         matrix = evaluate(engine.module, build_eval_loader(cfg.data, rank, world_size), cfg.model.num_classes,
                           cfg.data.ignore_index, autocast_dtype=eval_dtype, device=engine.device,
-                          lockstep=cfg.train.zero_stage == 3)
+                          lockstep=cfg.train.zero_stage == 3, inference=cfg.model.inference,
+                          rule=cfg.model.name)
         matrix.all_reduce()
         results = matrix.results()
         logger.print(f"step {at_step}: validation mIoU {results['miou']:.4f} "

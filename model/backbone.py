@@ -1,16 +1,38 @@
 """timm backbone as a feature pyramid: a list of NCHW maps at increasing strides (4/8/16/32).
 
 Everything timm-specific lives here: building the ``features_only`` model, converting
-NHWC outputs (Swin, MambaOut, ...) to NCHW, activation checkpointing and loading local
-pretrained weights. The rest of the model only sees ``channels``, ``strides`` and a list
-of NCHW tensors.
+NHWC outputs (Swin, MambaOut, ...) to NCHW, arbitrary input sizes, the simple feature
+pyramid in front of plain ViTs, activation checkpointing and loading local pretrained
+weights. The rest of the model only sees ``channels``, ``strides`` and a list of NCHW
+tensors.
+
+Families (decided from the timm model name):
+
+- CNNs (``resnet50``, ``resnet101``, the deep-stem ``resnet50c``/``resnet101c`` with a
+  32-32-64 stem, and ``resnet50s``/``resnet101s`` with the 64-64-128 stem of
+  detectron2's DeepLab ResNets, i.e. MaskFormer's "R101c"): used as timm builds them.
+- Swin (``swin_*``): built with ``strict_img_size=False`` (attention masks made per
+  input size) and ``always_partition=True`` (window 7/12 and the half-window shift at
+  every stage, whatever the feature size, as Swin's segmentation code does; timm would
+  otherwise shrink the window and drop the shift when a stage is no larger than its
+  window at the construction size). Each block pads its map to a multiple of the window
+  *before* the cyclic shift (``_PadFirstSwinBlock``), and a LayerNorm normalises each
+  output map, as MaskFormer's ``D2SwinTransformer`` does.
+- Plain ViTs (``vit_*``, ``deit_*``): built with ``dynamic_img_size=True`` (position
+  embeddings resampled to each input), one stride-16 map from the block in
+  ``out_indices`` (e.g. ``[-1]``), turned into strides 4/8/16/32 by
+  ``SimpleFeaturePyramid`` (ViTDet).
+
+``model.backbone.timm_kwargs`` overrides any of these defaults.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,9 +41,13 @@ import ops.torchvision_fix  # noqa: F401  (must run before timm imports torchvis
 # isort: split
 import timm
 import torch
+import torch.nn.functional as F
+from timm.models import is_model_in_modules
+from timm.models.swin_transformer import SwinTransformerBlock
 from torch import Tensor, nn
 
 from model.config import BackboneConfig
+from model.simple_feature_pyramid import SimpleFeaturePyramid
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +57,61 @@ _NESTING_KEYS = ("model", "state_dict", "module")
 # Buffers that some exporters drop; they are bookkeeping, not weights.
 _OPTIONAL_SUFFIXES = ("num_batches_tracked",)
 _SHOW = 3  # how many offending keys an error message names
+_ORIGINAL_SWIN_DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
+
+# timm keyword defaults per family (see the module docstring); the config's
+# ``timm_kwargs`` win over them.
+_FAMILY_KWARGS: dict[str, dict[str, Any]] = {
+    "swin": {"strict_img_size": False, "always_partition": True},
+    "vit": {"dynamic_img_size": True},
+    "cnn": {},
+}
+
+
+def backbone_family(name: str) -> str:
+    """``"swin"``, ``"vit"`` or ``"cnn"`` (anything else timm builds) for a timm model name."""
+    if is_model_in_modules(name, ["swin_transformer"]):
+        return "swin"
+    if is_model_in_modules(name, ["vision_transformer", "deit"]):
+        return "vit"
+    return "cnn"
+
+
+class _PadFirstSwinBlock(SwinTransformerBlock):
+    """timm's Swin block, padding the map to a multiple of the window *before* the shift.
+
+    timm shifts first and pads afterwards, yet builds the shifted-window mask for the
+    padded size; when the map is not a multiple of the window (every stage of a 512 crop
+    with window 7), the rows and columns that wrapped around from the top/left then share
+    windows with the bottom/right of the image. Padding first, as Swin's segmentation
+    code does, makes timm's own roll and mask line up. Swapped in by class assignment
+    (same parameters and state-dict keys), so pretrained weights load unchanged.
+    """
+
+    def _attn(self, x: Tensor) -> Tensor:
+        height, width = x.shape[1], x.shape[2]
+        pad_h = -height % self.window_size[0]
+        pad_w = -width % self.window_size[1]
+        if not (pad_h or pad_w):
+            return super()._attn(x)
+        # After norm1, as in Swin: the padding tokens are zeros (NHWC: pad W, then H).
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        return super()._attn(x)[:, :height, :width].contiguous()
+
+
+def _pad_swin_windows_first(body: nn.Module) -> None:
+    for module in body.modules():
+        if type(module) is SwinTransformerBlock:
+            module.__class__ = _PadFirstSwinBlock
 
 
 class Backbone(nn.Module):
-    """``forward(x: B×3×H×W) -> [B×C_i×H/s_i×W/s_i for each out index]``, strides increasing."""
+    """``forward(x: B×3×H×W) -> [B×C_i×⌈H/s_i⌉×⌈W/s_i⌉ per level]``, strides increasing.
+
+    Any H×W works: the input is zero-padded bottom/right to a multiple of the coarsest
+    stride (after normalisation, as detectron2's ``ImageList`` pads MaskFormer's inputs
+    to ``size_divisibility`` 32) and the maps are cropped back to ``⌈H/s⌉×⌈W/s⌉``.
+    """
 
     def __init__(
         self,
@@ -43,15 +120,18 @@ class Backbone(nn.Module):
         pretrained_path: str = "",
         grad_checkpointing: bool = False,
         timm_kwargs: Mapping[str, Any] | None = None,
+        pyramid_channels: int = 256,
     ) -> None:
         super().__init__()
         self.name = name
+        self.family = backbone_family(name)
+        kwargs = {**_FAMILY_KWARGS[self.family], **dict(timm_kwargs or {})}
         try:
             # pretrained=False: weights never come from a hub at run time, only from
             # ``pretrained_path`` (clusters often have no internet, and runs must be
             # reproducible from local files).
             self.body = timm.create_model(
-                name, pretrained=False, features_only=True, out_indices=tuple(out_indices), **dict(timm_kwargs or {})
+                name, pretrained=False, features_only=True, out_indices=tuple(out_indices), **kwargs
             )
         except RuntimeError as err:
             if "Unknown model" in str(err):
@@ -61,45 +141,92 @@ class Backbone(nn.Module):
             if "unexpected keyword argument" in str(err):
                 raise ValueError(f"model.backbone.timm_kwargs: {err}") from None
             raise
-        except IndexError:
-            # timm fails deep inside with "list index out of range".
+        except (IndexError, AssertionError) as err:
+            # timm fails deep inside: "list index out of range", or (ViTs) an assert
+            # "feature index 50 is out of range"; other asserts are not ours to rename.
+            if isinstance(err, AssertionError) and "out of range" not in str(err):
+                raise
             raise ValueError(
                 f"model.backbone.out_indices={list(out_indices)} is out of range for {name!r} "
-                "(ResNets have levels 0-4 with 0 at stride 2; Swin/ConvNeXt have 0-3 starting at stride 4)"
+                "(ResNets have levels 0-4 with 0 at stride 2; Swin/ConvNeXt have 0-3 starting at stride 4; "
+                "ViTs number their blocks, e.g. [-1] for the last)"
             ) from None
         info = self.body.feature_info
-        self.channels: list[int] = list(info.channels())
-        self.strides: list[int] = list(info.reduction())
-        if any(b <= a for a, b in zip(self.strides, self.strides[1:])):
-            # e.g. plain ViTs: every block is at stride 16 and needs a simple feature
-            # pyramid (ViTDet) in front of the pixel decoder — not implemented yet.
+        channels: list[int] = list(info.channels())
+        strides: list[int] = list(info.reduction())
+        self.pyramid: SimpleFeaturePyramid | None = None
+        if len(set(strides)) == 1:
+            # Plain ViTs: every block is at one stride; ViTDet's pyramid reads one map.
+            if len(strides) != 1:
+                raise ValueError(
+                    f"model.backbone.out_indices={list(out_indices)} selects {len(strides)} maps of {name!r}, all at "
+                    f"stride {strides[0]}; the simple feature pyramid reads one block's map: give one index, e.g. [-1]"
+                )
+            self.pyramid = SimpleFeaturePyramid(channels[0], pyramid_channels, in_stride=strides[0])
+            channels, strides = list(self.pyramid.channels), list(self.pyramid.strides)
+        elif any(b <= a for a, b in zip(strides, strides[1:])):
             raise ValueError(
-                f"model.backbone: {name!r} with out_indices={list(out_indices)} gives strides {self.strides}; "
+                f"model.backbone: {name!r} with out_indices={list(out_indices)} gives strides {strides}; "
                 "the pixel decoder needs strictly increasing strides (e.g. 4/8/16/32)"
             )
+        self.channels: list[int] = channels
+        self.strides: list[int] = strides
+        self.size_divisibility = strides[-1]
         # Some timm feature wrappers report their layout (Swin: NHWC); others are NCHW.
         # (timm's Format is a str enum, so it compares equal to its value.)
         self.nhwc = getattr(self.body, "output_fmt", "NCHW") == "NHWC"
+        self.output_norms: nn.ModuleList | None = None
+        if self.family == "swin":
+            _pad_swin_windows_first(self.body)
+            # Swin is pre-norm: a stage's output is the raw residual stream.
+            self.output_norms = nn.ModuleList(nn.LayerNorm(c) for c in info.channels())
         if grad_checkpointing:
             self.set_grad_checkpointing(True)
         if pretrained_path:
             load_pretrained(self.body, pretrained_path)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        # timm's feature wrappers checkpoint stage by stage (non-reentrant by default,
-        # see DESIGN.md on ZeRO-3); features-only ViTs keep the switch on the inner model.
-        target = self.body if hasattr(self.body, "set_grad_checkpointing") else getattr(self.body, "model", None)
-        if target is None or not hasattr(target, "set_grad_checkpointing"):
+        """Recompute activations in the backward pass instead of keeping them.
+
+        Block by block where timm can (ViT blocks via ``model.set_grad_checkpointing``;
+        Swin and other staged models through each stage's ``grad_checkpointing``), else
+        stage by stage through the features wrapper (ResNets; timm leaves out the first
+        and last stages). timm checkpoints non-reentrantly unless ``TIMM_REENTRANT_CKPT=1``
+        is set, which ZeRO-3 needs (DESIGN.md section 4).
+        """
+        inner = getattr(self.body, "model", None)
+        if isinstance(inner, nn.Module) and hasattr(inner, "set_grad_checkpointing"):
+            inner.set_grad_checkpointing(enable)
+            return
+        stages = [m for m in self.body.children() if hasattr(m, "grad_checkpointing")]
+        if stages:
+            # Not the wrapper's own switch too: nested checkpoints would recompute twice.
+            for stage in stages:
+                stage.grad_checkpointing = enable
+            return
+        if not hasattr(self.body, "set_grad_checkpointing"):
             raise ValueError(f"model.backbone.grad_checkpointing: timm model {self.name!r} does not support it")
-        target.set_grad_checkpointing(enable)
+        self.body.set_grad_checkpointing(enable)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        features = self.body(x)
+        height, width = x.shape[-2:]
+        pad_h, pad_w = -height % self.size_divisibility, -width % self.size_divisibility
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        features = list(self.body(x))
+        if self.output_norms is not None:
+            features = [norm(f) for norm, f in zip(self.output_norms, features)]
         if self.nhwc:
             # The one place layouts are reconciled; contiguous so later convs get the
             # fast NCHW kernels instead of strided views.
             features = [f.permute(0, 3, 1, 2).contiguous() for f in features]
-        return list(features)
+        if self.pyramid is not None:
+            features = self.pyramid(features[-1])
+        if pad_h or pad_w:
+            features = [
+                f[..., : math.ceil(height / s), : math.ceil(width / s)] for f, s in zip(features, self.strides)
+            ]
+        return features
 
 
 def build_backbone(cfg: BackboneConfig) -> Backbone:
@@ -109,6 +236,7 @@ def build_backbone(cfg: BackboneConfig) -> Backbone:
         pretrained_path=cfg.pretrained_path,
         grad_checkpointing=cfg.grad_checkpointing,
         timm_kwargs=cfg.timm_kwargs,
+        pyramid_channels=cfg.pyramid_channels,
     )
 
 
@@ -145,24 +273,38 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def _swin_from_original(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Microsoft's Swin checkpoints end each stage with its patch merging
+    (``layers.0.downsample``); timm starts the next stage with it (``layers.1.downsample``),
+    with the same weights and the same order of the merged patches. Other files pass."""
+    if not any(k.startswith("layers.0.downsample.") for k in state):
+        return state
+    return {_ORIGINAL_SWIN_DOWNSAMPLE.sub(lambda m: f"layers.{int(m.group(1)) + 1}.downsample.", k): v
+            for k, v in state.items()}
+
+
 def load_pretrained(body: nn.Module, path: str) -> None:
     """Load the timm-format weights in ``path`` into the features-only model ``body``.
 
-    The file may hold the full classification model: keys of the pruned head are ignored,
-    and timm's ``flatten_sequential`` renaming (``layers.0.x`` -> ``layers_0.x``) is
-    undone. Every weight of ``body`` must be present with the same shape; otherwise a
-    one-line ValueError names the file and the first offending keys.
+    The file may hold the full classification model: keys of the pruned head (and, for
+    ViTs, of the blocks after the one read and the final norm) are ignored, and the
+    renamings of timm's features wrappers are undone: ``flatten_sequential``
+    (``layers.0.x`` -> ``layers_0.x``, Swin) and the ``model.`` prefix of the wrapper
+    around ViTs. Every weight of ``body`` must be present with the same shape; otherwise a
+    one-line ValueError names the file and the first offending keys. (The ViT pyramid and
+    Swin's output norms are new layers, outside ``body``, and start from their init.)
+    Microsoft's original Swin checkpoints (the ones MaskFormer's instructions download)
+    load too: see ``_swin_from_original``.
     """
-    source = read_state_dict(path)
+    source = _swin_from_original(read_state_dict(path))
     target = body.state_dict()
     mapped: dict[str, Tensor] = {}
     for key, value in source.items():
-        if key not in target:
-            flat = key.replace(".", "_", 1)
-            if flat not in target:
-                continue  # classifier head / final norm of the full model
-            key = flat
-        mapped[key] = value
+        for candidate in (key, key.replace(".", "_", 1), f"model.{key}"):
+            if candidate in target:
+                mapped[candidate] = value
+                break
+        # else: classifier head / final norm / pruned blocks of the full model
 
     missing = [k for k in target if k not in mapped and not k.endswith(_OPTIONAL_SUFFIXES)]
     mismatched = [

@@ -9,11 +9,13 @@ from model.backbone import build_backbone
 from model.config import ModelConfig
 from model.criterion import SetCriterion
 from model.maskformer import MaskFormer
-from model.matcher import HungarianMatcher
+from model.matcher import FixedMatcher, HungarianMatcher
+from model.pft import PFT
+from model.pft_decoder import build_pft_predictor
 from model.pixel_decoder import build_pixel_decoder
 from model.transformer_decoder import build_transformer_predictor
 
-SUPPORTED_MODELS = ("maskformer",)
+SUPPORTED_MODELS = ("maskformer", "pft")
 
 
 def _check_name(cfg: ModelConfig) -> None:
@@ -23,26 +25,37 @@ def _check_name(cfg: ModelConfig) -> None:
         raise ValueError(f"model.num_classes must be >= 1, got {cfg.num_classes}")
 
 
-def build_model(cfg: ModelConfig) -> MaskFormer:
+def build_model(cfg: ModelConfig) -> MaskFormer | PFT:
     _check_name(cfg)
     backbone = build_backbone(cfg.backbone)
     pixel_decoder = build_pixel_decoder(cfg.pixel_decoder, backbone.channels)
-    # MaskFormer's transformer reads the backbone's coarsest map (res5), not an FPN level.
+    if cfg.name == "pft":
+        # PFT reads the pixel decoder's whole pyramid (conv_dim channels per scale).
+        pft = build_pft_predictor(cfg.pft, pixel_decoder.conv_dim, pixel_decoder.mask_dim, cfg.num_classes)
+        return PFT(backbone, pixel_decoder, pft, cfg.pixel_mean, cfg.pixel_std)
+    # MaskFormer's transformer reads the pixel decoder's ``transformer_feature`` (for the
+    # FPN: the backbone's res5 map, not an FPN level).
     predictor = build_transformer_predictor(
-        cfg.decoder, backbone.channels[-1], cfg.num_classes, cfg.pixel_decoder.mask_dim
+        cfg.decoder, pixel_decoder.transformer_channels, cfg.num_classes, pixel_decoder.mask_dim
     )
     return MaskFormer(backbone, pixel_decoder, predictor, cfg.pixel_mean, cfg.pixel_std)
 
 
 def build_criterion(cfg: ModelConfig) -> SetCriterion:
     _check_name(cfg)
-    matcher = HungarianMatcher(
-        cost_class=cfg.matcher.cost_class,
-        cost_focal=cfg.matcher.cost_focal,
-        cost_dice=cfg.matcher.cost_dice,
-        focal_alpha=cfg.loss.focal_alpha,
-        focal_gamma=cfg.loss.focal_gamma,
-    )
+    matcher: FixedMatcher | HungarianMatcher
+    if cfg.name == "pft":
+        # One query per class: query i answers class i, no matching (model.matcher unused).
+        matcher = FixedMatcher()
+    else:
+        matcher = HungarianMatcher(
+            cost_class=cfg.matcher.cost_class,
+            cost_focal=cfg.matcher.cost_focal,
+            cost_dice=cfg.matcher.cost_dice,
+            focal_alpha=cfg.loss.focal_alpha,
+            focal_gamma=cfg.loss.focal_gamma,
+            num_points=cfg.matcher.num_points,
+        )
     return SetCriterion(
         cfg.num_classes,
         matcher,
@@ -52,4 +65,8 @@ def build_criterion(cfg: ModelConfig) -> SetCriterion:
         no_object_weight=cfg.loss.no_object_weight,
         focal_alpha=cfg.loss.focal_alpha,
         focal_gamma=cfg.loss.focal_gamma,
+        focal_ce_weight=cfg.loss.focal_ce_weight,
+        num_points=cfg.loss.num_points,
+        oversample_ratio=cfg.loss.oversample_ratio,
+        importance_sample_ratio=cfg.loss.importance_sample_ratio,
     )

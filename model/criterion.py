@@ -1,13 +1,22 @@
-"""MaskFormer's set criterion: match, then classification + mask losses, with deep supervision.
+"""The set criterion of MaskFormer and PFT: match, then classification + mask losses, with deep supervision.
 
 For each output set (the final layer, then every ``aux_outputs`` entry, re-matched
 independently as in DETR):
 
 - ``loss_ce``: cross-entropy over K+1 classes for *every* query; unmatched queries
   target "no object" (index K), whose weight is ``no_object_weight`` (``empty_weight``).
-- ``loss_focal`` / ``loss_dice``: on matched pairs only, predictions upsampled
-  (bilinear) to the target size, i.e. the input image size — MaskFormer's full-resolution
-  mask loss — each normalised by the number of ground-truth masks across all ranks.
+- ``loss_focal_ce`` (only when ``focal_ce_weight > 0``; PFT): sigmoid focal loss of the K
+  class logits against one-hot targets, "no object" = all zeros, summed over queries and
+  classes and divided by the number of masks (see ``ops.losses.focal_ce_loss``).
+- ``loss_focal`` / ``loss_dice``: on matched pairs only, each normalised by the number of
+  ground-truth masks across all ranks. With ``num_points == 0`` the predictions are
+  upsampled (bilinear) to the target size, i.e. the input image size — MaskFormer's
+  full-resolution mask loss. With ``num_points > 0`` both are compared at ``num_points``
+  points per mask chosen by importance sampling (Mask2Former), which costs O(P) instead
+  of O(HW) per mask.
+
+The matcher decides which query answers which target: Hungarian matching (MaskFormer)
+or PFT's fixed class-to-query assignment; nothing below depends on which.
 
 Returned losses are already multiplied by their weights; auxiliary ones are suffixed
 ``_0``, ``_1``, ... (``_0`` = first decoder layer). The caller sums them. All math is
@@ -21,12 +30,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.matcher import HungarianMatcher, Indices
-from ops.losses import dice_loss, sigmoid_focal_loss
+from model.matcher import FixedMatcher, HungarianMatcher, Indices
+from ops.losses import dice_loss, focal_ce_loss, sigmoid_focal_loss
+from ops.point_sampling import calculate_uncertainty, get_uncertain_point_coords_with_randomness, point_sample
 
 
 class SetCriterion(nn.Module):
-    """``forward(outputs, targets) -> {"loss_ce", "loss_focal", "loss_dice", "loss_ce_0", ...}``.
+    """``forward(outputs, targets) -> {"loss_ce", ["loss_focal_ce",] "loss_focal", "loss_dice", "loss_ce_0", ...}``.
 
     ``targets``: one ``{"labels": int64[n] in [0, K), "masks": bool[n, H, W]}`` per image,
     H×W the input image size (ignored pixels simply belong to no mask; n may be 0).
@@ -35,22 +45,36 @@ class SetCriterion(nn.Module):
     def __init__(
         self,
         num_classes: int,
-        matcher: HungarianMatcher,
+        matcher: HungarianMatcher | FixedMatcher,
         class_weight: float = 1.0,
         focal_weight: float = 20.0,
         dice_weight: float = 1.0,
         no_object_weight: float = 0.1,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        focal_ce_weight: float = 0.0,
+        num_points: int = 0,
+        oversample_ratio: float = 3.0,
+        importance_sample_ratio: float = 0.75,
     ) -> None:
         super().__init__()
+        if num_points < 0:
+            raise ValueError(f"model.loss.num_points must be >= 0 (0 = full-resolution masks), got {num_points}")
+        if num_points and oversample_ratio < 1:
+            raise ValueError(f"model.loss.oversample_ratio must be >= 1, got {oversample_ratio}")
+        if num_points and not 0 <= importance_sample_ratio <= 1:
+            raise ValueError(f"model.loss.importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}")
         self.num_classes = num_classes
         self.matcher = matcher
         self.class_weight = class_weight
+        self.focal_ce_weight = focal_ce_weight
         self.focal_weight = focal_weight
         self.dice_weight = dice_weight
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.num_points = num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = no_object_weight
         self.register_buffer("empty_weight", empty_weight)
@@ -67,15 +91,18 @@ class SetCriterion(nn.Module):
             count = count / dist.get_world_size()
         return max(float(count.item()), 1.0)
 
-    def loss_labels(self, logits: Tensor, targets: list[dict], indices: Indices) -> Tensor:
-        logits = logits.float()
+    def target_classes(self, logits: Tensor, targets: list[dict], indices: Indices) -> Tensor:
+        """B×Q int64: the matched target's class per query, K ("no object") if unmatched."""
         device = logits.device
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=device)
         for b, (target, (src, tgt)) in enumerate(zip(targets, indices)):
             target_classes[b, src.to(device)] = target["labels"].to(device)[tgt.to(device)]
+        return target_classes
+
+    def loss_labels(self, logits: Tensor, target_classes: Tensor) -> Tensor:
         # Weighted mean: divides by the summed weights of the targets, as DETR does.
         weight = self.empty_weight.to(device=logits.device, dtype=torch.float32)
-        return F.cross_entropy(logits.transpose(1, 2), target_classes, weight)
+        return F.cross_entropy(logits.float().transpose(1, 2), target_classes, weight)
 
     def loss_masks(
         self, pred_masks: Tensor, targets: list[dict], indices: Indices, num_masks: float
@@ -91,19 +118,42 @@ class SetCriterion(nn.Module):
             raise ValueError(f"SetCriterion: target masks of one batch must share one size, got {sorted(sizes)}")
         height, width = sizes.pop()
         tgt = torch.cat([t["masks"].to(device)[j.to(device)] for t, (_, j) in zip(targets, indices)]).float()
-        src = F.interpolate(src[:, None].float(), size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+        src = src.float()
+        if self.num_points:
+            src, tgt = self._sample_points(src[:, None], tgt[:, None])
+        else:
+            src = F.interpolate(src[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
         focal = sigmoid_focal_loss(src, tgt, num_masks, alpha=self.focal_alpha, gamma=self.focal_gamma)
         dice = dice_loss(src, tgt, num_masks)
         return focal, dice
 
+    def _sample_points(self, src: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor]:
+        """N×1×h×w logits and N×1×H×W targets -> N×P values at the same (uncertain) points.
+
+        Normalised coordinates make the two resolutions line up without upsampling.
+        """
+        with torch.no_grad():
+            points = get_uncertain_point_coords_with_randomness(
+                src, calculate_uncertainty, self.num_points, self.oversample_ratio, self.importance_sample_ratio
+            )
+            point_labels = point_sample(tgt, points)[:, 0]
+        return point_sample(src, points)[:, 0], point_labels
+
     def _losses(self, outputs: dict, targets: list[dict], num_masks: float, suffix: str) -> dict[str, Tensor]:
         indices = self.matcher(outputs, targets)
+        logits = outputs["pred_logits"].float()
+        target_classes = self.target_classes(logits, targets, indices)
         focal, dice = self.loss_masks(outputs["pred_masks"], targets, indices, num_masks)
-        return {
-            f"loss_ce{suffix}": self.class_weight * self.loss_labels(outputs["pred_logits"], targets, indices),
-            f"loss_focal{suffix}": self.focal_weight * focal,
-            f"loss_dice{suffix}": self.dice_weight * dice,
-        }
+        losses = {f"loss_ce{suffix}": self.class_weight * self.loss_labels(logits, target_classes)}
+        if self.focal_ce_weight:
+            # The "no object" column has no sigmoid counterpart: its target is all zeros.
+            focal_ce = focal_ce_loss(
+                logits[..., : self.num_classes], target_classes, num_masks, self.focal_alpha, self.focal_gamma
+            )
+            losses[f"loss_focal_ce{suffix}"] = self.focal_ce_weight * focal_ce
+        losses[f"loss_focal{suffix}"] = self.focal_weight * focal
+        losses[f"loss_dice{suffix}"] = self.dice_weight * dice
+        return losses
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
         device = outputs["pred_logits"].device

@@ -12,7 +12,6 @@ import torch
 from torch import Tensor, nn
 
 from model.backbone import Backbone
-from model.pixel_decoder import BasePixelDecoder
 from model.transformer_decoder import TransformerPredictor
 
 
@@ -29,7 +28,7 @@ class MaskFormer(nn.Module):
     def __init__(
         self,
         backbone: Backbone,
-        pixel_decoder: BasePixelDecoder,
+        pixel_decoder: nn.Module,  # returns a PixelDecoderOutput (model/pixel_decoder.py)
         predictor: TransformerPredictor,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
@@ -50,5 +49,5 @@ class MaskFormer(nn.Module):
             raise ValueError(f"MaskFormer expects B×3×H×W images, got shape {tuple(images.shape)}")
         x = (images.float() - self.pixel_mean) / self.pixel_std
         features = self.backbone(x)
-        mask_features, transformer_input = self.pixel_decoder(features)
-        return self.predictor(transformer_input, mask_features)
+        decoded = self.pixel_decoder(features)
+        return self.predictor(decoded.transformer_feature, decoded.mask_features)

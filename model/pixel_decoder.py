@@ -5,19 +5,43 @@ map gets a 1×1 lateral conv, the coarser result is added after nearest upsampli
 FPN), and a 3×3 conv smooths the sum. A last 3×3 conv at the finest stride (4) gives the
 per-pixel embeddings ``mask_features`` that the mask embeddings are dotted with.
 
-MaskFormer feeds the *backbone's* stride-32 map (res5, not an FPN level) to the
-transformer decoder, so ``forward`` returns that map unchanged next to ``mask_features``.
+Every pixel decoder returns a ``PixelDecoderOutput``: ``mask_features`` (stride 4),
+``multi_scale_features`` (one ``conv_dim`` map per stride, finest first: what PFT's
+per-scale decoders attend to) and ``transformer_feature`` (what MaskFormer's DETR decoder
+attends to). MaskFormer feeds the *backbone's* stride-32 map (res5, not an FPN level) to
+its transformer decoder, so the FPN passes that map through unchanged.
+``build_pixel_decoder`` picks the FPN or the deformable-attention decoder
+(``msdeform_pixel_decoder.py``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import PixelDecoderConfig
+
+SUPPORTED_PIXEL_DECODERS = ("fpn", "msdeformattn")
+
+
+@dataclass
+class PixelDecoderOutput:
+    """What every pixel decoder returns.
+
+    ``mask_features``: B×mask_dim×H/4×W/4, the per-pixel embeddings mask embeddings are
+    dotted with. ``multi_scale_features``: one B×conv_dim map per backbone level, finest
+    first (strides 4/8/16/32 for the usual backbones). ``transformer_feature``: the
+    coarsest map MaskFormer's transformer decoder attends to; its channel count is the
+    decoder module's ``transformer_channels``.
+    """
+
+    mask_features: Tensor
+    multi_scale_features: list[Tensor]
+    transformer_feature: Tensor
 
 
 def c2_xavier_fill(module: nn.Module) -> None:
@@ -52,7 +76,10 @@ class ConvNormAct(nn.Sequential):
 
 
 class BasePixelDecoder(nn.Module):
-    """``forward(features) -> (mask_features: B×mask_dim×H/s0×W/s0, features[-1])``.
+    """``forward(features) -> PixelDecoderOutput`` with ``mask_features``: B×mask_dim×H/s0×W/s0,
+    ``multi_scale_features``: the top-down path's output at every level (finest first,
+    ``conv_dim`` channels; the finest is the map before the ``mask_features`` conv) and
+    ``transformer_feature``: the backbone's coarsest map, unchanged.
 
     ``in_channels`` lists the backbone's channels from the finest to the coarsest map.
     """
@@ -76,16 +103,40 @@ class BasePixelDecoder(nn.Module):
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=3, padding=1)
         c2_xavier_fill(self.mask_features)
         self.mask_dim = mask_dim
+        self.conv_dim = conv_dim
+        self.transformer_channels = in_channels[-1]
 
-    def forward(self, features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    def forward(self, features: Sequence[Tensor]) -> PixelDecoderOutput:
         coarse_to_fine = list(features)[::-1]
         y = self.output_convs[0](coarse_to_fine[0])
+        outputs = [y]
         for x, lateral_conv, output_conv in zip(coarse_to_fine[1:], self.lateral_convs[1:], self.output_convs[1:]):
             lateral = lateral_conv(x)
             # Nearest upsampling as in FPN; ``size=`` (not scale 2) copes with odd sizes.
             y = output_conv(lateral + F.interpolate(y, size=lateral.shape[-2:], mode="nearest"))
-        return self.mask_features(y), features[-1]
+            outputs.append(y)
+        return PixelDecoderOutput(self.mask_features(y), outputs[::-1], features[-1])
 
 
-def build_pixel_decoder(cfg: PixelDecoderConfig, in_channels: Sequence[int]) -> BasePixelDecoder:
-    return BasePixelDecoder(in_channels, conv_dim=cfg.conv_dim, mask_dim=cfg.mask_dim, norm=cfg.norm)
+def build_pixel_decoder(cfg: PixelDecoderConfig, in_channels: Sequence[int]) -> nn.Module:
+    """The pixel decoder named by ``cfg.name``; it has ``mask_dim``, ``conv_dim`` and
+    ``transformer_channels`` attributes and returns a ``PixelDecoderOutput``."""
+    if cfg.name == "fpn":
+        return BasePixelDecoder(in_channels, conv_dim=cfg.conv_dim, mask_dim=cfg.mask_dim, norm=cfg.norm)
+    if cfg.name == "msdeformattn":
+        # Imported here: msdeform_pixel_decoder reuses this file's conv blocks and output type.
+        from model.msdeform_pixel_decoder import MSDeformAttnPixelDecoder
+
+        return MSDeformAttnPixelDecoder(
+            in_channels,
+            conv_dim=cfg.conv_dim,
+            mask_dim=cfg.mask_dim,
+            norm=cfg.norm,
+            encoder_layers=cfg.encoder_layers,
+            encoder_nheads=cfg.encoder_nheads,
+            encoder_dim_feedforward=cfg.encoder_dim_feedforward,
+            encoder_dropout=cfg.encoder_dropout,
+            encoder_num_points=cfg.encoder_num_points,
+        )
+    supported = ", ".join(SUPPORTED_PIXEL_DECODERS)
+    raise ValueError(f"model.pixel_decoder.name={cfg.name!r} is not supported; supported values: {supported}")

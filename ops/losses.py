@@ -8,6 +8,9 @@ Two forms of each:
 - ``batch_sigmoid_focal_loss`` / ``batch_dice_loss``: every prediction against every
   target, an N×M cost matrix — the Hungarian matcher's costs.
 
+``focal_ce_loss`` is PFT's focal-style cross-entropy on the *class* logits (sigmoid focal
+loss against one-hot class targets), normalised like the mask losses.
+
 All math runs in float32 with autocast off, whatever the caller's precision: the sigmoid
 of bf16 logits saturates early, and sums over 10^5 pixels lose most of bf16's 8 bits of
 mantissa. ``inputs`` are logits of shape N×P (or N×H×W: flattened here); ``targets`` are
@@ -94,3 +97,37 @@ def batch_dice_loss(inputs: Tensor, targets: Tensor) -> Tensor:
         numerator = 2 * (inputs @ targets.T)
         denominator = inputs.sum(-1)[:, None] + targets.sum(-1)[None, :]
         return 1 - (numerator + 1) / (denominator + 1)
+
+
+def focal_ce_loss(
+    logits: Tensor,
+    target_classes: Tensor,
+    num_masks: float | Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+) -> Tensor:
+    """PFT's focal-CE: sigmoid focal loss of ``logits`` (…×K) against one-hot ``target_classes``.
+
+    ``target_classes`` (…, int64) holds a class in [0, K) or K for "no object", whose
+    target row is all zeros (every class sigmoid pushed down). The focal terms are
+    *summed* over queries and classes and divided by ``num_masks`` — Deformable DETR's
+    normalisation of its focal classification loss. Dividing by the number of
+    ground-truth masks (not by Q·K) keeps the loss's scale independent of the number of
+    classes, where a mean over Q·K (22,500 entries for ADE20K) would shrink its gradient
+    to nothing next to the mask losses; and it matches how focal/dice are normalised.
+    """
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        logits = logits.float()
+        num_classes = logits.shape[-1]
+        if target_classes.shape != logits.shape[:-1]:
+            raise ValueError(
+                f"focal_ce_loss: targets of shape {tuple(target_classes.shape)} for logits {tuple(logits.shape)}"
+            )
+        onehot = F.one_hot(target_classes.long(), num_classes + 1)[..., :num_classes].to(logits.dtype)
+        prob = logits.sigmoid()
+        ce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
+        p_t = prob * onehot + (1 - prob) * (1 - onehot)
+        loss = ce * ((1 - p_t) ** gamma)
+        if alpha >= 0:
+            loss = (alpha * onehot + (1 - alpha) * (1 - onehot)) * loss
+        return loss.sum() / num_masks

@@ -6,7 +6,7 @@ import safetensors.torch
 import timm
 import torch
 
-from model.backbone import Backbone, build_backbone
+from model.backbone import Backbone, _pad_swin_windows_first, _PadFirstSwinBlock, build_backbone
 from model.config import BackboneConfig
 
 # A Swin small enough for CPU tests; NHWC outputs like the real ones, and the same
@@ -44,7 +44,11 @@ def test_clear_errors_for_bad_backbone_configs():
     with pytest.raises(ValueError, match=r"out_indices=\[1, 2, 3, 4\] is out of range"):
         Backbone("test_mambaout", out_indices=[1, 2, 3, 4])
     with pytest.raises(ValueError, match="strictly increasing strides"):
-        Backbone("test_vit", out_indices=[0, 1, 2])  # all at stride 16
+        Backbone("test_resnet", out_indices=[3, 2])  # strides 16, 8
+    with pytest.raises(ValueError, match=r"out_indices=\[0, 1, 2\] selects 3 maps .* all at stride 16.*e\.g\. \[-1\]"):
+        Backbone("test_vit", out_indices=[0, 1, 2])  # the pyramid reads one block
+    with pytest.raises(ValueError, match=r"out_indices=\[50\] is out of range for 'test_vit'"):
+        Backbone("test_vit", out_indices=[50])
     with pytest.raises(ValueError, match=r"model\.backbone\.timm_kwargs"):
         Backbone("test_resnet", timm_kwargs={"no_such_arg": 1})
 
@@ -140,3 +144,207 @@ def test_pretrained_file_with_pickled_objects_is_refused_clearly(tmp_path):
     torch.save({"model": Backbone("test_resnet").body.state_dict(), "args": argparse.Namespace(lr=1)}, path)
     with pytest.raises(ValueError, match=r"with_args\.pth pickles Python objects"):
         Backbone("test_resnet", pretrained_path=str(path))
+
+
+# ---------------------------------------------------------------------------------------
+# The paper backbones: ResNet (and deep-stem variants), Swin at any input size, ViT/DeiT
+# through the simple feature pyramid, activation checkpointing per family.
+
+
+def _meta_shapes(backbone: Backbone, height: int, width: int) -> list[tuple[int, ...]]:
+    return [tuple(f.shape) for f in backbone(torch.zeros(1, 3, height, width, device="meta"))]
+
+
+def _expected(backbone: Backbone, height: int, width: int) -> list[tuple[int, ...]]:
+    return [(1, c, -(-height // s), -(-width // s)) for c, s in zip(backbone.channels, backbone.strides)]
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet101", "resnet50c", "resnet101c", "resnet50s", "resnet101s"])
+def test_resnets_give_strides_4_to_32(name):
+    with torch.device("meta"):
+        backbone = build_backbone(BackboneConfig(name=name, out_indices=[1, 2, 3, 4]))
+    assert backbone.strides == [4, 8, 16, 32]
+    assert backbone.channels == [256, 512, 1024, 2048]
+    assert _meta_shapes(backbone, 512, 384) == _expected(backbone, 512, 384)
+    body = backbone.body
+    if name[-1] in "cs":
+        # Deep stem: three 3x3 convs (c: 32-32-64 as in Bag of Tricks; s: 64-64-128 as
+        # detectron2's DeepLab stem, MaskFormer's "R101c") and no average-pool downsample.
+        convs = [m for m in body.conv1 if isinstance(m, torch.nn.Conv2d)]
+        assert [c.kernel_size for c in convs] == [(3, 3)] * 3
+        widths = (32, 32, 64) if name.endswith("c") else (64, 64, 128)
+        assert tuple(c.out_channels for c in convs) == widths
+    else:
+        assert body.conv1.kernel_size == (7, 7)
+    downsample = body.layer2[0].downsample
+    assert isinstance(downsample[0], torch.nn.Conv2d) and downsample[0].stride == (2, 2)
+
+
+@pytest.mark.parametrize("window", [7, 12])
+def test_swin_accepts_any_input_size(window):
+    kwargs = dict(embed_dim=24, depths=(1, 2, 1, 2), num_heads=(1, 1, 1, 1), window_size=window)
+    backbone = Backbone("swin_tiny_patch4_window7_224", out_indices=[0, 1, 2, 3], timm_kwargs=kwargs)
+    # Window and half-window shift at every stage (Swin's segmentation code), though
+    # the stride-32 map of a 224 image is no larger than the window.
+    last = backbone.body.layers_3.blocks[1]
+    assert last.window_size == (window, window) and last.shift_size == (window // 2, window // 2)
+    for height, width in [(64, 96), (100, 70)]:  # a training crop, then a ragged size
+        features = backbone(torch.randn(1, 3, height, width))
+        assert [tuple(f.shape) for f in features] == _expected(backbone, height, width)
+
+
+def test_swin_shifted_windows_do_not_wrap_around_the_image():
+    # A 16x16 map and window 7: the block pads to 21 before its cyclic shift, so the
+    # rows that wrap around (top -> bottom) stay in windows of their own. timm's order
+    # (shift, then pad) lets them share windows with the image's bottom rows.
+    torch.manual_seed(0)
+    block = timm.models.swin_transformer.SwinTransformerBlock(
+        dim=8, input_resolution=(16, 16), num_heads=1, window_size=7, shift_size=3, always_partition=True,
+        dynamic_mask=True,
+    )
+    x = torch.randn(1, 16, 16, 8)
+    bumped = x.clone()
+    bumped[:, 0] += torch.randn(16, 8)  # not constant over channels: norm1 would remove that
+
+    def changed_rows(module):
+        with torch.no_grad():
+            diff = (module(bumped) - module(x)).abs().amax(dim=(0, 2, 3))
+        return set(torch.nonzero(diff > 1e-6).flatten().tolist())
+
+    assert changed_rows(block) & set(range(8, 16))  # timm alone: leaks to the bottom
+    _pad_swin_windows_first(block)  # what Backbone does to every Swin block
+    assert type(block) is _PadFirstSwinBlock
+    assert changed_rows(block) <= set(range(0, 7))  # only the window of row 0 and the MLP
+
+
+def test_swin_outputs_are_layer_normed_nchw():
+    backbone = Backbone("swin_tiny_patch4_window7_224", out_indices=[0, 1, 2, 3], timm_kwargs=TINY_SWIN)
+    assert backbone.output_norms is not None and len(backbone.output_norms) == 4
+    features = backbone(torch.randn(2, 3, 64, 96))
+    for f in features:  # LayerNorm over channels, default affine: mean 0, variance 1
+        torch.testing.assert_close(f.mean(dim=1), torch.zeros_like(f[:, 0]), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "name,width", [("swin_base_patch4_window12_384", 128), ("swin_large_patch4_window12_384", 192)]
+)
+def test_large_swins_on_meta_at_two_sizes(name, width):
+    with torch.device("meta"):
+        backbone = build_backbone(BackboneConfig(name=name, out_indices=[0, 1, 2, 3]))
+    assert backbone.channels == [width, 2 * width, 4 * width, 8 * width]
+    assert backbone.body.layers_0.blocks[0].window_size == (12, 12)
+    for height, w in [(640, 640), (512, 683)]:
+        assert _meta_shapes(backbone, height, w) == _expected(backbone, height, w)
+
+
+def test_vit_through_simple_feature_pyramid():
+    backbone = Backbone("test_vit", out_indices=[-1], pyramid_channels=32)
+    assert backbone.pyramid is not None
+    assert backbone.strides == [4, 8, 16, 32] and backbone.channels == [32] * 4
+    for height, width in [(64, 96), (80, 48), (70, 50)]:
+        features = backbone(torch.randn(1, 3, height, width))
+        assert [tuple(f.shape) for f in features] == _expected(backbone, height, width)
+
+
+@pytest.mark.parametrize("name,width", [("vit_large_patch16_384", 1024), ("deit_base_patch16_224", 768)])
+def test_paper_vits_on_meta(name, width):
+    with torch.device("meta"):
+        backbone = build_backbone(BackboneConfig(name=name, out_indices=[-1], pyramid_channels=256))
+    first = backbone.pyramid.levels[0]
+    assert first[0].in_channels == width and first[3].out_channels == width // 4  # x4: two deconvs
+    assert _meta_shapes(backbone, 512, 512) == _expected(backbone, 512, 512)
+    assert _meta_shapes(backbone, 640, 480) == _expected(backbone, 640, 480)
+
+
+def test_simple_feature_pyramid_is_vitdet():
+    from model.simple_feature_pyramid import SimpleFeaturePyramid
+
+    pyramid = SimpleFeaturePyramid(64, 32)
+    kinds = [[type(m).__name__ for m in level] for level in pyramid.levels]
+    assert kinds == [
+        ["ConvTranspose2d", "LayerNorm2d", "GELU", "ConvTranspose2d", "Sequential", "Sequential"],
+        ["ConvTranspose2d", "Sequential", "Sequential"],
+        ["Sequential", "Sequential"],
+        ["MaxPool2d", "Sequential", "Sequential"],
+    ]
+    outs = pyramid(torch.randn(2, 64, 6, 4))
+    assert [tuple(o.shape) for o in outs] == [(2, 32, 24, 16), (2, 32, 12, 8), (2, 32, 6, 4), (2, 32, 3, 2)]
+
+
+def _block_calls(backbone: Backbone, block_type: type, x: torch.Tensor) -> tuple[list[torch.Tensor], int, int]:
+    """Outputs, the number of blocks, and how often blocks ran in one forward + backward."""
+    calls = []
+    blocks = [m for m in backbone.modules() if isinstance(m, block_type)]
+    handles = [b.register_forward_pre_hook(lambda *_: calls.append(1)) for b in blocks]
+    features = backbone(x)
+    sum(f.square().mean() for f in features).backward()
+    for h in handles:
+        h.remove()
+    return features, len(blocks), len(calls)
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,out_indices,block_path",
+    [
+        ("swin_tiny_patch4_window7_224", TINY_SWIN, [0, 1, 2, 3], "timm.models.swin_transformer.SwinTransformerBlock"),
+        ("test_vit", {}, [-1], "timm.models.vision_transformer.Block"),
+    ],
+    ids=["swin", "vit"],
+)
+def test_grad_checkpointing_recomputes_every_block(name, kwargs, out_indices, block_path):
+    module_name, _, cls_name = block_path.rpartition(".")
+    block_type = getattr(__import__(module_name, fromlist=[cls_name]), cls_name)
+    torch.manual_seed(0)
+    plain = Backbone(name, out_indices=out_indices, timm_kwargs=kwargs, pyramid_channels=16)
+    ckpt = Backbone(name, out_indices=out_indices, timm_kwargs=kwargs, pyramid_channels=16, grad_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 96)
+    torch.manual_seed(1)  # the same stochastic-depth draws (timm's Swin: drop_path_rate 0.1)
+    out_plain, n_blocks, plain_calls = _block_calls(plain, block_type, x)
+    torch.manual_seed(1)  # checkpointing replays them in the recomputation
+    out_ckpt, _, ckpt_calls = _block_calls(ckpt, block_type, x)
+    assert plain_calls == n_blocks and ckpt_calls == 2 * n_blocks  # each block re-run in backward
+    for a, b in zip(out_plain, out_ckpt):
+        torch.testing.assert_close(a, b)
+    grads = {k: p.grad for k, p in ckpt.named_parameters()}
+    for k, p in plain.named_parameters():
+        torch.testing.assert_close(p.grad, grads[k], msg=k)
+
+
+def test_vit_pretrained_from_full_classification_model(tmp_path):
+    torch.manual_seed(4)
+    full = timm.create_model("test_vit", pretrained=False)
+    path = tmp_path / "vit.pth"
+    torch.save(full.state_dict(), path)
+    backbone = Backbone("test_vit", out_indices=[-1], pretrained_path=str(path), pyramid_channels=16)
+    full_state = full.state_dict()
+    for key, value in backbone.body.state_dict().items():  # the wrapper's "model." prefix
+        torch.testing.assert_close(value, full_state[key.removeprefix("model.")], msg=key)
+
+    wider = tmp_path / "wider.pth"
+    torch.save(timm.create_model("test_vit", pretrained=False, embed_dim=96).state_dict(), wider)
+    with pytest.raises(ValueError, match=r"wider\.pth does not fit the backbone: .*shape mismatches"):
+        Backbone("test_vit", out_indices=[-1], pretrained_path=str(wider), pyramid_channels=16)
+
+
+def test_swin_pretrained_in_microsofts_original_layout(tmp_path):
+    # The official Swin files put stage i's patch merging under layers.i (timm: layers.i+1)
+    # and carry buffers timm recomputes; MaskFormer's instructions download those files.
+    torch.manual_seed(5)
+    full = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **TINY_SWIN)
+    original = {}
+    for key, value in full.state_dict().items():
+        parts = key.split(".")
+        if parts[0] == "layers" and parts[2] == "downsample":
+            parts[1] = str(int(parts[1]) - 1)
+        original[".".join(parts)] = value
+    original["layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(16, 16, dtype=torch.int64)
+    assert "layers.0.downsample.reduction.weight" in original
+    path = tmp_path / "swin_tiny_patch4_window7_224.pth"
+    torch.save({"model": original}, path)
+    backbone = Backbone("swin_tiny_patch4_window7_224", out_indices=[0, 1, 2, 3], pretrained_path=str(path),
+                        timm_kwargs=TINY_SWIN)
+    full_state = full.state_dict()
+    for key, value in backbone.body.state_dict().items():
+        source = key if key in full_state else key.replace("_", ".", 1)
+        torch.testing.assert_close(value, full_state[source], msg=key)

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from model.build import build_criterion, build_model
 from model.config import BackboneConfig, ModelConfig, PixelDecoderConfig, TransformerDecoderConfig
 from model.criterion import SetCriterion
-from model.matcher import HungarianMatcher
-from ops.losses import dice_loss, sigmoid_focal_loss
+from model.matcher import FixedMatcher, HungarianMatcher
+from ops.losses import dice_loss, focal_ce_loss, sigmoid_focal_loss
+from ops.point_sampling import calculate_uncertainty, get_uncertain_point_coords_with_randomness, point_sample
 
 
 def _sigmoid(x: float) -> float:
@@ -155,3 +156,91 @@ def test_num_masks_is_averaged_over_ranks(monkeypatch):
     monkeypatch.setattr(dist, "all_reduce", lambda tensor: None)
     monkeypatch.setattr(dist, "get_world_size", lambda: 8)
     assert criterion.num_masks(targets, torch.device("cpu")) == 1.0  # 3 / 8 clamped to 1
+
+
+def _focal_term(x: float, t: float, alpha: float = 0.25, gamma: float = 2.0) -> float:
+    p = _sigmoid(x)
+    if t:
+        return alpha * (1 - p) ** gamma * -math.log(p)
+    return (1 - alpha) * p**gamma * -math.log(1 - p)
+
+
+def test_focal_ce_hand_values_and_criterion_term():
+    # 1 image, 2 queries, K = 2 (+ "no object" column, ignored by focal-CE).
+    logits = torch.tensor([[[0.0, 2.0, 9.0], [-1.0, 0.5, -3.0]]])
+    target_classes = torch.tensor([[1, 2]])  # query 0 -> class 1, query 1 -> no object (all zeros)
+    expected = _focal_term(0.0, 0) + _focal_term(2.0, 1) + _focal_term(-1.0, 0) + _focal_term(0.5, 0)
+    # Summed over queries and classes, divided by the number of masks.
+    got = focal_ce_loss(logits[..., :2], target_classes, num_masks=2)
+    assert float(got) == pytest.approx(expected / 2, rel=1e-5)
+    assert float(focal_ce_loss(logits[..., :2], target_classes, 1, alpha=-1, gamma=0)) == pytest.approx(
+        float(F.binary_cross_entropy_with_logits(logits[..., :2], torch.tensor([[[0.0, 1.0], [0.0, 0.0]]]), reduction="sum")),
+        rel=1e-6,
+    )
+    # In the criterion (PFT's fixed assignment: query 1 <-> the class-1 mask), weighted.
+    criterion = SetCriterion(2, FixedMatcher(), focal_ce_weight=2.0)
+    target = {"labels": torch.tensor([1]), "masks": torch.ones(1, 4, 4, dtype=torch.bool)}
+    outputs = {"pred_logits": logits.flip(1), "pred_masks": torch.zeros(1, 2, 1, 1)}
+    losses = criterion(outputs, [target])
+    torch.testing.assert_close(losses["loss_focal_ce"], 2.0 * got * 2)  # one mask: / 1
+    assert "loss_focal_ce" not in _criterion(2)(outputs, [target])  # off by default (weight 0)
+
+
+def test_point_sample_matches_grid_sample_on_a_hand_case():
+    image = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])
+    points = torch.tensor([[[0.25, 0.25], [0.75, 0.25], [0.5, 0.5], [0.25, 0.75], [0.5, 0.25]]])  # (x, y)
+    values = point_sample(image, points)
+    torch.testing.assert_close(values, torch.tensor([[[0.0, 1.0, 1.5, 2.0, 0.5]]]))
+    grid = (2 * points - 1)[:, :, None]
+    torch.testing.assert_close(values, F.grid_sample(image, grid, align_corners=False)[..., 0])
+    assert point_sample(image.bool(), points).dtype == torch.float32  # bool targets are sampled as floats
+
+
+def test_uncertain_points_are_the_most_uncertain_candidates():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 1, 8, 8) * 5
+    torch.manual_seed(0)
+    chosen = get_uncertain_point_coords_with_randomness(logits, calculate_uncertainty, 10, 3.0, 1.0)
+    torch.manual_seed(0)
+    candidates = torch.rand(2, 30, 2)  # the same draws the function made
+    uncertainty = calculate_uncertainty(point_sample(logits, candidates))[:, 0]
+    assert chosen.shape == (2, 10, 2)
+    for b in range(2):
+        top = candidates[b, uncertainty[b].topk(10).indices]
+        assert sorted(map(tuple, chosen[b].tolist())) == sorted(map(tuple, top.tolist()))
+        picked = calculate_uncertainty(point_sample(logits[b : b + 1], chosen[b : b + 1]))
+        assert picked.min() >= uncertainty[b].sort(descending=True).values[10]
+    # With a ratio < 1 the rest are uniform points: 4 uncertain + 6 random here.
+    mixed = get_uncertain_point_coords_with_randomness(logits, calculate_uncertainty, 10, 3.0, 0.4)
+    assert mixed.shape == (2, 10, 2) and (mixed >= 0).all() and (mixed <= 1).all()
+    with pytest.raises(ValueError, match="importance_sample_ratio"):
+        get_uncertain_point_coords_with_randomness(logits, calculate_uncertainty, 10, 3.0, 1.5)
+
+
+def test_point_sampled_mask_losses():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 4)
+    pred_masks = torch.randn(2, 4, 3, 3) * 3
+    targets = []
+    for n in (2, 1):
+        masks = torch.zeros(n, 12, 12, dtype=torch.bool)
+        masks[0, 2:9, 1:7] = True
+        if n == 2:
+            masks[1, 8:, 5:] = True
+        targets.append({"labels": torch.arange(n), "masks": masks})
+    criterion = _criterion(3, num_points=20, oversample_ratio=3.0, importance_sample_ratio=0.75)
+    outputs = {"pred_logits": logits, "pred_masks": pred_masks}
+    torch.manual_seed(5)
+    losses = criterion(outputs, targets)
+
+    indices = criterion.matcher(outputs, targets)  # Hungarian, draws no random numbers
+    src = torch.cat([pred_masks[b, i] for b, (i, _) in enumerate(indices)])[:, None]
+    tgt = torch.cat([t["masks"][j] for t, (_, j) in zip(targets, indices)]).float()[:, None]
+    torch.manual_seed(5)
+    points = get_uncertain_point_coords_with_randomness(src, calculate_uncertainty, 20, 3.0, 0.75)
+    src_points, tgt_points = point_sample(src, points)[:, 0], point_sample(tgt, points)[:, 0]
+    assert src_points.shape == (3, 20)
+    torch.testing.assert_close(losses["loss_focal"], 20.0 * sigmoid_focal_loss(src_points, tgt_points, 3))
+    torch.testing.assert_close(losses["loss_dice"], 1.0 * dice_loss(src_points, tgt_points, 3))
+    with pytest.raises(ValueError, match="model.loss.num_points"):
+        _criterion(3, num_points=-1)

@@ -51,3 +51,44 @@ def test_perfect_prediction_is_one_and_bad_labels_raise():
         matrix.update(torch.zeros(2, 2, dtype=torch.long), torch.full((2, 2), 7))
     with pytest.raises(ValueError, match="shape"):
         matrix.update(torch.zeros(2, 3, dtype=torch.long), target)
+
+
+# ------------------------------------------------------- evaluate() with a toy model
+
+
+class ColourCodedModel(torch.nn.Module):
+    """PFT-shaped toy: pixel colour channel q = 255 marks class q. Its mask logits are right
+    under either rule, but its class logits put each query's softmax peak on the *next*
+    class, so MaskFormer's rule shifts every label while PFT's rule (diagonal) is exact."""
+
+    def forward(self, images):
+        b = images.shape[0]
+        masks = images.float() / 255 * 20 - 10  # B×3×H×W: +10 where the channel is set
+        logits = torch.zeros(b, 3, 4)
+        logits[:, torch.arange(3), torch.arange(3)] = 10.0
+        logits[:, torch.arange(3), (torch.arange(3) + 1) % 3] = 20.0
+        return {"pred_logits": logits, "pred_masks": masks}
+
+
+def _colour_batches():
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(2):
+        semantic = torch.randint(0, 3, (2, 9, 13), generator=g)
+        images = (torch.nn.functional.one_hot(semantic, 3).permute(0, 3, 1, 2) * 255).to(torch.uint8)
+        semantic[:, 0, :2] = 255  # some ignored pixels
+        batches.append({"images": images, "semantic": semantic})
+    return batches
+
+
+def test_evaluate_uses_the_rule_and_the_inference_config():
+    from launcher.evaluate import evaluate
+    from model.config import InferenceConfig
+
+    batches, model = _colour_batches(), ColourCodedModel()
+    assert evaluate(model, batches, 3, rule="pft").results()["miou"] == pytest.approx(1.0)
+    assert evaluate(model, batches, 3).results()["miou"] == pytest.approx(0.0)  # maskformer rule
+    tta = InferenceConfig(window_size=8, window_stride=5, scales=[1.0, 2.0], flip=True)
+    assert evaluate(model, batches, 3, inference=tta, rule="pft").results()["miou"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="model.num_classes is 4"):
+        evaluate(model, batches, 4, rule="pft")

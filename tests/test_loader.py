@@ -23,6 +23,7 @@ from data_pipeline.loader import (
     collate_batch,
     decode_sample,
     plan_reads,
+    reduce_zero_label,
 )
 from data_pipeline.shard_writer import manifest_name, write_shards
 from data_pipeline.synthetic import generate_sample, synthetic_source
@@ -316,3 +317,34 @@ def test_collate_pads_mixed_sizes_with_ignore():
     assert int((batch["semantic"][1] == 255).sum()) == 5 * 6 - 5 * 3
     assert int(batch["images"][1, :, :, 3:].sum()) == 0
     assert batch["targets"][0]["masks"].shape == (1, 5, 6) and batch["keys"] == ["a", "b"]
+
+
+# ------------------------------------------------------------------ reduce_zero_label
+
+
+def test_reduce_zero_label_maps_zero_to_ignore_and_shifts_the_rest():
+    labels = torch.tensor([[0, 1, 2], [150, 255, 7]])
+    assert reduce_zero_label(labels).tolist() == [[255, 0, 1], [149, 255, 6]]
+    assert reduce_zero_label(torch.tensor([0, 3, 9]), ignore_index=9).tolist() == [9, 2, 9]
+
+
+def test_reduce_zero_label_is_applied_when_decoding(data_dir):
+    raw = {"__key__": "k", "__url__": "s.tar"}
+    for ext, array in (("png", np.zeros((2, 2, 3), np.uint8)), ("seg.png", np.array([[0, 1], [2, 255]], np.uint8))):
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        raw[ext] = buf.getvalue()
+    assert decode_sample(raw)[1].tolist() == [[0, 1], [2, 255]]
+    assert decode_sample(raw, reduce_zero=True)[1].tolist() == [[255, 0], [1, 255]]
+
+    # Eval stream: exactly the generator's labels, reduced.
+    plain = next(iter(build_eval_loader(_cfg(data_dir, batch_size=4), 0, 1)))
+    reduced = next(iter(build_eval_loader(_cfg(data_dir, batch_size=4, reduce_zero_label=True), 0, 1)))
+    assert reduced["keys"] == plain["keys"]
+    assert torch.equal(reduced["semantic"], reduce_zero_label(plain["semantic"]))
+    _check_targets(reduced)
+    # Train stream: reduced before the crop pads with ignore and before the targets are built.
+    batch = next(build_train_loader(_cfg(data_dir, crop_size=48, batch_size=4, reduce_zero_label=True), 0, 1))
+    assert set(batch["semantic"].unique().tolist()) <= {0, 1, 2, 3, 255}
+    assert int((batch["semantic"] == 255).sum()) > 4 * (48 * 48 - SIZE * SIZE)  # padding + former class 0
+    _check_targets(batch)

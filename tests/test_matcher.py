@@ -9,6 +9,7 @@ import torch
 
 from model.matcher import HungarianMatcher
 from ops.losses import batch_dice_loss, batch_sigmoid_focal_loss, dice_loss, sigmoid_focal_loss
+from ops.point_sampling import point_sample
 
 
 def test_batch_losses_hand_values():
@@ -123,3 +124,47 @@ def test_matcher_rejects_non_finite_costs():
     outputs["pred_masks"][0, 1, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite"):
         HungarianMatcher()(outputs, [target])
+
+
+def test_point_sampled_costs_compare_every_pair_at_the_same_points():
+    outputs, target = _random_case(3, queries=4, num_targets=2, size=6)
+    matcher = HungarianMatcher(cost_class=1.0, cost_focal=20.0, cost_dice=1.0, num_points=16)
+    logits, masks = outputs["pred_logits"][0], outputs["pred_masks"][0]
+    torch.manual_seed(7)
+    cost = matcher.cost_matrix(logits, masks, target["labels"], target["masks"])
+    torch.manual_seed(7)
+    points = torch.rand(1, 16, 2)  # the matcher's draw: one set of points per image
+    pred = point_sample(masks[:, None], points.expand(4, -1, -1))[:, 0]
+    tgt = point_sample(target["masks"][:, None].float(), points.expand(2, -1, -1))[:, 0]
+    assert ((tgt > 0) & (tgt < 1)).any()  # the case exercises soft targets
+    prob = logits.softmax(-1)
+    # Bilinear sampling makes soft targets t; the focal cost blends the positive and the
+    # negative focal terms linearly, t * focal(x, 1) + (1 - t) * focal(x, 0).
+    ones = torch.ones(1, 1)
+    for i, j in itertools.product(range(4), range(2)):
+        focal = sum(
+            float(t) * sigmoid_focal_loss(x.view(1, 1), ones, 1) + (1 - float(t)) * sigmoid_focal_loss(x.view(1, 1), 0 * ones, 1)
+            for x, t in zip(pred[i], tgt[j])
+        ) / len(tgt[j])
+        expected = -prob[i, target["labels"][j]] + 20 * focal + dice_loss(pred[i : i + 1], tgt[j : j + 1], 1)
+        torch.testing.assert_close(cost[i, j], expected)
+    with pytest.raises(ValueError, match="model.matcher.num_points"):
+        HungarianMatcher(num_points=-1)
+
+
+def test_point_sampled_matcher_recovers_a_planted_permutation():
+    labels = torch.tensor([1, 3, 2])
+    big = torch.zeros(3, 16, 16, dtype=torch.bool)
+    big[0, :8], big[1, 8:, :8], big[2, 8:, 8:] = True, True, True
+    logits = torch.full((1, 5, 5), -5.0)
+    masks = torch.full((1, 5, 4, 4), -8.0)
+    perm = [1, 2, 0]
+    small = big[:, ::4, ::4].float()
+    for q, t in enumerate(perm):
+        logits[0, q, labels[t]] = 5.0
+        masks[0, q] = small[t] * 16 - 8
+    torch.manual_seed(0)
+    [(rows, cols)] = HungarianMatcher(num_points=64)(
+        {"pred_logits": logits, "pred_masks": masks}, [{"labels": labels, "masks": big}]
+    )
+    assert dict(zip(cols.tolist(), rows.tolist())) == {t: q for q, t in enumerate(perm)}

@@ -57,9 +57,11 @@ def test_missing_manifest_is_named(tmp_path, manifests):
         check_run(config(manifests[0], "data.val_manifest=''"))
 
 
-def test_zero3_with_backbone_checkpointing_is_refused(manifests):
-    with pytest.raises(ConfigError, match="model.backbone.grad_checkpointing"):
-        check_run(config(*manifests, "train.zero_stage=3", "model.backbone.grad_checkpointing=true"))
+def test_zero3_workers_checkpoint_reentrantly():
+    from launcher.environment import runtime_env_vars
+
+    assert runtime_env_vars(zero_stage=3)["TIMM_REENTRANT_CKPT"] == "1"
+    assert "TIMM_REENTRANT_CKPT" not in runtime_env_vars(zero_stage=1)
 
 
 def test_relative_paths_refused_inside_ray_job(monkeypatch):
@@ -79,3 +81,10 @@ def test_resume_on_other_world_size_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="cluster.num_workers: 2, but checkpoint .* was written by 1 workers"):
         check_resume(cfg, str(tmp_path / "run"))
     assert check_resume(config("cluster.num_workers=1"), str(tmp_path / "run")) == str(checkpoint)
+
+
+def test_reduce_zero_label_drops_class_zero_from_the_count(manifests):
+    # the synthetic manifests name 5 stored labels; reducing label 0 leaves 4 classes
+    check_run(config(*manifests, "data.reduce_zero_label=true", "model.num_classes=4"))
+    with pytest.raises(ConfigError, match="has 4 classes after data.reduce_zero_label"):
+        check_run(config(*manifests, "data.reduce_zero_label=true"))

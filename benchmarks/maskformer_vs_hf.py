@@ -1,0 +1,186 @@
+"""Training-step time and peak memory: segscale's MaskFormer vs Hugging Face transformers'.
+
+Identical configuration on both sides: Swin-T backbone, FPN pixel decoder (256), 100
+queries, hidden 256, 6 DETR decoder layers, 150 classes, CE (no-object 0.1) + 20 focal +
+1 dice, AdamW, 256x256 images, batch 2, CPU, no activation checkpointing. One training
+step = zero_grad, forward, loss, backward, optimizer step.
+
+Time: both models live in this process and their steps alternate (ours, theirs, ours,
+...) so machine noise hits both alike; the median of the measured steps after warm-up.
+Memory: each (implementation, precision) runs alone in a fresh child process, and its
+peak resident set size above the post-import baseline is reported.
+
+    python benchmarks/maskformer_vs_hf.py [--steps 7] [--warmup 2] [--threads N]
+
+Needs `pip install -c constraints.txt transformers` (the `bench` extra). Targets (issue 3):
+bf16 step time <= 0.6x, fp32 <= 0.85x, peak memory <= 0.75x in both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import ops.torchvision_fix  # noqa: F401
+
+# isort: split
+import torch
+
+from data_pipeline.config import SyntheticConfig
+from data_pipeline.synthetic import generate_sample
+from data_pipeline.transforms import semantic_to_targets
+from model.build import build_criterion, build_model
+from model.config import ModelConfig
+
+NUM_CLASSES = 150
+SIZE = 256
+BATCH = 2
+TARGETS = {"bf16": (0.6, 0.75), "fp32": (0.85, 0.75)}  # (time ratio, memory ratio) at most
+
+
+def make_batch(seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
+    cfg = SyntheticConfig(num_classes=NUM_CLASSES, image_size=SIZE, seed=seed)
+    images, targets = [], []
+    for i in range(BATCH):
+        sample = generate_sample(i, cfg)
+        images.append(torch.from_numpy(sample.image).permute(2, 0, 1))
+        targets.append(semantic_to_targets(torch.from_numpy(sample.semantic).long()))
+    return torch.stack(images).float(), targets
+
+
+class Ours:
+    name = "segscale"
+
+    def __init__(self):
+        cfg = ModelConfig(num_classes=NUM_CLASSES)
+        cfg.backbone.name = "swin_tiny_patch4_window7_224"
+        cfg.backbone.out_indices = [0, 1, 2, 3]
+        cfg.backbone.timm_kwargs = {"img_size": SIZE}
+        self.model = build_model(cfg).train()
+        self.criterion = build_criterion(cfg)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=1e-4)
+
+    def step(self, images, targets, dtype):
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            outputs = self.model(images)
+        loss = sum(self.criterion(outputs, targets).values())
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+
+class HuggingFace:
+    name = "transformers"
+
+    def __init__(self):
+        from transformers import MaskFormerConfig, MaskFormerForInstanceSegmentation, SwinConfig
+
+        swin = SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
+                          image_size=SIZE, out_features=["stage1", "stage2", "stage3", "stage4"])
+        config = MaskFormerConfig(backbone_config=swin, num_labels=NUM_CLASSES, mask_feature_size=256,
+                                  fpn_feature_size=256, no_object_weight=0.1, cross_entropy_weight=1.0,
+                                  mask_weight=20.0, dice_weight=1.0)
+        self.model = MaskFormerForInstanceSegmentation(config).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=1e-4)
+        # HF normalises inside its image processor, not the model: do it here.
+        self.mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+        self.std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+
+    def step(self, images, targets, dtype):
+        self.optimizer.zero_grad(set_to_none=True)
+        pixels = (images - self.mean) / self.std
+        masks = [t["masks"].float() for t in targets]
+        labels = [t["labels"] for t in targets]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            out = self.model(pixel_values=pixels, mask_labels=masks, class_labels=labels)
+        out.loss.backward()
+        self.optimizer.step()
+        return float(out.loss.detach())
+
+
+IMPLEMENTATIONS = {"ours": Ours, "hf": HuggingFace}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that over from the
+    parent across fork+exec, so a child would start at the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def memory_child(impl: str, dtype: str, steps: int) -> None:
+    """Runs in a fresh process: peak RSS of building and training ``impl`` above the
+    baseline after imports and data creation."""
+    images, targets = make_batch()
+    baseline = peak_rss_bytes()
+    runner = IMPLEMENTATIONS[impl]()
+    for _ in range(steps):
+        runner.step(images, targets, dtype)
+    print(json.dumps({"peak_bytes": peak_rss_bytes() - baseline}))
+
+
+def measure_memory(impl: str, dtype: str, threads: int, steps: int = 2) -> int:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, __file__, "--memory-child", impl, dtype, "--threads", str(threads)],
+                         capture_output=True, text=True, env=env, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
+
+
+def measure_time(dtype: str, steps: int, warmup: int) -> dict[str, list[float]]:
+    images, targets = make_batch()
+    torch.manual_seed(0)
+    runners = [Ours(), HuggingFace()]
+    times: dict[str, list[float]] = {r.name: [] for r in runners}
+    for i in range(warmup + steps):
+        for runner in runners:  # alternate: noise hits both sides alike
+            started = time.perf_counter()
+            runner.step(images, targets, dtype)
+            if i >= warmup:
+                times[runner.name].append(time.perf_counter() - started)
+    return times
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=7, help="measured steps per side (>= 5)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
+    parser.add_argument("--memory-child", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(*args.memory_child, steps=2)
+        return 0
+
+    print(f"MaskFormer Swin-T, {NUM_CLASSES} classes, 100 queries, 6 layers, {SIZE}x{SIZE}, batch {BATCH}, "
+          f"CPU x{args.threads} threads, torch {torch.__version__}")
+    all_met = True
+    for dtype in (["fp32", "bf16"] if args.precision == "both" else [args.precision]):
+        times = measure_time(dtype, args.steps, args.warmup)
+        ours, theirs = statistics.median(times["segscale"]), statistics.median(times["transformers"])
+        mem_ours, mem_theirs = measure_memory("ours", dtype, args.threads), measure_memory("hf", dtype, args.threads)
+        time_ratio, mem_ratio = ours / theirs, mem_ours / mem_theirs
+        time_target, mem_target = TARGETS[dtype]
+        met = time_ratio <= time_target and mem_ratio <= mem_target
+        all_met &= met
+        print(f"{dtype}: step time segscale {ours:.3f} s vs transformers {theirs:.3f} s -> ratio {time_ratio:.2f} "
+              f"(target <= {time_target}); peak memory {mem_ours / 2**20:.0f} MiB vs {mem_theirs / 2**20:.0f} MiB "
+              f"-> ratio {mem_ratio:.2f} (target <= {mem_target}) {'MET' if met else 'NOT MET'}")
+        print(f"  step times segscale {[round(t, 3) for t in times['segscale']]}")
+        print(f"  step times transformers {[round(t, 3) for t in times['transformers']]}")
+    print("all targets met" if all_met else "some targets NOT met")
+    return 0 if all_met else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""``python -m launcher describe``: parameter counts per component and training memory per worker.
+
+Counting needs shapes only, so the model is built on the ``meta`` device (Swin-L in well
+under a second, no weights allocated, ``pretrained_path`` ignored).
+
+The memory estimate per worker is the sum of
+
+- parameters, gradients and AdamW states: exact byte counts from the parameter count,
+  divided as DeepSpeed's ZeRO stage partitions them over ``cluster.num_workers``
+  (stage >= 1: optimizer states, >= 2: gradients, 3: parameters). bf16 autocast keeps
+  fp32 weights and gradients; fp16 keeps 16-bit weights and gradients plus an fp32
+  master copy. A ZeRO optimizer keeps its own fp32 copy of its partition even of an
+  fp32 model (``single_partition_of_fp32_groups``), so stages >= 1 hold 12 bytes per
+  parameter (copy + two moments) where plain AdamW (stage 0) holds 8;
+- activations: *measured*. One training forward runs at the config's crop and per-worker
+  batch under ``FakeTensorMode`` (tensors with shapes and dtypes but no data, so nothing
+  is computed or allocated), with the config's autocast, and the storages autograd saves
+  for the backward pass are added up, parameters excluded (autocast's 16-bit weight
+  copies included, as they are kept too). Activation checkpointing shows up as what it
+  saves. Attention kernels are traced as this machine's torch picks them; timm's Swin
+  uses plain matmul + softmax attention by default (its fused path is "experimental"),
+  so its per-window attention maps are a large share of the total on any device;
+- recompute: under activation checkpointing, the largest checkpointed segment's
+  activations, *measured* the same way: the backward pass rebuilds them one segment at
+  a time;
+- loss activations: *measured* by running the real criterion on stand-in predictions at
+  two small sizes and extrapolating linearly in pixels (the full-resolution mask losses
+  grow with H×W), assuming ``MASKS_PER_IMAGE`` ground-truth masks per image.
+
+Not included: the transient peak inside the backward pass (one op's temporaries and
+activation gradients), the matcher's no-grad cost matrices, allocator fragmentation, the
+CUDA context, and DeepSpeed's communication buckets (``reduce_bucket_size``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+from unittest import mock
+
+import ops.torchvision_fix  # noqa: F401  (before anything imports timm)
+
+# isort: split
+import torch
+import torch.utils.checkpoint
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from launcher.config import RunConfig, load_config
+from model.build import build_criterion, build_model
+from model.config import ModelConfig
+
+# Ground-truth masks (classes present) per training crop assumed for the loss estimate;
+# ADE20K images hold about 8-9 classes on average, crops fewer.
+MASKS_PER_IMAGE = 10
+# Side lengths (of the predicted masks) of the two small loss measurements.
+_LOSS_SIDES = (8, 16)
+_GIB = 2**30
+
+
+def _meta_model(cfg: ModelConfig) -> nn.Module:
+    cfg = copy.deepcopy(cfg)
+    cfg.backbone.pretrained_path = ""  # shapes only: never read a weights file
+    with torch.device("meta"):
+        return build_model(cfg)
+
+
+def count_parameters(model: nn.Module) -> dict[str, Any]:
+    """Total / trainable counts, per top-level child, and per child of each child."""
+    seen: set[int] = set()
+
+    def count(module: nn.Module) -> int:
+        n = 0
+        for p in module.parameters():
+            if id(p) not in seen:  # a shared parameter counts once, in its first owner
+                seen.add(id(p))
+                n += p.numel()
+        return n
+
+    components: dict[str, int] = {}
+    details: dict[str, dict[str, int]] = {}
+    for name, child in model.named_children():
+        parts = {sub_name: count(sub) for sub_name, sub in child.named_children()}
+        components[name] = sum(parts.values()) + count(child)  # + its own direct parameters
+        details[name] = {k: v for k, v in parts.items() if v}
+    rest = count(model)  # parameters registered on the model itself
+    if rest:
+        components["other"] = rest
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable, "components": components, "details": details}
+
+
+def state_bytes(params: int, trainable: int, zero_stage: int, num_workers: int, precision: str) -> dict[str, float]:
+    """Bytes per worker of weights, gradients and AdamW states (see the module docstring)."""
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"train.zero_stage: expected 0, 1, 2 or 3, got {zero_stage}")
+    if num_workers < 1:
+        raise ValueError(f"cluster.num_workers must be >= 1, got {num_workers}")
+    low = precision == "fp16"
+    weight_size = 2 if low else 4
+    optimizer_size = 12 if (low or zero_stage >= 1) else 8
+    return {
+        "parameters": params * weight_size / (num_workers if zero_stage >= 3 else 1),
+        "gradients": trainable * weight_size / (num_workers if zero_stage >= 2 else 1),
+        "optimizer": trainable * optimizer_size / (num_workers if zero_stage >= 1 else 1),
+    }
+
+
+def _autocast_dtype(precision: str) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+class _SavedTensors:
+    """Adds up the storages autograd saves for backward, each once, minus ``exclude``."""
+
+    def __init__(self, exclude: Sequence[torch.Tensor] = ()) -> None:
+        self.sizes: dict[int, int] = {}
+        self.exclude = {t.untyped_storage()._cdata for t in exclude}
+
+    def add(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in self.exclude:  # _cdata: the storage's identity, shared by views
+            self.sizes[storage._cdata] = storage.nbytes()
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.add(tensor)
+        return tensor
+
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())
+
+
+@contextlib.contextmanager
+def _largest_checkpointed_segment(exclude: Sequence[torch.Tensor]) -> Iterator[list[int]]:
+    """Measure what the backward pass recomputes under activation checkpointing.
+
+    A checkpointed segment keeps only its inputs (torch saves them through the hooks, so
+    the caller's count includes them); the backward pass rebuilds its activations one
+    segment at a time. The yielded list's one element becomes the largest segment's
+    saved bytes. timm and our decoders call ``torch.utils.checkpoint.checkpoint`` by
+    attribute, so patching it here sees every segment.
+    """
+    original = torch.utils.checkpoint.checkpoint
+    largest = [0]
+
+    def checkpoint(function: Callable, *args: Any, **kwargs: Any) -> Any:
+        segment = _SavedTensors(exclude)
+        with segment.hooks():  # innermost hooks win: they see the whole segment
+            function(*args)  # fake tensors: a trace, not a computation
+        largest[0] = max(largest[0], segment.total)
+        return original(function, *args, **kwargs)
+
+    with mock.patch.object(torch.utils.checkpoint, "checkpoint", checkpoint):
+        yield largest
+
+
+def measure_activations(
+    model: nn.Module, batch_size: int, crop_size: int, precision: str
+) -> tuple[int, int, dict]:
+    """Bytes saved for backward by one training forward of the meta-built ``model``, the
+    largest checkpointed segment's bytes (recomputed during backward; 0 without
+    checkpointing), and the outputs (fake tensors). Moves ``model`` to fake tensors."""
+    dtype = _autocast_dtype(precision)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.to_empty(device="cpu")  # fake CPU tensors, so CPU autocast applies to them
+        model.train()
+        params = list(model.parameters())
+        saved = _SavedTensors(exclude=params)
+        images = torch.zeros(batch_size, 3, crop_size, crop_size)
+        autocast = torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+        with _largest_checkpointed_segment(params) as recompute, saved.hooks(), autocast:
+            outputs = model(images)
+    return saved.total, recompute[0], outputs
+
+
+def _output_sets(outputs: dict) -> list[dict]:
+    return [outputs, *outputs.get("aux_outputs", [])]
+
+
+def _loss_bytes_at(cfg: ModelConfig, outputs: dict, side: int, ratio: int, generator: torch.Generator) -> int:
+    """Saved bytes of the criterion on stand-ins of ``outputs`` with ``side``² masks."""
+    stand_ins = []
+    for out in _output_sets(outputs):
+        logits, masks = out["pred_logits"], out["pred_masks"]
+        stand_ins.append({
+            "pred_logits": torch.randn(tuple(logits.shape), generator=generator).to(logits.dtype).requires_grad_(),
+            "pred_masks": torch.randn((*masks.shape[:2], side, side), generator=generator).to(masks.dtype)
+            .requires_grad_(),
+        })
+    batch, num_queries = stand_ins[0]["pred_masks"].shape[:2]
+    num_masks = min(MASKS_PER_IMAGE, cfg.num_classes, num_queries)
+    height = side * ratio
+    targets = []
+    for _ in range(batch):
+        # Disjoint masks, as in semantic segmentation: every pixel belongs to one of them.
+        owner = torch.randint(num_masks, (height, height), generator=generator)
+        labels = torch.randperm(cfg.num_classes, generator=generator)[:num_masks]
+        targets.append({"labels": labels, "masks": owner[None] == torch.arange(num_masks)[:, None, None]})
+    structured = dict(stand_ins[0], aux_outputs=stand_ins[1:])
+    saved = _SavedTensors()
+    for out in stand_ins:  # the outputs stay alive until the backward pass
+        saved.add(out["pred_logits"])
+        saved.add(out["pred_masks"])
+    with saved.hooks():
+        build_criterion(cfg)(structured, targets)
+    return saved.total
+
+
+def measure_loss_activations(cfg: ModelConfig, outputs: dict, crop_size: int) -> int:
+    """Criterion bytes at the crop size, extrapolated from two small sizes (linear in pixels)."""
+    mask_side = outputs["pred_masks"].shape[-1]
+    ratio = max(1, round(crop_size / mask_side))  # the masks' stride (4 for MaskFormer/PFT)
+    generator = torch.Generator().manual_seed(0)
+    small, large = _LOSS_SIDES
+    sizes = [_loss_bytes_at(cfg, outputs, side, ratio, generator) for side in _LOSS_SIDES]
+    per_pixel = (sizes[1] - sizes[0]) / ((large * ratio) ** 2 - (small * ratio) ** 2)
+    fixed = sizes[0] - per_pixel * (small * ratio) ** 2
+    return int(fixed + per_pixel * crop_size**2)
+
+
+def describe_model(cfg: RunConfig) -> dict:
+    """Parameter counts (``total``, ``trainable``, ``components``, ``details``) and the
+    per-worker training memory estimate in bytes (``memory``) of ``cfg``."""
+    model = _meta_model(cfg.model)
+    counts = count_parameters(model)
+    batch, crop = cfg.data.batch_size, cfg.data.crop_size
+    if batch < 1 or crop < 1:
+        raise ValueError(f"data.batch_size and data.crop_size must be >= 1, got {batch} and {crop}")
+    memory: dict[str, Any] = state_bytes(
+        counts["total"], counts["trainable"], cfg.train.zero_stage, cfg.cluster.num_workers, cfg.train.precision
+    )
+    memory["activations"], memory["recompute"], outputs = measure_activations(model, batch, crop, cfg.train.precision)
+    memory["loss_activations"] = measure_loss_activations(cfg.model, outputs, crop)
+    memory["total"] = sum(memory.values())
+    memory.update(
+        batch_size=batch,
+        crop_size=crop,
+        zero_stage=cfg.train.zero_stage,
+        num_workers=cfg.cluster.num_workers,
+        precision=cfg.train.precision,
+        masks_per_image=MASKS_PER_IMAGE,
+    )
+    return {"model": cfg.model.name, "backbone": cfg.model.backbone.name, "num_classes": cfg.model.num_classes,
+            **counts, "memory": memory}
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:7.1f}M"
+
+
+def _gib(n: float) -> str:
+    return f"{n / _GIB:6.2f} GiB"
+
+
+def format_description(desc: dict) -> str:
+    m = desc["memory"]
+    lines = [
+        f"model: {desc['model']} on {desc['backbone']}, {desc['num_classes']} classes",
+        f"total {_millions(desc['total'])} parameters ({desc['total']:,}; trainable {desc['trainable']:,})",
+    ]
+    for name, n in desc["components"].items():
+        lines.append(f"  {name:<26}{_millions(n)}  ({n:,})")
+        for sub, k in desc["details"].get(name, {}).items():
+            lines.append(f"    {sub:<24}{_millions(k)}")
+    zero = f"ZeRO-{m['zero_stage']} over {m['num_workers']} workers" if m["zero_stage"] else "no ZeRO"
+    precision = {"bf16": "bf16 autocast", "fp16": "fp16", "fp32": "fp32"}[m["precision"]]
+    lines += [
+        f"training memory per worker (crop {m['crop_size']}x{m['crop_size']}, batch {m['batch_size']} per worker, "
+        f"{precision}, AdamW, {zero}):",
+        f"  parameters        {_gib(m['parameters'])}  exact",
+        f"  gradients         {_gib(m['gradients'])}  exact",
+        f"  optimizer states  {_gib(m['optimizer'])}  exact (AdamW moments"
+        + (" + fp32 master copy)" if m["zero_stage"] or m["precision"] == "fp16" else ")"),
+        f"  activations       {_gib(m['activations'])}  measured: saved for backward by one forward (fake tensors)",
+        f"  recompute         {_gib(m['recompute'])}  "
+        + ("measured: largest checkpointed segment, rebuilt in backward" if m["recompute"]
+           else "none (no activation checkpointing)"),
+        f"  loss              {_gib(m['loss_activations'])}  estimate: measured at two small sizes, "
+        f"extrapolated; assumes {m['masks_per_image']} masks per image",
+        f"  total             {_gib(m['total'])}  estimate; excludes backward temporaries, fragmentation, "
+        "CUDA context, DeepSpeed buckets",
+    ]
+    return "\n".join(lines)
+
+
+def describe_command(config_path: str, overrides: list[str]) -> int:
+    cfg = load_config(config_path, overrides)
+    print(f"config: {config_path}")
+    print(format_description(describe_model(cfg)))
+    return 0

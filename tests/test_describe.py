@@ -1,0 +1,109 @@
+"""``describe``: parameter counts per component and the training-memory estimate per worker."""
+
+import os
+import re
+import time
+
+import ops.torchvision_fix  # noqa: F401  (before timm)
+
+# isort: split
+import pytest
+import torch
+
+from launcher.cli import main
+from launcher.config import load_config
+from launcher.describe import (
+    _loss_bytes_at,
+    _meta_model,
+    _SavedTensors,
+    describe_model,
+    measure_activations,
+    measure_loss_activations,
+)
+from model.build import build_model
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+TINY = os.path.join(CONFIGS, "test_tiny.yaml")
+
+
+def _tiny(*overrides: str):
+    return load_config(TINY, list(overrides))
+
+
+def test_cli_prints_total_and_components_that_sum_to_it(capsys):
+    assert main(["describe", "--config", TINY]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    totals = [line for line in lines if line.startswith("total")]
+    assert len(totals) == 1
+    total = int(re.search(r"\(([\d,]+);", totals[0]).group(1).replace(",", ""))
+    with torch.device("meta"):
+        model = build_model(_tiny().model)
+    assert total == sum(p.numel() for p in model.parameters())
+    # Top-level components: two-space indent, name, millions, exact count in parentheses.
+    components = [re.match(r"  (\w+) +[\d.]+M +\(([\d,]+)\)$", line) for line in lines]
+    counts = {m.group(1): int(m.group(2).replace(",", "")) for m in components if m}
+    assert set(counts) == {"backbone", "pixel_decoder", "predictor"}
+    assert sum(counts.values()) == total
+    assert any(line.strip().startswith("activations") and "measured" in line for line in lines)
+    assert any(line.strip().startswith("total") and "estimate" in line for line in lines)
+
+
+def test_memory_grows_with_batch_size():
+    one, two, four = (describe_model(_tiny(f"data.batch_size={b}"))["memory"] for b in (1, 2, 4))
+    for key in ("activations", "loss_activations", "total"):
+        assert one[key] < two[key] < four[key], key
+        # Linear in the batch, plus what does not depend on it (autocast's weight copies).
+        assert four[key] - one[key] == pytest.approx(3 * (two[key] - one[key]), rel=0.02), key
+    assert four["parameters"] == one["parameters"]
+
+
+def test_memory_shrinks_with_zero_stage():
+    totals = [describe_model(_tiny(f"train.zero_stage={s}", "cluster.num_workers=4"))["memory"] for s in range(4)]
+    assert all(a["total"] > b["total"] for a, b in zip(totals, totals[1:]))
+    params = describe_model(_tiny())["total"]
+    # Stage 3 partitions everything: 4 + 4 + 12 bytes per parameter over 4 workers.
+    stage3 = totals[3]
+    assert stage3["parameters"] + stage3["gradients"] + stage3["optimizer"] == pytest.approx(params * 20 / 4)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fake_trace_saves_what_a_real_forward_saves(precision):
+    cfg = _tiny(f"train.precision={precision}")
+    traced, _, _ = measure_activations(_meta_model(cfg.model), 2, 64, precision)
+    model = build_model(cfg.model).train()
+    saved = _SavedTensors(exclude=list(model.parameters()))
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    with saved.hooks(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+        model(torch.zeros(2, 3, 64, 64))
+    # Exact in fp32; under bf16 the fake kernels keep BatchNorm's per-channel statistics in
+    # bf16 where CPU keeps fp32 (a few KB).
+    assert saved.total > 0 and traced == pytest.approx(saved.total, rel=0 if precision == "fp32" else 0.01)
+
+
+def test_loss_extrapolation_matches_a_direct_measurement():
+    cfg = _tiny()
+    _, _, outputs = measure_activations(_meta_model(cfg.model), 2, 96, "bf16")
+    assert outputs["pred_masks"].shape[-1] == 24  # stride 4
+    direct = _loss_bytes_at(cfg.model, outputs, side=24, ratio=4, generator=torch.Generator().manual_seed(0))
+    assert measure_loss_activations(cfg.model, outputs, 96) == pytest.approx(direct, rel=1e-6)
+
+
+def test_checkpointing_lowers_activations_and_reports_the_recompute():
+    plain = describe_model(_tiny())["memory"]
+    ckpt = describe_model(_tiny("model.backbone.grad_checkpointing=true"))["memory"]
+    assert plain["recompute"] == 0 < ckpt["recompute"]
+    assert ckpt["activations"] < plain["activations"]
+
+
+def test_swin_l_preset_is_described_quickly():
+    cfg = load_config(os.path.join(CONFIGS, "maskformer_swin_l_ade20k.yaml"))
+    start = time.perf_counter()
+    desc = describe_model(cfg)
+    seconds = time.perf_counter() - start
+    memory = desc["memory"]
+    print(f"swin-l: {desc['total']:,} params, {seconds:.1f} s, " +
+          ", ".join(f"{k} {memory[k] / 2**30:.2f} GiB" for k in
+                    ("parameters", "gradients", "optimizer", "activations", "loss_activations", "total")))
+    assert memory["crop_size"] == 640 and memory["batch_size"] == 2
+    assert memory["activations"] > memory["parameters"] > 0
+    assert seconds < 20  # ~2-4 s; generous for a loaded CI machine
