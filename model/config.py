@@ -20,6 +20,10 @@ class BackboneConfig:
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     # Activation checkpointing of the backbone blocks.
     grad_checkpointing: bool = False
+    # Freeze BatchNorm statistics and affine parameters of CNN backbones (detectron2's
+    # FrozenBN, which MaskFormer trains ResNets with): batch statistics over 2 crops per
+    # worker are noise.
+    freeze_bn: bool = True
     # Plain ViTs (ViT-L, DeiT-B) have one stride-16 map: a simple feature pyramid
     # (ViTDet: x4, x2, x1, x1/2) turns it into strides 4/8/16/32 with this many channels.
     # Used only for backbones whose features all share one stride.
@@ -103,6 +107,10 @@ class LossConfig:
 
 @dataclass
 class InferenceConfig:
+    # Resize each image so its short side is this many pixels before inference and map
+    # the prediction back (MaskFormer's test pipeline: the training short side, 512 or
+    # 640); 0 = keep the stored size. ``scales`` multiply this size.
+    short_side: int = 0
     # Sliding-window inference for images larger than the training crop: window side
     # (0 = whole image in one pass) and stride between windows.
     window_size: int = 0
