@@ -1,9 +1,10 @@
 """Training-step time and peak memory: segscale's MaskFormer vs Hugging Face transformers'.
 
-Identical configuration on both sides: Swin-T backbone, FPN pixel decoder (256), 100
-queries, hidden 256, 6 DETR decoder layers, 150 classes, CE (no-object 0.1) + 20 focal +
-1 dice, AdamW, 256x256 images, batch 2, CPU, no activation checkpointing. One training
-step = zero_grad, forward, loss, backward, optimizer step.
+Identical configuration on both sides: Swin-T backbone (drop path 0.1), FPN pixel
+decoder (256), 100 queries, hidden 256, 6 DETR decoder layers (dropout 0.1), 150
+classes, CE (no-object 0.1) + 20 focal + 1 dice on every decoder layer (deep
+supervision, as MaskFormer trains), AdamW, 256x256 images, batch 2, CPU, no activation
+checkpointing. One training step = zero_grad, forward, loss, backward, optimizer step.
 
 Time: both models live in this process and their steps alternate (ours, theirs, ours,
 ...) so machine noise hits both alike; the median of the measured steps after warm-up.
@@ -40,6 +41,9 @@ from model.config import ModelConfig
 NUM_CLASSES = 150
 SIZE = 256
 BATCH = 2
+# Stochastic depth in the Swin blocks: both libraries default to 0.1; pinned here so the
+# two sides provably match. Decoder dropout is 0.1 on both (MaskFormer's / DETR's default).
+DROP_PATH = 0.1
 TARGETS = {"bf16": (0.6, 0.75), "fp32": (0.85, 0.75)}  # (time ratio, memory ratio) at most
 
 
@@ -60,7 +64,7 @@ class Ours:
         cfg = ModelConfig(num_classes=NUM_CLASSES)
         cfg.backbone.name = "swin_tiny_patch4_window7_224"
         cfg.backbone.out_indices = [0, 1, 2, 3]
-        cfg.backbone.timm_kwargs = {"img_size": SIZE}
+        cfg.backbone.timm_kwargs = {"img_size": SIZE, "drop_path_rate": DROP_PATH}
         self.model = build_model(cfg).train()
         self.criterion = build_criterion(cfg)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=1e-4)
@@ -82,10 +86,14 @@ class HuggingFace:
         from transformers import MaskFormerConfig, MaskFormerForInstanceSegmentation, SwinConfig
 
         swin = SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
-                          image_size=SIZE, out_features=["stage1", "stage2", "stage3", "stage4"])
+                          image_size=SIZE, drop_path_rate=DROP_PATH,
+                          out_features=["stage1", "stage2", "stage3", "stage4"])
         config = MaskFormerConfig(backbone_config=swin, num_labels=NUM_CLASSES, mask_feature_size=256,
                                   fpn_feature_size=256, no_object_weight=0.1, cross_entropy_weight=1.0,
-                                  mask_weight=20.0, dice_weight=1.0)
+                                  mask_weight=20.0, dice_weight=1.0,
+                                  # MaskFormer supervises every decoder layer; transformers
+                                  # defaults to the last one only.
+                                  use_auxiliary_loss=True)
         self.model = MaskFormerForInstanceSegmentation(config).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=1e-4)
         # HF normalises inside its image processor, not the model: do it here.
@@ -98,7 +106,9 @@ class HuggingFace:
         masks = [t["masks"].float() for t in targets]
         labels = [t["labels"] for t in targets]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            out = self.model(pixel_values=pixels, mask_labels=masks, class_labels=labels)
+            # output_hidden_states=True: transformers 5.23 drops the decoder's per-layer
+            # states needed by use_auxiliary_loss unless asked for them explicitly.
+            out = self.model(pixel_values=pixels, mask_labels=masks, class_labels=labels, output_hidden_states=True)
         out.loss.backward()
         self.optimizer.step()
         return float(out.loss.detach())

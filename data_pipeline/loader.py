@@ -258,8 +258,10 @@ def collate_batch(samples: list[dict[str, Any]], ignore_index: int = 255) -> dic
 
     Train samples are already ``crop_size`` square. Eval samples keep their size, so a
     batch of differently sized images is padded bottom/right; padded pixels carry the
-    ignore label and therefore count in no metric. Targets are built after padding so
-    their masks match ``semantic``.
+    ignore label and therefore count in no metric. ``image_sizes`` records each image's own
+    (H, W): evaluation predicts every image at its own size from it (``model.tta``), so
+    the padding colour never reaches the model and a prediction does not depend on its
+    batch mates. Targets are built after padding so their masks match ``semantic``.
     """
     height = max(s["semantic"].shape[0] for s in samples)
     width = max(s["semantic"].shape[1] for s in samples)
@@ -274,6 +276,7 @@ def collate_batch(samples: list[dict[str, Any]], ignore_index: int = 255) -> dic
         "semantic": semantic,
         "targets": [semantic_to_targets(m, ignore_index) for m in semantic],
         "keys": [s["key"] for s in samples],
+        "image_sizes": [(int(s["semantic"].shape[0]), int(s["semantic"].shape[1])) for s in samples],
     }
 
 
@@ -369,7 +372,8 @@ def build_train_loader(cfg: DataConfig, rank: int, world_size: int) -> Iterator[
     """Infinite iterator of training batches for ``rank`` (see the module docstring).
 
     Batch: ``images`` uint8 B x 3 x crop x crop, ``semantic`` int64 B x crop x crop (255 =
-    ignore), ``targets`` (B dicts from ``semantic_to_targets``), ``keys`` (B str).
+    ignore), ``targets`` (B dicts from ``semantic_to_targets``), ``keys`` (B str),
+    ``image_sizes`` (B (H, W), all ``(crop, crop)``).
     """
     _check_config(cfg, rank, world_size, train=True)
     manifest = resolve_manifest(cfg, "train_manifest")
@@ -380,7 +384,9 @@ def build_train_loader(cfg: DataConfig, rank: int, world_size: int) -> Iterator[
 def build_eval_loader(cfg: DataConfig, rank: int, world_size: int) -> Iterable[dict[str, Any]]:
     """Finite, re-iterable eval batches for ``rank``: full-size images, no shuffle, no augmentation.
 
-    Across ranks every sample of ``cfg.val_manifest`` appears exactly once.
+    Across ranks every sample of ``cfg.val_manifest`` appears exactly once. Batches are
+    those of :func:`collate_batch`: images of different sizes are padded bottom/right and
+    ``image_sizes`` holds each one's own (H, W).
     """
     _check_config(cfg, rank, world_size, train=False)
     manifest = resolve_manifest(cfg, "val_manifest")

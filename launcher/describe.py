@@ -11,11 +11,13 @@ The memory estimate per worker is the sum of
   fp32 weights and gradients; fp16 keeps 16-bit weights and gradients plus an fp32
   master copy. A ZeRO optimizer keeps its own fp32 copy of its partition even of an
   fp32 model (``single_partition_of_fp32_groups``), so stages >= 1 hold 12 bytes per
-  parameter (copy + two moments) where plain AdamW (stage 0) holds 8;
+  parameter (copy + two moments) where plain AdamW (stage 0) holds 8. Frozen weights
+  (FrozenBN's affine, kept as buffers) count in the total and as weights, whole on every
+  worker, with no gradient or optimizer state;
 - activations: *measured*. One training forward runs at the config's crop and per-worker
   batch under ``FakeTensorMode`` (tensors with shapes and dtypes but no data, so nothing
   is computed or allocated), with the config's autocast, and the storages autograd saves
-  for the backward pass are added up, parameters excluded (autocast's 16-bit weight
+  for the backward pass are added up, parameters and buffers excluded (autocast's 16-bit weight
   copies included, as they are kept too). Activation checkpointing shows up as what it
   saves. Attention kernels are traced as this machine's torch picks them; timm's Swin
   uses plain matmul + softmax attention by default (its fused path is "experimental"),
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from unittest import mock
@@ -45,6 +48,7 @@ import ops.torchvision_fix  # noqa: F401  (before anything imports timm)
 # isort: split
 import torch
 import torch.utils.checkpoint
+from timm.models import checkpoint as timm_checkpoint
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -67,14 +71,25 @@ def _meta_model(cfg: ModelConfig) -> nn.Module:
         return build_model(cfg)
 
 
+def _weights(module: nn.Module) -> Iterator[torch.Tensor]:
+    """Parameters, and the frozen ones kept as buffers: a buffer named ``weight`` or
+    ``bias`` (FrozenBN's affine, ``model.backbone.freeze_bn``) is a weight that is not
+    trained. The papers' counts include it; running statistics are not weights."""
+    yield from module.parameters()
+    for name, buffer in module.named_buffers():
+        if name.rpartition(".")[2] in ("weight", "bias"):
+            yield buffer
+
+
 def count_parameters(model: nn.Module) -> dict[str, Any]:
-    """Total / trainable counts, per top-level child, and per child of each child."""
+    """Total (all weights, frozen ones too) / trainable counts, per top-level child, and
+    per child of each child."""
     seen: set[int] = set()
 
     def count(module: nn.Module) -> int:
         n = 0
-        for p in module.parameters():
-            if id(p) not in seen:  # a shared parameter counts once, in its first owner
+        for p in _weights(module):
+            if id(p) not in seen:  # a shared weight counts once, in its first owner
                 seen.add(id(p))
                 n += p.numel()
         return n
@@ -83,12 +98,12 @@ def count_parameters(model: nn.Module) -> dict[str, Any]:
     details: dict[str, dict[str, int]] = {}
     for name, child in model.named_children():
         parts = {sub_name: count(sub) for sub_name, sub in child.named_children()}
-        components[name] = sum(parts.values()) + count(child)  # + its own direct parameters
+        components[name] = sum(parts.values()) + count(child)  # + its own direct weights
         details[name] = {k: v for k, v in parts.items() if v}
-    rest = count(model)  # parameters registered on the model itself
+    rest = count(model)  # weights registered on the model itself
     if rest:
         components["other"] = rest
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in {id(p): p for p in _weights(model)}.values())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"total": total, "trainable": trainable, "components": components, "details": details}
 
@@ -102,8 +117,10 @@ def state_bytes(params: int, trainable: int, zero_stage: int, num_workers: int, 
     low = precision == "fp16"
     weight_size = 2 if low else 4
     optimizer_size = 12 if (low or zero_stage >= 1) else 8
+    # Frozen weights (FrozenBN's affine are buffers) stay whole on every worker: ZeRO-3
+    # partitions parameters, not buffers.
     return {
-        "parameters": params * weight_size / (num_workers if zero_stage >= 3 else 1),
+        "parameters": (trainable / (num_workers if zero_stage >= 3 else 1) + params - trainable) * weight_size,
         "gradients": trainable * weight_size / (num_workers if zero_stage >= 2 else 1),
         "optimizer": trainable * optimizer_size / (num_workers if zero_stage >= 1 else 1),
     }
@@ -137,6 +154,34 @@ class _SavedTensors:
         return sum(self.sizes.values())
 
 
+# Keyword arguments of torch's / timm's checkpoint functions themselves; any others go to
+# the checkpointed function (torch's non-reentrant mode forwards them).
+_CHECKPOINT_OPTIONS = frozenset({"use_reentrant", "preserve_rng_state", "context_fn", "determinism_check", "debug"})
+
+
+def _checkpoint_aliases() -> list[tuple[Any, str, Callable]]:
+    """(module, attribute, function) for every loaded module attribute holding torch's
+    ``checkpoint`` or timm's wrapper of it.
+
+    timm's ``checkpoint_seq`` and its wrapper call ``torch.utils.checkpoint.checkpoint``
+    through the module attribute, but timm's features wrapper and ViTs import the wrapper
+    by name, and any module may ``from torch.utils.checkpoint import checkpoint``; patching
+    one attribute would miss those. Finding every alias keeps the spy right whatever a
+    module (timm's, ours, or a future one) imported.
+    """
+    functions = (torch.utils.checkpoint.checkpoint, timm_checkpoint)
+    aliases = []
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for attribute, value in list(namespace.items()):
+            for function in functions:
+                if value is function:
+                    aliases.append((module, attribute, function))
+    return aliases
+
+
 @contextlib.contextmanager
 def _largest_checkpointed_segment(exclude: Sequence[torch.Tensor]) -> Iterator[list[int]]:
     """Measure what the backward pass recomputes under activation checkpointing.
@@ -144,20 +189,36 @@ def _largest_checkpointed_segment(exclude: Sequence[torch.Tensor]) -> Iterator[l
     A checkpointed segment keeps only its inputs (torch saves them through the hooks, so
     the caller's count includes them); the backward pass rebuilds its activations one
     segment at a time. The yielded list's one element becomes the largest segment's
-    saved bytes. timm and our decoders call ``torch.utils.checkpoint.checkpoint`` by
-    attribute, so patching it here sees every segment.
+    saved bytes. Every alias of torch's and timm's checkpoint function is patched (see
+    ``_checkpoint_aliases``), so backbone and decoder segments are both seen; a checkpoint
+    called while one is being measured (timm's wrapper calling torch's) passes straight
+    through, so a segment is counted once.
     """
-    original = torch.utils.checkpoint.checkpoint
     largest = [0]
+    inside = [False]
 
-    def checkpoint(function: Callable, *args: Any, **kwargs: Any) -> Any:
-        segment = _SavedTensors(exclude)
-        with segment.hooks():  # innermost hooks win: they see the whole segment
-            function(*args)  # fake tensors: a trace, not a computation
-        largest[0] = max(largest[0], segment.total)
-        return original(function, *args, **kwargs)
+    def spy(original: Callable) -> Callable:
+        def checkpoint(function: Callable, *args: Any, **kwargs: Any) -> Any:
+            if inside[0]:
+                return original(function, *args, **kwargs)
+            inside[0] = True
+            try:
+                segment = _SavedTensors(exclude)
+                forwarded = {k: v for k, v in kwargs.items() if k not in _CHECKPOINT_OPTIONS}
+                with segment.hooks():  # innermost hooks win: they see the whole segment
+                    function(*args, **forwarded)  # fake tensors: a trace, not a computation
+                largest[0] = max(largest[0], segment.total)
+                return original(function, *args, **kwargs)
+            finally:
+                inside[0] = False
 
-    with mock.patch.object(torch.utils.checkpoint, "checkpoint", checkpoint):
+        return checkpoint
+
+    spies: dict[int, Callable] = {}
+    with contextlib.ExitStack() as stack:
+        for module, attribute, function in _checkpoint_aliases():
+            replacement = spies.setdefault(id(function), spy(function))
+            stack.enter_context(mock.patch.object(module, attribute, replacement))
         yield largest
 
 
@@ -171,7 +232,8 @@ def measure_activations(
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")  # fake CPU tensors, so CPU autocast applies to them
         model.train()
-        params = list(model.parameters())
+        # Buffers too: FrozenBN's statistics and affine are weights, not activations.
+        params = [*model.parameters(), *model.buffers()]
         saved = _SavedTensors(exclude=params)
         images = torch.zeros(batch_size, 3, crop_size, crop_size)
         autocast = torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)

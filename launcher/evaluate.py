@@ -21,7 +21,7 @@ from launcher.config import RunConfig
 from launcher.deepspeed_config import autocast_dtype
 from model.config import InferenceConfig
 from model.inference import Rule
-from model.test_time import predict_semantic_scores
+from model.tta import collective_device, max_across_ranks, predict_semantic_scores
 
 
 class ConfusionMatrix:
@@ -49,7 +49,9 @@ class ConfusionMatrix:
 
     def all_reduce(self) -> None:
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.matrix, op=dist.ReduceOp.SUM)
+            matrix = self.matrix.to(collective_device())
+            dist.all_reduce(matrix, op=dist.ReduceOp.SUM)
+            self.matrix = matrix.cpu()
 
     def results(self) -> dict:
         m = self.matrix.double()
@@ -85,11 +87,7 @@ def in_lockstep(batches: Iterable[dict]) -> Iterator[tuple[dict, bool]]:
     last = None
     while True:
         batch = next(iterator, None)
-        # NCCL reduces only device tensors, gloo only CPU ones.
-        where = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-        any_left = torch.tensor([0 if batch is None else 1], device=where)
-        dist.all_reduce(any_left, op=dist.ReduceOp.MAX)
-        if not any_left.item():
+        if not max_across_ranks(0 if batch is None else 1):  # does any rank have a batch left?
             return
         if batch is not None:
             last = batch
@@ -107,8 +105,11 @@ def evaluate(model: nn.Module, batches: Iterable[dict], num_classes: int, ignore
              rule: Rule = "maskformer") -> ConfusionMatrix:
     """Run ``model`` over ``batches`` and return the (this rank's) confusion matrix.
 
-    Predictions follow ``inference`` (``model.inference``: sliding window, scales, flip;
-    default: whole image, one scale) and the semantic ``rule`` (``model.name``).
+    Predictions follow ``inference`` (``model.inference``: test size, sliding window,
+    scales, flip; default: whole image, one scale) and the semantic ``rule``
+    (``model.name``). A batch padded to its largest image (``batch["image_sizes"]``, as the
+    eval loader gives) is predicted image by image at each image's own size, so a
+    prediction never depends on its batch mates; padded pixels are labelled ignore.
     ``lockstep`` (needed under ZeRO-3) keeps every rank's forward count equal, across
     batches and across the windows/scales inside a batch.
     """
@@ -124,7 +125,8 @@ def evaluate(model: nn.Module, batches: Iterable[dict], num_classes: int, ignore
         for batch, is_real in stream:
             images = batch["images"].to(device)
             with autocast:
-                scores = predict_semantic_scores(model, images, inference, rule, sync_passes=lockstep)
+                scores = predict_semantic_scores(model, images, inference, rule,
+                                                 image_sizes=batch.get("image_sizes"), sync_passes=lockstep)
             if scores.shape[1] != num_classes:
                 raise ValueError(f"the model predicts {scores.shape[1]} classes but model.num_classes is {num_classes}")
             if is_real:

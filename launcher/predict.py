@@ -11,7 +11,7 @@ from data_pipeline.loader import build_eval_loader
 from launcher.config import RunConfig
 from launcher.deepspeed_config import autocast_dtype
 from launcher.overlay import overlay_panel
-from model.test_time import predict_semantic_scores
+from model.tta import predict_semantic_scores
 
 
 @torch.no_grad()
@@ -23,11 +23,17 @@ def write_predictions(cfg: RunConfig, model: torch.nn.Module, out_dir: str, num:
     model.eval()
     for batch in build_eval_loader(cfg.data, 0, 1):
         images = batch["images"]
+        sizes = batch.get("image_sizes") or [tuple(images.shape[-2:])] * len(images)
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            predictions = predict_semantic_scores(model, images, cfg.model.inference, cfg.model.name).argmax(1)
-        for image, prediction, target, key in zip(images, predictions, batch["semantic"], batch["keys"]):
-            panel = overlay_panel(image.permute(1, 2, 0).numpy(), prediction.numpy(),
-                                  target.numpy().astype(np.int64), cfg.model.num_classes, cfg.data.ignore_index)
+            predictions = predict_semantic_scores(model, images, cfg.model.inference, cfg.model.name,
+                                                  image_sizes=sizes).argmax(1)
+        for image, prediction, target, key, (height, width) in zip(images, predictions, batch["semantic"],
+                                                                    batch["keys"], sizes):
+            # Each image at its own size: the batch padding is no part of it.
+            panel = overlay_panel(image[:, :height, :width].permute(1, 2, 0).numpy(),
+                                  prediction[:height, :width].numpy(),
+                                  target[:height, :width].numpy().astype(np.int64), cfg.model.num_classes,
+                                  cfg.data.ignore_index)
             path = os.path.join(out_dir, f"{key}.png")
             panel.save(path)
             written.append(path)

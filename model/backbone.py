@@ -8,9 +8,12 @@ tensors.
 
 Families (decided from the timm model name):
 
-- CNNs (``resnet50``, ``resnet101``, the deep-stem ``resnet50c``/``resnet101c`` with a
-  32-32-64 stem, and ``resnet50s``/``resnet101s`` with the 64-64-128 stem of
-  detectron2's DeepLab ResNets, i.e. MaskFormer's "R101c"): used as timm builds them.
+- CNNs (``resnet50``, ``resnet101``, ...): used as timm builds them, with every
+  BatchNorm frozen (``model.backbone.freeze_bn``, on by default): detectron2's FrozenBN,
+  which MaskFormer trains its ResNets with. Naming trap: MaskFormer's "R101c" is
+  detectron2's DeepLab ResNet with a 64-64-128 stem, which timm calls ``resnet101s``;
+  timm's ``resnet101c`` (and ``resnet50c``) has a 32-32-64 stem. A ``resnet*c`` name
+  therefore warns.
 - Swin (``swin_*``): built with ``strict_img_size=False`` (attention masks made per
   input size) and ``always_partition=True`` (window 7/12 and the half-window shift at
   every stage, whatever the feature size, as Swin's segmentation code does; timm would
@@ -33,6 +36,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,9 +46,11 @@ import ops.torchvision_fix  # noqa: F401  (must run before timm imports torchvis
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import freeze_batch_norm_2d
 from timm.models import is_model_in_modules
 from timm.models.swin_transformer import SwinTransformerBlock
 from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from model.config import BackboneConfig
 from model.simple_feature_pyramid import SimpleFeaturePyramid
@@ -58,6 +64,8 @@ _NESTING_KEYS = ("model", "state_dict", "module")
 _OPTIONAL_SUFFIXES = ("num_batches_tracked",)
 _SHOW = 3  # how many offending keys an error message names
 _ORIGINAL_SWIN_DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
+# timm's deep-stem "c" ResNets (32-32-64 stem), easily mistaken for MaskFormer's R101c.
+_TIMM_C_RESNET = re.compile(r"resnet(\d+)c")
 
 # timm keyword defaults per family (see the module docstring); the config's
 # ``timm_kwargs`` win over them.
@@ -66,6 +74,20 @@ _FAMILY_KWARGS: dict[str, dict[str, Any]] = {
     "vit": {"dynamic_img_size": True},
     "cnn": {},
 }
+
+
+def warn_if_timm_c_resnet(name: str) -> None:
+    """One-line warning for ``resnet50c``/``resnet101c``/...: a different stem than the papers' "c"."""
+    match = _TIMM_C_RESNET.fullmatch(name.split(".")[0])  # "resnet101c.gluon_in1k" too
+    if match:
+        depth = match.group(1)
+        warnings.warn(
+            f"model.backbone.name={name!r} is timm's 32-32-64 deep stem, not MaskFormer's R{depth}c "
+            f"(detectron2's DeepLab stem 64-64-128 = timm's 'resnet{depth}s'): "
+            f"set model.backbone.name=resnet{depth}s for the paper's variant",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def backbone_family(name: str) -> str:
@@ -99,6 +121,25 @@ class _PadFirstSwinBlock(SwinTransformerBlock):
         return super()._attn(x)[:, :height, :width].contiguous()
 
 
+class _FrozenBatchNorm2d(FrozenBatchNorm2d):
+    """torchvision's FrozenBN (what ``timm.layers.freeze_batch_norm_2d`` makes), keeping
+    the input's dtype as detectron2's does: the fp32 scale and shift are folded in fp32,
+    then cast, so under bf16 autocast the activations stay bf16 (torchvision's promotes
+    them to fp32, doubling the memory of every ResNet activation after a norm)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.to(x.dtype).view(1, -1, 1, 1) + shift.to(x.dtype).view(1, -1, 1, 1)
+
+
+def _freeze_batch_norm(body: nn.Module) -> None:
+    freeze_batch_norm_2d(body)
+    for module in body.modules():
+        if type(module) is FrozenBatchNorm2d:
+            module.__class__ = _FrozenBatchNorm2d  # same buffers and state-dict keys
+
+
 def _pad_swin_windows_first(body: nn.Module) -> None:
     for module in body.modules():
         if type(module) is SwinTransformerBlock:
@@ -121,10 +162,12 @@ class Backbone(nn.Module):
         grad_checkpointing: bool = False,
         timm_kwargs: Mapping[str, Any] | None = None,
         pyramid_channels: int = 256,
+        freeze_bn: bool = True,
     ) -> None:
         super().__init__()
         self.name = name
         self.family = backbone_family(name)
+        warn_if_timm_c_resnet(name)
         kwargs = {**_FAMILY_KWARGS[self.family], **dict(timm_kwargs or {})}
         try:
             # pretrained=False: weights never come from a hub at run time, only from
@@ -180,6 +223,19 @@ class Backbone(nn.Module):
             _pad_swin_windows_first(self.body)
             # Swin is pre-norm: a stage's output is the raw residual stream.
             self.output_norms = nn.ModuleList(nn.LayerNorm(c) for c in info.channels())
+        if freeze_bn and self.family == "cnn":
+            # detectron2's FrozenBN: BatchNorm statistics of 2 crops per worker are noise,
+            # so the ImageNet statistics and affine stay fixed, even in .train() mode. The
+            # affine become buffers (same state-dict keys, so pretrained weights load into
+            # them); ``describe`` still counts them in the total, as the papers do.
+            _freeze_batch_norm(self.body)
+            if not pretrained_path and not any(p.is_meta for p in self.body.parameters()):
+                # Frozen at init, BN is the identity and timm's zero-initialised last
+                # gamma of each residual block stays zero: the residual branches never
+                # learn. Right for a resumed run, wrong for training from scratch.
+                logger.warning(
+                    "model.backbone.freeze_bn=true on a randomly initialised %r: BatchNorm stays at its init "
+                    "(set model.backbone.pretrained_path, or freeze_bn=false to train from scratch)", name)
         if grad_checkpointing:
             self.set_grad_checkpointing(True)
         if pretrained_path:
@@ -237,6 +293,7 @@ def build_backbone(cfg: BackboneConfig) -> Backbone:
         grad_checkpointing=cfg.grad_checkpointing,
         timm_kwargs=cfg.timm_kwargs,
         pyramid_channels=cfg.pyramid_channels,
+        freeze_bn=cfg.freeze_bn,
     )
 
 

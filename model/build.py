@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from model.backbone import build_backbone
 from model.config import ModelConfig
-from model.criterion import SetCriterion
+from model.criterion import ClassLoss, SetCriterion
 from model.maskformer import MaskFormer
 from model.matcher import FixedMatcher, HungarianMatcher
 from model.pft import PFT
@@ -44,10 +44,15 @@ def build_model(cfg: ModelConfig) -> MaskFormer | PFT:
 def build_criterion(cfg: ModelConfig) -> SetCriterion:
     _check_name(cfg)
     matcher: FixedMatcher | HungarianMatcher
+    class_loss: ClassLoss
     if cfg.name == "pft":
-        # One query per class: query i answers class i, no matching (model.matcher unused).
+        # One query per class: query i answers class i, no matching (model.matcher unused);
+        # one sigmoid logit per query, "class i is in the image" (BCE + focal-CE, no
+        # "no object" column, so model.loss.no_object_weight is unused).
         matcher = FixedMatcher()
+        class_loss = "sigmoid"
     else:
+        class_loss = "softmax"  # K+1-way softmax CE with the no-object weight
         matcher = HungarianMatcher(
             cost_class=cfg.matcher.cost_class,
             cost_focal=cfg.matcher.cost_focal,
@@ -59,6 +64,7 @@ def build_criterion(cfg: ModelConfig) -> SetCriterion:
     return SetCriterion(
         cfg.num_classes,
         matcher,
+        class_loss=class_loss,
         class_weight=cfg.loss.class_weight,
         focal_weight=cfg.loss.focal_weight,
         dice_weight=cfg.loss.dice_weight,

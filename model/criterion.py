@@ -1,13 +1,18 @@
 """The set criterion of MaskFormer and PFT: match, then classification + mask losses, with deep supervision.
 
 For each output set (the final layer, then every ``aux_outputs`` entry, re-matched
-independently as in DETR):
+independently as in DETR), with a class-loss flavour fixed at construction
+(``build_criterion`` picks it from ``model.name``):
 
-- ``loss_ce``: cross-entropy over K+1 classes for *every* query; unmatched queries
-  target "no object" (index K), whose weight is ``no_object_weight`` (``empty_weight``).
-- ``loss_focal_ce`` (only when ``focal_ce_weight > 0``; PFT): sigmoid focal loss of the K
-  class logits against one-hot targets, "no object" = all zeros, summed over queries and
-  classes and divided by the number of masks (see ``ops.losses.focal_ce_loss``).
+- ``class_loss="softmax"`` (MaskFormer; ``pred_logits`` B×Q×(K+1)): ``loss_ce`` is the
+  cross-entropy over K+1 classes for *every* query; unmatched queries target "no object"
+  (index K), whose weight is ``no_object_weight`` (``empty_weight``).
+- ``class_loss="sigmoid"`` (PFT; ``pred_logits`` B×Q, one logit per query): a matched
+  query's target is 1, an unmatched one's 0 — under PFT's fixed assignment, "class i is
+  in the image". ``loss_ce`` is their binary cross-entropy and ``loss_focal_ce`` (only
+  when ``focal_ce_weight > 0``) their sigmoid focal loss, each summed over queries and
+  divided by the number of masks (``ops.losses.binary_ce_loss`` says why). There is no
+  "no object" column, so ``no_object_weight`` does not apply.
 - ``loss_focal`` / ``loss_dice``: on matched pairs only, each normalised by the number of
   ground-truth masks across all ranks. With ``num_points == 0`` the predictions are
   upsampled (bilinear) to the target size, i.e. the input image size — MaskFormer's
@@ -25,14 +30,20 @@ float32 with autocast off, whatever precision produced the outputs.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.inference import upsample_mask_logits
 from model.matcher import FixedMatcher, HungarianMatcher, Indices
-from ops.losses import dice_loss, focal_ce_loss, sigmoid_focal_loss
+from ops.fused_losses import fused_dice_loss, fused_sigmoid_focal_loss
+from ops.losses import binary_ce_loss, focal_ce_loss
 from ops.point_sampling import calculate_uncertainty, get_uncertain_point_coords_with_randomness, point_sample
+
+ClassLoss = Literal["softmax", "sigmoid"]
 
 
 class SetCriterion(nn.Module):
@@ -40,12 +51,15 @@ class SetCriterion(nn.Module):
 
     ``targets``: one ``{"labels": int64[n] in [0, K), "masks": bool[n, H, W]}`` per image,
     H×W the input image size (ignored pixels simply belong to no mask; n may be 0).
+    ``outputs["pred_logits"]``: B×Q×(K+1) for ``class_loss="softmax"``, B×Q for "sigmoid".
     """
 
     def __init__(
         self,
         num_classes: int,
         matcher: HungarianMatcher | FixedMatcher,
+        *,
+        class_loss: ClassLoss = "softmax",
         class_weight: float = 1.0,
         focal_weight: float = 20.0,
         dice_weight: float = 1.0,
@@ -58,6 +72,14 @@ class SetCriterion(nn.Module):
         importance_sample_ratio: float = 0.75,
     ) -> None:
         super().__init__()
+        if class_loss not in get_args(ClassLoss):
+            raise ValueError(f"SetCriterion: class_loss must be one of {get_args(ClassLoss)}, got {class_loss!r}")
+        if class_loss == "softmax" and focal_ce_weight:
+            # Focal-CE is PFT's loss on its per-class sigmoid logits; a softmax head has none.
+            raise ValueError(
+                f"model.loss.focal_ce_weight={focal_ce_weight} applies to PFT's sigmoid class logits only; "
+                "set it to 0 for model.name=maskformer"
+            )
         if num_points < 0:
             raise ValueError(f"model.loss.num_points must be >= 0 (0 = full-resolution masks), got {num_points}")
         if num_points and oversample_ratio < 1:
@@ -66,6 +88,7 @@ class SetCriterion(nn.Module):
             raise ValueError(f"model.loss.importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}")
         self.num_classes = num_classes
         self.matcher = matcher
+        self.class_loss = class_loss
         self.class_weight = class_weight
         self.focal_ce_weight = focal_ce_weight
         self.focal_weight = focal_weight
@@ -99,10 +122,38 @@ class SetCriterion(nn.Module):
             target_classes[b, src.to(device)] = target["labels"].to(device)[tgt.to(device)]
         return target_classes
 
+    @staticmethod
+    def matched_queries(logits: Tensor, indices: Indices) -> Tensor:
+        """B×Q float32: 1 for a query matched to a target, else 0 (the sigmoid class target)."""
+        matched = torch.zeros(logits.shape[:2], dtype=torch.float32, device=logits.device)
+        for b, (src, _) in enumerate(indices):
+            matched[b, src.to(logits.device)] = 1.0
+        return matched
+
     def loss_labels(self, logits: Tensor, target_classes: Tensor) -> Tensor:
         # Weighted mean: divides by the summed weights of the targets, as DETR does.
         weight = self.empty_weight.to(device=logits.device, dtype=torch.float32)
         return F.cross_entropy(logits.float().transpose(1, 2), target_classes, weight)
+
+    def class_losses(
+        self, logits: Tensor, targets: list[dict], indices: Indices, num_masks: float, suffix: str
+    ) -> dict[str, Tensor]:
+        """``loss_ce`` (+ ``loss_focal_ce``) of one output set, weighted, in the configured flavour."""
+        expected_dims = 3 if self.class_loss == "softmax" else 2
+        if logits.dim() != expected_dims:
+            shape = "B×Q×(K+1)" if self.class_loss == "softmax" else "B×Q (one logit per query)"
+            raise ValueError(
+                f"SetCriterion(class_loss={self.class_loss!r}) expects pred_logits {shape}, got {tuple(logits.shape)}"
+            )
+        if self.class_loss == "softmax":
+            target_classes = self.target_classes(logits, targets, indices)
+            return {f"loss_ce{suffix}": self.class_weight * self.loss_labels(logits, target_classes)}
+        present = self.matched_queries(logits, indices)
+        losses = {f"loss_ce{suffix}": self.class_weight * binary_ce_loss(logits, present, num_masks)}
+        if self.focal_ce_weight:
+            focal_ce = focal_ce_loss(logits, present, num_masks, self.focal_alpha, self.focal_gamma)
+            losses[f"loss_focal_ce{suffix}"] = self.focal_ce_weight * focal_ce
+        return losses
 
     def loss_masks(
         self, pred_masks: Tensor, targets: list[dict], indices: Indices, num_masks: float
@@ -117,14 +168,17 @@ class SetCriterion(nn.Module):
             # One batched image tensor means one size; MaskFormer's padding is the loader's job.
             raise ValueError(f"SetCriterion: target masks of one batch must share one size, got {sorted(sizes)}")
         height, width = sizes.pop()
-        tgt = torch.cat([t["masks"].to(device)[j.to(device)] for t, (_, j) in zip(targets, indices)]).float()
+        tgt = torch.cat([t["masks"].to(device)[j.to(device)] for t, (_, j) in zip(targets, indices)])
         src = src.float()
         if self.num_points:
-            src, tgt = self._sample_points(src[:, None], tgt[:, None])
+            src, tgt = self._sample_points(src[:, None], tgt[:, None].float())
         else:
-            src = F.interpolate(src[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
-        focal = sigmoid_focal_loss(src, tgt, num_masks, alpha=self.focal_alpha, gamma=self.focal_gamma)
-        dice = dice_loss(src, tgt, num_masks)
+            # Aligned exactly as inference aligns masks (stride-4 map -> image, cropped).
+            src = upsample_mask_logits(src[:, None], (height, width))[:, 0]
+        # The fused losses keep only logits and (boolean) targets for backward: over 6
+        # deep-supervision layers of full-resolution masks that is most of the loss memory.
+        focal = fused_sigmoid_focal_loss(src, tgt, num_masks, alpha=self.focal_alpha, gamma=self.focal_gamma)
+        dice = fused_dice_loss(src, tgt, num_masks)
         return focal, dice
 
     def _sample_points(self, src: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor]:
@@ -141,16 +195,8 @@ class SetCriterion(nn.Module):
 
     def _losses(self, outputs: dict, targets: list[dict], num_masks: float, suffix: str) -> dict[str, Tensor]:
         indices = self.matcher(outputs, targets)
-        logits = outputs["pred_logits"].float()
-        target_classes = self.target_classes(logits, targets, indices)
+        losses = self.class_losses(outputs["pred_logits"].float(), targets, indices, num_masks, suffix)
         focal, dice = self.loss_masks(outputs["pred_masks"], targets, indices, num_masks)
-        losses = {f"loss_ce{suffix}": self.class_weight * self.loss_labels(logits, target_classes)}
-        if self.focal_ce_weight:
-            # The "no object" column has no sigmoid counterpart: its target is all zeros.
-            focal_ce = focal_ce_loss(
-                logits[..., : self.num_classes], target_classes, num_masks, self.focal_alpha, self.focal_gamma
-            )
-            losses[f"loss_focal_ce{suffix}"] = self.focal_ce_weight * focal_ce
         losses[f"loss_focal{suffix}"] = self.focal_weight * focal
         losses[f"loss_dice{suffix}"] = self.dice_weight * dice
         return losses

@@ -14,7 +14,8 @@ instead compared at the same ``num_points`` uniformly random points per image, O
 The losses on the matched pairs are computed by the criterion.
 
 ``FixedMatcher`` is PFT's fixed class-to-query assignment (query i <-> the mask of class
-i). Both return the same ``Indices`` so one criterion serves every decoder.
+i). Both return the same ``Indices`` so one criterion serves every decoder (whose class
+loss — softmax for MaskFormer, sigmoid for PFT — is the criterion's business).
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ class HungarianMatcher(nn.Module):
 
 class FixedMatcher(nn.Module):
     """PFT's fixed assignment: query i predicts class i, so it is matched to the target
-    mask labelled i when the image has one, and to "no object" otherwise.
+    mask labelled i when the image has one and left unmatched (class target 0) otherwise.
+    Reads only ``pred_logits.shape[:2]`` (B×K, one query per class).
 
     Same interface and output as ``HungarianMatcher`` (``pred_idx`` = the labels, sorted),
     so ``SetCriterion`` needs no special case. Semantic targets hold at most one mask per

@@ -14,10 +14,13 @@ layer runs, in this order:
 4. a feed-forward network.
 
 Pixel tokens never attend to each other (no pixel-to-pixel attention, the point of the
-design: its cost would grow with HW² at stride 4). Heads, per scale: class logits
-Linear(Q_s) and mask logits MLP(Q_s)·M_s; the per-scale logits are averaged in logit
-space (masks after upsampling to stride 4). Every layer's averaged prediction is kept
-for deep supervision.
+design: its cost would grow with HW² at stride 4). Heads, per scale (equations 4, 5):
+one class logit per query L_s^prob = Linear(Q_s) (C -> 1: "class i is in the image",
+p_i = sigmoid of the average), and mask logits MLP(Q_s)·M_s; the per-scale logits are
+averaged in logit space (masks after upsampling to stride 4). In training with deep
+supervision every layer's averaged prediction is kept for the auxiliary losses; at
+evaluation only the last layer's heads run (4 scales × K masks at stride 4 per earlier
+layer would be wasted on every sliding window and TTA view).
 
 Parameter sharing. The paper's parameter counts (ADE20K) exceed MaskFormer's on the same
 backbone by 33/33/32/33/31/30M (R50/R101/Swin-T/S/B/L). On MaskFormer's FPN pixel decoder
@@ -25,13 +28,13 @@ backbone by 33/33/32/33/31/30M (R50/R101/Swin-T/S/B/L). On MaskFormer's FPN pixe
 FFN 2048 and 6 layers, one scale's attention costs 0.26M and its FFN 1.05M per layer:
 
 - everything per scale (four complete decoders, the cross-scale attention included):
-  decoder 45.3M, i.e. +35M over MaskFormer's 10.3M decoder: R50 76.4M (+3.2% vs 74M),
-  Swin-T 77.1M (+4.2%), Swin-B 137.2M (+3.1%) — inside 5% but uniformly high;
+  decoder 45.2M, i.e. +34.9M over MaskFormer's 10.3M decoder: R50 76.2M (+2.9% vs 74M),
+  Swin-T 77.0M (+4.0%), Swin-B 137.0M (+3.0%) — inside 5% but uniformly high;
 - self-attention, cross-attention, FFN and norms per scale, *one* cross-scale attention
   per layer (it reads the concatenation of all scales, so it is not any one scale's
-  module — equation (2) has a single projection of Q_all): decoder 40.6M, +30.3M:
-  R50 71.6M (-3.2%), R101 90.6M (-2.6%), Swin-T 72.4M (-2.2%), Swin-S 93.7M (-2.4%),
-  Swin-B 132.4M (-0.4%), Swin-L 242.0M (0.0%).
+  module — equation (2) has a single projection of Q_all): decoder 40.4M, +30.2M:
+  R50 71.4M (-3.5%), R101 90.4M (-2.8%), Swin-T 72.3M (-2.4%), Swin-S 93.6M (-2.5%),
+  Swin-B 132.3M (-0.6%), Swin-L 241.9M (-0.1%).
 
 The second is what is built here: it follows the equation literally and lands closer on
 average (the paper's numbers are rounded to 1M, so they cannot separate the two better).
@@ -45,8 +48,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint  # called through the module attribute, so spies that patch it see PFT
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from model.config import PFTDecoderConfig
 from model.pixel_decoder import c2_xavier_fill
@@ -155,14 +158,14 @@ class PFTDecoderLayer(nn.Module):
 
 
 class PFTPredictor(nn.Module):
-    """``forward(pixel_features, mask_features)`` -> ``{"pred_logits": B×K×(K+1),
+    """``forward(pixel_features, mask_features)`` -> ``{"pred_logits": B×K,
     "pred_masks": B×K×h0×w0, "aux_outputs": [...]}``.
 
     ``pixel_features``: one B×C_s×h_s×w_s map per scale (the pixel tokens, finest first);
     ``mask_features``: one B×D_s×h_s×w_s map per scale (M_s, dotted with the mask
-    embeddings). h0×w0 is the finest mask map's size. Query i is class i; the K+1-th
-    logit is "no object", so MaskFormer's softmax CE applies unchanged, while PFT's own
-    class probability of query i is ``sigmoid(pred_logits[:, i, i])``.
+    embeddings). h0×w0 is the finest mask map's size. Query i is class i: its class
+    probability is ``sigmoid(pred_logits[:, i])`` and its mask ``sigmoid(pred_masks[:, i])``.
+    ``aux_outputs`` (earlier layers, same keys) only in training with deep supervision.
     """
 
     def __init__(
@@ -216,7 +219,8 @@ class PFTPredictor(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)  # as DETR's transformer
         self.decoder_norm = nn.ModuleList(nn.LayerNorm(hidden_dim) for _ in range(num_scales))
-        self.class_embed = nn.ModuleList(nn.Linear(hidden_dim, num_classes + 1) for _ in range(num_scales))
+        # One logit per category query (equation 4): query i only ever answers "is class i here?".
+        self.class_embed = nn.ModuleList(nn.Linear(hidden_dim, 1) for _ in range(num_scales))
         self.mask_embed = nn.ModuleList(
             MLP(hidden_dim, hidden_dim, channels, mask_embed_layers) for channels in mask_channels
         )
@@ -228,7 +232,7 @@ class PFTPredictor(nn.Module):
         masks: Tensor | None = None
         for s, (q, m) in enumerate(zip(queries, mask_features)):
             q = self.decoder_norm[s](q)
-            scale_logits = self.class_embed[s](q)
+            scale_logits = self.class_embed[s](q).squeeze(-1)  # B×K
             scale_masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed[s](q), m)
             if scale_masks.shape[-2:] != size:
                 scale_masks = F.interpolate(scale_masks, size=size, mode="bilinear", align_corners=False)
@@ -256,15 +260,17 @@ class PFTPredictor(nn.Module):
         queries: Sequence[Tensor] = [
             torch.zeros(batch, self.num_classes, w.shape[1], device=w.device, dtype=w.dtype) for w in query_pos
         ]
+        # Heads on every layer only for the auxiliary losses (training); else the last one.
+        every_layer = self.training and self.deep_supervision
         predictions = []
         for i, layer in enumerate(self.layers):
             args = (*queries, *query_pos, *keys, *values)
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # Reentrant: ZeRO-3 fails with the non-reentrant variant (DESIGN.md §4).
-                queries = checkpoint(layer, *args, use_reentrant=True)
+                queries = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=True)
             else:
                 queries = layer(*args)
-            if self.deep_supervision or i == len(self.layers) - 1:
+            if every_layer or i == len(self.layers) - 1:
                 predictions.append(self.predict(queries, mask_features))
         out = dict(predictions[-1])
         out["aux_outputs"] = predictions[:-1]

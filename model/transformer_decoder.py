@@ -6,7 +6,9 @@ initialized as zero vectors") and the learned query embeddings enter only as pos
 embeddings, added to the queries and keys of every attention. Each layer's (normed)
 output goes through the class head (K+1 logits, the last one "no object") and the
 mask-embedding MLP, whose dot product with the per-pixel embeddings gives the masks;
-every layer but the last becomes an auxiliary output (deep supervision).
+in training with deep supervision every layer but the last becomes an auxiliary output.
+At evaluation only the last layer's heads run (the Q masks per earlier layer would be
+computed for nothing on every window and TTA view).
 
 DETR also has a transformer *encoder* over the feature map. MaskFormer's semantic
 configs (ADE20K etc.) set ``ENC_LAYERS: 0``; only its panoptic "+ 6 Enc" models use
@@ -118,7 +120,8 @@ class MLP(nn.Module):
 
 class TransformerPredictor(nn.Module):
     """``forward(x: B×C_in×h×w stride-32 map, mask_features: B×D×H×W)`` ->
-    ``{"pred_logits": B×Q×(K+1), "pred_masks": B×Q×H×W, "aux_outputs": [...]}``."""
+    ``{"pred_logits": B×Q×(K+1), "pred_masks": B×Q×H×W, "aux_outputs": [...]}``;
+    ``aux_outputs`` (earlier layers, same keys) only in training with deep supervision."""
 
     def __init__(
         self,
@@ -161,8 +164,8 @@ class TransformerPredictor(nn.Module):
         query_pos = self.query_embed.weight.unsqueeze(0).expand(batch, -1, -1)
         tgt = torch.zeros_like(query_pos)
         hidden = self.decoder(tgt, memory, pos, query_pos)  # L×B×Q×C
-        if not self.deep_supervision:
-            hidden = hidden[-1:]
+        if not (self.training and self.deep_supervision):
+            hidden = hidden[-1:]  # heads for the auxiliary losses only when training
         logits = self.class_embed(hidden)
         masks = torch.einsum("lbqc,bchw->lbqhw", self.mask_embed(hidden), mask_features)
         aux = [{"pred_logits": a, "pred_masks": b} for a, b in zip(logits[:-1], masks[:-1])]

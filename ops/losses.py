@@ -1,20 +1,23 @@
-"""Mask losses of DETR / MaskFormer: sigmoid focal loss and dice loss, on mask logits.
+"""Mask and class losses of DETR / MaskFormer / PFT, on logits.
 
-Two forms of each:
+Two forms of each mask loss:
 
 - ``sigmoid_focal_loss`` / ``dice_loss``: one prediction per target (matched pairs),
-  summed over masks and divided by ``num_masks`` (the number of ground-truth masks,
-  averaged over ranks by the caller) — the criterion's terms.
+  averaged over pixels, summed over masks and divided by ``num_masks`` (the number of
+  ground-truth masks, averaged over ranks by the caller) — the criterion's terms.
 - ``batch_sigmoid_focal_loss`` / ``batch_dice_loss``: every prediction against every
   target, an N×M cost matrix — the Hungarian matcher's costs.
 
-``focal_ce_loss`` is PFT's focal-style cross-entropy on the *class* logits (sigmoid focal
-loss against one-hot class targets), normalised like the mask losses.
+PFT's class losses score one sigmoid logit per category query against "this class is in
+the image": ``binary_ce_loss`` (L_ce) and ``focal_ce_loss`` (L_focal-ce, the sigmoid focal
+loss). Both are *summed* over queries and divided by ``num_masks``, the normaliser of the
+mask losses (see ``binary_ce_loss`` for why).
 
 All math runs in float32 with autocast off, whatever the caller's precision: the sigmoid
 of bf16 logits saturates early, and sums over 10^5 pixels lose most of bf16's 8 bits of
-mantissa. ``inputs`` are logits of shape N×P (or N×H×W: flattened here); ``targets`` are
-0/1 (bool or float, soft values also work) of the same shape, or M×P for the batch forms.
+mantissa. Mask ``inputs`` are logits of shape N×P (or N×H×W: flattened here); ``targets``
+are 0/1 (bool or float, soft values also work) of the same shape, or M×P for the batch
+forms.
 
 Pure functions; this module imports nothing of ours.
 """
@@ -30,6 +33,17 @@ def _fp32_flat(x: Tensor) -> Tensor:
     return x.float().flatten(1)
 
 
+def _focal_terms(inputs: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:
+    """Element-wise focal loss (Lin et al.) of fp32 logits against fp32 0/1 targets."""
+    prob = inputs.sigmoid()
+    ce_loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce_loss * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss
+
+
 def sigmoid_focal_loss(
     inputs: Tensor,
     targets: Tensor,
@@ -42,15 +56,7 @@ def sigmoid_focal_loss(
     ``alpha < 0`` disables the class-balancing factor.
     """
     with torch.autocast(device_type=inputs.device.type, enabled=False):
-        inputs = _fp32_flat(inputs)
-        targets = _fp32_flat(targets)
-        prob = inputs.sigmoid()
-        ce_loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-        p_t = prob * targets + (1 - prob) * (1 - targets)
-        loss = ce_loss * ((1 - p_t) ** gamma)
-        if alpha >= 0:
-            alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-            loss = alpha_t * loss
+        loss = _focal_terms(_fp32_flat(inputs), _fp32_flat(targets), alpha, gamma)
         return loss.mean(1).sum() / num_masks
 
 
@@ -99,35 +105,44 @@ def batch_dice_loss(inputs: Tensor, targets: Tensor) -> Tensor:
         return 1 - (numerator + 1) / (denominator + 1)
 
 
+def _check_class_targets(logits: Tensor, targets: Tensor) -> None:
+    if targets.shape != logits.shape:
+        raise ValueError(f"class loss: targets of shape {tuple(targets.shape)} for logits {tuple(logits.shape)}")
+
+
+def binary_ce_loss(logits: Tensor, targets: Tensor, num_masks: float | Tensor) -> Tensor:
+    """PFT's L_ce: binary cross-entropy of each query's class logit (B×K) against 0/1
+    ``targets`` ("class i is in the image"), summed over all B×K entries, / ``num_masks``.
+
+    Why this normalisation (Deformable DETR's for its sigmoid classification loss): a
+    present class's logit then weighs what its mask's focal and dice terms weigh (each
+    1/num_masks), as a matched query's softmax CE does in MaskFormer (weight ≈
+    1/(2·num_masks) there, the no-object queries filling the rest of the weighted mean),
+    so ``class_weight = 1`` next to ``focal 20 / dice 1`` keeps its MaskFormer meaning.
+    A mean over the B×K entries would instead divide each present class's gradient by K
+    (150 on ADE20K, ~10 of them present per image): ~15× weaker than its mask, and
+    dependent on the number of classes.
+    """
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        _check_class_targets(logits, targets)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="sum")
+        return loss / num_masks
+
+
 def focal_ce_loss(
     logits: Tensor,
-    target_classes: Tensor,
+    targets: Tensor,
     num_masks: float | Tensor,
     alpha: float = 0.25,
     gamma: float = 2.0,
 ) -> Tensor:
-    """PFT's focal-CE: sigmoid focal loss of ``logits`` (…×K) against one-hot ``target_classes``.
+    """PFT's L_focal-ce: the sigmoid focal loss of each query's class logit (B×K) against 0/1
+    ``targets``, summed over all B×K entries, / ``num_masks`` (as ``binary_ce_loss``).
 
-    ``target_classes`` (…, int64) holds a class in [0, K) or K for "no object", whose
-    target row is all zeros (every class sigmoid pushed down). The focal terms are
-    *summed* over queries and classes and divided by ``num_masks`` — Deformable DETR's
-    normalisation of its focal classification loss. Dividing by the number of
-    ground-truth masks (not by Q·K) keeps the loss's scale independent of the number of
-    classes, where a mean over Q·K (22,500 entries for ADE20K) would shrink its gradient
-    to nothing next to the mask losses; and it matches how focal/dice are normalised.
+    Summing matters even more here than for the CE: the focal factor already drives the
+    ~K easy negatives per image towards 0, so a mean over B×K would leave only the few
+    positives' terms divided by K — next to nothing beside 20·focal + dice.
     """
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        logits = logits.float()
-        num_classes = logits.shape[-1]
-        if target_classes.shape != logits.shape[:-1]:
-            raise ValueError(
-                f"focal_ce_loss: targets of shape {tuple(target_classes.shape)} for logits {tuple(logits.shape)}"
-            )
-        onehot = F.one_hot(target_classes.long(), num_classes + 1)[..., :num_classes].to(logits.dtype)
-        prob = logits.sigmoid()
-        ce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
-        p_t = prob * onehot + (1 - prob) * (1 - onehot)
-        loss = ce * ((1 - p_t) ** gamma)
-        if alpha >= 0:
-            loss = (alpha * onehot + (1 - alpha) * (1 - onehot)) * loss
-        return loss.sum() / num_masks
+        _check_class_targets(logits, targets)
+        return _focal_terms(logits.float(), targets.float(), alpha, gamma).sum() / num_masks

@@ -1,10 +1,13 @@
 import ops.torchvision_fix  # noqa: F401  (before timm)
 
 # isort: split
+import warnings
+
 import pytest
 import safetensors.torch
 import timm
 import torch
+from torchvision.ops.misc import FrozenBatchNorm2d  # what timm.layers.freeze_batch_norm_2d makes
 
 from model.backbone import Backbone, _pad_swin_windows_first, _PadFirstSwinBlock, build_backbone
 from model.config import BackboneConfig
@@ -159,6 +162,7 @@ def _expected(backbone: Backbone, height: int, width: int) -> list[tuple[int, ..
     return [(1, c, -(-height // s), -(-width // s)) for c, s in zip(backbone.channels, backbone.strides)]
 
 
+@pytest.mark.filterwarnings("ignore:model.backbone.name=:UserWarning")  # the "c" names warn (tested below)
 @pytest.mark.parametrize("name", ["resnet50", "resnet101", "resnet50c", "resnet101c", "resnet50s", "resnet101s"])
 def test_resnets_give_strides_4_to_32(name):
     with torch.device("meta"):
@@ -348,3 +352,94 @@ def test_swin_pretrained_in_microsofts_original_layout(tmp_path):
     for key, value in backbone.body.state_dict().items():
         source = key if key in full_state else key.replace("_", ".", 1)
         torch.testing.assert_close(value, full_state[source], msg=key)
+
+
+def test_cnn_batchnorm_is_frozen_in_train_mode():
+    # detectron2's FrozenBN (model.backbone.freeze_bn, on by default): a training forward
+    # changes no statistic, and the BN affine are not trained.
+    torch.manual_seed(6)
+    frozen = Backbone("test_resnet").train()
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in frozen.modules())
+    norms = [m for m in frozen.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert norms and all(not list(m.parameters()) for m in norms)  # affine are buffers now
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    sum(f.square().mean() for f in frozen(torch.randn(2, 3, 64, 64) * 5 + 3)).backward()
+    for k, v in frozen.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+    # Everything else still trains.
+    assert all(p.requires_grad and p.grad is not None for p in frozen.parameters())
+
+    # The switch really switches: live BatchNorm moves its statistics.
+    live = Backbone("test_resnet", freeze_bn=False).train()
+    bn = next(m for m in live.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    mean = bn.running_mean.clone()
+    live(torch.randn(2, 3, 64, 64) * 5 + 3)
+    assert not torch.equal(bn.running_mean, mean) and bn.weight.requires_grad
+
+
+def test_frozen_bn_loads_pretrained_batchnorm_weights(tmp_path):
+    # A checkpoint of a live-BN ResNet (what ImageNet files are) fills the frozen buffers.
+    torch.manual_seed(7)
+    live = Backbone("test_resnet", freeze_bn=False)
+    for m in live.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    path = tmp_path / "live.pth"
+    torch.save(live.body.state_dict(), path)
+    frozen = Backbone("test_resnet", pretrained_path=str(path))
+    state = frozen.body.state_dict()
+    assert "layer1.0.bn1.running_var" in state and not any(k.endswith("num_batches_tracked") for k in state)
+    for key, value in state.items():
+        torch.testing.assert_close(value, live.body.state_dict()[key], msg=key)
+    x = torch.randn(1, 3, 64, 64)
+    for a, b in zip(live.eval()(x), frozen.train()(x)):  # frozen in train() = live in eval()
+        torch.testing.assert_close(a, b)
+
+
+def test_frozen_bn_keeps_bf16_under_autocast():
+    # As detectron2's FrozenBN: a bf16 activation stays bf16 (torchvision's would turn
+    # every normalised map fp32), with the values of the fp32 computation.
+    torch.manual_seed(8)
+    backbone = Backbone("test_resnet").train()
+    for m in backbone.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.weight.uniform_(0.5, 1.5)
+            m.running_var.uniform_(0.5, 2)
+            m.running_mean.uniform_(-1, 1)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = backbone(x)
+    assert [f.dtype for f in low] == [torch.bfloat16] * 4
+    for a, b in zip(low, backbone(x)):
+        torch.testing.assert_close(a.float(), b, rtol=0.1, atol=0.1)
+
+
+def test_swin_is_not_touched_by_freeze_bn():
+    backbone = Backbone("swin_tiny_patch4_window7_224", out_indices=[0, 1, 2, 3], timm_kwargs=TINY_SWIN)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules())
+
+
+def test_timm_c_resnet_name_warns_towards_the_papers_r101c():
+    # MaskFormer's R101c = detectron2's DeepLab stem 64-64-128 = timm's resnet101s;
+    # timm's resnet101c has a 32-32-64 stem.
+    with torch.device("meta"), pytest.warns(UserWarning, match=r"model\.backbone\.name=resnet101s") as record:
+        c = Backbone("resnet101c")
+    assert len(record) == 1 and "\n" not in str(record[0].message)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = Backbone("resnet101s")
+    assert [m.out_channels for m in s.body.conv1 if isinstance(m, torch.nn.Conv2d)] == [64, 64, 128]
+    assert [m.out_channels for m in c.body.conv1 if isinstance(m, torch.nn.Conv2d)] == [32, 32, 64]
+
+
+def test_frozen_bn_without_pretrained_weights_logs_one_line(caplog):
+    # Frozen at init, a from-scratch ResNet's BN never learns: say so (not for shape-only
+    # meta builds, such as describe's, nor when BN is live).
+    with caplog.at_level("WARNING", logger="model.backbone"):
+        Backbone("test_resnet")
+        Backbone("test_resnet", freeze_bn=False)
+        with torch.device("meta"):
+            Backbone("test_resnet")
+    messages = [r.getMessage() for r in caplog.records if "freeze_bn" in r.getMessage()]
+    assert len(messages) == 1 and "model.backbone.pretrained_path" in messages[0] and "\n" not in messages[0]

@@ -11,7 +11,7 @@ from model.build import build_criterion, build_model
 from model.config import BackboneConfig, ModelConfig, PixelDecoderConfig, TransformerDecoderConfig
 from model.criterion import SetCriterion
 from model.matcher import FixedMatcher, HungarianMatcher
-from ops.losses import dice_loss, focal_ce_loss, sigmoid_focal_loss
+from ops.losses import binary_ce_loss, dice_loss, focal_ce_loss, sigmoid_focal_loss
 from ops.point_sampling import calculate_uncertainty, get_uncertain_point_coords_with_randomness, point_sample
 
 
@@ -165,25 +165,58 @@ def _focal_term(x: float, t: float, alpha: float = 0.25, gamma: float = 2.0) -> 
     return (1 - alpha) * p**gamma * -math.log(1 - p)
 
 
-def test_focal_ce_hand_values_and_criterion_term():
-    # 1 image, 2 queries, K = 2 (+ "no object" column, ignored by focal-CE).
-    logits = torch.tensor([[[0.0, 2.0, 9.0], [-1.0, 0.5, -3.0]]])
-    target_classes = torch.tensor([[1, 2]])  # query 0 -> class 1, query 1 -> no object (all zeros)
-    expected = _focal_term(0.0, 0) + _focal_term(2.0, 1) + _focal_term(-1.0, 0) + _focal_term(0.5, 0)
-    # Summed over queries and classes, divided by the number of masks.
-    got = focal_ce_loss(logits[..., :2], target_classes, num_masks=2)
-    assert float(got) == pytest.approx(expected / 2, rel=1e-5)
-    assert float(focal_ce_loss(logits[..., :2], target_classes, 1, alpha=-1, gamma=0)) == pytest.approx(
-        float(F.binary_cross_entropy_with_logits(logits[..., :2], torch.tensor([[[0.0, 1.0], [0.0, 0.0]]]), reduction="sum")),
-        rel=1e-6,
-    )
-    # In the criterion (PFT's fixed assignment: query 1 <-> the class-1 mask), weighted.
-    criterion = SetCriterion(2, FixedMatcher(), focal_ce_weight=2.0)
-    target = {"labels": torch.tensor([1]), "masks": torch.ones(1, 4, 4, dtype=torch.bool)}
-    outputs = {"pred_logits": logits.flip(1), "pred_masks": torch.zeros(1, 2, 1, 1)}
+def _bce_term(x: float, t: float) -> float:
+    return -math.log(_sigmoid(x)) if t else -math.log(1 - _sigmoid(x))
+
+
+def test_pft_class_losses_hand_values():
+    # 2 images, K = 3 category queries, one logit each; target = "class i is in the image".
+    logits = torch.tensor([[0.0, 2.0, -1.0], [0.5, -3.0, 1.5]])
+    present = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    pairs = list(zip(logits.flatten().tolist(), present.flatten().tolist()))
+    # Both summed over all B×K logits and divided by the number of masks (3 here).
+    bce = sum(_bce_term(x, t) for x, t in pairs) / 3
+    focal = sum(_focal_term(x, t) for x, t in pairs) / 3
+    assert float(binary_ce_loss(logits, present, num_masks=3)) == pytest.approx(bce, rel=1e-5)
+    assert float(focal_ce_loss(logits, present, num_masks=3)) == pytest.approx(focal, rel=1e-5)
+    # gamma 0 and no alpha: the focal-CE is the BCE.
+    assert float(focal_ce_loss(logits, present, 3, alpha=-1, gamma=0)) == pytest.approx(bce, rel=1e-6)
+    with pytest.raises(ValueError, match="targets of shape"):
+        binary_ce_loss(logits, present[:, :2], 1)
+
+
+def test_sigmoid_class_loss_in_the_criterion():
+    # PFT's fixed assignment: the class-1 and class-2 masks make queries 1 and 2 positive,
+    # query 0 (class absent) negative; weights apply; no "no object" column anywhere.
+    logits = torch.tensor([[0.3, 2.0, -1.0]], requires_grad=True)
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[0, :2], masks[1, 2:] = True, True
+    target = {"labels": torch.tensor([2, 1]), "masks": masks}
+    outputs = {"pred_logits": logits, "pred_masks": torch.zeros(1, 3, 1, 1, requires_grad=True)}
+    criterion = SetCriterion(3, FixedMatcher(), class_loss="sigmoid", class_weight=1.5, focal_ce_weight=2.0)
     losses = criterion(outputs, [target])
-    torch.testing.assert_close(losses["loss_focal_ce"], 2.0 * got * 2)  # one mask: / 1
-    assert "loss_focal_ce" not in _criterion(2)(outputs, [target])  # off by default (weight 0)
+    terms = [(0.3, 0), (2.0, 1), (-1.0, 1)]
+    expected_bce = sum(_bce_term(x, t) for x, t in terms) / 2  # two masks
+    expected_focal = sum(_focal_term(x, t) for x, t in terms) / 2
+    assert losses["loss_ce"].item() == pytest.approx(1.5 * expected_bce, rel=1e-5)
+    assert losses["loss_focal_ce"].item() == pytest.approx(2.0 * expected_focal, rel=1e-5)
+    sum(losses.values()).backward()
+    assert logits.grad is not None and logits.grad[0, 0] > 0 > logits.grad[0, 2]  # absent down, present up
+    # focal-CE is off at weight 0; the class flavour must fit the logits' shape.
+    assert "loss_focal_ce" not in SetCriterion(3, FixedMatcher(), class_loss="sigmoid")(outputs, [target])
+    with pytest.raises(ValueError, match=r"B×Q \(one logit per query\)"):
+        criterion({"pred_logits": torch.zeros(1, 3, 4), "pred_masks": outputs["pred_masks"]}, [target])
+    with pytest.raises(ValueError, match=r"B×Q×\(K\+1\)"):
+        SetCriterion(3, FixedMatcher())(outputs, [target])
+
+
+def test_class_loss_flavour_follows_the_model_and_focal_ce_is_pft_only():
+    assert build_criterion(ModelConfig(name="pft")).class_loss == "sigmoid"
+    assert build_criterion(ModelConfig(name="maskformer")).class_loss == "softmax"
+    with pytest.raises(ValueError, match="model.loss.focal_ce_weight"):
+        _criterion(3, focal_ce_weight=1.0)
+    with pytest.raises(ValueError, match="class_loss"):
+        SetCriterion(3, FixedMatcher(), class_loss="softmax_ce")
 
 
 def test_point_sample_matches_grid_sample_on_a_hand_case():

@@ -9,6 +9,7 @@ import ops.torchvision_fix  # noqa: F401  (before timm)
 # isort: split
 import pytest
 import torch
+from torchvision.ops.misc import FrozenBatchNorm2d  # what timm.layers.freeze_batch_norm_2d makes
 
 from launcher.cli import main
 from launcher.config import load_config
@@ -16,6 +17,7 @@ from launcher.describe import (
     _loss_bytes_at,
     _meta_model,
     _SavedTensors,
+    count_parameters,
     describe_model,
     measure_activations,
     measure_loss_activations,
@@ -30,15 +32,25 @@ def _tiny(*overrides: str):
     return load_config(TINY, list(overrides))
 
 
+# The tiny config's ResNet with FrozenBN, whatever the demo chooses: the counts must
+# include the frozen affine (buffers) in the total.
+FROZEN = "model.backbone.freeze_bn=true"
+
+
 def test_cli_prints_total_and_components_that_sum_to_it(capsys):
-    assert main(["describe", "--config", TINY]) == 0
+    assert main(["describe", "--config", TINY, "--set", FROZEN]) == 0
     lines = capsys.readouterr().out.splitlines()
     totals = [line for line in lines if line.startswith("total")]
     assert len(totals) == 1
     total = int(re.search(r"\(([\d,]+);", totals[0]).group(1).replace(",", ""))
     with torch.device("meta"):
-        model = build_model(_tiny().model)
-    assert total == sum(p.numel() for p in model.parameters())
+        model = build_model(_tiny(FROZEN).model)
+    trainable = sum(p.numel() for p in model.parameters())
+    # FrozenBN's affine are buffers, yet weights of the model.
+    frozen = sum(m.weight.numel() + m.bias.numel() for m in model.modules() if isinstance(m, FrozenBatchNorm2d))
+    assert frozen > 0
+    assert total == trainable + frozen
+    assert f"trainable {trainable:,})" in totals[0]
     # Top-level components: two-space indent, name, millions, exact count in parentheses.
     components = [re.match(r"  (\w+) +[\d.]+M +\(([\d,]+)\)$", line) for line in lines]
     counts = {m.group(1): int(m.group(2).replace(",", "")) for m in components if m}
@@ -58,12 +70,17 @@ def test_memory_grows_with_batch_size():
 
 
 def test_memory_shrinks_with_zero_stage():
-    totals = [describe_model(_tiny(f"train.zero_stage={s}", "cluster.num_workers=4"))["memory"] for s in range(4)]
+    totals = [describe_model(_tiny(f"train.zero_stage={s}", "cluster.num_workers=4", FROZEN))["memory"]
+              for s in range(4)]
     assert all(a["total"] > b["total"] for a, b in zip(totals, totals[1:]))
-    params = describe_model(_tiny())["total"]
-    # Stage 3 partitions everything: 4 + 4 + 12 bytes per parameter over 4 workers.
+    desc = describe_model(_tiny(FROZEN))
+    trainable, frozen = desc["trainable"], desc["total"] - desc["trainable"]
+    # Stage 3 partitions every trainable weight: 4 + 4 + 12 bytes per parameter over 4
+    # workers; FrozenBN's affine are buffers, which every worker holds whole (4 bytes).
     stage3 = totals[3]
-    assert stage3["parameters"] + stage3["gradients"] + stage3["optimizer"] == pytest.approx(params * 20 / 4)
+    assert frozen > 0
+    assert stage3["parameters"] + stage3["gradients"] + stage3["optimizer"] == pytest.approx(
+        trainable * 20 / 4 + frozen * 4)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -71,7 +88,7 @@ def test_fake_trace_saves_what_a_real_forward_saves(precision):
     cfg = _tiny(f"train.precision={precision}")
     traced, _, _ = measure_activations(_meta_model(cfg.model), 2, 64, precision)
     model = build_model(cfg.model).train()
-    saved = _SavedTensors(exclude=list(model.parameters()))
+    saved = _SavedTensors(exclude=[*model.parameters(), *model.buffers()])
     dtype = torch.bfloat16 if precision == "bf16" else None
     with saved.hooks(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
         model(torch.zeros(2, 3, 64, 64))
@@ -93,6 +110,51 @@ def test_checkpointing_lowers_activations_and_reports_the_recompute():
     ckpt = describe_model(_tiny("model.backbone.grad_checkpointing=true"))["memory"]
     assert plain["recompute"] == 0 < ckpt["recompute"]
     assert ckpt["activations"] < plain["activations"]
+
+
+def test_pft_decoder_checkpointing_is_measured():
+    # The backbone is not checkpointed: a recompute term can only come from PFT's layers.
+    sizes = ("model.pft.hidden_dim=32", "model.pft.nheads=2", "model.pft.dim_feedforward=64", "model.pft.dec_layers=2")
+    plain = describe_model(_tiny("model.name=pft", *sizes))["memory"]
+    ckpt = describe_model(_tiny("model.name=pft", *sizes, "model.pft.grad_checkpointing=true"))["memory"]
+    assert plain["recompute"] == 0 < ckpt["recompute"]
+    assert ckpt["activations"] < plain["activations"]
+
+
+def test_spy_sees_checkpoints_imported_by_name(monkeypatch):
+    # A module that did ``from torch.utils.checkpoint import checkpoint`` (timm's features
+    # wrapper does so with timm's helper) is measured too, and timm's helper calling
+    # torch's counts its segment once.
+    import types
+
+    from timm.models import checkpoint as timm_checkpoint
+
+    from launcher.describe import _largest_checkpointed_segment
+
+    layer = torch.nn.Linear(8, 8)
+    by_name = types.ModuleType("by_name_user")
+    by_name.checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setitem(__import__("sys").modules, "by_name_user", by_name)
+    x = torch.randn(4, 8, requires_grad=True)
+    # Linear saves its input (4x8 fp32 = 128 bytes) for the weight gradient.
+    for call in (lambda: by_name.checkpoint(layer, x, use_reentrant=False), lambda: timm_checkpoint(layer, x)):
+        with _largest_checkpointed_segment(list(layer.parameters())) as largest:
+            call()
+        assert largest[0] == 4 * 8 * 4
+    assert by_name.checkpoint is torch.utils.checkpoint.checkpoint  # restored afterwards
+
+
+def test_cnn_presets_count_frozen_bn_and_match_the_paper():
+    # FrozenBN turns the BN affine into buffers; the total still counts them, as the
+    # papers' tables do (seed 002: R50 41M, R101 60M), and only they are untrainable.
+    for name, paper in (("maskformer_r50_ade20k.yaml", 41e6), ("maskformer_r101_ade20k.yaml", 60e6)):
+        model = _meta_model(load_config(os.path.join(CONFIGS, name)).model)
+        counts = count_parameters(model)
+        bn_affine = sum(m.weight.numel() + m.bias.numel() for m in model.modules()
+                        if isinstance(m, FrozenBatchNorm2d))
+        assert bn_affine > 0 and counts["trainable"] + bn_affine == counts["total"], name
+        assert abs(counts["total"] - paper) <= 0.05 * paper, f"{name}: {counts['total'] / 1e6:.2f}M"
+        assert sum(counts["components"].values()) == counts["total"]
 
 
 def test_swin_l_preset_is_described_quickly():

@@ -76,7 +76,8 @@ def _check_targets(batch) -> None:
 
 def test_train_batches_have_the_documented_shapes_and_dtypes(data_dir):
     batch = next(build_train_loader(_cfg(data_dir), rank=0, world_size=1))
-    assert set(batch) == {"images", "semantic", "targets", "keys"}
+    assert set(batch) == {"images", "semantic", "targets", "keys", "image_sizes"}
+    assert batch["image_sizes"] == [(32, 32)] * 8
     assert batch["images"].dtype == torch.uint8 and batch["images"].shape == (8, 3, 32, 32)
     assert batch["semantic"].dtype == torch.int64 and batch["semantic"].shape == (8, 32, 32)
     assert len(batch["targets"]) == 8 and all(isinstance(k, str) for k in batch["keys"])
@@ -317,6 +318,7 @@ def test_collate_pads_mixed_sizes_with_ignore():
     assert int((batch["semantic"][1] == 255).sum()) == 5 * 6 - 5 * 3
     assert int(batch["images"][1, :, :, 3:].sum()) == 0
     assert batch["targets"][0]["masks"].shape == (1, 5, 6) and batch["keys"] == ["a", "b"]
+    assert batch["image_sizes"] == [(4, 6), (5, 3)]  # each image's own size, for evaluation
 
 
 # ------------------------------------------------------------------ reduce_zero_label

@@ -8,9 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from model import build_criterion, build_model, semantic_segmentation
-from model.config import BackboneConfig, ModelConfig, PixelDecoderConfig, TransformerDecoderConfig
+from model.config import (
+    BackboneConfig,
+    ModelConfig,
+    PFTDecoderConfig,
+    PixelDecoderConfig,
+    TransformerDecoderConfig,
+)
 from model.inference import semantic_inference
-from model.maskformer import MaskFormer
+from model.maskformer import MaskFormer, NormalizedInput
 from model.position_encoding import PositionEmbeddingSine
 
 
@@ -37,6 +43,21 @@ def test_output_shapes_and_aux_outputs():
     assert not torch.equal(outputs["aux_outputs"][-1]["pred_logits"], outputs["pred_logits"])
 
 
+def test_heads_run_on_every_layer_only_in_training():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(dropout=0.0))
+    seen = []
+    model.predictor.mask_embed.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    images = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        train = model(images)
+        evaluated = model.eval()(images)
+    # The mask head saw 3 layers in training, only the last one at evaluation.
+    assert seen == [3, 1] and len(train["aux_outputs"]) == 2 and evaluated["aux_outputs"] == []
+    torch.testing.assert_close(evaluated["pred_logits"], train["pred_logits"])
+    torch.testing.assert_close(evaluated["pred_masks"], train["pred_masks"])
+
+
 def test_uint8_and_float_inputs_are_normalised_the_same():
     model = build_model(tiny_cfg()).eval()
     images = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
@@ -45,8 +66,21 @@ def test_uint8_and_float_inputs_are_normalised_the_same():
     torch.testing.assert_close(a["pred_masks"], b["pred_masks"])
     # Constants come from the config, not from checkpoints.
     assert "pixel_mean" not in model.state_dict() and "pixel_std" not in model.state_dict()
-    with pytest.raises(ValueError, match="B×3×H×W"):
+    with pytest.raises(ValueError, match="MaskFormer expects B×3×H×W"):
         model(torch.zeros(3, 64, 64))
+    # PFT shares the same input handling (model.maskformer.NormalizedInput).
+    pft = build_model(ModelConfig(
+        name="pft", num_classes=3, backbone=BackboneConfig(name="test_resnet"),
+        pixel_decoder=PixelDecoderConfig(conv_dim=32, mask_dim=32),
+        pft=PFTDecoderConfig(hidden_dim=32, nheads=2, dim_feedforward=64, dec_layers=1),
+    )).eval()
+    assert isinstance(pft, NormalizedInput) and "pixel_mean" not in pft.state_dict()
+    with torch.no_grad():
+        torch.testing.assert_close(pft(images)["pred_masks"], pft(images.float())["pred_masks"])
+    with pytest.raises(ValueError, match="PFT expects B×3×H×W"):
+        pft(torch.zeros(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="model.pixel_mean"):
+        build_model(ModelConfig(backbone=BackboneConfig(name="test_resnet"), pixel_mean=[0.0]))
 
 
 def test_input_projection_only_when_channels_differ():
@@ -166,6 +200,7 @@ def test_one_batch_overfit():
     # bring the summed loss (with deep supervision) down by > 5x and segment the batch.
     torch.manual_seed(0)
     cfg = tiny_cfg(num_classes=3, dropout=0.0, dec_layers=2)
+    cfg.backbone.freeze_bn = False  # trained from scratch: frozen BN would pin random-init statistics
     model, criterion = build_model(cfg), build_criterion(cfg)
     images, targets, semantic = _rectangles_batch()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)

@@ -5,13 +5,16 @@ The rectangles span the image (bands): their edges are straight lines at arbitra
 positions. Interior rectangle *corners* would also be learnt, but slowly — bilinear
 upsampling of stride-4 logits rounds a corner off until the logits around it grow
 large — which would cost a CPU test several times its budget for no extra coverage.
+
+A fixed number of seeded steps, no clock: the result does not depend on how loaded the
+machine is. Measured (seeds 0-3, mIoU checked every 10 steps, AdamW lr 1e-3): MaskFormer
+first reaches 1.0 at step 70/90/90/120 and holds it from step 150 on; PFT at 50/60/60/70.
+The step counts below are about 2x the slowest of those seeds (~3x seed 0's).
 """
 
 import ops.torchvision_fix  # noqa: F401  (before timm)
 
 # isort: split
-import time
-
 import pytest
 import torch
 
@@ -25,10 +28,10 @@ from model.config import (
     PixelDecoderConfig,
     TransformerDecoderConfig,
 )
-from model.inference import pft_semantic_inference, semantic_segmentation
+from model.inference import semantic_segmentation
 
 NUM_CLASSES = 4
-TIME_LIMIT_S = 20.0
+STEPS = {"maskformer": 240, "pft": 150}
 
 
 def one_batch() -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
@@ -49,18 +52,20 @@ def one_batch() -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
 
 def predict(name: str, outputs: dict, size: tuple[int, int]) -> torch.Tensor:
     if name == "pft":
+        # PFT's rule by its formula, until model.inference's B×K PFT rule lands (then rule="pft").
         masks = torch.nn.functional.interpolate(outputs["pred_masks"], size=size, mode="bilinear", align_corners=False)
-        return pft_semantic_inference(outputs["pred_logits"], masks).argmax(1)
-    return semantic_segmentation(outputs, size)
+        return (outputs["pred_logits"].sigmoid()[:, :, None, None] * masks.sigmoid()).argmax(1)
+    return semantic_segmentation(outputs, size, rule="maskformer")
 
 
-@pytest.mark.parametrize("name", ["maskformer", "pft"])
+@pytest.mark.parametrize("name", sorted(STEPS))
 def test_tiny_model_overfits_one_batch(name):
     torch.manual_seed(0)
     cfg = ModelConfig(
         name=name,
         num_classes=NUM_CLASSES,
-        backbone=BackboneConfig(name="test_resnet"),
+        # Trained from scratch: frozen BN would pin a random network's identity statistics.
+        backbone=BackboneConfig(name="test_resnet", freeze_bn=False),
         pixel_decoder=PixelDecoderConfig(conv_dim=32, mask_dim=32),
         decoder=TransformerDecoderConfig(
             num_queries=8, hidden_dim=32, nheads=2, dim_feedforward=64, dec_layers=1, dropout=0.0
@@ -71,22 +76,19 @@ def test_tiny_model_overfits_one_batch(name):
     model, criterion = build_model(cfg), build_criterion(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     images, label_maps, targets = one_batch()
-    start = time.perf_counter()
-    miou, steps = 0.0, 0
-    while time.perf_counter() - start < TIME_LIMIT_S and miou < 1.0:
-        model.train()
-        for _ in range(10):
-            losses = criterion(model(images), targets)
-            optimizer.zero_grad()
-            sum(losses.values()).backward()
-            optimizer.step()
-        steps += 10
-        model.eval()
-        with torch.no_grad():
-            prediction = predict(name, model(images), (64, 64))
-        confusion = ConfusionMatrix(NUM_CLASSES)
-        confusion.update(prediction, label_maps)
-        miou = confusion.results()["miou"]
-    elapsed = time.perf_counter() - start
-    assert miou == 1.0, f"{name}: mIoU {miou:.4f} after {steps} steps ({elapsed:.1f} s)"
-    assert elapsed < TIME_LIMIT_S
+    model.train()
+    first_losses = None
+    for _ in range(STEPS[name]):
+        losses = criterion(model(images), targets)
+        first_losses = first_losses or {k: v.item() for k, v in losses.items()}
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        prediction = predict(name, model(images), (64, 64))
+    confusion = ConfusionMatrix(NUM_CLASSES)
+    confusion.update(prediction, label_maps)
+    miou = confusion.results()["miou"]
+    last_losses = {k: round(v.item(), 4) for k, v in losses.items()}
+    assert miou == 1.0, f"{name}: mIoU {miou:.4f} after {STEPS[name]} steps; losses {first_losses} -> {last_losses}"

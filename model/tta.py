@@ -1,34 +1,41 @@
-"""Test-time prediction: sliding-window inference and multi-scale + flip augmentation.
+"""Test-time prediction: test resize, sliding-window inference, multi-scale + flip augmentation.
 
 ``predict_semantic_scores`` turns a batch of images into B×K×H×W fp32 class scores at the
 input resolution, following ``model.inference`` (``InferenceConfig``):
 
-* **Scales.** Scale ``s`` resizes the input (bilinear) by ``s`` on both sides, so its short
-  side becomes ``s`` × the input's short side and the aspect ratio is kept; the size is
-  ``int(side * s + 0.5)`` as in mmseg. The scales are relative to the image as the loader
-  delivers it: a dataset is expected to be stored (or resized) at the training short side,
-  which is what mmseg's and Mask2Former's ``ratio × training scale`` amounts to.
+* **Test size and scales.** Scale ``s`` resizes the image (bilinear, aspect kept) so its
+  short side becomes ``s × short_side`` — or ``s ×`` its own short side when ``short_side``
+  is 0 — each side rounded as mmcv does (``int(side * factor + 0.5)``). With
+  ``short_side`` = the training crop this is MaskFormer's/mmseg's test pipeline (resize to
+  the training scale, then ``ratio × scale`` for multi-scale); the scores always come back
+  at the size the image was given in.
 * **Flip.** With ``flip`` every scale also runs on the horizontally flipped image and its
   scores are flipped back.
-* **Whole image** (``window_size == 0``): one forward per view; the mask *logits* are
-  upsampled straight to the input size before the rule (as MaskFormer/Mask2Former's
-  post-processing does), so no score map is resized.
+* **Whole image** (``window_size == 0``): one forward per view; the stride-4 mask *logits*
+  are aligned to the view (``model.inference.upsample_mask_logits``: upsample ×4, crop) and
+  resized to the input size before the rule, so no class-score map is resized.
 * **Sliding window** (``window_size > 0``), as mmseg's ``slide_inference``: windows of
   ``window_size`` every ``window_stride`` pixels, the last one flush with the border; a
-  scaled image smaller than the window is padded bottom/right up to it (with the model's
+  resized image smaller than the window is padded bottom/right up to it (with the model's
   ``pixel_mean`` colour when it has one, so padding normalises to 0 as in detectron2 and
   mmseg), so every forward sees exactly ``window_size``² inputs and windows batch. Scores of
-  each window (mask logits upsampled to the window) are summed into the map and divided by
-  how many windows cover each pixel; padded pixels are cropped away; the map is then
-  resized (bilinear) to the input size.
+  each window are summed into the map and divided by how many windows cover each pixel;
+  padded pixels are cropped away; the map is then resized (bilinear) to the input size.
+* **Padded batches** (``image_sizes``): the loader pads a batch of differently sized images
+  to its largest H and W. Each image is predicted from its own top-left h×w only — images
+  of one size share forwards, and no forward ever holds padding or another image's pixels
+  — so an image's prediction does not depend on its batch mates. (Padding with a neutral
+  colour instead would still change what a model with global attention or a global pool
+  sees, and a padded canvas cannot be resized to the image's test size.) Scores of padded
+  pixels are 0.
 
 The (scale, flip) views are averaged with equal weights. Forward passes hold at most
 ``max_batch`` images or windows (default: the input batch size, so memory stays near the
 caller's single-scale pass). The model runs under the caller's autocast; the scores are fp32.
 
 Under ZeRO-3 every forward all-gathers parameters, so ranks must run equally many; the
-number of passes depends on the image size under sliding windows and TTA, so with
-``sync_passes`` the ranks agree on the largest count first and the others repeat a pass.
+number of passes depends on the image sizes under sliding windows, TTA and size groups, so
+with ``sync_passes`` the ranks agree on the largest count first and the others repeat a pass.
 """
 
 from __future__ import annotations
@@ -43,11 +50,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import InferenceConfig
-from model.inference import RULES, Rule, semantic_scores
+from model.inference import Rule, semantic_scores
 
 
 def check_inference_config(cfg: InferenceConfig) -> None:
     """One-line ValueErrors naming the ``model.inference`` key at fault."""
+    if cfg.short_side < 0:
+        raise ValueError(f"model.inference.short_side must be >= 0 (0 = keep the image size), got {cfg.short_side}")
     if cfg.window_size < 0:
         raise ValueError(f"model.inference.window_size must be >= 0 (0 = whole image), got {cfg.window_size}")
     if cfg.window_size > 0 and not 0 < cfg.window_stride <= cfg.window_size:
@@ -70,8 +79,11 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
     return [min(i * stride, length - window) for i in range(count)]
 
 
-def scaled_size(size: Sequence[int], scale: float) -> tuple[int, int]:
-    return max(1, int(size[0] * scale + 0.5)), max(1, int(size[1] * scale + 0.5))
+def scaled_size(size: Sequence[int], scale: float, short_side: int = 0) -> tuple[int, int]:
+    """(H, W) of an image of ``size`` at ``scale``: short side ``scale × short_side`` (or
+    ``scale ×`` its own when ``short_side`` is 0), aspect ratio kept."""
+    factor = scale * short_side / min(size[0], size[1]) if short_side > 0 else scale
+    return max(1, int(size[0] * factor + 0.5)), max(1, int(size[1] * factor + 0.5))
 
 
 @dataclass(frozen=True)
@@ -80,7 +92,7 @@ class View:
 
     scale: float
     flip: bool
-    size: tuple[int, int]  # the scaled image (H, W)
+    size: tuple[int, int]  # the resized image (H, W)
     padded: tuple[int, int]  # after padding up to the window (== size for whole images)
     corners: tuple[tuple[int, int], ...]  # window top-left corners; () = whole image
 
@@ -91,7 +103,7 @@ class View:
 def plan_views(image_size: Sequence[int], cfg: InferenceConfig) -> list[View]:
     views = []
     for scale in cfg.scales:
-        size = scaled_size(image_size, scale)
+        size = scaled_size(image_size, scale, cfg.short_side)
         if cfg.window_size > 0:
             win, stride = cfg.window_size, cfg.window_stride
             padded = (max(size[0], win), max(size[1], win))
@@ -105,17 +117,24 @@ def plan_views(image_size: Sequence[int], cfg: InferenceConfig) -> list[View]:
 
 
 def count_forward_passes(image_size: Sequence[int], batch: int, cfg: InferenceConfig, max_batch: int = 0) -> int:
-    """How many forwards ``predict_semantic_scores`` runs for a batch of this size."""
+    """How many forwards ``predict_semantic_scores`` runs for ``batch`` images of one size."""
     per_pass = max_batch if max_batch > 0 else batch
     return sum(math.ceil(v.num_items(batch) / per_pass) for v in plan_views(image_size, cfg))
 
 
-def _max_across_ranks(value: int, device: torch.device) -> int:
+def collective_device() -> torch.device:
+    """Where tensors for a collective on the default process group must live: NCCL reduces
+    only tensors on the current CUDA device, gloo only CPU ones."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def max_across_ranks(value: int) -> int:
+    """The largest ``value`` over the default process group (``value`` itself without one)."""
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    # NCCL reduces only device tensors; gloo only CPU ones.
-    where = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    tensor = torch.tensor([value], dtype=torch.int64, device=where)
+    tensor = torch.tensor([value], dtype=torch.int64, device=collective_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor.item())
 
@@ -128,10 +147,10 @@ class _Runner:
         self.passes = 0
         self.last_input: Tensor | None = None
 
-    def scores(self, inputs: Tensor, size: Sequence[int]) -> Tensor:
+    def scores(self, inputs: Tensor, output_size: Sequence[int]) -> Tensor:
         self.passes += 1
         self.last_input = inputs
-        return semantic_scores(self.model(inputs), self.rule, size)
+        return semantic_scores(self.model(inputs), self.rule, inputs.shape[-2:], output_size)
 
     def repeat(self, times: int) -> None:
         for _ in range(times):  # outputs discarded: only the collectives inside matter
@@ -152,11 +171,11 @@ def _pad_value(model: nn.Module, images: Tensor) -> Tensor:
     return images.new_zeros(1, images.shape[1], 1, 1)
 
 
-def _run_view(runner: _Runner, images: Tensor, view: View, window: int, per_pass: int,
-              out_size: tuple[int, int]) -> Tensor:
-    """Scores of one view, flipped back and at ``out_size``: B×K×H×W fp32."""
+def _run_view(runner: _Runner, images: Tensor, view: View, window: int, per_pass: int) -> Tensor:
+    """Scores of one view, flipped back and at the size of ``images``: B×K×H×W fp32."""
+    out_size = (int(images.shape[-2]), int(images.shape[-1]))
     x = images.flip(-1) if view.flip else images
-    if view.size != tuple(x.shape[-2:]):
+    if view.size != out_size:
         x = F.interpolate(x, size=view.size, mode="bilinear", align_corners=False)
     batch = x.shape[0]
     if not view.corners:
@@ -187,32 +206,61 @@ def _run_view(runner: _Runner, images: Tensor, view: View, window: int, per_pass
     return scores.flip(-1) if view.flip else scores
 
 
+def _size_groups(images: Tensor,
+                 image_sizes: Sequence[Sequence[int]] | None) -> list[tuple[tuple[int, int], list[int]]]:
+    """(size, batch indices) of each distinct image size, in order of first appearance."""
+    full = (int(images.shape[-2]), int(images.shape[-1]))
+    if image_sizes is None:
+        return [(full, list(range(images.shape[0])))]
+    if len(image_sizes) != images.shape[0]:
+        raise ValueError(f"got {len(image_sizes)} image_sizes for a batch of {images.shape[0]} images")
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, size in enumerate(image_sizes):
+        height, width = int(size[0]), int(size[1])
+        if not (0 < height <= full[0] and 0 < width <= full[1]):
+            raise ValueError(f"image_sizes[{index}] = {tuple(size)} does not fit the {full[0]}×{full[1]} batch")
+        groups.setdefault((height, width), []).append(index)
+    return list(groups.items())
+
+
 @torch.no_grad()
 def predict_semantic_scores(model: nn.Module, images: Tensor, inference: InferenceConfig, rule: Rule = "maskformer",
-                            *, max_batch: int = 0, sync_passes: bool = False) -> Tensor:
+                            *, image_sizes: Sequence[Sequence[int]] | None = None, max_batch: int = 0,
+                            sync_passes: bool = False) -> Tensor:
     """``images`` B×3×H×W (uint8 or float, 0..255 scale) -> fp32 class scores B×K×H×W.
 
     ``rule`` is the semantic inference rule (``model.name``: "maskformer" or "pft");
-    ``max_batch`` caps images/windows per forward (0 = B); ``sync_passes`` makes every
-    rank of the default process group run the same number of forwards (ZeRO-3).
+    ``image_sizes`` gives each image's own (h, w) in a bottom/right-padded batch (the
+    loader's ``batch["image_sizes"]``; None = every image fills H×W): each is predicted
+    alone at its size and its scores are 0 outside it; ``max_batch`` caps images/windows
+    per forward (0 = B); ``sync_passes`` makes every rank of the default process group run
+    the same number of forwards (ZeRO-3).
     """
     check_inference_config(inference)
-    if rule not in RULES:
-        raise ValueError(f"model.name must be one of {list(RULES)} to pick a semantic inference rule, got {rule!r}")
     if images.dim() != 4:
         raise ValueError(f"expected images B×3×H×W, got shape {tuple(images.shape)}")
-    batch = images.shape[0]
-    out_size = (int(images.shape[-2]), int(images.shape[-1]))
+    batch, full = images.shape[0], (int(images.shape[-2]), int(images.shape[-1]))
     per_pass = max_batch if max_batch > 0 else batch
-    views = plan_views(out_size, inference)
+    groups = _size_groups(images, image_sizes)
+    planned = sum(count_forward_passes(size, len(indices), inference, per_pass) for size, indices in groups)
+    target = max_across_ranks(planned) if sync_passes else planned
     runner = _Runner(model, rule)
-    planned = sum(math.ceil(v.num_items(batch) / per_pass) for v in views)
-    target = _max_across_ranks(planned, images.device) if sync_passes else planned
     x = images.float()  # resizing and padding need floats; the model normalises either
-    total: Tensor | None = None
-    for view in views:
-        scores = _run_view(runner, x, view, inference.window_size, per_pass, out_size)
-        total = scores if total is None else total.add_(scores)
-    assert total is not None and runner.passes == planned
+    scores: Tensor | None = None
+    for (height, width), indices in groups:
+        group = x if len(groups) == 1 and (height, width) == full else x[indices, :, :height, :width]
+        views = plan_views((height, width), inference)
+        total = _run_view(runner, group, views[0], inference.window_size, per_pass)
+        for view in views[1:]:
+            total.add_(_run_view(runner, group, view, inference.window_size, per_pass))
+        if len(views) > 1:
+            total.div_(len(views))
+        if group is x:
+            scores = total
+            break
+        if scores is None:
+            scores = total.new_zeros(batch, total.shape[1], *full)
+        scores[indices, :, :height, :width] = total
+    assert scores is not None and runner.passes == planned
     runner.repeat(target - planned)
-    return total.div_(len(views)) if len(views) > 1 else total
+    return scores

@@ -1,0 +1,274 @@
+"""Backbone activation checkpointing on a Swin-L-depth MaskFormer: peak memory and step time.
+
+Configuration (printed with the results): Swin-L's depths (2, 2, 18, 2), heads
+(6, 12, 24, 48) and window 12 (timm's ``swin_large_patch4_window12_384``), with the
+embedding width shrunk from 192 to ``--embed-dim`` (default 48) and ``--size`` square
+inputs (default 256; Swin-L trains at 640) so that a step takes seconds on a 2-core CPU.
+Keeping the heads keeps the per-window attention maps (the bulk of Swin's activations)
+Swin-L's per pixel; only the token-wise tensors shrink. MaskFormer's heads at their paper
+sizes: FPN pixel decoder 256, 100 queries, hidden 256, 6 DETR decoder layers with deep
+supervision, 150 classes, CE (no-object 0.1) + 20 focal + 1 dice on full-resolution
+masks; drop-path 0.3 (the Swin presets'); AdamW; fp32 (``--precision bf16``: CPU bf16
+autocast); synthetic images, batch ``--batch`` (2, the papers' per-GPU batch). A step =
+zero_grad, forward, loss, backward, optimizer step; checkpointing = timm's, block by block.
+
+Memory: each setting (checkpointing off / on) runs alone in a fresh child process, three
+steps; the peak resident set (VmHWM) above the baseline after imports and data creation,
+so it includes the weights, gradients and AdamW states. Measured twice: with glibc's
+defaults, and with a fixed mmap threshold under which freed tensors go back to the OS at
+once, so RSS follows the live tensors (what a GPU allocator's peak reports); with the
+defaults glibc keeps freed activation memory resident. Each child also reports the RSS at
+its last step's start and the peak of each phase. Time: one model in this process, the
+setting switched before every step (off, on, off, ...), so machine noise hits both alike;
+the median of the measured steps after warm-up. Ratios are against checkpointing off in
+the same run. Targets (issue 3): peak memory <= 0.5x, step time <= 1.35x.
+
+The ``describe`` breakdown (fake tensors, no computation) of the same configuration comes
+first: what checkpointing can remove (the backbone's saved activations) and what it
+cannot (weights and optimizer states, the decoders' and the loss's activations).
+
+    python benchmarks/activation_checkpointing.py [--steps 5] [--warmup 1] [--size 256] [--embed-dim 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import ops.torchvision_fix  # noqa: F401
+
+# isort: split
+import torch
+from maskformer_vs_hf import peak_rss_bytes  # benchmarks/ is on sys.path when run as a script
+
+from data_pipeline.config import SyntheticConfig
+from data_pipeline.synthetic import generate_sample
+from data_pipeline.transforms import semantic_to_targets
+from launcher.describe import MASKS_PER_IMAGE, measure_activations, measure_loss_activations
+from model.backbone import build_backbone
+from model.build import build_criterion, build_model
+from model.config import ModelConfig
+
+SWIN_L = "swin_large_patch4_window12_384"
+NUM_CLASSES = 150
+TARGETS = {"memory": 0.5, "time": 1.35}  # ratios to checkpointing off, at most
+_MIB = 2**20
+
+
+def model_config(embed_dim: int, size: int) -> ModelConfig:
+    cfg = ModelConfig(num_classes=NUM_CLASSES)  # MaskFormer's defaults: FPN 256, 100 queries, 6 layers
+    cfg.backbone.name = SWIN_L  # depths (2, 2, 18, 2), heads (6, 12, 24, 48), window 12
+    cfg.backbone.out_indices = [0, 1, 2, 3]
+    cfg.backbone.timm_kwargs = {"embed_dim": embed_dim, "img_size": size, "drop_path_rate": 0.3}
+    return cfg
+
+
+def describe_config(args: argparse.Namespace) -> str:
+    return (f"MaskFormer on {SWIN_L} depths (2, 2, 18, 2), heads (6, 12, 24, 48), window 12, embed_dim "
+            f"{args.embed_dim} (Swin-L: 192), drop_path 0.3; FPN 256, 100 queries, 6 decoder layers, "
+            f"{NUM_CLASSES} classes; {args.size}x{args.size}, batch {args.batch}, {args.precision}, AdamW; "
+            f"CPU x{args.threads} threads, torch {torch.__version__}")
+
+
+def make_batch(size: int, batch: int) -> tuple[torch.Tensor, list[dict]]:
+    cfg = SyntheticConfig(num_classes=NUM_CLASSES, image_size=size, seed=0)
+    images, targets = [], []
+    for i in range(batch):
+        sample = generate_sample(i, cfg)
+        images.append(torch.from_numpy(sample.image).permute(2, 0, 1))
+        targets.append(semantic_to_targets(torch.from_numpy(sample.semantic).long()))
+    return torch.stack(images).float(), targets
+
+
+class Trainer:
+    def __init__(self, cfg: ModelConfig, precision: str) -> None:
+        torch.manual_seed(0)
+        self.model = build_model(cfg).train()
+        self.criterion = build_criterion(cfg)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=1e-4)
+        self.bf16 = precision == "bf16"
+
+    def step(self, images: torch.Tensor, targets: list[dict], checkpointing: bool,
+             after: Callable[[str], None] = lambda phase: None) -> None:
+        """One training step; ``after(phase)`` runs after each phase (memory probes)."""
+        self.model.backbone.set_grad_checkpointing(checkpointing)
+        self.optimizer.zero_grad(set_to_none=True)
+        after("start")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            outputs = self.model(images)
+        after("forward")
+        loss = sum(self.criterion(outputs, targets).values())
+        after("loss")
+        loss.backward()
+        del outputs, loss
+        after("backward")
+        self.optimizer.step()
+        after("optimizer")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    """Sets VmHWM back to the current RSS (Linux >= 4.0), to take each phase's peak."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def memory_child(args: argparse.Namespace, checkpointing: bool, steps: int = 3) -> None:
+    """Runs in a fresh process: peak RSS of building and training, above the baseline
+    after imports and data creation; and for the last step, the RSS at its start and
+    the peak of each phase (forward, loss, backward, optimizer step)."""
+    images, targets = make_batch(args.size, args.batch)
+    baseline = peak_rss_bytes()
+    trainer = Trainer(model_config(args.embed_dim, args.size), args.precision)
+    for _ in range(steps - 1):  # from the second step on, the AdamW states exist
+        trainer.step(images, targets, checkpointing)
+    phases: dict[str, int] = {}
+    peak = peak_rss_bytes()
+
+    def probe(phase: str) -> None:
+        nonlocal peak
+        value = _rss_bytes() if phase == "start" else peak_rss_bytes()
+        peak = max(peak, peak_rss_bytes())
+        phases[phase] = value - baseline
+        _reset_peak()
+
+    _reset_peak()
+    trainer.step(images, targets, checkpointing, after=probe)
+    print(json.dumps({"peak_bytes": max(peak, peak_rss_bytes()) - baseline, "phases": phases}))
+
+
+# Fixed (not glibc's self-raising) mmap threshold: every tensor above 128 KiB is its own
+# mapping and goes back to the OS when freed, so RSS follows the live tensors, as a GPU
+# allocator's max_memory_allocated does. With glibc's defaults, freed activations stay
+# resident in the heap and are reused (or not) as fragmentation allows.
+LIVE_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def measure_memory(args: argparse.Namespace, checkpointing: bool, extra_env: dict[str, str]) -> dict:
+    command = [sys.executable, __file__, "--memory-child", "on" if checkpointing else "off",
+               "--embed-dim", str(args.embed_dim), "--size", str(args.size), "--batch", str(args.batch),
+               "--precision", args.precision, "--threads", str(args.threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), **extra_env}
+    out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measure_time(args: argparse.Namespace) -> dict[bool, list[float]]:
+    images, targets = make_batch(args.size, args.batch)
+    trainer = Trainer(model_config(args.embed_dim, args.size), args.precision)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(args.warmup + args.steps):
+        for checkpointing in (False, True):  # alternate: noise hits both settings alike
+            started = time.perf_counter()
+            trainer.step(images, targets, checkpointing)
+            if i >= args.warmup:
+                times[checkpointing].append(time.perf_counter() - started)
+    return times
+
+
+def breakdown(args: argparse.Namespace) -> dict[str, int]:
+    """``describe``'s fake-tensor measurement of the same configuration (bytes): what the
+    backbone and the whole model save for backward with checkpointing off and on, the
+    largest checkpointed segment (rebuilt during backward) and the loss; and the
+    parameter count."""
+    cfg = model_config(args.embed_dim, args.size)
+    result: dict[str, int] = {}
+    for checkpointing in (False, True):
+        cfg.backbone.grad_checkpointing = checkpointing
+        key = "on" if checkpointing else "off"
+        with torch.device("meta"):
+            model, backbone = build_model(cfg), build_backbone(cfg.backbone)
+        result["params"] = sum(p.numel() for p in model.parameters())
+        result[f"backbone_{key}"], _, _ = measure_activations(backbone, args.batch, args.size, args.precision)
+        result[f"model_{key}"], result[f"recompute_{key}"], outputs = measure_activations(
+            model, args.batch, args.size, args.precision)
+    result["loss"] = measure_loss_activations(cfg, outputs, args.size)
+    return result
+
+
+def format_breakdown(est: dict[str, int]) -> list[str]:
+    """The breakdown, and the peak it predicts: the larger of the start of backward (fp32
+    weights + AdamW moments, 12 bytes a parameter, every saved activation and the loss's)
+    and the backbone's backward (gradients now too, 16 bytes, the backbone's saved tensors
+    and the segment being rebuilt; the decoder's and the loss's are freed by then)."""
+    mib = {k: v / _MIB for k, v in est.items() if k != "params"}
+    params = est["params"]
+    peak = {
+        key: max(12 * params / _MIB + mib[f"model_{key}"] + mib["loss"],
+                 16 * params / _MIB + mib[f"backbone_{key}"] + mib[f"recompute_{key}"])
+        for key in ("off", "on")
+    }
+    return [
+        f"describe's breakdown (fake tensors, MiB): {params / 1e6:.1f}M parameters = {16 * params / _MIB:.0f} "
+        f"weights+grads+AdamW; saved for backward, off: backbone {mib['backbone_off']:.0f} + decoders "
+        f"{mib['model_off'] - mib['backbone_off']:.0f}; on: backbone {mib['backbone_on']:.0f} + decoders "
+        f"{mib['model_on'] - mib['backbone_on']:.0f}, largest segment rebuilt in backward {mib['recompute_on']:.0f}; "
+        f"loss {mib['loss']:.0f} (assumes {MASKS_PER_IMAGE} masks per image)",
+        f"  predicted peak off {peak['off']:.0f} MiB, on {peak['on']:.0f} MiB -> ratio {peak['on'] / peak['off']:.2f}",
+    ]
+
+
+def _memory_line(label: str, memory: dict[bool, dict]) -> tuple[str, float]:
+    off, on = memory[False]["peak_bytes"], memory[True]["peak_bytes"]
+    ratio = on / off
+    verdict = "MET" if ratio <= TARGETS["memory"] else "NOT MET"
+    line = (f"peak memory, {label}: off {off / _MIB:.0f} MiB, on {on / _MIB:.0f} MiB -> ratio {ratio:.2f} "
+            f"({1 - ratio:.0%} less; target <= {TARGETS['memory']}) {verdict}")
+    for checkpointing, name in ((False, "off"), (True, "on ")):
+        phases = ", ".join(f"{k} {v / _MIB:.0f}" for k, v in memory[checkpointing]["phases"].items())
+        line += f"\n  {name}: RSS at the last step's start and each phase's peak (MiB): {phases}"
+    return line, ratio
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per setting (>= 5)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--embed-dim", type=int, default=48, help="Swin-L's is 192; a multiple of 6")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--memory-child", choices=["off", "on"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(args, args.memory_child == "on")
+        return 0
+
+    print(describe_config(args), flush=True)
+    print("\n".join(format_breakdown(breakdown(args))), flush=True)
+    met = True
+    for label, env in (("glibc malloc defaults", {}),
+                       ("freed memory returned to the OS (MALLOC_MMAP_THRESHOLD_=131072)", LIVE_ALLOCATOR_ENV)):
+        line, ratio = _memory_line(label, {c: measure_memory(args, c, env) for c in (False, True)})
+        print(line, flush=True)
+        met &= ratio <= TARGETS["memory"]
+    times = measure_time(args)
+    off, on = statistics.median(times[False]), statistics.median(times[True])
+    time_ratio = on / off
+    met &= time_ratio <= TARGETS["time"]
+    print(f"step time (median of {args.steps}, alternating, glibc defaults): off {off:.2f} s, on {on:.2f} s -> "
+          f"ratio {time_ratio:.2f} ({time_ratio - 1:+.0%}; target <= {TARGETS['time']}) "
+          f"{'MET' if time_ratio <= TARGETS['time'] else 'NOT MET'}")
+    print(f"  step times off {[round(t, 2) for t in times[False]]}")
+    print(f"  step times on  {[round(t, 2) for t in times[True]]}")
+    print("targets met" if met else "some targets NOT met")
+    return 0 if met else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
