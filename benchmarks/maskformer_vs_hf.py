@@ -13,7 +13,7 @@ peak resident set size above the post-import baseline is reported.
 
     python benchmarks/maskformer_vs_hf.py [--steps 7] [--warmup 2] [--threads N]
 
-Needs `pip install -c constraints.txt transformers` (the `bench` extra). Targets (issue 3):
+Needs transformers: `.venv/bin/pip install -c constraints.txt -e '.[bench]'`. Targets (issue 3):
 bf16 step time <= 0.6x, fp32 <= 0.85x, peak memory <= 0.75x in both.
 """
 
