@@ -4,7 +4,9 @@ Two forms of each mask loss:
 
 - ``sigmoid_focal_loss`` / ``dice_loss``: one prediction per target (matched pairs),
   averaged over pixels, summed over masks and divided by ``num_masks`` (the number of
-  ground-truth masks, averaged over ranks by the caller) — the criterion's terms.
+  ground-truth masks, averaged over ranks by the caller). These are the plain-formula
+  references: the criterion uses ``ops.fused_losses``, which computes the same values
+  and gradients but keeps only logits and targets for backward (tests compare the two).
 - ``batch_sigmoid_focal_loss`` / ``batch_dice_loss``: every prediction against every
   target, an N×M cost matrix — the Hungarian matcher's costs.
 
