@@ -94,6 +94,10 @@ class HuggingFace:
                                   # MaskFormer supervises every decoder layer; transformers
                                   # defaults to the last one only.
                                   use_auxiliary_loss=True)
+        # MaskFormer's DETR layers (nn.MultiheadAttention(dropout=0.1), dropout after the FFN
+        # activation) drop at 0.1 there too; DetrConfig defaults both to 0.0.
+        config.decoder_config.attention_dropout = 0.1
+        config.decoder_config.activation_dropout = 0.1
         self.model = MaskFormerForInstanceSegmentation(config).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=1e-4)
         # HF normalises inside its image processor, not the model: do it here.
