@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 
-def _focal_terms(logits: Tensor, targets: Tensor, alpha: float, gamma: float):
+def _focal_parts(logits: Tensor, targets: Tensor, alpha: float, gamma: float):
+    """sigmoid, BCE, p_t and alpha_t: the pieces both the loss and its gradient need."""
     prob = torch.sigmoid(logits)
     # BCE with logits, numerically stable: max(x, 0) - x*t + log(1 + exp(-|x|))
     ce = torch.nn.functional.softplus(-logits.abs()) + logits.clamp(min=0) - logits * targets
@@ -31,7 +32,7 @@ class _SigmoidFocalLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:
         targets_f = targets.float()
-        _, ce, p_t, alpha_t = _focal_terms(logits, targets_f, alpha, gamma)
+        _, ce, p_t, alpha_t = _focal_parts(logits, targets_f, alpha, gamma)
         loss = alpha_t * ce * (1 - p_t).pow(gamma)
         ctx.save_for_backward(logits, targets)
         ctx.alpha, ctx.gamma = alpha, gamma
@@ -42,7 +43,7 @@ class _SigmoidFocalLoss(torch.autograd.Function):
         logits, targets = ctx.saved_tensors
         targets_f = targets.float()
         alpha, gamma = ctx.alpha, ctx.gamma
-        prob, ce, p_t, alpha_t = _focal_terms(logits, targets_f, alpha, gamma)
+        prob, ce, p_t, alpha_t = _focal_parts(logits, targets_f, alpha, gamma)
         one_minus_pt = 1 - p_t
         # d/dx [alpha_t * ce * (1 - p_t)^gamma], with d ce/dx = p - t and
         # d (1 - p_t)/dx = -(2t - 1) p (1 - p).
