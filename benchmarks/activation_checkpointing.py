@@ -45,7 +45,7 @@ import ops.torchvision_fix  # noqa: F401
 
 # isort: split
 import torch
-from maskformer_vs_hf import peak_rss_bytes  # benchmarks/ is on sys.path when run as a script
+from measure import peak_rss_bytes  # benchmarks/ is on sys.path when run as a script
 
 from data_pipeline.config import SyntheticConfig
 from data_pipeline.synthetic import generate_sample

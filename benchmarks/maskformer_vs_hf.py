@@ -31,6 +31,7 @@ import ops.torchvision_fix  # noqa: F401
 
 # isort: split
 import torch
+from measure import peak_rss_bytes  # benchmarks/ is on sys.path when run as a script
 
 from data_pipeline.config import SyntheticConfig
 from data_pipeline.synthetic import generate_sample
@@ -119,16 +120,6 @@ class HuggingFace:
 
 
 IMPLEMENTATIONS = {"ours": Ours, "hf": HuggingFace}
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that over from the
-    parent across fork+exec, so a child would start at the parent's peak."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def memory_child(impl: str, dtype: str, steps: int) -> None:

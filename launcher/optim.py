@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from launcher.config import TrainConfig
+from ops.apex_optional import adamw
 
 _NORM_TYPES = (
     nn.LayerNorm,
@@ -54,7 +55,9 @@ def build_param_groups(model: nn.Module, cfg: TrainConfig, backbone_prefix: str 
                 continue
             seen.add(id(param))
             full_name = f"{module_name}.{param_name}" if module_name else param_name
-            is_backbone = full_name.startswith(backbone_prefix) and not full_name.startswith(_NEW_BACKBONE_PREFIXES)
+            is_backbone = full_name.startswith(backbone_prefix) and not full_name.startswith(
+                _NEW_BACKBONE_PREFIXES
+            )
             decay = not _no_weight_decay(module, param_name)
             key = (is_backbone, decay)
             if key not in groups:
@@ -69,10 +72,10 @@ def build_param_groups(model: nn.Module, cfg: TrainConfig, backbone_prefix: str 
     return [groups[k] for k in sorted(groups)]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, apex_mode: str = "auto") -> torch.optim.Optimizer:
     groups = build_param_groups(model, cfg)
-    # A torch optimizer (not DeepSpeed's) avoids JIT-building cpu_adam/fused_adam ops.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    # A torch (or apex) optimizer, not DeepSpeed's: avoids JIT-building cpu_adam/fused_adam ops.
+    return adamw(groups, apex_mode, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

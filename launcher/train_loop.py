@@ -22,6 +22,7 @@ import ops.torchvision_fix  # noqa: F401  (before anything imports timm)
 # isort: split
 import numpy as np
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 
@@ -123,8 +124,12 @@ def train_worker(loop_config: dict) -> None:
     import deepspeed  # imported here: it initialises an accelerator at import time
 
     model = build_model(cfg.model)
+    if torch.cuda.is_available():
+        # On the worker's GPU before the optimizer exists, so a fused (apex or torch)
+        # AdamW is chosen for CUDA parameters; DeepSpeed would move it later anyway.
+        model.to(ray.train.torch.get_device())
     criterion = build_criterion(cfg.model)
-    optimizer = build_optimizer(model, cfg.train)
+    optimizer = build_optimizer(model, cfg.train, cfg.model.ops.apex)
     scheduler = build_scheduler(optimizer, cfg.train)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=build_deepspeed_config(cfg.train, cfg.data.batch_size))

@@ -20,7 +20,9 @@ SUPPORTED_MODELS = ("maskformer", "pft")
 
 def _check_name(cfg: ModelConfig) -> None:
     if cfg.name not in SUPPORTED_MODELS:
-        raise ValueError(f"model.name={cfg.name!r} is not supported; supported values: {', '.join(SUPPORTED_MODELS)}")
+        raise ValueError(
+            f"model.name={cfg.name!r} is not supported; supported values: {', '.join(SUPPORTED_MODELS)}"
+        )
     if cfg.num_classes < 1:
         raise ValueError(f"model.num_classes must be >= 1, got {cfg.num_classes}")
 
@@ -28,15 +30,17 @@ def _check_name(cfg: ModelConfig) -> None:
 def build_model(cfg: ModelConfig) -> MaskFormer | PFT:
     _check_name(cfg)
     backbone = build_backbone(cfg.backbone)
-    pixel_decoder = build_pixel_decoder(cfg.pixel_decoder, backbone.channels)
+    pixel_decoder = build_pixel_decoder(cfg.pixel_decoder, backbone.channels, cfg.ops)
     if cfg.name == "pft":
         # PFT reads the pixel decoder's whole pyramid (conv_dim channels per scale).
-        pft = build_pft_predictor(cfg.pft, pixel_decoder.conv_dim, pixel_decoder.mask_dim, cfg.num_classes)
+        pft = build_pft_predictor(
+            cfg.pft, pixel_decoder.conv_dim, pixel_decoder.mask_dim, cfg.num_classes, cfg.ops
+        )
         return PFT(backbone, pixel_decoder, pft, cfg.pixel_mean, cfg.pixel_std)
     # MaskFormer's transformer reads the pixel decoder's ``transformer_feature`` (for the
     # FPN: the backbone's res5 map, not an FPN level).
     predictor = build_transformer_predictor(
-        cfg.decoder, pixel_decoder.transformer_channels, cfg.num_classes, pixel_decoder.mask_dim
+        cfg.decoder, pixel_decoder.transformer_channels, cfg.num_classes, pixel_decoder.mask_dim, cfg.ops
     )
     return MaskFormer(backbone, pixel_decoder, predictor, cfg.pixel_mean, cfg.pixel_std)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ops.config import OpsConfig
+
 
 @dataclass
 class BackboneConfig:
@@ -135,6 +137,8 @@ class ModelConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     matcher: MatcherConfig = field(default_factory=MatcherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    # Kernel choices: attention backend, deformable-attention implementation, apex.
+    ops: OpsConfig = field(default_factory=OpsConfig)
     # Input normalisation (ImageNet statistics, 0-255 scale), applied inside the model
     # so loaders can ship uint8 images.
     pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])

@@ -23,29 +23,45 @@ from torch import Tensor, nn
 
 from model.pixel_decoder import ConvNormAct, PixelDecoderOutput, c2_xavier_fill, make_norm
 from model.position_encoding import PositionEmbeddingSine
+from ops.apex_optional import layer_norm
+from ops.config import OpsConfig
 from ops.ms_deform_attn import MSDeformAttn
 
 
 class MSDeformAttnEncoderLayer(nn.Module):
     """Post-norm encoder layer: deformable self-attention over all levels, then a ReLU FFN."""
 
-    def __init__(self, d_model: int, d_ffn: int, dropout: float, n_levels: int, n_heads: int, n_points: int) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        d_ffn: int,
+        dropout: float,
+        n_levels: int,
+        n_heads: int,
+        n_points: int,
+        ops: OpsConfig,
+    ) -> None:
         super().__init__()
-        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, implementation=ops.deform_attn)
         self.dropout1 = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(d_model)
+        self.norm1 = layer_norm(d_model, ops.apex)
         self.linear1 = nn.Linear(d_model, d_ffn)
         self.dropout2 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.dropout3 = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(d_model)
+        self.norm2 = layer_norm(d_model, ops.apex)
         # Mask2Former xavier-initialises every matrix of the encoder (biases keep torch's
         # default); MSDeformAttn re-applies its own scheme afterwards.
         nn.init.xavier_uniform_(self.linear1.weight)
         nn.init.xavier_uniform_(self.linear2.weight)
 
     def forward(
-        self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor, level_start_index: Tensor
+        self,
+        src: Tensor,
+        pos: Tensor,
+        reference_points: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
     ) -> Tensor:
         # Position (and level) embeddings go into the query only; values are the bare tokens.
         attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index)
@@ -88,8 +104,10 @@ class MSDeformAttnPixelDecoder(nn.Module):
         encoder_dim_feedforward: int = 1024,
         encoder_dropout: float = 0.0,
         encoder_num_points: int = 4,
+        ops: OpsConfig | None = None,
     ) -> None:
         super().__init__()
+        ops = ops or OpsConfig()
         if len(in_channels) < 2:
             raise ValueError(
                 f"model.backbone.out_indices: the msdeformattn pixel decoder needs at least 2 feature maps "
@@ -125,7 +143,13 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
         self.encoder = nn.ModuleList(
             MSDeformAttnEncoderLayer(
-                conv_dim, encoder_dim_feedforward, encoder_dropout, self.num_levels, encoder_nheads, encoder_num_points
+                conv_dim,
+                encoder_dim_feedforward,
+                encoder_dropout,
+                self.num_levels,
+                encoder_nheads,
+                encoder_num_points,
+                ops,
             )
             for _ in range(encoder_layers)
         )
@@ -161,7 +185,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
         batch = src.shape[0]
         encoded = [
-            z.transpose(1, 2).reshape(batch, self.conv_dim, h, w) for z, (h, w) in zip(src.split(sizes, 1), shapes)
+            z.transpose(1, 2).reshape(batch, self.conv_dim, h, w)
+            for z, (h, w) in zip(src.split(sizes, 1), shapes)
         ]  # coarse to fine
         lateral = self.lateral_conv(features[0])
         # Bilinear, as the official code (its comment says nearest, its call is bilinear).

@@ -38,8 +38,8 @@ FFN 2048 and 6 layers, one scale's attention costs 0.26M and its FFN 1.05M per l
 
 The second is what is built here: it follows the equation literally and lands closer on
 average (the paper's numbers are rounded to 1M, so they cannot separate the two better).
-Attention runs on ``F.scaled_dot_product_attention`` (fused kernels; the query-pixel
-attention over stride-4 tokens never materialises the K×HW weights).
+Attention runs on ``ops.attention`` (fused kernels chosen by device and dtype; the
+query-pixel attention over stride-4 tokens never materialises the K×HW weights).
 """
 
 from __future__ import annotations
@@ -55,35 +55,12 @@ from model.config import PFTDecoderConfig
 from model.pixel_decoder import c2_xavier_fill
 from model.position_encoding import PositionEmbeddingSine
 from model.transformer_decoder import MLP
+from ops.apex_optional import layer_norm
+from ops.attention import MultiheadAttention
+from ops.config import OpsConfig
 
 # The strides of the pyramid PFT decodes (the pixel decoder's ``multi_scale_features``).
 PFT_STRIDES = (4, 8, 16, 32)
-
-
-class Attention(nn.Module):
-    """Multi-head attention on SDPA, with the parameters of ``nn.MultiheadAttention``
-    (q/k/v/out projections with biases), for B×L×C inputs."""
-
-    def __init__(self, dim: int, nheads: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-        self.nheads = nheads
-        self.dropout = dropout
-
-    def _heads(self, x: Tensor) -> Tensor:
-        batch, length, dim = x.shape
-        return x.view(batch, length, self.nheads, dim // self.nheads).transpose(1, 2)
-
-    def forward(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-        batch, length, dim = query.shape
-        q = self._heads(self.q_proj(query))
-        k = self._heads(self.k_proj(key))
-        v = self._heads(self.v_proj(value))
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
 
 
 class PFTDecoderLayer(nn.Module):
@@ -96,7 +73,14 @@ class PFTDecoderLayer(nn.Module):
     """
 
     def __init__(
-        self, num_scales: int, d_model: int, nhead: int, dim_feedforward: int, dropout: float, pre_norm: bool
+        self,
+        num_scales: int,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int,
+        dropout: float,
+        pre_norm: bool,
+        ops: OpsConfig,
     ) -> None:
         super().__init__()
         self.num_scales = num_scales
@@ -105,15 +89,20 @@ class PFTDecoderLayer(nn.Module):
         def per_scale(make: Callable[[], nn.Module]) -> nn.ModuleList:
             return nn.ModuleList(make() for _ in range(num_scales))
 
-        self.self_attn = per_scale(lambda: Attention(d_model, nhead, dropout))
-        self.scale_attn = Attention(d_model, nhead, dropout)  # one module over Q_all (see module docstring)
-        self.cross_attn = per_scale(lambda: Attention(d_model, nhead, dropout))
+        def attention() -> MultiheadAttention:
+            return MultiheadAttention(
+                d_model, nhead, dropout, ops.attention_backend, ops.attention_max_matrix_mib
+            )
+
+        self.self_attn = per_scale(attention)
+        self.scale_attn = attention()  # one module over Q_all (see module docstring)
+        self.cross_attn = per_scale(attention)
         self.linear1 = per_scale(lambda: nn.Linear(d_model, dim_feedforward))
         self.linear2 = per_scale(lambda: nn.Linear(dim_feedforward, d_model))
-        self.norm1 = per_scale(lambda: nn.LayerNorm(d_model))
-        self.norm2 = per_scale(lambda: nn.LayerNorm(d_model))
-        self.norm3 = per_scale(lambda: nn.LayerNorm(d_model))
-        self.norm4 = per_scale(lambda: nn.LayerNorm(d_model))
+        self.norm1 = per_scale(lambda: layer_norm(d_model, ops.apex))
+        self.norm2 = per_scale(lambda: layer_norm(d_model, ops.apex))
+        self.norm3 = per_scale(lambda: layer_norm(d_model, ops.apex))
+        self.norm4 = per_scale(lambda: layer_norm(d_model, ops.apex))
         self.dropout = nn.Dropout(dropout)
 
     def _ffn(self, s: int, x: Tensor) -> Tensor:
@@ -183,8 +172,10 @@ class PFTPredictor(nn.Module):
         mask_embed_layers: int = 3,
         deep_supervision: bool = True,
         grad_checkpointing: bool = False,
+        ops: OpsConfig | None = None,
     ) -> None:
         super().__init__()
+        ops = ops or OpsConfig()
         if len(in_channels) != len(mask_channels) or not in_channels:
             raise ValueError(f"PFT: {len(in_channels)} pixel maps but {len(mask_channels)} mask maps")
         if dec_layers < 1:
@@ -212,13 +203,13 @@ class PFTPredictor(nn.Module):
                 c2_xavier_fill(proj)
                 self.input_proj.append(proj)
         self.layers = nn.ModuleList(
-            PFTDecoderLayer(num_scales, hidden_dim, nheads, dim_feedforward, dropout, pre_norm)
+            PFTDecoderLayer(num_scales, hidden_dim, nheads, dim_feedforward, dropout, pre_norm, ops)
             for _ in range(dec_layers)
         )
         for p in self.layers.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)  # as DETR's transformer
-        self.decoder_norm = nn.ModuleList(nn.LayerNorm(hidden_dim) for _ in range(num_scales))
+        self.decoder_norm = nn.ModuleList(layer_norm(hidden_dim, ops.apex) for _ in range(num_scales))
         # One logit per category query (equation 4): query i only ever answers "is class i here?".
         self.class_embed = nn.ModuleList(nn.Linear(hidden_dim, 1) for _ in range(num_scales))
         self.mask_embed = nn.ModuleList(
@@ -258,7 +249,8 @@ class PFTPredictor(nn.Module):
         query_pos = [embed.weight for embed in self.query_pos]
         # Q_s = 0 at the first layer: the queries differ only through P_s at first.
         queries: Sequence[Tensor] = [
-            torch.zeros(batch, self.num_classes, w.shape[1], device=w.device, dtype=w.dtype) for w in query_pos
+            torch.zeros(batch, self.num_classes, w.shape[1], device=w.device, dtype=w.dtype)
+            for w in query_pos
         ]
         # Heads on every layer only for the auxiliary losses (training); else the last one.
         every_layer = self.training and self.deep_supervision
@@ -277,7 +269,9 @@ class PFTPredictor(nn.Module):
         return out
 
 
-def build_pft_predictor(cfg: PFTDecoderConfig, conv_dim: int, mask_dim: int, num_classes: int) -> PFTPredictor:
+def build_pft_predictor(
+    cfg: PFTDecoderConfig, conv_dim: int, mask_dim: int, num_classes: int, ops: OpsConfig | None = None
+) -> PFTPredictor:
     """PFT on the pixel-decoder contract: ``len(PFT_STRIDES)`` maps of ``conv_dim`` channels
     as pixel tokens; masks on ``mask_features`` (``mask_dim``) at stride 4 and on the
     pyramid maps (``conv_dim``) at the coarser strides."""
@@ -295,4 +289,5 @@ def build_pft_predictor(cfg: PFTDecoderConfig, conv_dim: int, mask_dim: int, num
         mask_embed_layers=cfg.mask_embed_layers,
         deep_supervision=cfg.deep_supervision,
         grad_checkpointing=cfg.grad_checkpointing,
+        ops=ops,
     )

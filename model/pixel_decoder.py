@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import PixelDecoderConfig
+from ops.config import OpsConfig
 
 SUPPORTED_PIXEL_DECODERS = ("fpn", "msdeformattn")
 
@@ -66,7 +67,11 @@ class ConvNormAct(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, norm: str, relu: bool) -> None:
         conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=norm == ""  # norm has its own bias
+            in_channels,
+            out_channels,
+            kernel_size,
+            padding=kernel_size // 2,
+            bias=norm == "",  # norm has its own bias
         )
         c2_xavier_fill(conv)
         layers: list[nn.Module] = [conv, make_norm(norm, out_channels)]
@@ -84,7 +89,9 @@ class BasePixelDecoder(nn.Module):
     ``in_channels`` lists the backbone's channels from the finest to the coarsest map.
     """
 
-    def __init__(self, in_channels: Sequence[int], conv_dim: int = 256, mask_dim: int = 256, norm: str = "GN") -> None:
+    def __init__(
+        self, in_channels: Sequence[int], conv_dim: int = 256, mask_dim: int = 256, norm: str = "GN"
+    ) -> None:
         super().__init__()
         if len(in_channels) < 1:
             raise ValueError("BasePixelDecoder needs at least one feature map")
@@ -110,7 +117,9 @@ class BasePixelDecoder(nn.Module):
         coarse_to_fine = list(features)[::-1]
         y = self.output_convs[0](coarse_to_fine[0])
         outputs = [y]
-        for x, lateral_conv, output_conv in zip(coarse_to_fine[1:], self.lateral_convs[1:], self.output_convs[1:]):
+        for x, lateral_conv, output_conv in zip(
+            coarse_to_fine[1:], self.lateral_convs[1:], self.output_convs[1:]
+        ):
             lateral = lateral_conv(x)
             # Nearest upsampling as in FPN; ``size=`` (not scale 2) copes with odd sizes.
             y = output_conv(lateral + F.interpolate(y, size=lateral.shape[-2:], mode="nearest"))
@@ -118,7 +127,9 @@ class BasePixelDecoder(nn.Module):
         return PixelDecoderOutput(self.mask_features(y), outputs[::-1], features[-1])
 
 
-def build_pixel_decoder(cfg: PixelDecoderConfig, in_channels: Sequence[int]) -> nn.Module:
+def build_pixel_decoder(
+    cfg: PixelDecoderConfig, in_channels: Sequence[int], ops: OpsConfig | None = None
+) -> nn.Module:
     """The pixel decoder named by ``cfg.name``; it has ``mask_dim``, ``conv_dim`` and
     ``transformer_channels`` attributes and returns a ``PixelDecoderOutput``."""
     if cfg.name == "fpn":
@@ -137,6 +148,7 @@ def build_pixel_decoder(cfg: PixelDecoderConfig, in_channels: Sequence[int]) -> 
             encoder_dim_feedforward=cfg.encoder_dim_feedforward,
             encoder_dropout=cfg.encoder_dropout,
             encoder_num_points=cfg.encoder_num_points,
+            ops=ops,
         )
     supported = ", ".join(SUPPORTED_PIXEL_DECODERS)
     raise ValueError(f"model.pixel_decoder.name={cfg.name!r} is not supported; supported values: {supported}")

@@ -25,21 +25,29 @@ from torch import Tensor, nn
 from model.config import TransformerDecoderConfig
 from model.pixel_decoder import c2_xavier_fill
 from model.position_encoding import PositionEmbeddingSine
+from ops.apex_optional import layer_norm
+from ops.attention import MultiheadAttention
+from ops.config import OpsConfig
 
 
 class DecoderLayer(nn.Module):
     """DETR decoder layer: self-attention, cross-attention, FFN; post-norm by default."""
 
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, pre_norm: bool) -> None:
+    def __init__(
+        self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, pre_norm: bool, ops: OpsConfig
+    ) -> None:
         super().__init__()
-        # nn.MultiheadAttention with need_weights=False dispatches to SDPA (fused kernels).
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = MultiheadAttention(
+            d_model, nhead, dropout, ops.attention_backend, ops.attention_max_matrix_mib
+        )
+        self.cross_attn = MultiheadAttention(
+            d_model, nhead, dropout, ops.attention_backend, ops.attention_max_matrix_mib
+        )
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.norm3 = nn.LayerNorm(d_model)
+        self.norm1 = layer_norm(d_model, ops.apex)
+        self.norm2 = layer_norm(d_model, ops.apex)
+        self.norm3 = layer_norm(d_model, ops.apex)
         self.dropout = nn.Dropout(dropout)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
@@ -48,11 +56,10 @@ class DecoderLayer(nn.Module):
 
     def _self_attn(self, tgt: Tensor, query_pos: Tensor) -> Tensor:
         q = k = tgt + query_pos
-        return self.dropout1(self.self_attn(q, k, tgt, need_weights=False)[0])
+        return self.dropout1(self.self_attn(q, k, tgt))
 
     def _cross_attn(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor) -> Tensor:
-        out = self.cross_attn(tgt + query_pos, memory + pos, memory, need_weights=False)[0]
-        return self.dropout2(out)
+        return self.dropout2(self.cross_attn(tgt + query_pos, memory + pos, memory))
 
     def _ffn(self, tgt: Tensor) -> Tensor:
         return self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(tgt)))))
@@ -73,19 +80,27 @@ class StandardTransformerDecoder(nn.Module):
     LayerNorm (DETR's ``return_intermediate``): L×B×Q×C."""
 
     def __init__(
-        self, d_model: int, nhead: int, num_layers: int, dim_feedforward: int, dropout: float, pre_norm: bool
+        self,
+        d_model: int,
+        nhead: int,
+        num_layers: int,
+        dim_feedforward: int,
+        dropout: float,
+        pre_norm: bool,
+        ops: OpsConfig | None = None,
     ) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"model.decoder.dec_layers must be >= 1, got {num_layers}")
         if d_model % nhead:
             raise ValueError(f"model.decoder.hidden_dim={d_model} is not divisible by nheads={nhead}")
+        ops = ops or OpsConfig()
         self.layers = nn.ModuleList(
-            DecoderLayer(d_model, nhead, dim_feedforward, dropout, pre_norm) for _ in range(num_layers)
+            DecoderLayer(d_model, nhead, dim_feedforward, dropout, pre_norm, ops) for _ in range(num_layers)
         )
-        self.norm = nn.LayerNorm(d_model)
+        self.norm = layer_norm(d_model, ops.apex)
         # The 0-layer encoder's final norm (DETR builds it only for pre-norm).
-        self.memory_norm = nn.LayerNorm(d_model) if pre_norm else nn.Identity()
+        self.memory_norm = layer_norm(d_model, ops.apex) if pre_norm else nn.Identity()
         # DETR initialises every matrix of its transformer with Xavier-uniform.
         for p in self.parameters():
             if p.dim() > 1:
@@ -139,13 +154,16 @@ class TransformerPredictor(nn.Module):
         enforce_input_project: bool = False,
         mask_embed_layers: int = 3,
         deep_supervision: bool = True,
+        ops: OpsConfig | None = None,
     ) -> None:
         super().__init__()
         if hidden_dim % 4:
             # Half the channels encode y and half x, each as sin/cos pairs.
             raise ValueError(f"model.decoder.hidden_dim must be a multiple of 4, got {hidden_dim}")
         self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
-        self.decoder = StandardTransformerDecoder(hidden_dim, nheads, dec_layers, dim_feedforward, dropout, pre_norm)
+        self.decoder = StandardTransformerDecoder(
+            hidden_dim, nheads, dec_layers, dim_feedforward, dropout, pre_norm, ops
+        )
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.input_proj: nn.Module
         if in_channels != hidden_dim or enforce_input_project:
@@ -173,7 +191,11 @@ class TransformerPredictor(nn.Module):
 
 
 def build_transformer_predictor(
-    cfg: TransformerDecoderConfig, in_channels: int, num_classes: int, mask_dim: int
+    cfg: TransformerDecoderConfig,
+    in_channels: int,
+    num_classes: int,
+    mask_dim: int,
+    ops: OpsConfig | None = None,
 ) -> TransformerPredictor:
     return TransformerPredictor(
         in_channels,
@@ -189,4 +211,5 @@ def build_transformer_predictor(
         enforce_input_project=cfg.enforce_input_project,
         mask_embed_layers=cfg.mask_embed_layers,
         deep_supervision=cfg.deep_supervision,
+        ops=ops,
     )

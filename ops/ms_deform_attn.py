@@ -1,23 +1,43 @@
-"""Multi-scale deformable attention (Deformable DETR, as used by Mask2Former), pure torch.
+"""Multi-scale deformable attention (Deformable DETR, as used by Mask2Former): the
+implementation choice and the module.
 
-``ms_deform_attn`` is the reference computation: every query samples ``points`` locations
-per head and per level by bilinear interpolation (``grid_sample``, zeros padding,
-align_corners=False, i.e. pixel centres at (i + 0.5) / size) and sums them with its
-attention weights. It is a pure function of its tensors so that memory-lean or Triton
-versions with the same signature can replace it. ``MSDeformAttn`` is the module with
-Deformable DETR's projections and initialisation around it.
+``ms_deform_attn`` runs one of three implementations with one contract (shapes in
+``ops.ms_deform_attn_reference``):
 
-Shapes (Mask2Former's names): B batch, S = sum of H_l*W_l value tokens, Q queries,
-M heads, D head dim, L levels, P points per level and head.
+- ``triton``: fused Triton kernels (``ops.ms_deform_attn_triton``) — CUDA tensors, or
+  CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests them);
+- ``lean``: memory-lean torch (``ops.ms_deform_attn_lean``), saves only its inputs;
+- ``reference``: plain ``grid_sample`` torch (``ops.ms_deform_attn_reference``).
+
+``auto`` takes Triton for CUDA tensors when Triton is importable, otherwise ``lean``.
+``MSDeformAttn`` is the module with Deformable DETR's projections and initialisation.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ops.ms_deform_attn_lean import ms_deform_attn_lean
+from ops.ms_deform_attn_reference import ms_deform_attn_reference
+
+DEFORM_ATTN_IMPLEMENTATIONS = ("auto", "triton", "lean", "reference")
+
+
+def resolve_implementation(name: str, device_type: str) -> str:
+    """The implementation ``name`` runs as on ``device_type`` (``auto`` resolved)."""
+    if name not in DEFORM_ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"model.ops.deform_attn must be one of {', '.join(DEFORM_ATTN_IMPLEMENTATIONS)}, got {name!r}"
+        )
+    if name != "auto":
+        return name
+    if device_type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    return "lean"
 
 
 def ms_deform_attn(
@@ -26,54 +46,24 @@ def ms_deform_attn(
     level_start_index: Tensor,
     sampling_locations: Tensor,
     attention_weights: Tensor,
+    implementation: str = "auto",
 ) -> Tensor:
-    """``value``: B×S×M×D; ``spatial_shapes``: L×2 (H, W) integers; ``level_start_index``:
-    L offsets of each level in S; ``sampling_locations``: B×Q×M×L×P×2, (x, y) in [0, 1] of
-    each level's extent; ``attention_weights``: B×Q×M×L×P. Returns B×Q×(M*D) in
-    ``value.dtype``.
+    """B×Q×(M·D) from value B×S×M×D, locations B×Q×M×L×P×2 and weights B×Q×M×L×P."""
+    chosen = resolve_implementation(implementation, value.device.type)
+    if chosen == "triton":
+        # Imported on use: the module needs Triton only when it actually runs.
+        from ops.ms_deform_attn_triton import ms_deform_attn_triton
 
-    Points outside [0, 1] read zeros. Under autocast torch runs ``grid_sample`` in fp32
-    (its autocast policy), so the locations are passed in their own dtype there and the
-    sample grid keeps full precision; outside autocast the grid follows ``value``'s dtype,
-    which ``grid_sample`` requires. (torch 2.13 has bf16 CPU kernels for grid_sample,
-    forward and backward, so no cast to fp32 is forced.)
-    """
-    batch, num_tokens, heads, head_dim = value.shape
-    _, num_queries, _, levels, points, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    starts = [int(s) for s in level_start_index.tolist()]
-    if len(shapes) != levels or len(starts) != levels:
-        raise ValueError(
-            f"ms_deform_attn: sampling_locations has {levels} levels but spatial_shapes/level_start_index "
-            f"have {len(shapes)}/{len(starts)}"
+        return ms_deform_attn_triton(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
-    expected_tokens = sum(h * w for h, w in shapes)
-    if expected_tokens != num_tokens:
-        raise ValueError(f"ms_deform_attn: value has {num_tokens} tokens, spatial_shapes sum to {expected_tokens}")
-
-    grids = 2 * sampling_locations - 1  # grid_sample's [-1, 1] coordinates
-    if grids.dtype != value.dtype and not torch.is_autocast_enabled(value.device.type):
-        grids = grids.to(value.dtype)
-    # (B, Q, M, L, P) -> (B*M, Q, L, P): one weight per sampled value.
-    weights = attention_weights.transpose(1, 2).reshape(batch * heads, num_queries, levels, points)
-
-    output: Tensor | None = None
-    for level, ((height, width), start) in enumerate(zip(shapes, starts)):
-        # B×HW×M×D -> (B*M)×D×H×W: each head samples its own slice of channels.
-        # Both made contiguous: CPU grid_sample on these strided views was ~3x slower
-        # (measured at 64x64, 5376 queries, 8 heads, 4 points).
-        value_l = value[:, start : start + height * width].permute(0, 2, 3, 1)
-        value_l = value_l.reshape(batch * heads, head_dim, height, width).contiguous()
-        # B×Q×M×P×2 -> (B*M)×Q×P×2
-        grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1).contiguous()
-        sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
-        # (B*M)×D×Q×P weighted over P; accumulated per level instead of stacking all levels,
-        # so only one level's samples are alive at a time.
-        contribution = (sampled * weights[:, None, :, level]).sum(-1)
-        output = contribution if output is None else output + contribution
-    assert output is not None  # levels >= 1 (checked against spatial_shapes above)
-    # (B*M)×D×Q -> B×Q×(M*D), heads major as in the CUDA kernel's layout.
-    return output.view(batch, heads * head_dim, num_queries).transpose(1, 2).contiguous().to(value.dtype)
+    if chosen == "lean":
+        return ms_deform_attn_lean(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+    return ms_deform_attn_reference(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
 
 
 class MSDeformAttn(nn.Module):
@@ -87,8 +77,17 @@ class MSDeformAttn(nn.Module):
     point references, or relative to half the box size for box references.
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4) -> None:
+    def __init__(
+        self,
+        d_model: int = 256,
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
+        implementation: str = "auto",
+    ) -> None:
         super().__init__()
+        resolve_implementation(implementation, "cpu")  # rejects unknown names at build time
+        self.implementation = implementation
         if d_model % n_heads:
             raise ValueError(f"MSDeformAttn: d_model={d_model} must be divisible by n_heads={n_heads}")
         self.d_model = d_model
@@ -148,7 +147,9 @@ class MSDeformAttn(nn.Module):
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level: normalise by (W, H).
             normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(offsets.dtype)
-            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+            locations = (
+                reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+            )
         elif reference_points.shape[-1] == 4:
             locations = (
                 reference_points[:, :, None, :, None, :2]
@@ -158,5 +159,7 @@ class MSDeformAttn(nn.Module):
             raise ValueError(
                 f"MSDeformAttn: reference_points must end in 2 or 4 values, got {reference_points.shape[-1]}"
             )
-        output = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+        output = ms_deform_attn(
+            value, spatial_shapes, level_start_index, locations, weights, self.implementation
+        )
         return self.output_proj(output)

@@ -1,9 +1,12 @@
+import importlib.util
 import math
 
 import pytest
 import torch
+from dispatch_spy import LargestTensor  # tests/ is on sys.path under pytest
 
-from ops.ms_deform_attn import MSDeformAttn, ms_deform_attn
+from ops.ms_deform_attn import MSDeformAttn, ms_deform_attn, resolve_implementation
+from ops.ms_deform_attn_lean import ms_deform_attn_lean
 
 SHAPES = [(5, 7), (3, 4)]  # non-square levels catch (x, y) / (H, W) swaps
 
@@ -47,15 +50,25 @@ def naive_ms_deform_attn(value, spatial_shapes, level_start_index, locations, we
                             for xi in (x0, x0 + 1):
                                 if 0 <= xi < width and 0 <= yi < height:
                                     corner = (1 - (x - xi).abs()) * (1 - (y - yi).abs())
-                                    acc = acc + weights[b, q, m, lvl, p] * corner * value[b, start + yi * width + xi, m]
+                                    acc = (
+                                        acc
+                                        + weights[b, q, m, lvl, p]
+                                        * corner
+                                        * value[b, start + yi * width + xi, m]
+                                    )
                 rows.append(acc)
     return torch.stack(rows).view(batch, queries, heads * head_dim)
 
 
-def test_matches_naive_bilinear_loop_values_and_gradients():
+# The torch implementations; the Triton one is tested in test_ms_deform_attn_triton.py.
+IMPLEMENTATIONS = ["lean", "reference"]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_matches_naive_bilinear_loop_values_and_gradients(implementation):
     inputs = [t.requires_grad_() if t.is_floating_point() else t for t in _problem()]
     value, spatial_shapes, level_start_index, locations, weights = inputs
-    out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+    out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, implementation)
     ref = naive_ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
     assert out.shape == (2, 3, 6) and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
@@ -67,35 +80,111 @@ def test_matches_naive_bilinear_loop_values_and_gradients():
     assert grads[1].abs().sum() > 0  # locations do receive gradient
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_gradcheck_float64(implementation):
     value, spatial_shapes, level_start_index, locations, weights = _problem(
-        shapes=[(3, 4), (2, 2)], batch=1, queries=2, heads=2, head_dim=2, points=2, dtype=torch.float64, seed=1
+        shapes=[(3, 4), (2, 2)],
+        batch=1,
+        queries=2,
+        heads=2,
+        head_dim=2,
+        points=2,
+        dtype=torch.float64,
+        seed=1,
     )
     # Interior points: bilinear interpolation has kinks on pixel centres and at the border,
     # where finite differences disagree with the one-sided analytic gradient.
     locations = locations.clamp(0.05, 0.95)
 
     def fn(v, loc, w):
-        return ms_deform_attn(v, spatial_shapes, level_start_index, loc, w)
+        return ms_deform_attn(v, spatial_shapes, level_start_index, loc, w, implementation)
 
     assert torch.autograd.gradcheck(
-        fn, (value.requires_grad_(), locations.requires_grad_(), weights.requires_grad_()), eps=1e-6, atol=1e-5
+        fn,
+        (value.requires_grad_(), locations.requires_grad_(), weights.requires_grad_()),
+        eps=1e-6,
+        atol=1e-5,
     )
 
 
-def test_bf16_inputs_and_autocast_stay_close_to_fp32():
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_bf16_inputs_and_autocast_stay_close_to_fp32(implementation):
     value, spatial_shapes, level_start_index, locations, weights = _problem(queries=16, head_dim=8)
-    ref = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+    ref = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, "reference")
     # Plain bf16 tensors: computed and returned in bf16.
-    out = ms_deform_attn(value.bfloat16(), spatial_shapes, level_start_index, locations.bfloat16(), weights.bfloat16())
+    out = ms_deform_attn(
+        value.bfloat16(),
+        spatial_shapes,
+        level_start_index,
+        locations.bfloat16(),
+        weights.bfloat16(),
+        implementation,
+    )
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)
     # Under autocast a bf16 value with fp32 locations (what MSDeformAttn passes) works and
-    # keeps the value's dtype.
+    # keeps the value's dtype; gradients come back in each input's dtype.
+    bf16_value = value.bfloat16().requires_grad_()
+    fp32_locations = locations.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = ms_deform_attn(value.bfloat16(), spatial_shapes, level_start_index, locations, weights)
+        out = ms_deform_attn(
+            bf16_value, spatial_shapes, level_start_index, fp32_locations, weights, implementation
+        )
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    out.float().sum().backward()
+    assert bf16_value.grad.dtype == torch.bfloat16 and fp32_locations.grad.dtype == torch.float32
+
+
+def test_lean_in_query_blocks_equals_reference_and_saves_only_inputs():
+    value, spatial_shapes, level_start_index, locations, weights = _problem(queries=9)
+    inputs = [t.requires_grad_() for t in (value, locations, weights)]
+    # A budget of a few bytes: one query per block.
+    out = ms_deform_attn_lean(
+        inputs[0], spatial_shapes, level_start_index, inputs[1], inputs[2], block_mib=1e-6
+    )
+    saved = out.grad_fn.saved_tensors
+    assert len(saved) == 3 and all(any(s is t for t in inputs) for s in saved)
+    ref = ms_deform_attn(inputs[0], spatial_shapes, level_start_index, inputs[1], inputs[2], "reference")
+    torch.testing.assert_close(out, ref)
+    cotangent = torch.randn_like(out)
+    for got, want in zip(
+        torch.autograd.grad(out, inputs, cotangent), torch.autograd.grad(ref, inputs, cotangent)
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_lean_never_holds_a_whole_level_of_samples():
+    # A wide head (D=64) and 8 points, so one level's samples dwarf the inputs and are
+    # 8x the output: with blocks of an eighth, nothing larger than the output is made.
+    value, spatial_shapes, level_start_index, locations, weights = _problem(
+        queries=64, heads=2, head_dim=64, points=8
+    )
+    inputs = [t.requires_grad_() for t in (value, locations, weights)]
+    one_level_samples = 2 * 2 * 64 * 64 * 8  # (B·M)×D×Q×P
+    block_mib = one_level_samples * 4 / 8 / 2**20
+    with LargestTensor() as spy:
+        out = ms_deform_attn_lean(
+            inputs[0], spatial_shapes, level_start_index, inputs[1], inputs[2], block_mib
+        )
+        out.sum().backward()
+    assert spy.largest <= out.numel() == one_level_samples // 8
+    with LargestTensor() as spy:
+        ms_deform_attn(
+            inputs[0], spatial_shapes, level_start_index, inputs[1], inputs[2], "reference"
+        ).sum().backward()
+    assert spy.largest >= one_level_samples
+
+
+def test_implementation_choice():
+    assert resolve_implementation("auto", "cpu") == "lean"
+    assert resolve_implementation("reference", "cpu") == "reference"
+    triton_installed = importlib.util.find_spec("triton") is not None
+    assert resolve_implementation("auto", "cuda") == ("triton" if triton_installed else "lean")
+    with pytest.raises(ValueError, match="model.ops.deform_attn must be one of"):
+        resolve_implementation("cuda_kernel", "cpu")
+    with pytest.raises(ValueError, match="model.ops.deform_attn must be one of"):
+        MSDeformAttn(16, n_heads=4, implementation="fast")
 
 
 def _module_inputs(d_model=16, queries=6, batch=2, seed=0):

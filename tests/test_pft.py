@@ -48,7 +48,15 @@ def test_output_shapes_aux_outputs_and_losses():
     names = ("loss_ce", "loss_focal_ce", "loss_focal", "loss_dice")
     assert set(losses) == {n + s for n in names for s in ("", "_0")}
     sum(losses.values()).backward()
-    for name in ("predictor.query_pos.0.weight", "predictor.layers.0.scale_attn.q_proj.weight", "backbone.body.conv1.0.weight"):
+    # Layer 0's cross-scale attention sees all-zero queries (zero init, zero-bias value
+    # projections as in nn.MultiheadAttention), so its q/k weights get gradient from layer 1 on.
+    trained = (
+        "predictor.query_pos.0.weight",
+        "predictor.layers.0.scale_attn.v_proj.bias",
+        "predictor.layers.1.scale_attn.q_proj.weight",
+        "backbone.body.conv1.0.weight",
+    )
+    for name in trained:
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
     # Every pixel-decoder weight takes part (unused parameters upset ZeRO).

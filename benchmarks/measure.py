@@ -1,0 +1,148 @@
+"""Measuring helpers shared by the benchmark scripts (imported as ``measure``: the
+scripts run from benchmarks/, which Python puts on sys.path).
+
+Time: sides run alternately in one process (noise on this shared machine hits both
+alike), median after warm-up. Memory: on CUDA the caching allocator's peak; on CPU the
+peak resident set (VmHWM) of a fresh process per side, above its baseline after imports
+and inputs — the number a user's machine runs out of.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that over from the
+    parent across fork+exec, so a child would start at the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def alternate(
+    runners: dict[str, Callable[[], object]], steps: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds per call of each runner, calls interleaved, ``warmup`` calls dropped."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for i in range(warmup + steps):
+        for name, run in runners.items():
+            synchronize(device)
+            started = time.perf_counter()
+            run()
+            synchronize(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - started)
+    return times
+
+
+def cuda_peak_bytes(run: Callable[[], object], device: torch.device) -> int:
+    """Peak allocated bytes during ``run`` above what was allocated before it."""
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    run()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def child_peak_bytes(script: str, child_args: Sequence[str], threads: int) -> int:
+    """Runs ``script --memory-child ARGS`` in a fresh process, which prints a JSON line
+    with ``peak_bytes`` last (see ``report_child_peak``)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    command = [sys.executable, script, "--memory-child", *child_args, "--threads", str(threads)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory child {' '.join(command)} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def report_child_peak(baseline: int) -> None:
+    print(json.dumps({"peak_bytes": peak_rss_bytes() - baseline}), flush=True)
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def kernel_parser(description: str) -> argparse.ArgumentParser:
+    """The command line shared by the kernel benchmarks (one op, two sides)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
+    parser.add_argument("--steps", type=int, default=7, help="measured calls per side (>= 5)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--memory-child", nargs=2, metavar=("SIDE", "DTYPE"), help=argparse.SUPPRESS)
+    return parser
+
+
+def kernel_memory_child(runners: dict, make_inputs: Callable, side: str, dtype: str) -> None:
+    """In a fresh process: the peak RSS of one call of ``side`` above the inputs."""
+    inputs = make_inputs(torch.device("cpu"), DTYPES[dtype])
+    baseline = peak_rss_bytes()
+    runners[side](inputs)
+    report_child_peak(baseline)
+
+
+def compare_kernels(
+    script: str, runners: dict, make_inputs: Callable, dtype: str, args: argparse.Namespace
+) -> tuple[dict[str, float], dict[str, int], dict[str, list[float]]]:
+    """Median seconds, peak bytes and all timings of each side at ``dtype``."""
+    device = torch.device(args.device)
+    inputs = make_inputs(device, DTYPES[dtype])
+    calls = {side: (lambda run=run, inputs=inputs: run(inputs)) for side, run in runners.items()}
+    times = alternate(calls, args.steps, args.warmup, device)
+    peaks = {}
+    for side, run in calls.items():
+        if device.type == "cuda":
+            peaks[side] = cuda_peak_bytes(run, device)  # after alternate()'s warm-up calls
+        else:
+            peaks[side] = child_peak_bytes(script, [side, dtype], args.threads)
+    return {side: statistics.median(t) for side, t in times.items()}, peaks, times
+
+
+def device_name(args: argparse.Namespace) -> str:
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU x{args.threads} threads"
+
+
+def report_comparison(
+    label: str,
+    ours: str,
+    theirs: str,
+    result: tuple[dict[str, float], dict[str, int], dict[str, list[float]]],
+    time_target: float,
+    memory_target: float,
+) -> bool:
+    """Prints one line of ratios against their targets (and the raw timings); returns
+    whether both targets are met."""
+    median, peak, times = result
+    time_ratio, mem_ratio = median[ours] / median[theirs], peak[ours] / peak[theirs]
+    met = time_ratio <= time_target and mem_ratio <= memory_target
+    print(
+        f"{label}: time {ours} {median[ours] * 1e3:.1f} ms vs {theirs} {median[theirs] * 1e3:.1f} ms -> ratio "
+        f"{time_ratio:.2f} (target <= {time_target:.2f}); peak memory {peak[ours] / 2**20:.0f} MiB vs "
+        f"{peak[theirs] / 2**20:.0f} MiB -> ratio {mem_ratio:.2f} (target <= {memory_target}) "
+        f"{'MET' if met else 'NOT MET'}"
+    )
+    for side, values in times.items():
+        print(f"  times {side} (ms): {[round(t * 1e3, 1) for t in values]}")
+    return met

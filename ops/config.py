@@ -1,0 +1,23 @@
+"""Typed configuration of the kernels the model runs on (``model.ops`` in a run config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class OpsConfig:
+    # Attention backend of every decoder attention (ops/attention.py): "auto" picks by
+    # device, dtype, mask and dropout; the others force one ("flash" and "math" run on
+    # CPU, "cudnn" / "efficient" only on CUDA, "chunked" anywhere).
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math", "chunked"] = "auto"
+    # Largest attention matrix (MiB per call) the math path may materialise; above it
+    # the query-chunked path runs instead.
+    attention_max_matrix_mib: float = 256.0
+    # Multi-scale deformable attention: "auto" = Triton on CUDA when importable, else
+    # the memory-lean torch implementation; "reference" is the plain grid_sample one.
+    deform_attn: Literal["auto", "triton", "lean", "reference"] = "auto"
+    # NVIDIA apex's FusedLayerNorm / FusedAdam: "auto" uses them when apex is importable
+    # and CUDA is available; "off" always uses torch's LayerNorm / AdamW.
+    apex: Literal["auto", "off"] = "auto"

@@ -1,0 +1,191 @@
+"""ops.attention: backend choice, every CPU backend against an fp64 reference (masks,
+fully-masked rows, bf16), the chunked path's memory bound and its dropout in backward,
+and the module's equivalence with nn.MultiheadAttention."""
+
+import pytest
+import torch
+from dispatch_spy import LargestTensor  # tests/ is on sys.path under pytest
+from torch import nn
+
+from ops.attention import MultiheadAttention, choose_backends, scaled_dot_product_attention
+
+CPU_BACKENDS = ["auto", "flash", "math", "chunked"]
+
+
+def reference(q, k, v, mask=None):
+    """fp64 softmax attention; rows with no allowed key attend to every key."""
+    scores = q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            mask = mask | ~mask.any(-1, keepdim=True)
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            blocked = torch.isinf(mask).all(-1, keepdim=True)
+            scores = scores + mask.double().masked_fill(blocked, 0.0)
+    return scores.softmax(-1) @ v.double()
+
+
+def _qkv(dtype=torch.float32, batch=2, heads=3, queries=5, keys=7, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(batch, heads, n, dim, generator=g).to(dtype).requires_grad_(True)
+        for n in (queries, keys, keys)
+    ]
+
+
+def _bool_mask(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(2, 1, 5, 7, generator=g) > 0.5
+    mask[0, 0, 2] = False  # a query that may attend to nothing
+    return mask
+
+
+def _grads(out, inputs, seed=2):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.autograd.grad((out.double() * g).sum(), inputs)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+def test_cpu_backends_match_reference(backend, mask_kind):
+    q, k, v = _qkv()
+    mask = None
+    if mask_kind != "none":
+        mask = _bool_mask()
+        if mask_kind == "additive":
+            mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    # A budget of a few bytes forces chunks of one query on the chunked path.
+    out = scaled_dot_product_attention(q, k, v, mask, backend=backend, max_matrix_mib=1e-6)
+    expected = reference(q, k, v, mask)
+    assert out.dtype == torch.float32 and not out.isnan().any()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(_grads(out, (q, k, v)), _grads(expected, (q, k, v))):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_fully_masked_row_attends_to_every_key():
+    q, k, v = _qkv()
+    mask = _bool_mask()
+    out = scaled_dot_product_attention(q, k, v, mask)
+    unmasked = scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out[0, :, 2], unmasked[0, :, 2])
+    assert not torch.allclose(out[1], unmasked[1])  # the other rows are masked
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bf16_inputs_stay_close_to_fp64(backend):
+    q, k, v = _qkv(torch.bfloat16)
+    out = scaled_dot_product_attention(q, k, v, _bool_mask(), backend=backend, max_matrix_mib=1e-6)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), reference(q, k, v, _bool_mask()), rtol=0.02, atol=0.02)
+    grads = _grads(out, (q, k, v))
+    assert all(gr.dtype == torch.bfloat16 and torch.isfinite(gr).all() for gr in grads)
+
+
+def test_math_path_accumulates_in_fp32_under_autocast():
+    q, k, v = _qkv(torch.bfloat16, keys=300)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = scaled_dot_product_attention(q, k, v, backend="math")
+    bf16_matmuls = torch.softmax((q @ k.transpose(-1, -2)) * 8**-0.5, -1) @ v  # bf16 throughout
+    error = (out.double() - reference(q, k, v)).abs().max()
+    assert error <= (bf16_matmuls.double() - reference(q, k, v)).abs().max()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_chunked_path_never_materialises_the_matrix(dropout):
+    q, k, v = _qkv(queries=64, keys=512, heads=2)
+    full = 2 * 2 * 64 * 512
+    per_entry = 12 if dropout else 8  # fp32 scores and softmax, plus the dropout mask
+    budget_mib = full * per_entry / 8 / 2**20  # an eighth of the whole matrix
+    with LargestTensor() as spy:
+        out = scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, backend="chunked", max_matrix_mib=budget_mib
+        )
+        out.sum().backward()
+    assert spy.largest <= full // 8
+
+
+def test_auto_chunks_with_dropout_when_the_matrix_exceeds_the_budget():
+    q, k, v = _qkv(queries=64, keys=512, heads=2)
+    full = 2 * 2 * 64 * 512
+    with LargestTensor() as spy:
+        scaled_dot_product_attention(
+            q, k, v, dropout_p=0.1, max_matrix_mib=full * 12 / 4 / 2**20
+        ).sum().backward()
+    assert spy.largest <= full // 4
+    with LargestTensor() as spy:  # a generous budget: the math path, whole matrix at once
+        scaled_dot_product_attention(q, k, v, dropout_p=0.1).sum().backward()
+    assert spy.largest >= full
+
+
+def test_chunked_dropout_backward_uses_the_forward_masks():
+    # With v = identity, the output *is* the dropped-out attention matrix P, and the
+    # gradient of sum(out * g) with respect to v is P^T g: it matches only if backward
+    # recomputes each chunk with the same dropout mask as forward.
+    torch.manual_seed(0)
+    keys = 16
+    q, k, _ = _qkv(queries=12, keys=keys, dim=keys, heads=1, batch=1)
+    v = torch.eye(keys)[None, None].requires_grad_(True)
+    out = scaled_dot_product_attention(
+        q, k, v, dropout_p=0.5, backend="chunked", max_matrix_mib=keys * 12 * 3 / 2**20
+    )
+    assert (out == 0).any()  # dropout happened
+    g = torch.randn(out.shape)
+    (grad_v,) = torch.autograd.grad((out * g).sum(), v)
+    torch.testing.assert_close(grad_v[0, 0], out.detach()[0, 0].T @ g[0, 0])
+
+
+def test_backend_rules():
+    size, budget = 10, 100
+    cpu = dict(has_mask=False, dropout_p=0.0, matrix_size=size, max_matrix_bytes=budget)
+    assert choose_backends("cpu", torch.float32, **cpu) == ["flash"]
+    assert choose_backends("cpu", torch.bfloat16, **{**cpu, "has_mask": True}) == ["flash"]
+    assert choose_backends("cpu", torch.float32, **{**cpu, "dropout_p": 0.1}) == ["math"]
+    assert choose_backends("cpu", torch.float32, **{**cpu, "dropout_p": 0.1, "matrix_size": 1000}) == [
+        "chunked"
+    ]
+    assert choose_backends("cpu", torch.float64, **cpu) == ["math"]
+    h100, a100 = (9, 0), (8, 0)
+    assert choose_backends("cuda", torch.bfloat16, **cpu, cuda_capability=h100) == [
+        "cudnn",
+        "flash",
+        "efficient",
+    ]
+    assert choose_backends("cuda", torch.float16, **cpu, cuda_capability=a100) == ["flash", "efficient"]
+    assert choose_backends("cuda", torch.bfloat16, **{**cpu, "has_mask": True}, cuda_capability=h100) == [
+        "efficient"
+    ]
+    assert choose_backends("cuda", torch.float32, **cpu, cuda_capability=h100) == ["efficient"]
+    assert choose_backends("cpu", torch.float32, **cpu, requested="chunked") == ["chunked"]
+    with pytest.raises(ValueError, match="'efficient' does not run on cpu"):
+        choose_backends("cpu", torch.float32, **cpu, requested="efficient")
+    with pytest.raises(ValueError, match="attention backend must be one of"):
+        choose_backends("cpu", torch.float32, **cpu, requested="fastest")
+
+
+def test_module_matches_nn_multihead_attention():
+    torch.manual_seed(0)
+    ours = MultiheadAttention(16, 4).eval()
+    torch_mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in torch_mha.parameters())
+    with torch.no_grad():
+        torch_mha.in_proj_weight.copy_(
+            torch.cat([ours.q_proj.weight, ours.k_proj.weight, ours.v_proj.weight])
+        )
+        torch_mha.in_proj_bias.copy_(torch.randn(48))
+        ours.q_proj.bias.copy_(torch_mha.in_proj_bias[:16])
+        ours.k_proj.bias.copy_(torch_mha.in_proj_bias[16:32])
+        ours.v_proj.bias.copy_(torch_mha.in_proj_bias[32:])
+        torch_mha.out_proj.load_state_dict(ours.out_proj.state_dict())
+    query, memory = torch.randn(2, 5, 16), torch.randn(2, 9, 16)
+    mask = torch.rand(2, 5, 9) > 0.3
+    mask[:, :, 0] = True
+    expected = torch_mha(query, memory, memory, attn_mask=~mask.repeat_interleave(4, 0), need_weights=False)[
+        0
+    ]
+    torch.testing.assert_close(ours(query, memory, memory, attn_mask=mask), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_module_rejects_an_unknown_backend():
+    with pytest.raises(ValueError, match="attention backend must be one of"):
+        MultiheadAttention(16, 4, backend="fast")
