@@ -56,7 +56,7 @@ from model.pixel_decoder import c2_xavier_fill
 from model.position_encoding import PositionEmbeddingSine
 from model.transformer_decoder import MLP
 from ops.apex_optional import layer_norm
-from ops.attention import MultiheadAttention
+from ops.attention import MultiheadAttention, xavier_init_like_detr
 from ops.config import OpsConfig
 
 # The strides of the pyramid PFT decodes (the pixel decoder's ``multi_scale_features``).
@@ -206,9 +206,7 @@ class PFTPredictor(nn.Module):
             PFTDecoderLayer(num_scales, hidden_dim, nheads, dim_feedforward, dropout, pre_norm, ops)
             for _ in range(dec_layers)
         )
-        for p in self.layers.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)  # as DETR's transformer
+        xavier_init_like_detr(self.layers)  # as DETR's transformer
         self.decoder_norm = nn.ModuleList(layer_norm(hidden_dim, ops.apex) for _ in range(num_scales))
         # One logit per category query (equation 4): query i only ever answers "is class i here?".
         self.class_embed = nn.ModuleList(nn.Linear(hidden_dim, 1) for _ in range(num_scales))

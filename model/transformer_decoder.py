@@ -26,7 +26,7 @@ from model.config import TransformerDecoderConfig
 from model.pixel_decoder import c2_xavier_fill
 from model.position_encoding import PositionEmbeddingSine
 from ops.apex_optional import layer_norm
-from ops.attention import MultiheadAttention
+from ops.attention import MultiheadAttention, xavier_init_like_detr
 from ops.config import OpsConfig
 
 
@@ -101,10 +101,7 @@ class StandardTransformerDecoder(nn.Module):
         self.norm = layer_norm(d_model, ops.apex)
         # The 0-layer encoder's final norm (DETR builds it only for pre-norm).
         self.memory_norm = layer_norm(d_model, ops.apex) if pre_norm else nn.Identity()
-        # DETR initialises every matrix of its transformer with Xavier-uniform.
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        xavier_init_like_detr(self)
 
     def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor) -> Tensor:
         memory = self.memory_norm(memory)

@@ -236,11 +236,19 @@ class MultiheadAttention(nn.Module):
         self.dropout = dropout
         self.backend = check_backend(backend)
         self.max_matrix_mib = max_matrix_mib
-        # nn.MultiheadAttention's initialisation: Xavier projections, zero biases.
-        for proj in (self.q_proj, self.k_proj, self.v_proj):
-            nn.init.xavier_uniform_(proj.weight)
+        # nn.MultiheadAttention's initialisation: packed Xavier q/k/v, zero biases.
+        self.reset_qkv()
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
             nn.init.zeros_(proj.bias)
+
+    @torch.no_grad()
+    def reset_qkv(self) -> None:
+        """Xavier-uniform over q/k/v stacked as one 3C×C matrix, as on
+        nn.MultiheadAttention's ``in_proj_weight`` (a smaller bound than per C×C matrix)."""
+        packed = torch.empty(3 * self.q_proj.out_features, self.q_proj.in_features)
+        nn.init.xavier_uniform_(packed)
+        for proj, chunk in zip((self.q_proj, self.k_proj, self.v_proj), packed.chunk(3)):
+            proj.weight.copy_(chunk)
 
     def _heads(self, x: Tensor) -> Tensor:
         batch, length, dim = x.shape
@@ -260,3 +268,14 @@ class MultiheadAttention(nn.Module):
             max_matrix_mib=self.max_matrix_mib,
         )
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
+
+
+def xavier_init_like_detr(module: nn.Module) -> None:
+    """DETR's transformer initialisation: Xavier-uniform on every matrix, where the
+    attentions' q/k/v count as nn.MultiheadAttention's one packed matrix."""
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+    for m in module.modules():
+        if isinstance(m, MultiheadAttention):
+            m.reset_qkv()

@@ -7,7 +7,12 @@ import torch
 from dispatch_spy import LargestTensor  # tests/ is on sys.path under pytest
 from torch import nn
 
-from ops.attention import MultiheadAttention, choose_backends, scaled_dot_product_attention
+from ops.attention import (
+    MultiheadAttention,
+    choose_backends,
+    scaled_dot_product_attention,
+    xavier_init_like_detr,
+)
 
 CPU_BACKENDS = ["auto", "flash", "math", "chunked"]
 
@@ -189,3 +194,16 @@ def test_module_matches_nn_multihead_attention():
 def test_module_rejects_an_unknown_backend():
     with pytest.raises(ValueError, match="attention backend must be one of"):
         MultiheadAttention(16, 4, backend="fast")
+
+
+def test_detr_initialisation_draws_qkv_as_one_packed_matrix():
+    torch.manual_seed(0)
+    layer = nn.ModuleDict({"attn": MultiheadAttention(64, 4), "ffn": nn.Linear(64, 256)})
+    xavier_init_like_detr(layer)
+    packed_bound = (6 / (64 + 3 * 64)) ** 0.5  # nn.MultiheadAttention's 192x64 in_proj_weight
+    qkv = torch.cat([layer["attn"].q_proj.weight, layer["attn"].k_proj.weight, layer["attn"].v_proj.weight])
+    assert qkv.abs().max() <= packed_bound and qkv.abs().max() > 0.9 * packed_bound
+    out_bound = (6 / (64 + 64)) ** 0.5
+    assert packed_bound < layer["attn"].out_proj.weight.abs().max() <= out_bound
+    assert layer["ffn"].weight.abs().max() <= (6 / (64 + 256)) ** 0.5
+    assert all(p.abs().sum() == 0 for n, p in layer["attn"].named_parameters() if n.endswith("bias"))
