@@ -1,6 +1,7 @@
 """``python -m data_pipeline``: shard datasets into webdataset tars and inspect manifests.
 
     python -m data_pipeline shard --format synthetic --split train --out DIR --num-samples N
+    python -m data_pipeline shard --format ade20k --root ROOT --split train --out DIR [--num-samples N]
     python -m data_pipeline info DIR/train-manifest.json
     python -m data_pipeline verify DIR/train-manifest.json
 
@@ -8,7 +9,9 @@ Exit codes: 0 ok, 1 the shards failed verification or an I/O error, 2 usage or i
 error (one line on stderr, no traceback).
 
 A dataset format is a plain function ``(args) -> shard_writer.Source`` listed in
-``READERS``; adding ADE20K or COCO means writing that function (and its options).
+``READERS``. The real datasets (``data_pipeline.formats``) all take ``--root`` and
+``--split`` and optionally ``--num-samples`` (the first N samples in file-name order);
+their input errors (``FormatError``) are reported as usage errors.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import NoReturn
 
+from data_pipeline import formats
 from data_pipeline.config import SyntheticConfig
 from data_pipeline.manifest import ManifestError, load_manifest, verify_shards
 from data_pipeline.shard_writer import Source, check_split, manifest_name, write_shards
@@ -53,16 +58,26 @@ def _synthetic_reader(args: argparse.Namespace) -> Source:
         raise UsageError(str(exn)) from None
 
 
-# Format name -> reader. A plain dict: the supported formats are readable right here.
+def _dataset_reader(name: str, args: argparse.Namespace) -> Source:
+    if args.root is None:
+        raise UsageError(f"--root is required for --format {name}")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
+    return formats.READERS[name](args.root, args.split, args.num_samples)
+
+
+# Format name -> reader. A plain dict: the supported formats are readable right here
+# (synthetic first: it is the one that needs no download).
 READERS: dict[str, Callable[[argparse.Namespace], Source]] = {
     "synthetic": _synthetic_reader,
+    **{name: partial(_dataset_reader, name) for name in formats.READERS},
 }
 
 
 def _shard(args: argparse.Namespace) -> int:
     reader = READERS.get(args.format)
     if reader is None:
-        raise UsageError(f"unknown --format {args.format!r}; supported formats: {', '.join(sorted(READERS))}")
+        raise UsageError(f"unknown --format {args.format!r}; supported formats: {', '.join(READERS)}")
     if args.max_count < 1:
         raise UsageError(f"--max-count must be >= 1, got {args.max_count}")
     if args.workers < 1:
@@ -104,10 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     shard = commands.add_parser("shard", help="write a split as webdataset shards + manifest")
-    shard.add_argument("--format", required=True, help=f"dataset format: {', '.join(sorted(READERS))}")
+    shard.add_argument("--format", required=True, help=f"dataset format: {', '.join(READERS)}")
+    shard.add_argument("--root", help="dataset root folder (every format but synthetic)")
     shard.add_argument("--split", required=True, help="split name, e.g. train or val")
     shard.add_argument("--out", required=True, help=f"output folder (shards + {manifest_name('SPLIT')})")
-    shard.add_argument("--num-samples", type=int, help="number of samples (synthetic)")
+    shard.add_argument(
+        "--num-samples", type=int, help="number of samples (required for synthetic; else the first N)"
+    )
     defaults = SyntheticConfig()
     shard.add_argument("--image-size", type=int, default=defaults.image_size, help="image side in pixels (synthetic)")
     shard.add_argument("--num-classes", type=int, default=defaults.num_classes,
@@ -133,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     # Only errors about the user's input become one-line messages; anything else is a bug
     # and keeps its traceback.
-    except (UsageError, ManifestError) as exn:
+    except (UsageError, ManifestError, formats.FormatError) as exn:
         print(f"{PROG}: error: {exn}", file=sys.stderr)
         return 2
     except OSError as exn:

@@ -11,8 +11,10 @@ gives byte-identical shards (tar mtimes are pinned to 0). Members of sample ``i`
 at the first dot):
 
 * ``{key}.png``      RGB image. PNG rather than JPEG so the synthetic data round-trips
-  exactly (a JPEG's ringing would blur the label/colour relation the demo relies on);
-  readers of JPEG datasets can later pass their original bytes through as ``.jpg``.
+  exactly (a JPEG's ringing would blur the label/colour relation the demo relies on).
+  A sample that carries its original JPEG (``image_bytes``, ``image_ext="jpg"``, see
+  ``formats.common.FormatSample``) is stored as ``{key}.jpg`` byte for byte instead:
+  re-encoding a photo dataset as PNG would multiply its size and change nothing.
 * ``{key}.seg.png``  single-channel uint8 semantic labels, 255 = ignore.
 * ``{key}.pan.png``  panoptic segment ids, COCO-style RGB: id = R + 256 G + 256^2 B.
 * ``{key}.json``     ``{"height", "width", "segments_info": [...]}`` (COCO panoptic).
@@ -49,6 +51,7 @@ from data_pipeline.manifest import Manifest, ShardInfo, write_manifest
 from ops.atomic_file import atomic_write
 
 IMAGE_EXT = "png"
+JPEG_EXT = "jpg"
 SEMANTIC_EXT = "seg.png"
 PANOPTIC_EXT = "pan.png"
 META_EXT = "json"
@@ -63,6 +66,8 @@ class LabeledSample(Protocol):
     semantic: np.ndarray  # uint8 H x W, 255 = ignore
     panoptic: np.ndarray  # int32 H x W segment ids, 0 = void
     segments: list[dict[str, Any]]  # COCO panoptic segments_info
+    # Optional (read with getattr): ``image_bytes`` + ``image_ext`` "jpg" store the
+    # original JPEG as ``{key}.jpg`` instead of re-encoding ``image`` as PNG.
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,26 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _image_member(sample: LabeledSample, key: str) -> tuple[str, bytes]:
+    """(extension, bytes) of the image member: the original JPEG if the sample has one."""
+    data: bytes | None = getattr(sample, "image_bytes", None)
+    if data is None:
+        return IMAGE_EXT, _png(sample.image)
+    ext = getattr(sample, "image_ext", None)
+    if ext not in ("jpg", "jpeg"):
+        raise ValueError(f"{key}: image_bytes must come with image_ext 'jpg', got {ext!r}")
+    try:
+        size = Image.open(io.BytesIO(data)).size  # header only: cheap
+    except Exception as exn:
+        raise ValueError(f"{key}: image_bytes is not a decodable image: {exn}") from None
+    if size != (sample.image.shape[1], sample.image.shape[0]):
+        raise ValueError(
+            f"{key}: image_bytes is {size[0]}x{size[1]} (WxH) but the image array is "
+            f"{sample.image.shape[1]}x{sample.image.shape[0]}"
+        )
+    return JPEG_EXT, data
+
+
 def encode_sample(sample: LabeledSample, key: str) -> dict[str, Any]:
     """A webdataset sample dict (``__key__`` + member bytes) for one labelled sample."""
     image, semantic, panoptic = sample.image, sample.semantic, sample.panoptic
@@ -128,9 +153,10 @@ def encode_sample(sample: LabeledSample, key: str) -> dict[str, Any]:
     if panoptic.shape != image.shape[:2]:
         raise ValueError(f"{key}: panoptic must be {image.shape[:2]}, got {panoptic.shape}")
     meta = {"height": int(image.shape[0]), "width": int(image.shape[1]), "segments_info": sample.segments}
+    image_ext, image_bytes = _image_member(sample, key)
     return {
         "__key__": key,
-        IMAGE_EXT: _png(image),
+        image_ext: image_bytes,
         SEMANTIC_EXT: _png(semantic),
         PANOPTIC_EXT: _png(encode_panoptic(panoptic)),
         META_EXT: json.dumps(meta, sort_keys=True).encode("utf-8"),
