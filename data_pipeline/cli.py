@@ -2,8 +2,14 @@
 
     python -m data_pipeline shard --format synthetic --split train --out DIR --num-samples N
     python -m data_pipeline shard --format ade20k --root ROOT --split train --out DIR [--num-samples N]
+    python -m data_pipeline shard ... --max-count 1000 --max-size 1G --workers 8
+    python -m data_pipeline shard ... --out 'pipe:aws s3 cp - s3://bucket/ade/{name}'
     python -m data_pipeline info DIR/train-manifest.json
-    python -m data_pipeline verify DIR/train-manifest.json
+    python -m data_pipeline verify [--quick] DIR/train-manifest.json
+    python -m data_pipeline stats [--json] DIR/train-manifest.json
+
+Re-running an interrupted ``shard`` with the same arguments keeps the finished shards
+and completes the rest (see ``shard_writer``).
 
 Exit codes: 0 ok, 1 the shards failed verification or an I/O error, 2 usage or input
 error (one line on stderr, no traceback).
@@ -17,6 +23,7 @@ their input errors (``FormatError``) are reported as usage errors.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -24,8 +31,19 @@ from typing import NoReturn
 
 from data_pipeline import formats
 from data_pipeline.config import SyntheticConfig
-from data_pipeline.manifest import ManifestError, load_manifest, verify_shards
-from data_pipeline.shard_writer import Source, check_split, manifest_name, write_shards
+from data_pipeline.manifest import ManifestError, load_manifest
+from data_pipeline.shard_stats import format_stats, shard_stats
+from data_pipeline.shard_verify import verify_manifest
+from data_pipeline.shard_writer import (
+    PIPE_PREFIX,
+    ShardStateError,
+    Source,
+    check_split,
+    manifest_name,
+    parse_size,
+    state_name,
+    write_shards,
+)
 from data_pipeline.synthetic import synthetic_source
 
 PROG = "python -m data_pipeline"
@@ -74,6 +92,13 @@ READERS: dict[str, Callable[[argparse.Namespace], Source]] = {
 }
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exn:
+        raise argparse.ArgumentTypeError(str(exn)) from None
+
+
 def _shard(args: argparse.Namespace) -> int:
     reader = READERS.get(args.format)
     if reader is None:
@@ -82,18 +107,33 @@ def _shard(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-count must be >= 1, got {args.max_count}")
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    piped = args.out.startswith(PIPE_PREFIX)
+    if piped and "{name}" not in args.out:
+        raise UsageError(f"--out {args.out!r}: a pipe: command must contain {{name}} (replaced by each file name)")
+    if args.staging is not None and not piped:
+        raise UsageError("--staging only applies to a pipe: --out")
     try:
         check_split(args.split)
     except ValueError as exn:
         raise UsageError(str(exn)) from None
     source = reader(args)
-    manifest = write_shards(source, args.out, args.split, max_count=args.max_count, workers=args.workers)
+    manifest = write_shards(
+        source,
+        args.out,
+        args.split,
+        max_count=args.max_count,
+        workers=args.workers,
+        max_size=args.max_size,
+        overwrite=args.overwrite,
+        staging=args.staging,
+    )
     total = sum(s.bytes for s in manifest.shards)
+    where = f"'{args.out}'" if piped else str(manifest.root)
     print(
         f"wrote {manifest.num_samples} {args.split} samples in {len(manifest.shards)} shards "
-        f"({total} bytes) to {manifest.root}"
+        f"({total} bytes) to {where}"
     )
-    print(f"manifest: {manifest.path}")
+    print(f"manifest: {manifest_name(args.split) + ' (piped)' if piped else manifest.path}")
     return 0
 
 
@@ -104,13 +144,21 @@ def _info(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
-    problems = verify_shards(manifest)
-    for problem in problems:
-        print(problem, file=sys.stderr)
-    if problems:
-        print(f"{len(problems)} of {len(manifest.shards)} shards failed verification", file=sys.stderr)
+    reports = verify_manifest(manifest, quick=args.quick)
+    bad = [r for r in reports if not r.ok]
+    for report in bad:
+        print(report.line(), file=sys.stderr)
+    what = "sizes and sha256" if args.quick else "sizes, sha256 and samples"
+    if bad:
+        print(f"{len(bad)} of {len(reports)} shards failed verification ({what})", file=sys.stderr)
         return 1
-    print(f"{len(manifest.shards)} shards ok ({manifest.num_samples} samples): {manifest.path}")
+    print(f"{len(reports)} shards ok ({manifest.num_samples} samples; {what} checked): {manifest.path}")
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    stats = shard_stats(load_manifest(args.manifest))
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0
 
 
@@ -118,11 +166,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Shard segmentation datasets into webdataset tars.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    shard = commands.add_parser("shard", help="write a split as webdataset shards + manifest")
+    shard = commands.add_parser(
+        "shard",
+        help="write a split as webdataset shards + manifest",
+        description=(
+            "Write a split as webdataset tar shards {split}-NNNNNN.tar plus {split}-manifest.json. "
+            "Samples go to shards in order; a shard is closed when the next sample would take it "
+            "past --max-count samples or --max-size bytes, so the layout does not depend on --workers. "
+            f"Re-running an interrupted job with the same arguments keeps the finished shards (checked "
+            f"against {state_name('SPLIT')}) and completes the rest; resuming works for a local --out "
+            "only, a pipe: output starts over."
+        ),
+    )
     shard.add_argument("--format", required=True, help=f"dataset format: {', '.join(READERS)}")
     shard.add_argument("--root", help="dataset root folder (every format but synthetic)")
     shard.add_argument("--split", required=True, help="split name, e.g. train or val")
-    shard.add_argument("--out", required=True, help=f"output folder (shards + {manifest_name('SPLIT')})")
+    shard.add_argument(
+        "--out",
+        required=True,
+        help=f"output folder (shards + {manifest_name('SPLIT')}), or pipe:CMD where CMD contains {{name}}: "
+        "each finished shard, then the manifest, is piped to CMD with {name} replaced by its file name, "
+        "e.g. 'pipe:aws s3 cp - s3://bucket/ade/{name}' (no resume for pipe: outputs)",
+    )
     shard.add_argument(
         "--num-samples", type=int, help="number of samples (required for synthetic; else the first N)"
     )
@@ -130,18 +195,52 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--image-size", type=int, default=defaults.image_size, help="image side in pixels (synthetic)")
     shard.add_argument("--num-classes", type=int, default=defaults.num_classes,
                        help="classes incl. background (synthetic)")
-    shard.add_argument("--max-count", type=int, default=defaults.samples_per_shard, help="samples per shard")
+    shard.add_argument("--max-count", type=int, default=defaults.samples_per_shard,
+                       help=f"at most this many samples per shard (default {defaults.samples_per_shard})")
+    shard.add_argument("--max-size", type=_size, metavar="BYTES",
+                       help="at most this many bytes per shard file, e.g. 500M or 1G (K/M/G/T = powers of "
+                       "1024); a single larger sample gets a shard of its own (default: no size limit)")
     shard.add_argument("--seed", type=int, default=defaults.seed, help="generator seed (synthetic)")
-    shard.add_argument("--workers", type=int, default=1, help="encoding processes")
+    shard.add_argument("--workers", type=int, default=1,
+                       help="encoding processes (the shards are the same for any number)")
+    shard.add_argument("--overwrite", action="store_true",
+                       help="discard an interrupted sharding of this split made with other arguments "
+                       "instead of refusing to start")
+    shard.add_argument("--staging", metavar="DIR",
+                       help="with a pipe: --out, build shards in DIR before piping them (default: a temp folder)")
     shard.set_defaults(run=_shard)
 
     info = commands.add_parser("info", help="print a manifest's summary")
-    info.add_argument("manifest")
+    info.add_argument("manifest", help="path of a {split}-manifest.json")
     info.set_defaults(run=_info)
 
-    verify = commands.add_parser("verify", help="check shard sizes and sha256 against a manifest")
-    verify.add_argument("manifest")
+    verify = commands.add_parser(
+        "verify",
+        help="check shards against a manifest (sizes, sha256 and every sample)",
+        description=(
+            "Check every shard's size and sha256, then read it as a tar and check every sample: an "
+            "RGB image (.png/.jpg/.jpeg) and a same-size single-channel .seg.png that decode with PIL, "
+            "label values < number of classes or == ignore_index, a .json that parses if present, and "
+            "the sample count and offsets the manifest records. Prints one line per bad shard (its "
+            "first problem and the number of bad samples); exit status 1 if any shard is bad."
+        ),
+    )
+    verify.add_argument("manifest", help="path of a {split}-manifest.json")
+    verify.add_argument("--quick", action="store_true", help="only check shard sizes and sha256")
     verify.set_defaults(run=_verify)
+
+    stats = commands.add_parser(
+        "stats",
+        help="class pixel frequencies and image sizes of a sharded split",
+        description=(
+            "Read every label once and print per-class pixel counts, shares (of non-ignore pixels) and "
+            "the number of images containing each class, the ignore pixels, and the image size "
+            "distribution (min/median/max height and width, most common sizes)."
+        ),
+    )
+    stats.add_argument("manifest", help="path of a {split}-manifest.json")
+    stats.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+    stats.set_defaults(run=_stats)
     return parser
 
 
@@ -151,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     # Only errors about the user's input become one-line messages; anything else is a bug
     # and keeps its traceback.
-    except (UsageError, ManifestError, formats.FormatError) as exn:
+    except (UsageError, ManifestError, ShardStateError, formats.FormatError) as exn:
         print(f"{PROG}: error: {exn}", file=sys.stderr)
         return 2
     except OSError as exn:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from data_pipeline.augment_config import AugmentConfig
+
 
 @dataclass
 class SyntheticConfig:
@@ -26,10 +28,12 @@ class DataConfig:
     batch_size: int = 2  # per worker
     num_workers: int = 0  # DataLoader worker processes per rank
     shuffle_buffer: int = 256
-    hflip: bool = True
     ignore_index: int = 255
     # ADE20K convention: label 0 ("other") becomes ignore (255) and every other label
     # shifts down by one, so 150 classes are 0..149. Applied when reading label maps.
     reduce_zero_label: bool = False
     seed: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # Training augmentation (random resize, category-constrained crop, flip, photometric
+    # distortion: MaskFormer's ADE20K recipe); see augment_config.py.
+    augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -17,9 +17,10 @@ Training streams are infinite: each consumer loops over its own epochs ("epoch" 
 a logging notion and consumers may drift apart by a shard or so; nothing waits for an
 epoch end, so uneven slices cannot hang collectives). Within an epoch a consumer shuffles
 samples through a buffer of ``shuffle_buffer`` *encoded* samples (bytes, not decoded
-pixels, to keep memory low) and augments with a generator, both seeded from
-``(seed, epoch, rank, worker)``: the same (seed, world_size, num_workers, batch_size)
-gives the same batches. Evaluation is finite, unshuffled, unaugmented, and sees every
+pixels, to keep memory low), seeded from ``(seed, epoch, rank, worker)``, and augments
+each sample with a generator seeded by its position in the stream: the same (seed,
+world_size, num_workers, batch_size) gives the same batches, and a stream can restart at
+any batch exactly (``data_pipeline.train_stream``). Evaluation is finite, unshuffled, unaugmented, and sees every
 sample exactly once across ranks (ranks may get different counts; the caller reduces a
 confusion matrix at the end, so there are no per-batch collectives).
 
@@ -33,22 +34,21 @@ single-channel label PNG into RGB.
 from __future__ import annotations
 
 import io
-import itertools
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.config import DataConfig
+from data_pipeline.loader_io import ReadPlan, ShardReadError, ShardRef, plan_reads, read_shard
 from data_pipeline.manifest import Manifest, ManifestError, load_manifest
 from data_pipeline.shard_writer import SEMANTIC_EXT
-from data_pipeline.transforms import pad_to, semantic_to_targets, train_augment
+from data_pipeline.train_stream import consumer_stream, worker_batches
+from data_pipeline.transforms import augment_sample, pad_to, semantic_to_targets
 
 IMAGE_EXTS = ("png", "jpg", "jpeg")  # first one present is the image
 
@@ -57,94 +57,11 @@ class DataConfigError(ValueError):
     """The data section of the config is unusable (one-line message naming the key)."""
 
 
-class ShardReadError(RuntimeError):
-    """A shard is missing, corrupt or disagrees with its manifest (message names the shard)."""
-
-
-# ------------------------------------------------------------------------ read planning
-
-
-@dataclass(frozen=True)
-class ShardRef:
-    path: str
-    num_samples: int
-    first_index: int  # global index (manifest order) of the shard's first sample
-
-
-@dataclass(frozen=True)
-class ReadPlan:
-    """What one consumer reads in one epoch."""
-
-    shards: tuple[int, ...]  # indices into the shard list, in reading order
-    modulo: int = 1  # keep samples whose global index % modulo == remainder
-    remainder: int = 0
-
-
-def plan_reads(
-    shard_sizes: Sequence[int],
-    consumer: int,
-    num_consumers: int,
-    order_seed: Sequence[int] | None,
-    allow_empty: bool,
-) -> ReadPlan:
-    """Assign shards (or, if too few, sample indices) to ``consumer`` of ``num_consumers``.
-
-    ``order_seed=None`` keeps the manifest order (evaluation). ``allow_empty=False``
-    (training) wraps consumers around when there are fewer samples than consumers.
-    """
-    if not 0 <= consumer < num_consumers:
-        raise ValueError(f"consumer {consumer} out of range for {num_consumers} consumers")
-    num_shards = len(shard_sizes)
-    order = list(range(num_shards))
-    if order_seed is not None:
-        order = [int(i) for i in np.random.default_rng(list(order_seed)).permutation(num_shards)]
-    if num_shards >= num_consumers:
-        return ReadPlan(tuple(order[consumer::num_consumers]))
-    total = sum(shard_sizes)
-    modulo = num_consumers if allow_empty else max(1, min(num_consumers, total))
-    return ReadPlan(tuple(order), modulo, consumer % modulo)
-
-
-# ---------------------------------------------------------------------------- reading
-
-
-def _raise_shard_error(path: str, exn: Exception) -> NoReturn:
-    if isinstance(exn, OSError) and exn.strerror:
-        detail = exn.strerror  # e.g. "No such file or directory" rather than errno 2
-    else:
-        # webdataset appends " @ <stream repr>" and stream objects to the exception's args.
-        detail = str(exn.args[0]).split(" @ ")[0] if exn.args else ""
-    raise ShardReadError(f"corrupt or unreadable shard {path}: {type(exn).__name__}: {detail}") from exn
-
-
-def read_shard(ref: ShardRef) -> Iterator[dict[str, Any]]:
-    """Raw samples (member bytes by extension, ``__key__``, ``__url__``, ``__index__``)."""
-    count = 0
-    samples = wds.tarfile_to_samples(handler=partial(_raise_shard_error, ref.path))(iter([{"url": ref.path}]))
-    for sample in samples:
-        sample["__index__"] = ref.first_index + count
-        count += 1
-        yield sample
-    if count != ref.num_samples:
-        raise ShardReadError(f"shard {ref.path} holds {count} samples, its manifest says {ref.num_samples}")
-
-
 def _read_plan(shards: Sequence[ShardRef], plan: ReadPlan) -> Iterator[dict[str, Any]]:
     for i in plan.shards:
         for sample in read_shard(shards[i]):
             if sample["__index__"] % plan.modulo == plan.remainder:
                 yield sample
-
-
-def _buffer_shuffle(items: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
-    """Shuffle through a buffer of ``size`` items; flushed (shuffled) at the end."""
-    buffer: list[Any] = []
-    for item in items:
-        buffer.append(item)
-        if len(buffer) >= max(1, size):
-            yield buffer.pop(int(rng.integers(len(buffer))))
-    for j in rng.permutation(len(buffer)):
-        yield buffer[j]
 
 
 def _open_member(raw: dict[str, Any], ext: str) -> Image.Image:
@@ -206,15 +123,29 @@ def _consumer() -> tuple[int, int]:
 class SegmentationStream(IterableDataset):
     """Decoded samples for one rank: infinite and augmented (train) or finite (eval)."""
 
-    def __init__(self, shards: Sequence[ShardRef], cfg: DataConfig, rank: int, world_size: int, train: bool):
+    def __init__(
+        self,
+        shards: Sequence[ShardRef],
+        cfg: DataConfig,
+        rank: int,
+        world_size: int,
+        train: bool,
+        start_batches: int = 0,
+    ):
         self.shards = list(shards)
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
         self.train = train
+        self.start_batches = start_batches  # batches this rank's trainer already consumed
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = _consumer()
+        if self.train:
+            # The DataLoader asks its workers in turn from worker 0, and batch j of the
+            # uninterrupted stream came from worker j % num_workers; so a stream resumed
+            # at batch n lets worker w continue the stream of worker (w + n) % num_workers.
+            worker = (worker + self.start_batches) % num_workers
         consumer = self.rank * num_workers + worker
         num_consumers = self.world_size * num_workers
         if self.train:
@@ -225,25 +156,29 @@ class SegmentationStream(IterableDataset):
         return decode_sample(raw, self.cfg.reduce_zero_label, self.cfg.ignore_index)
 
     def _train_samples(self, consumer: int, num_consumers: int, worker: int) -> Iterator[dict[str, Any]]:
-        cfg, sizes = self.cfg, [s.num_samples for s in self.shards]
-        for epoch in itertools.count():
-            plan = plan_reads(sizes, consumer, num_consumers, order_seed=(cfg.seed, epoch), allow_empty=False)
-            # Distinct entropy lists give independent streams for order, buffer and augmentation.
-            shuffle_rng = np.random.default_rng([cfg.seed, epoch, self.rank, worker, 0])
-            aug_seed = int(np.random.default_rng([cfg.seed, epoch, self.rank, worker, 1]).integers(2**62))
+        cfg = self.cfg
+        _, num_workers = _consumer()
+        skip = worker_batches(self.start_batches, worker, num_workers) * cfg.batch_size
+        stream = consumer_stream(
+            self.shards,
+            seed=cfg.seed,
+            rank=self.rank,
+            worker=worker,
+            consumer=consumer,
+            num_consumers=num_consumers,
+            shuffle_buffer=cfg.shuffle_buffer,
+            skip=skip,
+        )
+        for raw, epoch, position in stream:
+            image, semantic = self._decode(raw)
+            # One generator per output sample, seeded by where it is in the stream, so a
+            # resumed stream augments every sample exactly as the uninterrupted one did.
+            aug_seed = int(np.random.default_rng([cfg.seed, epoch, self.rank, worker, 1, position]).integers(2**62))
             generator = torch.Generator().manual_seed(aug_seed)
-            produced = 0
-            for raw in _buffer_shuffle(_read_plan(self.shards, plan), cfg.shuffle_buffer, shuffle_rng):
-                image, semantic = self._decode(raw)
-                image, semantic = train_augment(
-                    image, semantic, cfg.crop_size, generator, hflip=cfg.hflip, ignore_index=cfg.ignore_index
-                )
-                produced += 1
-                yield {"image": image, "semantic": semantic, "key": raw["__key__"]}
-            if produced == 0:  # would otherwise spin forever without yielding
-                raise ShardReadError(
-                    f"rank {self.rank} worker {worker}: epoch {epoch} read no samples from {plan}"
-                )
+            image, semantic = augment_sample(
+                image, semantic, cfg.crop_size, cfg.augment, generator, ignore_index=cfg.ignore_index
+            )
+            yield {"image": image, "semantic": semantic, "key": raw["__key__"]}
 
     def _eval_samples(self, consumer: int, num_consumers: int) -> Iterator[dict[str, Any]]:
         sizes = [s.num_samples for s in self.shards]
@@ -301,6 +236,11 @@ def _check_config(cfg: DataConfig, rank: int, world_size: int, train: bool) -> N
     for ok, message in checks:
         if not ok:
             raise DataConfigError(message)
+    if train:
+        try:
+            cfg.augment.validate()
+        except ValueError as exn:
+            raise DataConfigError(str(exn)) from None
 
 
 def resolve_manifest(cfg: DataConfig, key: str) -> Manifest:
@@ -324,7 +264,8 @@ def resolve_manifest(cfg: DataConfig, key: str) -> Manifest:
 def shard_refs(manifest: Manifest) -> list[ShardRef]:
     refs, first = [], 0
     for info, path in zip(manifest.shards, manifest.shard_paths()):
-        refs.append(ShardRef(path=path, num_samples=info.num_samples, first_index=first))
+        offsets = tuple(getattr(info, "sample_offsets", None) or ())
+        refs.append(ShardRef(path=path, num_samples=info.num_samples, first_index=first, offsets=offsets))
         first += info.num_samples
     return refs
 
@@ -368,8 +309,12 @@ class _EvalBatches:
         return _iterate(self.loader)
 
 
-def build_train_loader(cfg: DataConfig, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
-    """Infinite iterator of training batches for ``rank`` (see the module docstring).
+def build_train_loader(
+    cfg: DataConfig, rank: int, world_size: int, start_batches: int = 0
+) -> Iterator[dict[str, Any]]:
+    """Infinite iterator of training batches for ``rank`` (see the module docstring),
+    starting after the first ``start_batches`` batches of the stream: the batches a
+    resumed run's trainer already consumed (``data_pipeline.train_stream``).
 
     Batch: ``images`` uint8 B x 3 x crop x crop, ``semantic`` int64 B x crop x crop (255 =
     ignore), ``targets`` (B dicts from ``semantic_to_targets``), ``keys`` (B str),
@@ -377,7 +322,9 @@ def build_train_loader(cfg: DataConfig, rank: int, world_size: int) -> Iterator[
     """
     _check_config(cfg, rank, world_size, train=True)
     manifest = resolve_manifest(cfg, "train_manifest")
-    dataset = SegmentationStream(shard_refs(manifest), cfg, rank, world_size, train=True)
+    if start_batches < 0:
+        raise DataConfigError(f"start_batches must be >= 0, got {start_batches}")
+    dataset = SegmentationStream(shard_refs(manifest), cfg, rank, world_size, train=True, start_batches=start_batches)
     return _iterate(_data_loader(dataset, cfg))
 
 

@@ -12,10 +12,16 @@ so a dataset folder can be moved or synced to object storage as a whole)::
       "ignore_index": 255,
       "num_samples": 512,               # == sum of shards[*].num_samples
       "shards": [{"name": "train-000000.tar", "num_samples": 64,
-                  "bytes": 123456, "sha256": "<64 hex digits>"}, ...],
+                  "bytes": 123456, "sha256": "<64 hex digits>",
+                  "sample_offsets": [0, 2560, ...]}, ...],
       "created_by": "segscale 0.1.0",
       "source": {...}                   # free-form provenance (reader options)
     }
+
+``sample_offsets`` (optional, one per sample of the shard, increasing, 512-aligned) is the byte
+offset in the tar of the first header of each sample; the sample's members follow
+contiguously, so a reader can ``seek`` there and stream the tar from that point. It is
+left out (an empty list after loading: unknown) by manifests written before it existed.
 
 Errors are one line naming the file and the key at fault, because a bad manifest is a
 user input error that the CLI reports without a traceback.
@@ -45,6 +51,20 @@ class ShardInfo:
     num_samples: int
     bytes: int
     sha256: str
+    # Byte offset of each sample's first tar header, in sample order; [] = unknown
+    # (manifests written before the field existed).
+    sample_offsets: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "name": self.name,
+            "num_samples": self.num_samples,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+        }
+        if self.sample_offsets:
+            data["sample_offsets"] = list(self.sample_offsets)
+        return data
 
 
 @dataclass
@@ -82,10 +102,7 @@ class Manifest:
             "thing_classes": list(self.thing_classes),
             "ignore_index": self.ignore_index,
             "num_samples": self.num_samples,
-            "shards": [
-                {"name": s.name, "num_samples": s.num_samples, "bytes": s.bytes, "sha256": s.sha256}
-                for s in self.shards
-            ],
+            "shards": [s.to_json() for s in self.shards],
             "created_by": self.created_by,
             "source": dict(self.source),
         }
@@ -153,6 +170,48 @@ def training_classes(manifest: Manifest, reduce_zero_label: bool) -> list[str]:
     return manifest.classes[1:] if reduce_zero_label else list(manifest.classes)
 
 
+def parse_shard_info(raw: Any, where: str, path: Path) -> ShardInfo:
+    """One validated ``shards[i]`` entry (also used by the shard writer's state file)."""
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{path}: key '{where}' must be dict, got {type(raw).__name__}")
+    offsets: list[int] = []
+    if "sample_offsets" in raw:
+        offsets = _list_of(
+            _get(raw, "sample_offsets", list, f"{where}.sample_offsets", path),
+            int,
+            f"{where}.sample_offsets",
+            path,
+        )
+    shard = ShardInfo(
+        name=_get(raw, "name", str, f"{where}.name", path),
+        num_samples=_get(raw, "num_samples", int, f"{where}.num_samples", path),
+        bytes=_get(raw, "bytes", int, f"{where}.bytes", path),
+        sha256=_get(raw, "sha256", str, f"{where}.sha256", path),
+        sample_offsets=offsets,
+    )
+    if os.path.isabs(shard.name) or ".." in Path(shard.name).parts:
+        raise ManifestError(
+            f"{path}: key '{where}.name' must be relative to the manifest folder: {shard.name!r}"
+        )
+    if shard.num_samples < 0 or shard.bytes < 0:
+        raise ManifestError(f"{path}: key '{where}' has a negative num_samples or bytes")
+    if offsets and len(offsets) != shard.num_samples:
+        raise ManifestError(
+            f"{path}: key '{where}.sample_offsets' has {len(offsets)} entries but num_samples is {shard.num_samples}"
+        )
+    if offsets:
+        if offsets[0] < 0 or any(b <= a for a, b in zip(offsets, offsets[1:])):
+            raise ManifestError(f"{path}: key '{where}.sample_offsets' must be increasing and >= 0")
+        if offsets[-1] >= shard.bytes:
+            raise ManifestError(
+                f"{path}: key '{where}.sample_offsets' has offset {offsets[-1]} "
+                f"beyond the shard's {shard.bytes} bytes"
+            )
+        if any(o % 512 for o in offsets):
+            raise ManifestError(f"{path}: key '{where}.sample_offsets' must be multiples of 512 (tar blocks)")
+    return shard
+
+
 def load_manifest(path: str | os.PathLike[str]) -> Manifest:
     """Read and validate a manifest. Raises ManifestError with a one-line message."""
     path = Path(path)
@@ -178,24 +237,10 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
         raise ManifestError(
             f"{path}: key 'manifest_version' is {version}, this segscale reads {MANIFEST_VERSION}"
         )
-    shards = []
-    for i, raw in enumerate(_get(data, "shards", list, "shards", path)):
-        where = f"shards[{i}]"
-        if not isinstance(raw, dict):
-            raise ManifestError(f"{path}: key '{where}' must be dict, got {type(raw).__name__}")
-        shard = ShardInfo(
-            name=_get(raw, "name", str, f"{where}.name", path),
-            num_samples=_get(raw, "num_samples", int, f"{where}.num_samples", path),
-            bytes=_get(raw, "bytes", int, f"{where}.bytes", path),
-            sha256=_get(raw, "sha256", str, f"{where}.sha256", path),
-        )
-        if os.path.isabs(shard.name) or ".." in Path(shard.name).parts:
-            raise ManifestError(
-                f"{path}: key '{where}.name' must be relative to the manifest folder: {shard.name!r}"
-            )
-        if shard.num_samples < 0 or shard.bytes < 0:
-            raise ManifestError(f"{path}: key '{where}' has a negative num_samples or bytes")
-        shards.append(shard)
+    shards = [
+        parse_shard_info(raw, f"shards[{i}]", path)
+        for i, raw in enumerate(_get(data, "shards", list, "shards", path))
+    ]
 
     # Optional keys (a hand-written manifest may leave them out).
     thing_classes: list[int] = []
@@ -240,21 +285,28 @@ def write_manifest(path: str | os.PathLike[str], manifest: Manifest) -> Path:
     return path
 
 
+def check_shard_file(shard: ShardInfo, shard_path: str | os.PathLike[str]) -> str | None:
+    """The problem with one shard file's size or sha256 (no path prefix), or None."""
+    try:
+        size = os.path.getsize(shard_path)
+        if size != shard.bytes:
+            return f"{size} bytes, manifest says {shard.bytes}"
+        digest = hashlib.sha256()
+        with open(shard_path, "rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exn:
+        return f"cannot read: {exn.strerror or exn}"
+    if digest.hexdigest() != shard.sha256:
+        return "sha256 mismatch"
+    return None
+
+
 def verify_shards(manifest: Manifest) -> list[str]:
     """Check every shard's size and sha256 against the manifest; returns the problems found."""
     problems = []
     for shard, shard_path in zip(manifest.shards, manifest.shard_paths()):
-        try:
-            size = os.path.getsize(shard_path)
-            digest = hashlib.sha256()
-            with open(shard_path, "rb") as f:
-                for block in iter(lambda f=f: f.read(1 << 20), b""):
-                    digest.update(block)
-        except OSError as exn:
-            problems.append(f"{shard_path}: cannot read: {exn.strerror or exn}")
-            continue
-        if size != shard.bytes:
-            problems.append(f"{shard_path}: {size} bytes, manifest says {shard.bytes}")
-        elif digest.hexdigest() != shard.sha256:
-            problems.append(f"{shard_path}: sha256 mismatch")
+        problem = check_shard_file(shard, shard_path)
+        if problem is not None:
+            problems.append(f"{shard_path}: {problem}")
     return problems

@@ -39,6 +39,9 @@ class CheckpointMeta:
     world_size: int
     zero_stage: int
     config: dict
+    # The training stream's position (data_pipeline.train_stream.LoaderPosition as JSON);
+    # None in checkpoints written before exact loader resume.
+    data_position: dict | None = None
 
 
 def _list_files(root: str) -> dict[str, int]:
@@ -50,7 +53,9 @@ def _list_files(root: str) -> dict[str, int]:
     return files
 
 
-def save_checkpoint(engine, directory: str, *, step: int, rank: int, world_size: int, config: dict) -> None:
+def save_checkpoint(
+    engine, directory: str, *, step: int, rank: int, world_size: int, config: dict, data_position: dict | None = None
+) -> None:
     """Every rank calls this with its own (empty) ``directory``; DeepSpeed's save is collective."""
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
@@ -68,7 +73,7 @@ def save_checkpoint(engine, directory: str, *, step: int, rank: int, world_size:
     write_json_atomic(os.path.join(directory, f"files_rank_{rank}.json"), _list_files(directory))
     if rank == 0:
         meta = {"step": step, "world_size": world_size, "zero_stage": engine.zero_optimization_stage(),
-                "config": config}
+                "config": config, "data_position": data_position}
         write_json_atomic(os.path.join(directory, META_FILE), meta)
 
 
@@ -78,7 +83,8 @@ def read_meta(directory: str) -> CheckpointMeta:
         with open(path) as f:
             data = json.load(f)
         return CheckpointMeta(step=int(data["step"]), world_size=int(data["world_size"]),
-                              zero_stage=int(data["zero_stage"]), config=data["config"])
+                              zero_stage=int(data["zero_stage"]), config=data["config"],
+                              data_position=data.get("data_position"))
     except (FileNotFoundError, NotADirectoryError):
         raise CheckpointError(f"{directory}: not a segscale checkpoint ({META_FILE} missing)") from None
     except (ValueError, KeyError, TypeError) as err:

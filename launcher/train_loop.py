@@ -9,7 +9,6 @@ all-reduce, DeepSpeed's save, validation, ``ray.train.report``).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import random
@@ -28,6 +27,7 @@ import torch.distributed as dist
 
 from cluster.metrics import WorkerMetrics, write_file_sd
 from data_pipeline.loader import build_eval_loader, build_train_loader
+from data_pipeline.train_stream import LoaderPosition, batches_to_skip
 from launcher.checkpoint import (
     DEEPSPEED_DIR,
     DEEPSPEED_TAG,
@@ -58,6 +58,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _resume_batches(meta, current: LoaderPosition) -> tuple[int, bool]:
+    """Batches each rank's stream skips after resuming from ``meta``, and whether exactly."""
+    if meta.data_position is None:  # written before exact loader resume: count steps
+        return current.batches, False
+    return batches_to_skip(LoaderPosition.from_json(meta.data_position), current)
 
 
 def _choose_resume_directory(cfg: RunConfig, run_dir: str) -> str | None:
@@ -140,17 +147,27 @@ def train_worker(loop_config: dict) -> None:
     choice = [_choose_resume_directory(cfg, run_dir) if rank == 0 else None]
     dist.broadcast_object_list(choice, src=0)
     resume_dir, start_step = choice[0], 0
+
+    def loader_position(step: int) -> LoaderPosition:
+        return LoaderPosition(batches=step * cfg.train.grad_accum_steps, world_size=world_size,
+                              num_workers=cfg.data.num_workers, batch_size=cfg.data.batch_size,
+                              seed=cfg.data.seed, manifest=cfg.data.train_manifest)
+
+    start_batches = 0
     if resume_dir:
-        start_step = verify_checkpoint(resume_dir).step
+        meta = verify_checkpoint(resume_dir)
+        start_step = meta.step
         engine.load_checkpoint(os.path.join(resume_dir, DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+        start_batches, exact = _resume_batches(meta, loader_position(start_step))
         if rank == 0:
-            print(f"resumed from {resume_dir} at step {start_step}", flush=True)
+            how = "exactly" if exact else "approximately (the data layout changed; see README, resuming)"
+            print(f"resumed from {resume_dir} at step {start_step}; data stream continues {how} "
+                  f"after {start_batches} batches per rank", flush=True)
     seed_everything(derive_seed(cfg.train.seed, rank, start_step))  # per-rank dropout streams
 
-    # Until exact loader resume lands, a resumed run starts a fresh stream seeded by its
-    # start step, so it does not replay the exact samples it has already seen.
-    data_cfg = dataclasses.replace(cfg.data, seed=derive_seed(cfg.data.seed, start_step) if start_step else cfg.data.seed)
-    batches = iter(build_train_loader(data_cfg, rank, world_size))
+    # The stream restarts where the checkpointed run's trainer stood: the samples the
+    # uninterrupted run would have seen next, none skipped or repeated.
+    batches = iter(build_train_loader(cfg.data, rank, world_size, start_batches=start_batches))
     samples_per_step = cfg.data.batch_size * cfg.train.grad_accum_steps
     logger = StepLogger(total_steps=cfg.train.max_steps, samples_per_step=samples_per_step * world_size,
                         enabled=rank == 0)
@@ -174,7 +191,8 @@ def train_worker(loop_config: dict) -> None:
         nonlocal last_saved
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="segscale-ckpt-") as tmp:
-            save_checkpoint(engine, tmp, step=step, rank=rank, world_size=world_size, config=config_dict)
+            save_checkpoint(engine, tmp, step=step, rank=rank, world_size=world_size, config=config_dict,
+                            data_position=loader_position(step).to_json())
             ray.train.report({"step": step, **extra_metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if metrics is not None:
             metrics.observe_checkpoint(time.perf_counter() - started)

@@ -47,6 +47,7 @@ def test_train_checkpoint_resume_eval_predict(dataset, tmp_path):
     assert first is not None, log
     meta = verify_checkpoint(first)
     assert meta.step == 4 and meta.world_size == 2 and meta.zero_stage == 1
+    assert meta.data_position["batches"] == 4 and meta.data_position["world_size"] == 2
     assert "step 4/4" in log and "samples/s" in log and "eta" in log
     assert "validation mIoU" in log
     targets = json.loads((run_dir / "prometheus_targets.json").read_text())
@@ -59,6 +60,7 @@ def test_train_checkpoint_resume_eval_predict(dataset, tmp_path):
     code, log = launcher("train", *common, "--set", "train.max_steps=6")
     assert code == 0, log
     assert "resumed from" in log and "at step 4" in log and "step 5/6" in log and "step 1/" not in log
+    assert "data stream continues exactly after 4 batches per rank" in log
     latest = find_latest_checkpoint(str(run_dir))
     assert verify_checkpoint(latest).step == 6
     # keep_checkpoints=2: older ones are deleted

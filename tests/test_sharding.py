@@ -228,3 +228,108 @@ def test_module_entry_point(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("python -m data_pipeline: error: unknown --format 'nope'")
     assert "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------- offsets and --max-size
+
+
+def _sample_sizes(path: str) -> tuple[list[int], list[int]]:
+    """(offsets of each sample's first header, tar bytes of each sample) read back from a shard."""
+    with tarfile.open(path) as tar:
+        firsts: dict[str, int] = {}
+        for member in tar.getmembers():
+            firsts.setdefault(member.name.split(".", 1)[0], member.offset)
+        end = tar.offset  # where the end-of-archive blocks start
+    offsets = list(firsts.values())
+    return offsets, [b - a for a, b in zip(offsets, offsets[1:] + [end])]
+
+
+def test_sample_offsets_seek_to_each_sample(tmp_path):
+    manifest = write_shards(
+        synthetic_source(SyntheticConfig(image_size=16), "train", 7), tmp_path, "train", max_count=3
+    )
+    manifest = load_manifest(manifest.path)
+    index = 0
+    for info, path in zip(manifest.shards, manifest.shard_paths()):
+        assert len(info.sample_offsets) == info.num_samples
+        assert info.sample_offsets == _sample_sizes(path)[0]
+        for offset in info.sample_offsets:
+            assert offset % 512 == 0
+            with open(path, "rb") as f:
+                f.seek(offset)
+                with tarfile.open(fileobj=f, mode="r|") as tar:
+                    names = [m.name for _, m in zip(range(4), tar)]
+            key = f"train_{index:08d}"
+            assert names == [f"{key}.{ext}" for ext in ("json", "pan.png", "png", "seg.png")]
+            index += 1
+    assert index == 7
+
+
+def test_sample_offsets_disagreeing_with_the_count_are_an_error(tmp_path):
+    path = _valid_manifest(tmp_path)
+    _edit(path, lambda d: d["shards"][0]["sample_offsets"].pop())
+    with pytest.raises(ManifestError, match=r"shards\[0\].sample_offsets' has \d+ entries but num_samples is"):
+        load_manifest(path)
+
+
+def test_manifest_without_sample_offsets_still_loads(tmp_path):
+    path = _valid_manifest(tmp_path)
+    _edit(path, lambda d: [s.pop("sample_offsets") for s in d["shards"]])
+    manifest = load_manifest(path)
+    assert all(s.sample_offsets == [] for s in manifest.shards)
+    assert "sample_offsets" not in manifest.to_json()["shards"][0]
+    assert main(["verify", str(path)]) == 0
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda s: s["sample_offsets"].reverse(), "'shards[0].sample_offsets' must be increasing"),
+        (lambda s: s["sample_offsets"].__setitem__(1, 10**9), "beyond the shard's"),
+        (lambda s: s["sample_offsets"].__setitem__(1, 513), "multiples of 512"),
+        (lambda s: s["sample_offsets"].__setitem__(1, "x"), "'shards[0].sample_offsets[1]' must be int"),
+    ],
+)
+def test_bad_sample_offsets_are_one_line_errors(tmp_path, edit, expected):
+    path = _valid_manifest(tmp_path)
+    _edit(path, lambda d: edit(d["shards"][0]))
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_max_size_closes_shards_greedily_and_ignores_workers(tmp_path):
+    from data_pipeline.shard_writer import archive_size
+
+    max_size = 12 * 1024
+    assert _shard(tmp_path / "a", 12, 3, "--max-size", "12K", "--image-size", "16") == 0
+    assert _shard(tmp_path / "b", 12, 3, "--max-size", "12K", "--image-size", "16", "--workers", "2") == 0
+    a = load_manifest(tmp_path / "a/train-manifest.json")
+    b = load_manifest(tmp_path / "b/train-manifest.json")
+    assert a.shards == b.shards and a.num_samples == 12
+    sizes = [_sample_sizes(p)[1] for p in a.shard_paths()]
+    assert any(len(s) < 3 for s in sizes)  # the size limit, not only the count, closed some
+    for info, shard_sizes in zip(a.shards, sizes):
+        assert info.bytes == archive_size(sum(shard_sizes)) and info.num_samples <= 3
+        assert info.bytes <= max_size or info.num_samples == 1
+    for this, following in zip(sizes, sizes[1:]):  # the next sample would not have fitted
+        assert len(this) == 3 or archive_size(sum(this) + following[0]) > max_size
+    # A sample larger than the limit gets a shard of its own.
+    assert _shard(tmp_path / "c", 3, 3, "--max-size", "1K", "--image-size", "16") == 0
+    assert [s.num_samples for s in load_manifest(tmp_path / "c/train-manifest.json").shards] == [1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "text, expected", [("123", 123), ("500M", 500 << 20), ("1G", 1 << 30), ("1.5k", 1536), ("2GiB", 2 << 30)]
+)
+def test_parse_size(text, expected):
+    from data_pipeline.shard_writer import parse_size
+
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("value", ["12Q", "0", "-1M", "M"])
+def test_bad_max_size_is_a_usage_error(tmp_path, capsys, value):
+    assert _shard(tmp_path, 4, 2, f"--max-size={value}") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m data_pipeline: error: ") and "--max-size" in err and err.count("\n") == 1

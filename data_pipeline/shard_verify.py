@@ -1,0 +1,166 @@
+"""Deep verification of a sharded split: ``python -m data_pipeline verify MANIFEST``.
+
+Beyond each shard's size and sha256 (``manifest.verify_shards``, the ``--quick`` check)
+every shard is read as a tar and every sample checked the way the loader will use it:
+
+* members of a sample (key = member name up to the first dot) are contiguous;
+* it has an image (``.png``/``.jpg``/``.jpeg``) and a ``.seg.png`` label, and its
+  ``.json`` (if any) parses;
+* both decode with PIL, the image is RGB, the label single-channel and the same size;
+* label values are < the number of classes or == the manifest's ``ignore_index``;
+* the shard's sample count, and the offset of each sample's first tar header when the
+  manifest records ``sample_offsets``, match the manifest.
+
+Each shard gets a ``ShardReport`` with its problems (the first one is what the CLI
+prints) and the number of bad samples.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from data_pipeline.manifest import Manifest, ShardInfo, check_shard_file
+
+IMAGE_EXTS = ("png", "jpg", "jpeg")
+SEMANTIC_EXT = "seg.png"
+META_EXT = "json"
+LABEL_MODES = ("L", "P", "I", "I;16")  # single-channel modes the loader accepts
+
+
+@dataclass
+class ShardReport:
+    name: str
+    path: str
+    problems: list[str] = field(default_factory=list)
+    bad_samples: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def line(self) -> str:
+        """One line naming the shard, its first problem and the number of bad samples."""
+        extra = []
+        if self.bad_samples:
+            extra.append(f"{self.bad_samples} bad sample{'s' if self.bad_samples != 1 else ''}")
+        if len(self.problems) > 1:
+            extra.append(f"{len(self.problems)} problems")
+        bad = f" ({', '.join(extra)})" if extra else ""
+        return f"{self.path}: {self.problems[0]}{bad}"
+
+
+def iter_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, int, dict[str, bytes]]]:
+    """``(key, offset of its first header, {ext: bytes})`` per sample, in tar order.
+
+    Raises ValueError if a key's members are not contiguous (webdataset would split it).
+    """
+    seen: set[str] = set()
+    key: str | None = None
+    offset = 0
+    members: dict[str, bytes] = {}
+    for info in tar:
+        if not info.isfile():
+            continue
+        name = os.path.basename(info.name)
+        member_key, _, ext = name.partition(".")
+        if member_key != key:
+            if key is not None:
+                yield key, offset, members
+            if member_key in seen:
+                raise ValueError(f"members of sample {member_key} are not contiguous")
+            seen.add(member_key)
+            key, offset, members = member_key, info.offset, {}
+        data = tar.extractfile(info)
+        members[ext] = data.read() if data is not None else b""
+    if key is not None:
+        yield key, offset, members
+
+
+def check_sample(members: dict[str, bytes], num_classes: int, ignore_index: int) -> str | None:
+    """The first problem of one sample's members, or None if it is good."""
+    image_ext = next((ext for ext in IMAGE_EXTS if ext in members), None)
+    if image_ext is None:
+        return f"no image (.png/.jpg/.jpeg), has {sorted(members)}"
+    if SEMANTIC_EXT not in members:
+        return f"no .{SEMANTIC_EXT} label, has {sorted(members)}"
+    if META_EXT in members:
+        try:
+            json.loads(members[META_EXT])
+        except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+            return f".{META_EXT} does not parse: {exn}"
+    try:
+        image = Image.open(io.BytesIO(members[image_ext]))
+        image.load()
+    except Exception as exn:  # PIL raises many types for bad data
+        return f".{image_ext} does not decode: {exn}"
+    try:
+        label = Image.open(io.BytesIO(members[SEMANTIC_EXT]))
+        label.load()
+    except Exception as exn:
+        return f".{SEMANTIC_EXT} does not decode: {exn}"
+    if image.mode != "RGB":
+        return f".{image_ext} must be RGB, got PIL mode {image.mode}"
+    if label.mode not in LABEL_MODES:
+        return f".{SEMANTIC_EXT} must be single-channel, got PIL mode {label.mode}"
+    if label.size != image.size:
+        return f"image is {image.size[0]}x{image.size[1]} but label is {label.size[0]}x{label.size[1]} (WxH)"
+    values = np.unique(np.asarray(label))
+    bad = values[(values >= num_classes) & (values != ignore_index)]
+    if bad.size:
+        return f"label value {int(bad[0])} out of range ({num_classes} classes, ignore {ignore_index})"
+    return None
+
+
+def _deep_check(manifest: Manifest, info: ShardInfo, path: str, report: ShardReport) -> None:
+    num_classes, ignore = len(manifest.classes), manifest.ignore_index
+    offsets: list[int] = []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for key, offset, members in iter_samples(tar):
+                offsets.append(offset)
+                problem = check_sample(members, num_classes, ignore)
+                if problem is not None:
+                    report.bad_samples += 1
+                    report.problems.append(f"sample {key}: {problem}")
+    except (tarfile.TarError, ValueError, OSError, EOFError) as exn:
+        report.problems.append(f"not a readable tar after {len(offsets)} samples: {exn}")
+        return
+    if len(offsets) != info.num_samples:
+        report.problems.append(f"holds {len(offsets)} samples, manifest says {info.num_samples}")
+    elif info.sample_offsets and offsets != info.sample_offsets:
+        first = next(i for i, (a, b) in enumerate(zip(offsets, info.sample_offsets)) if a != b)
+        report.problems.append(
+            f"sample {first} starts at byte {offsets[first]}, manifest sample_offsets says "
+            f"{info.sample_offsets[first]}"
+        )
+
+
+def verify_manifest(
+    manifest: Manifest, quick: bool = False, progress: bool | None = None
+) -> list[ShardReport]:
+    """A report per shard, in manifest order (``quick``: sizes and sha256 only)."""
+    reports = []
+    show = sys.stderr.isatty() if progress is None else progress
+    shards = list(zip(manifest.shards, manifest.shard_paths()))
+    for info, path in tqdm(shards, desc="verify", unit="shard", disable=not show):
+        report = ShardReport(info.name, path)
+        problem = check_shard_file(info, path)
+        if problem is not None:
+            report.problems.append(problem)
+            if problem.startswith("cannot read"):
+                reports.append(report)
+                continue
+        if not quick:
+            _deep_check(manifest, info, path, report)
+        reports.append(report)
+    return reports

@@ -1,0 +1,214 @@
+"""The training stream of one consumer, and how to resume it exactly.
+
+A consumer's stream is a pure function of (seed, world size, DataLoader workers, the
+manifest): per epoch, a read plan (``loader.plan_reads``), the plan's samples in reading
+order, a buffer shuffle whose draws come from a generator seeded by (seed, epoch, rank,
+worker), and an augmentation generator seeded per output sample by (seed, epoch, rank,
+worker, position in the epoch). Nothing depends on what happened before, so the stream
+can be restarted at any sample:
+
+1. whole epochs before the resume point are skipped without reading a byte (their
+   lengths follow from the manifest's sample counts);
+2. inside the resume epoch the buffer shuffle is replayed on sample *indices* (the same
+   draws, no I/O), which tells which samples sit in the buffer and how far the
+   sequential reader had got;
+3. the buffered samples are fetched by seeking to their byte offsets (the manifest's
+   ``sample_offsets``), and sequential reading continues from the next sample's offset.
+
+Without offsets (manifests written before they existed) a shard is read from its start
+and the samples before the position are discarded: still exact, only slower.
+
+``LoaderPosition`` is what a checkpoint stores: batches consumed per rank plus the
+layout they were counted in. Exact resume needs the same layout; see
+``batches_to_skip`` for the rule when it changed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from data_pipeline.loader_io import ReadPlan, ShardReadError, ShardRef, plan_reads, read_shard
+
+
+@dataclass(frozen=True)
+class LoaderPosition:
+    """Where a rank's training stream stood: ``batches`` consumed by the trainer, counted
+    in the layout (world size, DataLoader workers, batch size, seed, manifest) they came from."""
+
+    batches: int
+    world_size: int
+    num_workers: int
+    batch_size: int
+    seed: int
+    manifest: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LoaderPosition:
+        return cls(**{k: type(v)(data[k]) for k, v in asdict(cls(0, 1, 0, 1, 0, "")).items()})
+
+
+def batches_to_skip(saved: LoaderPosition, current: LoaderPosition) -> tuple[int, bool]:
+    """(batches each rank's new stream skips, whether the resume is exact).
+
+    Same layout: exactly the saved count. Changed layout (another world size, worker
+    count, batch size or seed; the same manifest): the new layout's streams are
+    different sequences, so no exact continuation exists; each rank skips as many
+    batches as keep the global number of samples seen, which re-reads nothing in the
+    common case of whole epochs but may repeat or skip up to a shuffle buffer per
+    consumer inside the current epoch. A different manifest starts from the beginning.
+    """
+    if saved.manifest != current.manifest:
+        return 0, False
+    layout = ("world_size", "num_workers", "batch_size", "seed")
+    if all(getattr(saved, k) == getattr(current, k) for k in layout):
+        return saved.batches, True
+    samples = saved.batches * saved.batch_size * saved.world_size
+    per_rank_batch = current.batch_size * current.world_size
+    return samples // per_rank_batch, False
+
+
+def worker_batches(batches: int, worker: int, num_workers: int) -> int:
+    """How many of the first ``batches`` a DataLoader took from ``worker``: with an
+    IterableDataset it asks its workers in turn, batch j from worker j % num_workers."""
+    workers = max(1, num_workers)
+    return 0 if batches <= worker else (batches - worker + workers - 1) // workers
+
+
+# ------------------------------------------------------------------- index-level plan
+
+
+def epoch_items(shards: Sequence[ShardRef], plan: ReadPlan) -> list[tuple[int, int]]:
+    """(shard, sample-in-shard) of every sample the plan reads, in reading order."""
+    items = []
+    for shard in plan.shards:
+        ref = shards[shard]
+        for local in range(ref.num_samples):
+            if (ref.first_index + local) % plan.modulo == plan.remainder:
+                items.append((shard, local))
+    return items
+
+
+class BufferShuffle:
+    """Shuffle through a buffer of ``size`` items: each push beyond the size pops a
+    random item; ``drain`` empties the rest in random order. The same draws whatever the
+    items are, which is what lets the index-level replay stand in for the real one."""
+
+    def __init__(self, size: int, rng: np.random.Generator, buffer: list[Any] | None = None) -> None:
+        self.size = max(1, size)
+        self.rng = rng
+        self.buffer = buffer if buffer is not None else []
+
+    def push(self, item: Any) -> Any | None:
+        self.buffer.append(item)
+        if len(self.buffer) >= self.size:
+            return self.buffer.pop(int(self.rng.integers(len(self.buffer))))
+        return None
+
+    def drain(self) -> list[Any]:
+        order = self.rng.permutation(len(self.buffer))
+        drained = [self.buffer[j] for j in order]
+        self.buffer = []
+        return drained
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _fetch(shards: Sequence[ShardRef], items: Sequence[tuple[int, int]]) -> dict[tuple[int, int], dict]:
+    """Random access: the raw samples of ``items``, one seek each (or one pass per shard
+    without offsets)."""
+    fetched: dict[tuple[int, int], dict] = {}
+    for shard, group in itertools.groupby(sorted(items), key=lambda item: item[0]):
+        wanted = {local for _, local in group}
+        ref = shards[shard]
+        if ref.offsets:
+            for local in sorted(wanted):
+                fetched[(shard, local)] = next(read_shard(ref, start=local, limit=1))
+        else:
+            for raw in read_shard(ref):
+                local = raw["__index__"] - ref.first_index
+                if local in wanted:
+                    fetched[(shard, local)] = raw
+    return fetched
+
+
+def _read_from(
+    shards: Sequence[ShardRef], items: Sequence[tuple[int, int]], start: int
+) -> Iterator[tuple[tuple[int, int], dict]]:
+    """Sequentially read ``items[start:]`` (in reading order), seeking to the first."""
+    remaining = items[start:]
+    for shard, group in itertools.groupby(remaining, key=lambda item: item[0]):
+        locals_ = [local for _, local in group]
+        wanted = set(locals_)
+        ref = shards[shard]
+        for raw in read_shard(ref, start=locals_[0]):
+            local = raw["__index__"] - ref.first_index
+            if local in wanted:
+                yield (shard, local), raw
+
+
+def consumer_stream(
+    shards: Sequence[ShardRef],
+    *,
+    seed: int,
+    rank: int,
+    worker: int,
+    consumer: int,
+    num_consumers: int,
+    shuffle_buffer: int,
+    skip: int = 0,
+) -> Iterator[tuple[dict, int, int]]:
+    """Infinite (raw sample, epoch, position in epoch) of one consumer, from sample ``skip``."""
+    sizes = [s.num_samples for s in shards]
+    for epoch in itertools.count():
+        plan = plan_reads(sizes, consumer, num_consumers, order_seed=(seed, epoch), allow_empty=False)
+        items = epoch_items(shards, plan)
+        if not items:  # would otherwise spin forever without yielding
+            raise ShardReadError(f"rank {rank} worker {worker}: epoch {epoch} reads no samples from {plan}")
+        if skip >= len(items):
+            skip -= len(items)  # a whole epoch before the resume point: nothing to read
+            continue
+        shuffle = BufferShuffle(shuffle_buffer, np.random.default_rng([seed, epoch, rank, worker, 0]))
+        position, inserted, pending = _replay(shuffle, len(items), skip)
+        skip = 0
+        if pending is None:  # still filling the buffer, or reading: restore the buffer's samples
+            fetched = _fetch(shards, [items[i] for i in shuffle.buffer])
+            shuffle.buffer = [(items[i], fetched[items[i]]) for i in shuffle.buffer]
+            for item_raw in _read_from(shards, items, inserted):
+                out = shuffle.push(item_raw)
+                if out is not None:
+                    yield out[1], epoch, position
+                    position += 1
+            pending = shuffle.drain()
+        else:  # resumed inside the final drain: fetch what is left of it
+            fetched = _fetch(shards, [items[i] for i in pending])
+            pending = [(items[i], fetched[items[i]]) for i in pending]
+        for _, raw in pending:
+            yield raw, epoch, position
+            position += 1
+
+
+def _replay(shuffle: BufferShuffle, num_items: int, skip: int) -> tuple[int, int, list | None]:
+    """Advance ``shuffle`` over item indices until ``skip`` items came out.
+
+    Returns (position reached, items inserted, the rest of the drain order if the skip
+    ends inside the final drain else None). On return ``shuffle.buffer`` holds the
+    indices waiting in the buffer.
+    """
+    emitted = inserted = 0
+    while emitted < skip and inserted < num_items:
+        if shuffle.push(inserted) is not None:
+            emitted += 1
+        inserted += 1
+    if emitted == skip:
+        return emitted, inserted, None
+    drained = shuffle.drain()
+    return skip, num_items, drained[skip - emitted :]
