@@ -76,6 +76,10 @@ class WorkerMetrics:
             "segscale_checkpoint_save_seconds_total", "Time spent saving checkpoints", labels, registry=r
         )
         self.checkpoints = Counter("segscale_checkpoints_total", "Checkpoints saved", labels, registry=r)
+        self.data_skipped = Counter(
+            "segscale_data_skipped_samples_total", "Bad training samples left out (data.on_error=skip)", labels,
+            registry=r,
+        )
         self.endpoint: MetricsEndpoint | None = None
         self._server = None
 
@@ -121,6 +125,11 @@ class WorkerMetrics:
         # ru_maxrss is KiB on Linux: the peak, which is what sizing a worker needs.
         self.rss.labels(**labels).set(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         self.last_step_time.labels(**labels).set(time.time())
+
+    def observe_skipped(self, count: int) -> None:
+        """``count`` more bad samples left out by the loader."""
+        if count > 0:
+            self.data_skipped.labels(**self._labels).inc(count)
 
     def observe_throughput(self, samples_per_second: float) -> None:
         self.samples_per_second.labels(**self._labels).set(samples_per_second)

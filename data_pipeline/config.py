@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from data_pipeline.augment_config import AugmentConfig
 
@@ -33,6 +34,12 @@ class DataConfig:
     # shifts down by one, so 150 classes are 0..149. Applied when reading label maps.
     reduce_zero_label: bool = False
     seed: int = 0
+    # A bad training sample (corrupt or truncated shard, missing label, label out of
+    # range, size mismatch, RGB label): "raise" stops with a one-line error naming shard
+    # and sample; "skip" leaves it out, logs it, counts it in the step log and exports
+    # segscale_data_skipped_samples_total. Evaluation always raises: a metric over a
+    # silently shrunken validation set would mislead.
+    on_error: Literal["raise", "skip"] = "raise"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     # Training augmentation (random resize, category-constrained crop, flip, photometric
     # distortion: MaskFormer's ADE20K recipe); see augment_config.py.

@@ -34,6 +34,7 @@ single-channel label PNG into RGB.
 from __future__ import annotations
 
 import io
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any
@@ -45,7 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.config import DataConfig
 from data_pipeline.loader_io import ReadPlan, ShardReadError, ShardRef, plan_reads, read_shard
-from data_pipeline.manifest import Manifest, ManifestError, load_manifest
+from data_pipeline.manifest import Manifest, ManifestError, load_manifest, training_classes
 from data_pipeline.shard_writer import SEMANTIC_EXT
 from data_pipeline.train_stream import consumer_stream, worker_batches
 from data_pipeline.transforms import augment_sample, pad_to, semantic_to_targets
@@ -87,7 +88,7 @@ def reduce_zero_label(labels: torch.Tensor, ignore_index: int = 255) -> torch.Te
 
 
 def decode_sample(
-    raw: dict[str, Any], reduce_zero: bool = False, ignore_index: int = 255
+    raw: dict[str, Any], reduce_zero: bool = False, ignore_index: int = 255, num_classes: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Member bytes -> (uint8 image 3 x H x W, int64 labels H x W), decoded with PIL.
 
@@ -109,6 +110,13 @@ def decode_sample(
     labels_t = torch.from_numpy(np.asarray(labels).astype(np.int64))
     if reduce_zero:
         labels_t = reduce_zero_label(labels_t, ignore_index)
+    if num_classes is not None:
+        bad = (labels_t >= num_classes) & (labels_t != ignore_index) | (labels_t < 0)
+        if bool(bad.any()):
+            value = int(labels_t[bad][0])
+            raise ShardReadError(
+                f"{where}: label value {value} out of range (classes 0..{num_classes - 1}, ignore {ignore_index})"
+            )
     return image_t, labels_t
 
 
@@ -131,6 +139,8 @@ class SegmentationStream(IterableDataset):
         world_size: int,
         train: bool,
         start_batches: int = 0,
+        start_positions: Sequence[int] = (),
+        num_classes: int | None = None,
     ):
         self.shards = list(shards)
         self.cfg = cfg
@@ -138,6 +148,10 @@ class SegmentationStream(IterableDataset):
         self.world_size = world_size
         self.train = train
         self.start_batches = start_batches  # batches this rank's trainer already consumed
+        # Per worker role, the stream position to restart at (LoaderPosition.next_index);
+        # when given it replaces the count derived from start_batches (exact with skips).
+        self.start_positions = start_positions
+        self.num_classes = num_classes  # labels beyond it are bad input (None: unchecked)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = _consumer()
@@ -153,12 +167,15 @@ class SegmentationStream(IterableDataset):
         return self._eval_samples(consumer, num_consumers)
 
     def _decode(self, raw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        return decode_sample(raw, self.cfg.reduce_zero_label, self.cfg.ignore_index)
+        return decode_sample(raw, self.cfg.reduce_zero_label, self.cfg.ignore_index, self.num_classes)
 
     def _train_samples(self, consumer: int, num_consumers: int, worker: int) -> Iterator[dict[str, Any]]:
         cfg = self.cfg
         _, num_workers = _consumer()
-        skip = worker_batches(self.start_batches, worker, num_workers) * cfg.batch_size
+        if self.start_positions:
+            skip = self.start_positions[worker]
+        else:
+            skip = worker_batches(self.start_batches, worker, num_workers) * cfg.batch_size
         stream = consumer_stream(
             self.shards,
             seed=cfg.seed,
@@ -168,9 +185,23 @@ class SegmentationStream(IterableDataset):
             num_consumers=num_consumers,
             shuffle_buffer=cfg.shuffle_buffer,
             skip=skip,
+            tolerate=cfg.on_error == "skip",
         )
-        for raw, epoch, position in stream:
-            image, semantic = self._decode(raw)
+        skipped = 0
+        for raw, epoch, position, index in stream:
+            try:
+                if isinstance(raw, ShardReadError):
+                    raise raw
+                image, semantic = self._decode(raw)
+            except ShardReadError as exn:
+                if cfg.on_error != "skip":
+                    raise
+                skipped += 1
+                # Never a silent drop: each skip is logged here, counted in every batch
+                # and exported by the trainer (segscale_data_skipped_samples_total).
+                print(f"data.on_error=skip: rank {self.rank} worker {worker}: skipped ({skipped} so far): {exn}",
+                      file=sys.stderr, flush=True)
+                continue
             # One generator per output sample, seeded by where it is in the stream, so a
             # resumed stream augments every sample exactly as the uninterrupted one did.
             aug_seed = int(np.random.default_rng([cfg.seed, epoch, self.rank, worker, 1, position]).integers(2**62))
@@ -178,7 +209,14 @@ class SegmentationStream(IterableDataset):
             image, semantic = augment_sample(
                 image, semantic, cfg.crop_size, cfg.augment, generator, ignore_index=cfg.ignore_index
             )
-            yield {"image": image, "semantic": semantic, "key": raw["__key__"]}
+            yield {
+                "image": image,
+                "semantic": semantic,
+                "key": raw["__key__"],
+                # Where the consumer's stream stands after this sample (bad samples count:
+                # resuming from here replays none of them) and how many it skipped so far.
+                "stream": (worker, index + 1, skipped),
+            }
 
     def _eval_samples(self, consumer: int, num_consumers: int) -> Iterator[dict[str, Any]]:
         sizes = [s.num_samples for s in self.shards]
@@ -212,6 +250,9 @@ def collate_batch(samples: list[dict[str, Any]], ignore_index: int = 255) -> dic
         "targets": [semantic_to_targets(m, ignore_index) for m in semantic],
         "keys": [s["key"] for s in samples],
         "image_sizes": [(int(s["semantic"].shape[0]), int(s["semantic"].shape[1])) for s in samples],
+        # Training only: (worker role, next stream position, samples skipped) after the
+        # batch's last sample; a batch comes from one DataLoader worker.
+        **({"stream": samples[-1]["stream"]} if "stream" in samples[-1] else {}),
     }
 
 
@@ -310,7 +351,7 @@ class _EvalBatches:
 
 
 def build_train_loader(
-    cfg: DataConfig, rank: int, world_size: int, start_batches: int = 0
+    cfg: DataConfig, rank: int, world_size: int, start_batches: int = 0, start_positions: Sequence[int] = ()
 ) -> Iterator[dict[str, Any]]:
     """Infinite iterator of training batches for ``rank`` (see the module docstring),
     starting after the first ``start_batches`` batches of the stream: the batches a
@@ -324,7 +365,16 @@ def build_train_loader(
     manifest = resolve_manifest(cfg, "train_manifest")
     if start_batches < 0:
         raise DataConfigError(f"start_batches must be >= 0, got {start_batches}")
-    dataset = SegmentationStream(shard_refs(manifest), cfg, rank, world_size, train=True, start_batches=start_batches)
+    if start_positions and len(start_positions) != max(1, cfg.num_workers):
+        raise DataConfigError(
+            f"start_positions has {len(start_positions)} entries, data.num_workers={cfg.num_workers} needs "
+            f"{max(1, cfg.num_workers)}"
+        )
+    dataset = SegmentationStream(
+        shard_refs(manifest), cfg, rank, world_size, train=True, start_batches=start_batches,
+        start_positions=tuple(start_positions),
+        num_classes=len(training_classes(manifest, cfg.reduce_zero_label)),
+    )
     return _iterate(_data_loader(dataset, cfg))
 
 
@@ -337,5 +387,6 @@ def build_eval_loader(cfg: DataConfig, rank: int, world_size: int) -> Iterable[d
     """
     _check_config(cfg, rank, world_size, train=False)
     manifest = resolve_manifest(cfg, "val_manifest")
-    dataset = SegmentationStream(shard_refs(manifest), cfg, rank, world_size, train=False)
+    classes = len(training_classes(manifest, cfg.reduce_zero_label))
+    dataset = SegmentationStream(shard_refs(manifest), cfg, rank, world_size, train=False, num_classes=classes)
     return _EvalBatches(_data_loader(dataset, cfg))

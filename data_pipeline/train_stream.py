@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -46,19 +46,36 @@ class LoaderPosition:
     batch_size: int
     seed: int
     manifest: str
+    # Per DataLoader worker role of this rank: the stream position to restart at. Bad
+    # samples left out under data.on_error=skip occupy positions too, so with skips only
+    # these (not batches * batch_size) say where a stream stands. Empty: unknown.
+    next_index: tuple[int, ...] = ()
+    skipped: int = 0  # bad samples this rank left out so far
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["next_index"] = list(self.next_index)
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LoaderPosition:
-        return cls(**{k: type(v)(data[k]) for k, v in asdict(cls(0, 1, 0, 1, 0, "")).items()})
+        return cls(
+            batches=int(data["batches"]),
+            world_size=int(data["world_size"]),
+            num_workers=int(data["num_workers"]),
+            batch_size=int(data["batch_size"]),
+            seed=int(data["seed"]),
+            manifest=str(data["manifest"]),
+            next_index=tuple(int(i) for i in data.get("next_index", ())),
+            skipped=int(data.get("skipped", 0)),
+        )
 
 
-def batches_to_skip(saved: LoaderPosition, current: LoaderPosition) -> tuple[int, bool]:
-    """(batches each rank's new stream skips, whether the resume is exact).
+def batches_to_skip(saved: LoaderPosition, current: LoaderPosition) -> tuple[int, tuple[int, ...], bool]:
+    """(batches each rank's new stream skips, per-worker stream positions to restart at
+    (empty: derive them from the batches), whether the resume is exact).
 
-    Same layout: exactly the saved count. Changed layout (another world size, worker
+    Same layout: exactly the saved count and positions. Changed layout (another world size, worker
     count, batch size or seed; the same manifest): the new layout's streams are
     different sequences, so no exact continuation exists; each rank skips as many
     batches as keep the global number of samples seen, which re-reads nothing in the
@@ -66,13 +83,13 @@ def batches_to_skip(saved: LoaderPosition, current: LoaderPosition) -> tuple[int
     consumer inside the current epoch. A different manifest starts from the beginning.
     """
     if saved.manifest != current.manifest:
-        return 0, False
+        return 0, (), False
     layout = ("world_size", "num_workers", "batch_size", "seed")
     if all(getattr(saved, k) == getattr(current, k) for k in layout):
-        return saved.batches, True
+        return saved.batches, saved.next_index, True
     samples = saved.batches * saved.batch_size * saved.world_size
     per_rank_batch = current.batch_size * current.world_size
-    return samples // per_rank_batch, False
+    return samples // per_rank_batch, (), False
 
 
 def worker_batches(batches: int, worker: int, num_workers: int) -> int:
@@ -80,6 +97,38 @@ def worker_batches(batches: int, worker: int, num_workers: int) -> int:
     IterableDataset it asks its workers in turn, batch j from worker j % num_workers."""
     workers = max(1, num_workers)
     return 0 if batches <= worker else (batches - worker + workers - 1) // workers
+
+
+class StreamTracker:
+    """The trainer's side of exact resume: follows the (worker role, next position,
+    skipped) that every training batch carries and turns it into ``LoaderPosition``s."""
+
+    def __init__(self, layout: LoaderPosition, start_batches: int, start_positions: Sequence[int] = ()) -> None:
+        self.layout = layout
+        self.batches = start_batches
+        workers = max(1, layout.num_workers)
+        # Roles that produce no batch before the next checkpoint stay where they started.
+        self.next_index = list(start_positions) or [
+            worker_batches(start_batches, role, layout.num_workers) * layout.batch_size for role in range(workers)
+        ]
+        self.skipped_by_role = [0] * workers
+        self.skipped_before = layout.skipped  # carried over from the resumed run
+
+    def observe(self, batch: dict[str, Any]) -> int:
+        """Record one consumed batch; returns how many bad samples were newly skipped."""
+        self.batches += 1
+        role, next_index, skipped = batch["stream"]
+        self.next_index[role] = next_index
+        new = skipped - self.skipped_by_role[role]
+        self.skipped_by_role[role] = skipped
+        return new
+
+    @property
+    def skipped(self) -> int:
+        return self.skipped_before + sum(self.skipped_by_role)
+
+    def position(self) -> LoaderPosition:
+        return replace(self.layout, batches=self.batches, next_index=tuple(self.next_index), skipped=self.skipped)
 
 
 # ------------------------------------------------------------------- index-level plan
@@ -122,37 +171,57 @@ class BufferShuffle:
 # --------------------------------------------------------------------------- reading
 
 
-def _fetch(shards: Sequence[ShardRef], items: Sequence[tuple[int, int]]) -> dict[tuple[int, int], dict]:
+def _fetch(
+    shards: Sequence[ShardRef], items: Sequence[tuple[int, int]], tolerate: bool
+) -> dict[tuple[int, int], dict | ShardReadError]:
     """Random access: the raw samples of ``items``, one seek each (or one pass per shard
-    without offsets)."""
-    fetched: dict[tuple[int, int], dict] = {}
+    without offsets). With ``tolerate`` an unreadable sample maps to its error."""
+    fetched: dict[tuple[int, int], dict | ShardReadError] = {}
     for shard, group in itertools.groupby(sorted(items), key=lambda item: item[0]):
-        wanted = {local for _, local in group}
+        wanted = sorted({local for _, local in group})
         ref = shards[shard]
-        if ref.offsets:
-            for local in sorted(wanted):
-                fetched[(shard, local)] = next(read_shard(ref, start=local, limit=1))
-        else:
-            for raw in read_shard(ref):
-                local = raw["__index__"] - ref.first_index
-                if local in wanted:
-                    fetched[(shard, local)] = raw
+        try:
+            if ref.offsets:
+                for local in wanted:
+                    fetched[(shard, local)] = next(read_shard(ref, start=local, limit=1))
+            else:
+                for raw in read_shard(ref):
+                    local = raw["__index__"] - ref.first_index
+                    if local in wanted:
+                        fetched[(shard, local)] = raw
+        except (ShardReadError, StopIteration) as exn:
+            if not tolerate:
+                raise
+            error = exn if isinstance(exn, ShardReadError) else ShardReadError(f"shard {ref.path} ends early")
+            for local in wanted:
+                fetched.setdefault((shard, local), error)
     return fetched
 
 
 def _read_from(
-    shards: Sequence[ShardRef], items: Sequence[tuple[int, int]], start: int
-) -> Iterator[tuple[tuple[int, int], dict]]:
-    """Sequentially read ``items[start:]`` (in reading order), seeking to the first."""
+    shards: Sequence[ShardRef], items: Sequence[tuple[int, int]], start: int, tolerate: bool
+) -> Iterator[tuple[tuple[int, int], dict | ShardReadError]]:
+    """Sequentially read ``items[start:]`` (in reading order), seeking to the first. With
+    ``tolerate`` the samples a broken shard cannot deliver come out as its error, so the
+    stream keeps one entry per item (exact resume counts on that)."""
     remaining = items[start:]
     for shard, group in itertools.groupby(remaining, key=lambda item: item[0]):
         locals_ = [local for _, local in group]
         wanted = set(locals_)
         ref = shards[shard]
-        for raw in read_shard(ref, start=locals_[0]):
-            local = raw["__index__"] - ref.first_index
-            if local in wanted:
-                yield (shard, local), raw
+        delivered: set[int] = set()
+        try:
+            for raw in read_shard(ref, start=locals_[0]):
+                local = raw["__index__"] - ref.first_index
+                if local in wanted:
+                    delivered.add(local)
+                    yield (shard, local), raw
+        except ShardReadError as exn:
+            if not tolerate:
+                raise
+            for local in locals_:
+                if local not in delivered:
+                    yield (shard, local), exn
 
 
 def consumer_stream(
@@ -165,9 +234,13 @@ def consumer_stream(
     num_consumers: int,
     shuffle_buffer: int,
     skip: int = 0,
-) -> Iterator[tuple[dict, int, int]]:
-    """Infinite (raw sample, epoch, position in epoch) of one consumer, from sample ``skip``."""
+    tolerate: bool = False,
+) -> Iterator[tuple[dict | ShardReadError, int, int, int]]:
+    """Infinite (raw sample, epoch, position in epoch, position in the stream) of one
+    consumer, from stream position ``skip``. With ``tolerate`` an unreadable sample comes
+    out as its ``ShardReadError`` in its place instead of raising."""
     sizes = [s.num_samples for s in shards]
+    index = skip
     for epoch in itertools.count():
         plan = plan_reads(sizes, consumer, num_consumers, order_seed=(seed, epoch), allow_empty=False)
         items = epoch_items(shards, plan)
@@ -180,20 +253,22 @@ def consumer_stream(
         position, inserted, pending = _replay(shuffle, len(items), skip)
         skip = 0
         if pending is None:  # still filling the buffer, or reading: restore the buffer's samples
-            fetched = _fetch(shards, [items[i] for i in shuffle.buffer])
+            fetched = _fetch(shards, [items[i] for i in shuffle.buffer], tolerate)
             shuffle.buffer = [(items[i], fetched[items[i]]) for i in shuffle.buffer]
-            for item_raw in _read_from(shards, items, inserted):
+            for item_raw in _read_from(shards, items, inserted, tolerate):
                 out = shuffle.push(item_raw)
                 if out is not None:
-                    yield out[1], epoch, position
+                    yield out[1], epoch, position, index
                     position += 1
+                    index += 1
             pending = shuffle.drain()
         else:  # resumed inside the final drain: fetch what is left of it
-            fetched = _fetch(shards, [items[i] for i in pending])
+            fetched = _fetch(shards, [items[i] for i in pending], tolerate)
             pending = [(items[i], fetched[items[i]]) for i in pending]
         for _, raw in pending:
-            yield raw, epoch, position
+            yield raw, epoch, position, index
             position += 1
+            index += 1
 
 
 def _replay(shuffle: BufferShuffle, num_items: int, skip: int) -> tuple[int, int, list | None]:

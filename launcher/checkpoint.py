@@ -53,6 +53,10 @@ def _list_files(root: str) -> dict[str, int]:
     return files
 
 
+def data_position_file(rank: int) -> str:
+    return f"data_position_rank_{rank}.json"
+
+
 def save_checkpoint(
     engine, directory: str, *, step: int, rank: int, world_size: int, config: dict, data_position: dict | None = None
 ) -> None:
@@ -69,6 +73,9 @@ def save_checkpoint(
     client_state = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
     engine.save_checkpoint(os.path.join(directory, DEEPSPEED_DIR), tag=DEEPSPEED_TAG, client_state=client_state,
                            save_latest=True)
+    if data_position is not None:
+        # Every rank's own stream position (its workers' places differ from rank 0's).
+        write_json_atomic(os.path.join(directory, data_position_file(rank)), data_position)
     # This rank's directory holds only its own files, so the listing is exactly its share.
     write_json_atomic(os.path.join(directory, f"files_rank_{rank}.json"), _list_files(directory))
     if rank == 0:

@@ -9,12 +9,14 @@ all-reduce, DeepSpeed's save, validation, ``ray.train.report``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 
 import ops.torchvision_fix  # noqa: F401  (before anything imports timm)
 
@@ -27,11 +29,12 @@ import torch.distributed as dist
 
 from cluster.metrics import WorkerMetrics, write_file_sd
 from data_pipeline.loader import build_eval_loader, build_train_loader
-from data_pipeline.train_stream import LoaderPosition, batches_to_skip
+from data_pipeline.train_stream import LoaderPosition, StreamTracker, batches_to_skip
 from launcher.checkpoint import (
     DEEPSPEED_DIR,
     DEEPSPEED_TAG,
     CheckpointError,
+    data_position_file,
     find_latest_checkpoint,
     save_checkpoint,
     verify_checkpoint,
@@ -60,11 +63,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _resume_batches(meta, current: LoaderPosition) -> tuple[int, bool]:
-    """Batches each rank's stream skips after resuming from ``meta``, and whether exactly."""
-    if meta.data_position is None:  # written before exact loader resume: count steps
-        return current.batches, False
-    return batches_to_skip(LoaderPosition.from_json(meta.data_position), current)
+def _saved_position(resume_dir: str, meta, rank: int) -> LoaderPosition | None:
+    """This rank's stream position in the checkpoint (its own file; rank 0's copy in the
+    metadata of checkpoints that predate per-rank files), or None if there is none."""
+    path = os.path.join(resume_dir, data_position_file(rank))
+    if os.path.exists(path):
+        with open(path) as f:
+            return LoaderPosition.from_json(json.load(f))
+    return LoaderPosition.from_json(meta.data_position) if meta.data_position else None
 
 
 def _choose_resume_directory(cfg: RunConfig, run_dir: str) -> str | None:
@@ -148,17 +154,21 @@ def train_worker(loop_config: dict) -> None:
     dist.broadcast_object_list(choice, src=0)
     resume_dir, start_step = choice[0], 0
 
-    def loader_position(step: int) -> LoaderPosition:
-        return LoaderPosition(batches=step * cfg.train.grad_accum_steps, world_size=world_size,
-                              num_workers=cfg.data.num_workers, batch_size=cfg.data.batch_size,
-                              seed=cfg.data.seed, manifest=cfg.data.train_manifest)
-
-    start_batches = 0
+    layout = LoaderPosition(batches=0, world_size=world_size, num_workers=cfg.data.num_workers,
+                            batch_size=cfg.data.batch_size, seed=cfg.data.seed, manifest=cfg.data.train_manifest)
+    start_batches, start_positions = 0, ()
     if resume_dir:
         meta = verify_checkpoint(resume_dir)
         start_step = meta.step
         engine.load_checkpoint(os.path.join(resume_dir, DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
-        start_batches, exact = _resume_batches(meta, loader_position(start_step))
+        saved = _saved_position(resume_dir, meta, rank)
+        current = replace(layout, batches=start_step * cfg.train.grad_accum_steps)
+        if saved is None:  # written before exact loader resume: count steps
+            start_batches, exact = current.batches, False
+        else:
+            start_batches, start_positions, exact = batches_to_skip(saved, current)
+            if exact:
+                layout = replace(layout, skipped=saved.skipped)
         if rank == 0:
             how = "exactly" if exact else "approximately (the data layout changed; see README, resuming)"
             print(f"resumed from {resume_dir} at step {start_step}; data stream continues {how} "
@@ -167,7 +177,8 @@ def train_worker(loop_config: dict) -> None:
 
     # The stream restarts where the checkpointed run's trainer stood: the samples the
     # uninterrupted run would have seen next, none skipped or repeated.
-    batches = iter(build_train_loader(cfg.data, rank, world_size, start_batches=start_batches))
+    batches = iter(build_train_loader(cfg.data, rank, world_size, start_batches, start_positions))
+    stream = StreamTracker(layout, start_batches, start_positions)
     samples_per_step = cfg.data.batch_size * cfg.train.grad_accum_steps
     logger = StepLogger(total_steps=cfg.train.max_steps, samples_per_step=samples_per_step * world_size,
                         enabled=rank == 0)
@@ -192,7 +203,7 @@ def train_worker(loop_config: dict) -> None:
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="segscale-ckpt-") as tmp:
             save_checkpoint(engine, tmp, step=step, rank=rank, world_size=world_size, config=config_dict,
-                            data_position=loader_position(step).to_json())
+                            data_position=stream.position().to_json())
             ray.train.report({"step": step, **extra_metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if metrics is not None:
             metrics.observe_checkpoint(time.perf_counter() - started)
@@ -207,6 +218,9 @@ def train_worker(loop_config: dict) -> None:
         for _ in range(cfg.train.grad_accum_steps):
             wait_started = time.perf_counter()
             batch = next(batches)
+            newly_skipped = stream.observe(batch)
+            if newly_skipped and metrics is not None:
+                metrics.observe_skipped(newly_skipped)
             loader_wait += time.perf_counter() - wait_started
             images = batch["images"].to(engine.device, non_blocking=True)
             targets = [{k: v.to(engine.device) for k, v in t.items()} for t in batch["targets"]]
@@ -245,6 +259,9 @@ def train_worker(loop_config: dict) -> None:
         val_results, val_step = validate(step), step
     if last_saved != step:
         checkpoint_and_report(step, _val_metrics(val_results))
+    if stream.skipped:
+        print(f"rank {rank}: {stream.skipped} bad training samples were skipped (data.on_error=skip; "
+              "each is logged above with its shard and reason)", flush=True)
     if metrics is not None:
         os.makedirs(os.path.join(run_dir, "metrics"), exist_ok=True)
         metrics.write_textfile(os.path.join(run_dir, "metrics", f"rank_{rank}.prom"))

@@ -77,7 +77,8 @@ def _check_targets(batch) -> None:
 
 def test_train_batches_have_the_documented_shapes_and_dtypes(data_dir):
     batch = next(build_train_loader(_cfg(data_dir), rank=0, world_size=1))
-    assert set(batch) == {"images", "semantic", "targets", "keys", "image_sizes"}
+    assert set(batch) == {"images", "semantic", "targets", "keys", "image_sizes", "stream"}
+    assert batch["stream"] == (0, 8, 0)  # worker role, next stream position, samples skipped
     assert batch["image_sizes"] == [(32, 32)] * 8
     assert batch["images"].dtype == torch.uint8 and batch["images"].shape == (8, 3, 32, 32)
     assert batch["semantic"].dtype == torch.int64 and batch["semantic"].shape == (8, 32, 32)

@@ -58,3 +58,15 @@ def test_taken_port_falls_back_and_textfile(tmp_path):
     finally:
         first.stop()
         second.stop()
+
+
+def test_skipped_samples_counter(tmp_path):
+    metrics = WorkerMetrics(run="unit", rank=1)
+    metrics.observe_skipped(0)  # nothing new: nothing exported
+    path = tmp_path / "rank_1.prom"
+    metrics.write_textfile(str(path))
+    assert 'segscale_data_skipped_samples_total{rank="1",run="unit"}' not in path.read_text()
+    metrics.observe_skipped(2)
+    metrics.observe_skipped(1)
+    metrics.write_textfile(str(path))
+    assert 'segscale_data_skipped_samples_total{rank="1",run="unit"} 3.0' in path.read_text()

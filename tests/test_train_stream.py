@@ -77,10 +77,12 @@ def test_every_sample_position_of_a_consumer_resumes_exactly(data_dir):
     # of one consumer (reading whole shards, buffer larger than some shards).
     refs = shard_refs(load_manifest(data_dir / manifest_name("train")))
     kwargs = dict(seed=1, rank=0, worker=0, consumer=0, num_consumers=2, shuffle_buffer=6)
-    full = [(raw["__key__"], epoch, pos) for raw, epoch, pos in itertools.islice(consumer_stream(refs, **kwargs), 50)]
+    stream = itertools.islice(consumer_stream(refs, **kwargs), 50)
+    full = [(raw["__key__"], epoch, pos, index) for raw, epoch, pos, index in stream]
+    assert [index for *_, index in full] == list(range(50))
     for skip in range(0, 45, 4):
         resumed = consumer_stream(refs, **kwargs, skip=skip)
-        got = [(raw["__key__"], epoch, pos) for raw, epoch, pos in itertools.islice(resumed, 5)]
+        got = [(raw["__key__"], epoch, pos, index) for raw, epoch, pos, index in itertools.islice(resumed, 5)]
         assert got == full[skip : skip + 5], skip
 
 
@@ -122,8 +124,8 @@ def test_resume_with_offsets_equals_resume_without(data_dir):
     refs = [replace(r, offsets=()) for r in shard_refs(load_manifest(data_dir / manifest_name("train")))]
     seeking = [replace(r, offsets=_offsets(r.path)) for r in refs]
     kwargs = dict(seed=0, rank=0, worker=0, consumer=1, num_consumers=3, shuffle_buffer=4, skip=9)
-    plain = [raw["__key__"] for raw, _, _ in itertools.islice(consumer_stream(refs, **kwargs), 12)]
-    sought = [raw["__key__"] for raw, _, _ in itertools.islice(consumer_stream(seeking, **kwargs), 12)]
+    plain = [raw["__key__"] for raw, *_ in itertools.islice(consumer_stream(refs, **kwargs), 12)]
+    sought = [raw["__key__"] for raw, *_ in itertools.islice(consumer_stream(seeking, **kwargs), 12)]
     assert plain == sought
 
 
@@ -137,11 +139,14 @@ def test_worker_batches_follow_the_dataloader_round_robin():
 def test_position_rules():
     saved = LoaderPosition(batches=40, world_size=2, num_workers=2, batch_size=4, seed=0, manifest="m.json")
     assert LoaderPosition.from_json(saved.to_json()) == saved
-    assert batches_to_skip(saved, saved) == (40, True)
-    doubled = replace(saved, world_size=4)  # same samples seen globally: half the batches per rank
-    assert batches_to_skip(saved, doubled) == (20, False)
-    assert batches_to_skip(saved, replace(saved, batch_size=8)) == (20, False)
-    assert batches_to_skip(saved, replace(saved, manifest="other.json")) == (0, False)
+    assert batches_to_skip(saved, saved) == (40, (), True)
+    with_positions = replace(saved, next_index=(81, 83), skipped=4)
+    assert LoaderPosition.from_json(with_positions.to_json()) == with_positions
+    assert batches_to_skip(with_positions, saved) == (40, (81, 83), True)
+    doubled = replace(with_positions, world_size=4)  # same samples seen globally: half the batches per rank
+    assert batches_to_skip(with_positions, doubled) == (20, (), False)
+    assert batches_to_skip(saved, replace(saved, batch_size=8)) == (20, (), False)
+    assert batches_to_skip(saved, replace(saved, manifest="other.json")) == (0, (), False)
 
 
 def test_shard_ref_without_offsets_still_counts_samples(tmp_path):
