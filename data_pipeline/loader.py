@@ -48,7 +48,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.loader_io import ReadPlan, ShardReadError, ShardRef, plan_reads, read_shard
 from data_pipeline.manifest import Manifest, ManifestError, load_manifest, training_classes
 from data_pipeline.shard_writer import SEMANTIC_EXT
-from data_pipeline.train_stream import consumer_stream, worker_batches
+from data_pipeline.train_stream import consumer_stream, stream_start
 from data_pipeline.transforms import augment_sample, pad_to, semantic_to_targets
 
 IMAGE_EXTS = ("png", "jpg", "jpeg")  # first one present is the image
@@ -155,36 +155,28 @@ class SegmentationStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = _consumer()
-        if self.train:
-            # The DataLoader asks its workers in turn from worker 0, and batch j of the
-            # uninterrupted stream came from worker j % num_workers; so a stream resumed
-            # at batch n lets worker w continue the stream of worker (w + n) % num_workers.
-            worker = (worker + self.start_batches) % num_workers
-        consumer = self.rank * num_workers + worker
-        num_consumers = self.world_size * num_workers
-        if self.train:
-            return self._train_samples(consumer, num_consumers, worker)
-        return self._eval_samples(consumer, num_consumers)
+        if not self.train:
+            return self._eval_samples(self.rank * num_workers + worker, self.world_size * num_workers)
+        # The DataLoader asks its workers in turn from worker 0, and batch j of the
+        # uninterrupted stream came from worker j % num_workers; so a stream resumed at
+        # batch n lets worker w continue the stream of worker (w + n) % num_workers.
+        return self._train_samples((worker + self.start_batches) % num_workers, num_workers)
 
     def _decode(self, raw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         return decode_sample(raw, self.cfg.reduce_zero_label, self.cfg.ignore_index, self.num_classes)
 
-    def _train_samples(self, consumer: int, num_consumers: int, worker: int) -> Iterator[dict[str, Any]]:
+    def _train_samples(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        """Training samples of worker role ``worker`` (see ``__iter__``)."""
         cfg = self.cfg
-        _, num_workers = _consumer()
-        if self.start_positions:
-            skip = self.start_positions[worker]
-        else:
-            skip = worker_batches(self.start_batches, worker, num_workers) * cfg.batch_size
         stream = consumer_stream(
             self.shards,
             seed=cfg.seed,
             rank=self.rank,
             worker=worker,
-            consumer=consumer,
-            num_consumers=num_consumers,
+            consumer=self.rank * num_workers + worker,
+            num_consumers=self.world_size * num_workers,
             shuffle_buffer=cfg.shuffle_buffer,
-            skip=skip,
+            skip=stream_start(worker, num_workers, cfg.batch_size, self.start_batches, self.start_positions),
             tolerate=cfg.on_error == "skip",
         )
         skipped = 0

@@ -99,6 +99,16 @@ def worker_batches(batches: int, worker: int, num_workers: int) -> int:
     return 0 if batches <= worker else (batches - worker + workers - 1) // workers
 
 
+def stream_start(
+    role: int, num_workers: int, batch_size: int, start_batches: int, start_positions: Sequence[int] = ()
+) -> int:
+    """The stream position worker ``role`` restarts at: its saved position if known,
+    else the samples of the batches the trainer took from it."""
+    if start_positions:
+        return start_positions[role]
+    return worker_batches(start_batches, role, num_workers) * batch_size
+
+
 class StreamTracker:
     """The trainer's side of exact resume: follows the (worker role, next position,
     skipped) that every training batch carries and turns it into ``LoaderPosition``s."""
@@ -108,8 +118,9 @@ class StreamTracker:
         self.batches = start_batches
         workers = max(1, layout.num_workers)
         # Roles that produce no batch before the next checkpoint stay where they started.
-        self.next_index = list(start_positions) or [
-            worker_batches(start_batches, role, layout.num_workers) * layout.batch_size for role in range(workers)
+        self.next_index = [
+            stream_start(role, layout.num_workers, layout.batch_size, start_batches, start_positions)
+            for role in range(workers)
         ]
         self.skipped_by_role = [0] * workers
         self.skipped_before = layout.skipped  # carried over from the resumed run

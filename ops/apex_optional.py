@@ -1,6 +1,6 @@
 """NVIDIA apex's fused LayerNorm and Adam when they can run, torch's otherwise.
 
-apex is not on any package registry (``pip install apex`` is an unrelated web toolkit),
+NVIDIA apex is not on any package registry (PyPI's ``apex`` is an unrelated web toolkit),
 so it is never a dependency: a GPU image that built it from source gets its fused
 kernels; every other machine gets ``nn.LayerNorm`` and ``torch.optim.AdamW`` (fused on
 CUDA, foreach on CPU). The choice is made once per process and logged by the caller.
