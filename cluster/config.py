@@ -27,3 +27,6 @@ class ClusterConfig:
     # Address the exporters bind to; "" = the node IP Ray reports (loopback for a
     # local instance).
     metrics_host: str = ""
+    # Peak TFLOP/s of one worker for the MFU estimate (segscale_mfu); 0 = the datasheet
+    # number of a known GPU, else a matmul rate measured at start-up.
+    peak_tflops_per_worker: float = 0.0

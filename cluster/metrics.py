@@ -9,6 +9,7 @@ restarted worker never collide on metric names. Names follow Prometheus conventi
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -80,6 +81,39 @@ class WorkerMetrics:
             "segscale_data_skipped_samples_total", "Bad training samples left out (data.on_error=skip)", labels,
             registry=r,
         )
+        self.grad_norm = Gauge(
+            "segscale_grad_norm", "Global L2 norm of the gradients of the last step, before clipping", labels,
+            registry=r,
+        )
+        self.gpu_allocated = Gauge(
+            "segscale_gpu_memory_allocated_bytes", "Peak GPU memory held by tensors (0 on CPU workers)", labels,
+            registry=r,
+        )
+        self.gpu_reserved = Gauge(
+            "segscale_gpu_memory_reserved_bytes", "Peak GPU memory reserved by the caching allocator (0 on CPU)",
+            labels, registry=r,
+        )
+        self.mfu = Gauge(
+            "segscale_mfu", "Model FLOPs utilisation: model FLOP/s over the worker's peak FLOP/s (ratio)", labels,
+            registry=r,
+        )
+        self.checkpoint_bytes = Counter(
+            "segscale_checkpoint_size_bytes_total", "Bytes this rank wrote in checkpoints", labels, registry=r
+        )
+        self.restarts = Counter(
+            "segscale_restarts_total", "Times this run was resumed from a checkpoint (after a failure or a re-run)",
+            labels, registry=r,
+        )
+        self.nonfinite_loss = Counter(
+            "segscale_nonfinite_loss_total", "Steps whose loss was NaN or infinite (the run stops at the first)",
+            labels, registry=r,
+        )
+        # Touch every labelled series now: a counter that appears only at its first event
+        # has no rate() before it, and dashboards and alerts would read "no data".
+        for metric in (self.samples, self.loader_wait, self.checkpoint_seconds, self.checkpoints,
+                       self.data_skipped, self.checkpoint_bytes, self.restarts, self.nonfinite_loss,
+                       self.gpu_allocated, self.gpu_reserved):
+            metric.labels(**self._labels)
         self.endpoint: MetricsEndpoint | None = None
         self._server = None
 
@@ -112,6 +146,8 @@ class WorkerMetrics:
         step_seconds: float,
         loader_wait_seconds: float,
         learning_rate: float,
+        grad_norm: float | None = None,
+        mfu: float | None = None,
     ) -> None:
         labels = self._labels
         self.step.labels(**labels).set(step)
@@ -124,7 +160,24 @@ class WorkerMetrics:
         self.learning_rate.labels(**labels).set(learning_rate)
         # ru_maxrss is KiB on Linux: the peak, which is what sizing a worker needs.
         self.rss.labels(**labels).set(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        if grad_norm is not None:
+            self.grad_norm.labels(**labels).set(grad_norm)
+        if mfu is not None:
+            self.mfu.labels(**labels).set(mfu)
+        allocated, reserved = _gpu_peak_memory()
+        self.gpu_allocated.labels(**labels).set(allocated)
+        self.gpu_reserved.labels(**labels).set(reserved)
         self.last_step_time.labels(**labels).set(time.time())
+
+    def observe_nonfinite_loss(self, loss: float) -> None:
+        """Record a NaN/inf loss before the run stops on it, so the alert sees it."""
+        self.loss.labels(**self._labels).set(loss)
+        self.nonfinite_loss.labels(**self._labels).inc()
+
+    def observe_restart(self, count: int) -> None:
+        """``count`` resumes of this run so far (carried in its checkpoints)."""
+        if count > 0:
+            self.restarts.labels(**self._labels).inc(count)
 
     def observe_skipped(self, count: int) -> None:
         """``count`` more bad samples left out by the loader."""
@@ -134,8 +187,9 @@ class WorkerMetrics:
     def observe_throughput(self, samples_per_second: float) -> None:
         self.samples_per_second.labels(**self._labels).set(samples_per_second)
 
-    def observe_checkpoint(self, seconds: float) -> None:
+    def observe_checkpoint(self, seconds: float, size_bytes: int) -> None:
         self.checkpoint_seconds.labels(**self._labels).inc(seconds)
+        self.checkpoint_bytes.labels(**self._labels).inc(size_bytes)
         self.checkpoints.labels(**self._labels).inc()
 
     def write_textfile(self, path: str) -> None:
@@ -144,9 +198,27 @@ class WorkerMetrics:
         write_to_textfile(path, self.registry)  # prometheus_client writes it atomically
 
 
+def _gpu_peak_memory() -> tuple[int, int]:
+    """(allocated, reserved) peak bytes of this process's CUDA device; zeros on CPU."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return 0, 0
+    return torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+
+
+def live_targets_file(run_dir: str) -> str:
+    """``<output_dir>/prometheus_targets/<run_name>.json``: the exporters of the runs in
+    progress under one output folder, in one directory Prometheus can glob (it allows a
+    wildcard only in the last path segment)."""
+    output_dir, run_name = os.path.split(os.path.normpath(run_dir))
+    return os.path.join(output_dir, "prometheus_targets", f"{run_name}.json")
+
+
 def write_file_sd(path: str, endpoints: list[MetricsEndpoint]) -> None:
     """Write a Prometheus ``file_sd_configs`` target file for the run's exporters."""
     # No target labels: the series already carry run and rank, and a target label of
     # the same name would be renamed exported_run/exported_rank by the scrape.
     groups = [{"targets": [f"{e.host}:{e.port}" for e in sorted(endpoints, key=lambda e: e.rank)]}]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     write_json_atomic(path, groups)

@@ -17,41 +17,45 @@ Training streams are infinite: each consumer loops over its own epochs ("epoch" 
 a logging notion and consumers may drift apart by a shard or so; nothing waits for an
 epoch end, so uneven slices cannot hang collectives). Within an epoch a consumer shuffles
 samples through a buffer of ``shuffle_buffer`` *encoded* samples (bytes, not decoded
-pixels, to keep memory low), seeded from ``(seed, epoch, rank, worker)``, and augments
-each sample with a generator seeded by its position in the stream: the same (seed,
-world_size, num_workers, batch_size) gives the same batches, and a stream can restart at
-any batch exactly (``data_pipeline.train_stream``). Evaluation is finite, unshuffled, unaugmented, and sees every
-sample exactly once across ranks (ranks may get different counts; the caller reduces a
-confusion matrix at the end, so there are no per-batch collectives).
+pixels, to keep memory low), seeded from ``(seed, epoch, rank, worker)``, and draws each
+sample's augmentation from a generator seeded by its position in the stream: the same
+(seed, world_size, num_workers, batch_size) gives the same batches, and a stream can
+restart at any batch exactly (``data_pipeline.train_stream``). Evaluation is finite,
+unshuffled, unaugmented, and sees every sample exactly once across ranks (ranks may get
+different counts; the caller reduces a confusion matrix at the end, so there are no
+per-batch collectives).
 
-We use webdataset's tar reader (``tarfile_to_samples``) one shard at a time rather than
-``wds.WebDataset``: its node/worker splitters cannot do the sample-modulo fallback, and
-reading per shard lets every error name the shard at fault. Images and label maps are
-decoded here with PIL per member extension; webdataset's ``decode("pil")`` would turn a
-single-channel label PNG into RGB.
+Shards are read one at a time (``loader_io.read_shard``, webdataset's sample layout)
+rather than through ``wds.WebDataset``: its node/worker splitters cannot do the
+sample-modulo fallback, and reading per shard lets every error name the shard at fault.
+Images and label maps are decoded with PIL (``data_pipeline.decode``); label maps stay
+uint8 (the narrowest dtype that holds their ids) from decoding to the model.
+
+A training worker only decodes and draws each sample's augmentation plan
+(``data_pipeline.augment_plan``); ``data_pipeline.device_batch.prepare_batch`` applies the
+plans and builds the targets on the training device. Evaluation batches are final as
+they come: padded, stacked, unaugmented.
 """
 
 from __future__ import annotations
 
-import io
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline.augment_plan import plan_sample, sample_generator
 from data_pipeline.config import DataConfig
+from data_pipeline.decode import decode_arrays, decode_sample
 from data_pipeline.loader_io import ReadPlan, ShardReadError, ShardRef, plan_reads, read_shard
 from data_pipeline.manifest import Manifest, ManifestError, load_manifest, training_classes
-from data_pipeline.shard_writer import SEMANTIC_EXT
 from data_pipeline.train_stream import consumer_stream, stream_start
-from data_pipeline.transforms import augment_sample, pad_to, semantic_to_targets
 
-IMAGE_EXTS = ("png", "jpg", "jpeg")  # first one present is the image
+# reduce_zero_label: imported from here by launcher.eval_semantic and the tests.
+from data_pipeline.transforms import common_label_dtype, pad_to, reduce_zero_label  # noqa: F401
 
 
 class DataConfigError(ValueError):
@@ -63,61 +67,6 @@ def _read_plan(shards: Sequence[ShardRef], plan: ReadPlan) -> Iterator[dict[str,
         for sample in read_shard(shards[i]):
             if sample["__index__"] % plan.modulo == plan.remainder:
                 yield sample
-
-
-def _open_member(raw: dict[str, Any], ext: str) -> Image.Image:
-    try:
-        image = Image.open(io.BytesIO(raw[ext]))
-        image.load()  # PIL decodes lazily: surface truncation errors here
-        return image
-    except Exception as exn:
-        # PIL's UnidentifiedImageError message embeds a BytesIO repr: say it plainly.
-        detail = "not a recognised image format" if isinstance(exn, UnidentifiedImageError) else str(exn)
-        raise ShardReadError(
-            f"shard {raw['__url__']}: sample {raw['__key__']}: cannot decode .{ext}: {detail}"
-        ) from exn
-
-
-def reduce_zero_label(labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    """ADE20K convention: 0 ("other") -> ``ignore_index``, every other label - 1.
-
-    Pixels already at ``ignore_index`` stay ignored (mmseg: 0 -> 255, -1, 254 -> 255).
-    """
-    ignored = (labels == 0) | (labels == ignore_index)
-    return (labels - 1).masked_fill_(ignored, ignore_index)
-
-
-def decode_sample(
-    raw: dict[str, Any], reduce_zero: bool = False, ignore_index: int = 255, num_classes: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Member bytes -> (uint8 image 3 x H x W, int64 labels H x W), decoded with PIL.
-
-    ``reduce_zero`` (``data.reduce_zero_label``) applies :func:`reduce_zero_label` to the
-    labels here, before any augmentation pads with ``ignore_index`` or builds targets.
-    """
-    where = f"shard {raw.get('__url__')}: sample {raw.get('__key__')}"
-    image_ext = next((ext for ext in IMAGE_EXTS if ext in raw), None)
-    if image_ext is None or SEMANTIC_EXT not in raw:
-        members = sorted(k for k in raw if not k.startswith("__"))
-        raise ShardReadError(f"{where}: needs an image (.png/.jpg) and a .{SEMANTIC_EXT}, has {members}")
-    image = _open_member(raw, image_ext).convert("RGB")
-    labels = _open_member(raw, SEMANTIC_EXT)
-    if labels.mode not in ("L", "P", "I", "I;16"):  # "P": palette indices are the labels
-        raise ShardReadError(f"{where}: .{SEMANTIC_EXT} must be single-channel, got PIL mode {labels.mode}")
-    if labels.size != image.size:
-        raise ShardReadError(f"{where}: image is {image.size} but labels are {labels.size} (W x H)")
-    image_t = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
-    labels_t = torch.from_numpy(np.asarray(labels).astype(np.int64))
-    if reduce_zero:
-        labels_t = reduce_zero_label(labels_t, ignore_index)
-    if num_classes is not None:
-        bad = (labels_t >= num_classes) & (labels_t != ignore_index) | (labels_t < 0)
-        if bool(bad.any()):
-            value = int(labels_t[bad][0])
-            raise ShardReadError(
-                f"{where}: label value {value} out of range (classes 0..{num_classes - 1}, ignore {ignore_index})"
-            )
-    return image_t, labels_t
 
 
 # ---------------------------------------------------------------------------- dataset
@@ -162,9 +111,6 @@ class SegmentationStream(IterableDataset):
         # batch n lets worker w continue the stream of worker (w + n) % num_workers.
         return self._train_samples((worker + self.start_batches) % num_workers, num_workers)
 
-    def _decode(self, raw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        return decode_sample(raw, self.cfg.reduce_zero_label, self.cfg.ignore_index, self.num_classes)
-
     def _train_samples(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
         """Training samples of worker role ``worker`` (see ``__iter__``)."""
         cfg = self.cfg
@@ -184,7 +130,7 @@ class SegmentationStream(IterableDataset):
             try:
                 if isinstance(raw, ShardReadError):
                     raise raw
-                image, semantic = self._decode(raw)
+                image, semantic = decode_arrays(raw, cfg.reduce_zero_label, cfg.ignore_index, self.num_classes)
             except ShardReadError as exn:
                 if cfg.on_error != "skip":
                     raise
@@ -196,14 +142,13 @@ class SegmentationStream(IterableDataset):
                 continue
             # One generator per output sample, seeded by where it is in the stream, so a
             # resumed stream augments every sample exactly as the uninterrupted one did.
-            aug_seed = int(np.random.default_rng([cfg.seed, epoch, self.rank, worker, 1, position]).integers(2**62))
-            generator = torch.Generator().manual_seed(aug_seed)
-            image, semantic = augment_sample(
-                image, semantic, cfg.crop_size, cfg.augment, generator, ignore_index=cfg.ignore_index
-            )
+            generator = sample_generator(cfg.seed, epoch, self.rank, worker, 1, position)
             yield {
-                "image": image,
-                "semantic": semantic,
+                "image": torch.from_numpy(image),
+                "semantic": torch.from_numpy(semantic),
+                # Drawn here, applied on the training device (data_pipeline.device_batch).
+                "plan": plan_sample(*semantic.shape, cfg.crop_size, cfg.augment, generator, cfg.ignore_index,
+                                    cfg.reduce_zero_label),
                 "key": raw["__key__"],
                 # Where the consumer's stream stands after this sample (bad samples count:
                 # resuming from here replays none of them) and how many it skipped so far.
@@ -214,37 +159,47 @@ class SegmentationStream(IterableDataset):
         sizes = [s.num_samples for s in self.shards]
         plan = plan_reads(sizes, consumer, num_consumers, order_seed=None, allow_empty=True)
         for raw in _read_plan(self.shards, plan):
-            image, semantic = self._decode(raw)
+            image, semantic = decode_sample(raw, self.cfg.reduce_zero_label, self.cfg.ignore_index, self.num_classes)
             yield {"image": image, "semantic": semantic, "key": raw["__key__"]}
 
 
 def collate_batch(samples: list[dict[str, Any]], ignore_index: int = 255) -> dict[str, Any]:
-    """Stack samples into a batch; pads to the largest H and W (image 0, labels ignore).
+    """Stack evaluation samples into a batch, padded to the largest H and W (image 0,
+    labels ignore).
 
-    Train samples are already ``crop_size`` square. Eval samples keep their size, so a
-    batch of differently sized images is padded bottom/right; padded pixels carry the
-    ignore label and therefore count in no metric. ``image_sizes`` records each image's own
-    (H, W): evaluation predicts every image at its own size from it (``model.tta``), so
-    the padding colour never reaches the model and a prediction does not depend on its
-    batch mates. Targets are built after padding so their masks match ``semantic``.
+    Padded pixels carry the ignore label and therefore count in no metric. ``image_sizes``
+    records each image's own (H, W): evaluation predicts every image at its own size from
+    it (``model.tta``), so the padding colour never reaches the model and a prediction
+    does not depend on its batch mates.
     """
     height = max(s["semantic"].shape[0] for s in samples)
     width = max(s["semantic"].shape[1] for s in samples)
+    dtype = common_label_dtype([s["semantic"] for s in samples])
     images, semantics = [], []
     for s in samples:
-        image, semantic = pad_to(s["image"], s["semantic"], height, width, ignore_index)
+        image, semantic = pad_to(s["image"], s["semantic"].to(dtype), height, width, ignore_index)
         images.append(image)
         semantics.append(semantic)
-    semantic = torch.stack(semantics)
     return {
         "images": torch.stack(images),
-        "semantic": semantic,
-        "targets": [semantic_to_targets(m, ignore_index) for m in semantic],
+        "semantic": torch.stack(semantics),
         "keys": [s["key"] for s in samples],
         "image_sizes": [(int(s["semantic"].shape[0]), int(s["semantic"].shape[1])) for s in samples],
-        # Training only: (worker role, next stream position, samples skipped) after the
-        # batch's last sample; a batch comes from one DataLoader worker.
-        **({"stream": samples[-1]["stream"]} if "stream" in samples[-1] else {}),
+    }
+
+
+def collate_train(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Training samples into a batch without touching a pixel: lists of the decoded
+    images (uint8 H x W x 3) and label maps (H x W) at their own sizes, and their plans,
+    for ``data_pipeline.device_batch.prepare_batch``. ``stream``: (worker role, next stream
+    position, samples skipped) after the batch's last sample (a batch comes from one
+    DataLoader worker)."""
+    return {
+        "images": [s["image"] for s in samples],
+        "semantic": [s["semantic"] for s in samples],
+        "plans": [s["plan"] for s in samples],
+        "keys": [s["key"] for s in samples],
+        "stream": samples[-1]["stream"],
     }
 
 
@@ -304,11 +259,14 @@ def shard_refs(manifest: Manifest) -> list[ShardRef]:
 
 
 def _data_loader(dataset: SegmentationStream, cfg: DataConfig) -> DataLoader:
+    train = dataset.train
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
-        collate_fn=partial(collate_batch, ignore_index=cfg.ignore_index),
+        collate_fn=collate_train if train else partial(collate_batch, ignore_index=cfg.ignore_index),
+        # Page-locked training batches let the trainer's copies to the GPU run asynchronously.
+        pin_memory=train and torch.cuda.is_available(),
         # Our randomness is seeded explicitly; a private generator keeps the DataLoader's
         # base-seed draw from advancing the trainer's global torch RNG.
         generator=torch.Generator().manual_seed(cfg.seed),
@@ -349,9 +307,10 @@ def build_train_loader(
     starting after the first ``start_batches`` batches of the stream: the batches a
     resumed run's trainer already consumed (``data_pipeline.train_stream``).
 
-    Batch: ``images`` uint8 B x 3 x crop x crop, ``semantic`` int64 B x crop x crop (255 =
-    ignore), ``targets`` (B dicts from ``semantic_to_targets``), ``keys`` (B str),
-    ``image_sizes`` (B (H, W), all ``(crop, crop)``).
+    Batch (:func:`collate_train`): ``images`` (B uint8 H x W x 3 tensors, decoded, at their
+    own sizes), ``semantic`` (B label maps H x W, uint8 unless ids need int64; not yet
+    reduced), ``plans`` (B ``AugmentPlan``), ``keys`` (B str), ``stream``. Give it to
+    ``data_pipeline.device_batch.prepare_batch`` for the augmented crops and targets.
     """
     _check_config(cfg, rank, world_size, train=True)
     manifest = resolve_manifest(cfg, "train_manifest")

@@ -9,7 +9,8 @@ from functools import partial
 from typing import Any, NoReturn
 
 import numpy as np
-import webdataset as wds
+
+from data_pipeline.tar_reader import tar_samples
 
 
 class ShardReadError(RuntimeError):
@@ -70,15 +71,16 @@ def _raise_shard_error(path: str, exn: Exception) -> NoReturn:
     if isinstance(exn, OSError) and exn.strerror:
         detail = exn.strerror  # e.g. "No such file or directory" rather than errno 2
     else:
-        # webdataset appends " @ <stream repr>" and stream objects to the exception's args.
-        detail = str(exn.args[0]).split(" @ ")[0] if exn.args else ""
+        detail = str(exn.args[0]) if exn.args else ""
     raise ShardReadError(f"corrupt or unreadable shard {path}: {type(exn).__name__}: {detail}") from exn
 
 
 def _tar_samples(stream: Any, url: str, handler: Any) -> Iterator[dict[str, Any]]:
-    """webdataset's tar member grouping over an open stream (no end-of-shard marker)."""
-    members = wds.tariterators.tar_file_expander(iter([{"stream": stream, "url": url}]), handler=handler, eof_value=None)
-    return wds.tariterators.group_by_keys(members, handler=handler)
+    """webdataset's samples of an open tar stream (``tar_reader``); format errors go to ``handler``."""
+    try:
+        yield from tar_samples(stream, url)
+    except (ValueError, OSError) as exn:  # TarFormatError is a ValueError
+        handler(exn)
 
 
 def read_shard(ref: ShardRef, start: int = 0, limit: int | None = None) -> Iterator[dict[str, Any]]:

@@ -4,6 +4,8 @@ A checkpoint is one folder (Ray Train merges every rank's files into it)::
 
     checkpoint_.../
       deepspeed/state/...          DeepSpeed engine state (all ranks' ZeRO shards)
+      data_position_rank_<r>.json  rank r's training-stream position
+      rng_state_rank_<r>.pt        rank r's Python/NumPy/torch generator states
       files_rank_<r>.json          what rank r wrote, with byte sizes
       segscale_checkpoint.json     written by rank 0: step, world size, resolved config
 
@@ -18,10 +20,12 @@ from __future__ import annotations
 import glob
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from launcher.rng import save_rng_state
 from ops.atomic_file import write_json_atomic
 
 META_FILE = "segscale_checkpoint.json"
@@ -42,6 +46,8 @@ class CheckpointMeta:
     # The training stream's position (data_pipeline.train_stream.LoaderPosition as JSON);
     # None in checkpoints written before exact loader resume.
     data_position: dict | None = None
+    # How many times the run had been resumed when this checkpoint was written.
+    resumes: int = 0
 
 
 def _list_files(root: str) -> dict[str, int]:
@@ -58,9 +64,22 @@ def data_position_file(rank: int) -> str:
 
 
 def save_checkpoint(
-    engine, directory: str, *, step: int, rank: int, world_size: int, config: dict, data_position: dict | None = None
-) -> None:
-    """Every rank calls this with its own (empty) ``directory``; DeepSpeed's save is collective."""
+    engine,
+    directory: str,
+    *,
+    step: int,
+    rank: int,
+    world_size: int,
+    config: dict,
+    data_position: dict | None = None,
+    resumes: int = 0,
+    before_seal: Callable[[], None] | None = None,
+) -> int:
+    """Every rank calls this with its own (empty) ``directory``; DeepSpeed's save is collective.
+
+    Returns the bytes this rank wrote. ``before_seal`` runs after the state is written
+    and before the file list that makes the checkpoint valid (fault-injection tests).
+    """
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
         UNIVERSAL_CHECKPOINT_VERSION_KEY,
@@ -76,12 +95,17 @@ def save_checkpoint(
     if data_position is not None:
         # Every rank's own stream position (its workers' places differ from rank 0's).
         write_json_atomic(os.path.join(directory, data_position_file(rank)), data_position)
+    save_rng_state(directory, rank)
+    if before_seal is not None:
+        before_seal()
     # This rank's directory holds only its own files, so the listing is exactly its share.
-    write_json_atomic(os.path.join(directory, f"files_rank_{rank}.json"), _list_files(directory))
+    files = _list_files(directory)
+    write_json_atomic(os.path.join(directory, f"files_rank_{rank}.json"), files)
     if rank == 0:
         meta = {"step": step, "world_size": world_size, "zero_stage": engine.zero_optimization_stage(),
-                "config": config, "data_position": data_position}
+                "config": config, "data_position": data_position, "resumes": resumes}
         write_json_atomic(os.path.join(directory, META_FILE), meta)
+    return sum(files.values())
 
 
 def read_meta(directory: str) -> CheckpointMeta:
@@ -91,7 +115,7 @@ def read_meta(directory: str) -> CheckpointMeta:
             data = json.load(f)
         return CheckpointMeta(step=int(data["step"]), world_size=int(data["world_size"]),
                               zero_stage=int(data["zero_stage"]), config=data["config"],
-                              data_position=data.get("data_position"))
+                              data_position=data.get("data_position"), resumes=int(data.get("resumes", 0)))
     except (FileNotFoundError, NotADirectoryError):
         raise CheckpointError(f"{directory}: not a segscale checkpoint ({META_FILE} missing)") from None
     except (ValueError, KeyError, TypeError) as err:
@@ -127,6 +151,21 @@ def find_latest_checkpoint(run_dir: str) -> str | None:
             continue
         if best is None or meta.step > best[0]:
             best = (meta.step, directory)
+    return best[1] if best else None
+
+
+def newest_verified_checkpoint(candidates) -> str | None:
+    """The newest verified checkpoint among folder paths (None entries ignored); a
+    candidate that fails verification is skipped with a warning naming it."""
+    best: tuple[int, str] | None = None
+    for directory in filter(None, candidates):
+        try:
+            step = verify_checkpoint(directory).step
+        except CheckpointError as err:
+            print(f"warning: skipping checkpoint: {err}", flush=True)
+            continue
+        if best is None or step > best[0]:
+            best = (step, directory)
     return best[1] if best else None
 
 

@@ -1,9 +1,11 @@
 """``python -m launcher`` / ``segscale``: the command line.
 
     train      train a config on a local Ray instance or a cluster
+    submit     run ``train`` as a Ray job on a cluster and follow its logs
     eval       mIoU of a checkpoint on the validation shards
     eval-semantic  mIoU of a folder of predicted PNG label maps against ground truth
     predict    colour overlay PNGs of a checkpoint's predictions
+    export     a checkpoint's consolidated fp32 weights as one safetensors file
     describe   parameter counts and training memory of a config
     demo       the whole loop on generated data (what ``make demo`` runs)
     build-ops  compile DeepSpeed's CPU ops into the cache ahead of a run
@@ -44,6 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train, required=True)
     train.add_argument("--address", default="", help="Ray cluster address (default: RAY_ADDRESS, else local)")
 
+    submit = sub.add_parser(
+        "submit", help="run `train` as a Ray job on a cluster and follow its logs",
+        description="Check the config here, upload the code (without .venv, runs, data, .git) as the job's "
+                    "working dir and run `python -m launcher train` there as a Ray job; follow its logs and exit "
+                    "with its status (0 succeeded, 1 failed or stopped). Re-submitting with the same "
+                    "train.run_name resumes the run.")
+    _add_config_args(submit, required=True)
+    submit.add_argument("--address", default="",
+                        help="the Ray dashboard's URL (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS, "
+                             "else http://127.0.0.1:8265)")
+    submit.add_argument("--working-dir", default="",
+                        help="folder uploaded as the job's working dir (default: this segscale checkout); "
+                             "--config must be inside it")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable for the job; repeatable")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return instead of following")
+
     for name, text in (("eval", "mIoU of a checkpoint on the validation shards"),
                        ("predict", "write colour overlays of a checkpoint's predictions")):
         p = sub.add_parser(name, help=text)
@@ -71,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="generate data, train on 2 workers, evaluate, draw overlays")
     _add_config_args(demo, required=False)
+    export = sub.add_parser("export", help="write a checkpoint's consolidated fp32 weights to a safetensors file")
+    export.add_argument("--checkpoint", required=True,
+                        help="checkpoint folder, or a run folder (its latest verified checkpoint)")
+    export.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
     sub.add_parser("build-ops", help="compile DeepSpeed's CPU ops into TORCH_EXTENSIONS_DIR")
     return parser
 
@@ -88,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
             from launcher.commands import train_command
 
             return train_command(args.config, args.overrides, args.address)
+        if args.command == "submit":
+            from launcher.submit import submit_command
+
+            return submit_command(args.address, args.config, args.overrides, args.working_dir, args.env,
+                                  wait=not args.no_wait)
         if args.command == "eval":
             from launcher.commands import eval_command
 
@@ -109,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             from launcher.demo import run_demo
 
             return run_demo(args.config or DEMO_CONFIG, args.overrides)
+        if args.command == "export":
+            from launcher.export import export_command
+
+            return export_command(args.checkpoint, args.out)
         if args.command == "build-ops":
             from launcher.environment import build_deepspeed_ops, torch_extensions_dir
 

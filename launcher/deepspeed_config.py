@@ -12,7 +12,7 @@ import torch
 from launcher.config import TrainConfig
 
 
-def build_deepspeed_config(cfg: TrainConfig, micro_batch_size: int) -> dict:
+def build_deepspeed_config(cfg: TrainConfig, micro_batch_size: int, load_universal: bool = False) -> dict:
     if cfg.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"train.zero_stage: expected 0, 1, 2 or 3, got {cfg.zero_stage}")
     if cfg.precision == "fp16" and not torch.cuda.is_available():
@@ -25,6 +25,8 @@ def build_deepspeed_config(cfg: TrainConfig, micro_batch_size: int) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if load_universal:  # resuming a checkpoint written by another number of workers
+        config["checkpoint"] = {"load_universal": True}
     if cfg.grad_clip > 0:
         config["gradient_clipping"] = cfg.grad_clip
     if cfg.precision == "bf16":

@@ -18,10 +18,12 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from launcher.checkpoint import verify_checkpoint
 from launcher.config import ConfigError, RunConfig, dump_config, to_dict
 from launcher.environment import runtime_env_vars
 from launcher.preflight import check_paths_for_job, check_resume, check_run
 from launcher.train_loop import train_worker
+from launcher.universal_checkpoint import ensure_universal, needs_universal
 
 
 class TrainingFailed(RuntimeError):
@@ -85,6 +87,9 @@ def run_training(cfg: RunConfig) -> TrainOutcome:
     resume_from = check_resume(cfg, run_dir)
     if resume_from:
         print(f"run {cfg.train.run_name} has checkpoint {resume_from}: resuming from it", flush=True)
+        meta = verify_checkpoint(resume_from)
+        if needs_universal(meta, cfg.cluster.num_workers):
+            ensure_universal(resume_from, meta, cfg.cluster.num_workers)
     local = connect(cfg)
     if "://" not in run_dir:
         os.makedirs(run_dir, exist_ok=True)

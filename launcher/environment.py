@@ -17,6 +17,11 @@ def torch_extensions_dir() -> str:
     )
 
 
+# Settings a user sets where they type the command that every process of the run must
+# share: the driver hands them to its workers, and ``submit`` to the job it starts.
+USER_ENV_VARS = ("OMP_NUM_THREADS", "SEGSCALE_LOG_LEVEL", "SEGSCALE_FAULT")
+
+
 def runtime_env_vars(use_gpu: bool = False, zero_stage: int = 0) -> dict[str, str]:
     """Environment variables every Ray worker of a run gets."""
     env = {
@@ -32,7 +37,7 @@ def runtime_env_vars(use_gpu: bool = False, zero_stage: int = 0) -> dict[str, st
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # skips DeepSpeed's accelerator probe and its warning
     # Pass through settings a user set on the driver that workers must share.
-    for name in ("RAY_AUTH_MODE", "OMP_NUM_THREADS", "SEGSCALE_LOG_LEVEL"):
+    for name in ("RAY_AUTH_MODE", *USER_ENV_VARS):
         if name in os.environ:
             env[name] = os.environ[name]
     return env
@@ -54,11 +59,14 @@ def build_deepspeed_ops() -> list[str]:
     setup_process_environment()
     from deepspeed.accelerator import get_accelerator
 
+    from launcher.build_lock import stale_build_lock_watchdog
+
     built = []
     for builder_name in ("ShareMemCommBuilder",):
         builder = get_accelerator().create_op_builder(builder_name)
         if builder is None or not builder.is_compatible():
             continue
-        builder.load(verbose=False)
+        with stale_build_lock_watchdog():
+            builder.load(verbose=False)
         built.append(builder.NAME)
     return built

@@ -4,7 +4,7 @@ Everything that can be known on the driver is checked here, so bad input is a on
 ``ConfigError`` in a second instead of a worker traceback a minute into start-up: the
 manifests exist and agree with the model's class count, intervals are positive, the
 precision fits the hardware, paths make sense for where the driver runs, and a resumed
-run has the world size its checkpoint was written with.
+run's checkpoint is complete (and converted, for another world size, by the driver).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 
 from data_pipeline.loader import DataConfigError, resolve_manifest
 from data_pipeline.manifest import training_classes
-from launcher.checkpoint import find_latest_checkpoint, verify_checkpoint
+from launcher.checkpoint import find_latest_checkpoint, newest_verified_checkpoint, verify_checkpoint
 from launcher.config import ConfigError, RunConfig
 from launcher.deepspeed_config import build_deepspeed_config
 
@@ -29,10 +29,13 @@ def _is_remote(path: str) -> bool:
     return "://" in path or path.startswith("pipe:")
 
 
-def check_paths_for_job(raw: RunConfig) -> None:
+def check_paths_for_job(raw: RunConfig, in_job: bool | None = None) -> None:
     """Inside ``ray job submit`` the working dir is a temporary copy: relative paths would
-    put checkpoints where they are garbage-collected and name data no other node has."""
-    if not inside_ray_job():
+    put checkpoints where they are garbage-collected and name data no other node has.
+
+    ``in_job`` defaults to whether this process is a job; ``submit`` passes True to refuse
+    such paths before it uploads anything."""
+    if not (inside_ray_job() if in_job is None else in_job):
         return
     for key, value in (("train.output_dir", raw.train.output_dir), ("data.train_manifest", raw.data.train_manifest),
                        ("data.val_manifest", raw.data.val_manifest)):
@@ -78,12 +81,9 @@ def check_manifests(cfg: RunConfig) -> None:
 
 
 def check_resume(cfg: RunConfig, run_dir: str) -> str | None:
-    """The checkpoint a re-run will resume from (or None); refuses a world-size change."""
-    directory = cfg.train.resume_from or find_latest_checkpoint(run_dir)
-    if not directory:
-        return None
-    meta = verify_checkpoint(directory)
-    if meta.world_size != cfg.cluster.num_workers:
-        raise ConfigError(f"cluster.num_workers: {cfg.cluster.num_workers}, but checkpoint {directory} was written "
-                          f"by {meta.world_size} workers; resuming on a different world size is not supported yet")
-    return directory
+    """The checkpoint the workers will resume from (or None): the newest verified one of
+    the run folder and ``train.resume_from``, as ``train_loop`` chooses. An explicit
+    ``resume_from`` that is not a complete checkpoint is an error, not a silent skip."""
+    if cfg.train.resume_from:
+        verify_checkpoint(cfg.train.resume_from)
+    return newest_verified_checkpoint([find_latest_checkpoint(run_dir), cfg.train.resume_from])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import time
 
 
@@ -49,3 +50,30 @@ class StepLogger:
         self._window_wait = 0.0
         self._window_compute = 0.0
         return throughput
+
+
+class StepRecords:
+    """Rank 0's per-step record, one JSON line per step in ``<run>/train_log.jsonl``:
+    the full-precision losses, lr and gradient norm. A resumed run appends the steps it
+    re-runs after its checkpoint, so the last line of a step is the one that counts."""
+
+    def __init__(self, path: str):
+        self.path = path  # "" = off (other ranks, remote run folders)
+
+    def write(self, step: int, terms: dict[str, float], lr: float, grad_norm: float | None) -> None:
+        if not self.path:
+            return
+        record = {"step": step, **terms, "lr": lr, "grad_norm": grad_norm, "time": time.time()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_step_records(path: str) -> dict[int, dict]:
+    """Step -> its last record (see StepRecords)."""
+    records: dict[int, dict] = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                records[record["step"]] = record
+    return records

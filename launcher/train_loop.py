@@ -9,13 +9,16 @@ all-reduce, DeepSpeed's save, validation, ``ray.train.report``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
-import random
+import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import replace
 
 import ops.torchvision_fix  # noqa: F401  (before anything imports timm)
@@ -27,40 +30,34 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from cluster.metrics import WorkerMetrics, write_file_sd
+from cluster.metrics import WorkerMetrics, live_targets_file, write_file_sd
+from data_pipeline.device_batch import prepare_batch
 from data_pipeline.loader import build_eval_loader, build_train_loader
 from data_pipeline.train_stream import LoaderPosition, StreamTracker, batches_to_skip
+from launcher.build_lock import stale_build_lock_watchdog
 from launcher.checkpoint import (
     DEEPSPEED_DIR,
     DEEPSPEED_TAG,
-    CheckpointError,
     data_position_file,
     find_latest_checkpoint,
+    newest_verified_checkpoint,
     save_checkpoint,
     verify_checkpoint,
 )
 from launcher.config import RunConfig, config_from_dict, to_dict
 from launcher.deepspeed_config import autocast_dtype, build_deepspeed_config
 from launcher.evaluate import evaluate
+from launcher.fault_injection import fault_point
+from launcher.mfu import count_forward_flops, peak_flops, training_flops_per_sample
 from launcher.optim import build_optimizer, build_scheduler
-from launcher.progress import StepLogger
+from launcher.progress import StepLogger, StepRecords
+from launcher.rng import derive_seed, restore_rng_state, seed_everything
+from launcher.universal_checkpoint import needs_universal, universal_for_load
 from model.build import build_criterion, build_model
 
 # Loss terms shown in the logs and metrics besides the total (the deep-supervision
 # copies ``loss_ce_0`` ... are in the total only).
 LOGGED_TERMS = ("loss_ce", "loss_focal", "loss_dice")
-
-
-def derive_seed(*parts: int) -> int:
-    """A seed for one purpose (rank, start step, ...) that never collides with another's,
-    unlike ``seed + rank + step`` arithmetic."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _saved_position(resume_dir: str, meta, rank: int) -> LoaderPosition | None:
@@ -79,22 +76,30 @@ def _choose_resume_directory(cfg: RunConfig, run_dir: str) -> str | None:
     Ray registers a checkpoint only when its controller polls, so one reported just
     before a crash is complete on disk but not Ray's latest: the run folder has it.
     """
-    candidates = []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        candidates.append(checkpoint.path)  # local or shared-file-system storage
-    candidates.append(find_latest_checkpoint(run_dir))
-    candidates.append(cfg.train.resume_from or None)
-    best: tuple[int, str] | None = None
-    for directory in filter(None, candidates):
-        try:
-            step = verify_checkpoint(directory).step
-        except CheckpointError as err:
-            print(f"warning: skipping checkpoint: {err}", flush=True)
-            continue
-        if best is None or step > best[0]:
-            best = (step, directory)
-    return best[1] if best else None
+    checkpoint = ray.train.get_checkpoint()  # local or shared-file-system storage
+    return newest_verified_checkpoint([checkpoint.path if checkpoint is not None else None,
+                                       find_latest_checkpoint(run_dir), cfg.train.resume_from])
+
+
+def staging_path(run_dir: str, rank: int) -> str:
+    """This rank's local folder for the checkpoint it writes before Ray copies it to the
+    run folder. Its name is fixed per run and rank, not a fresh temporary folder, because
+    a worker killed mid-save (SIGKILL: no cleanup) would leak a whole copy of its shards
+    per failure; its successor reuses and empties it."""
+    run_id = hashlib.sha1(run_dir.encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), f"segscale-ckpt-{run_id}-rank{rank}")
+
+
+@contextmanager
+def _staging_directory(run_dir: str, rank: int) -> Iterator[str]:
+    """``staging_path``, emptied first and removed after."""
+    path = staging_path(run_dir, rank)
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _start_metrics(cfg: RunConfig, rank: int, local_rank: int, metrics_host: str) -> WorkerMetrics | None:
@@ -105,6 +110,14 @@ def _start_metrics(cfg: RunConfig, rank: int, local_rank: int, metrics_host: str
     base = cfg.cluster.metrics_port_base
     metrics.start(host, base + local_rank if base > 0 else 0)
     return metrics
+
+
+def _gradient_norm(model: torch.nn.Module) -> float:
+    """Global L2 norm of the gradients held by ``model``'s parameters (used at ZeRO-0,
+    where the gradients are whole and already all-reduced at the boundary: DeepSpeed
+    computes the norm there but does not keep it)."""
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def _mean_over_ranks(values: dict[str, torch.Tensor], world_size: int) -> dict[str, float]:
@@ -131,7 +144,10 @@ def train_worker(loop_config: dict) -> None:
     endpoints = [None] * world_size
     dist.all_gather_object(endpoints, metrics.endpoint if metrics else None)
     if rank == 0 and metrics is not None:
-        write_file_sd(os.path.join(run_dir, "prometheus_targets.json"), [e for e in endpoints if e])
+        live = [e for e in endpoints if e]
+        write_file_sd(os.path.join(run_dir, "prometheus_targets.json"), live)  # the run's record
+        if "://" not in run_dir:
+            write_file_sd(live_targets_file(run_dir), live)  # what cluster/prometheus/prometheus.yml globs
         print("metrics: " + ", ".join(e.url for e in endpoints if e), flush=True)
 
     import deepspeed  # imported here: it initialises an accelerator at import time
@@ -141,26 +157,31 @@ def train_worker(loop_config: dict) -> None:
         # On the worker's GPU before the optimizer exists, so a fused (apex or torch)
         # AdamW is chosen for CUDA parameters; DeepSpeed would move it later anyway.
         model.to(ray.train.torch.get_device())
+    # Rank 0 picks the checkpoint so every rank loads the same one; one written by another
+    # number of workers loads from its universal form (converted by the driver).
+    choice = [_choose_resume_directory(cfg, run_dir) if rank == 0 else None]
+    dist.broadcast_object_list(choice, src=0)
+    resume_dir, start_step, resumes = choice[0], 0, 0
+    meta = verify_checkpoint(resume_dir) if resume_dir else None
+    universal = meta is not None and needs_universal(meta, world_size)
+
     criterion = build_criterion(cfg.model)
     optimizer = build_optimizer(model, cfg.train, cfg.model.ops.apex)
     scheduler = build_scheduler(optimizer, cfg.train)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=build_deepspeed_config(cfg.train, cfg.data.batch_size))
+    ds_config = build_deepspeed_config(cfg.train, cfg.data.batch_size, load_universal=universal)
+    with stale_build_lock_watchdog():  # DeepSpeed loads its JIT-built ops here
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config)
     criterion.to(engine.device)
     eval_dtype = autocast_dtype(cfg.train)
-
-    # Rank 0 picks the checkpoint so every rank loads the same one.
-    choice = [_choose_resume_directory(cfg, run_dir) if rank == 0 else None]
-    dist.broadcast_object_list(choice, src=0)
-    resume_dir, start_step = choice[0], 0
 
     layout = LoaderPosition(batches=0, world_size=world_size, num_workers=cfg.data.num_workers,
                             batch_size=cfg.data.batch_size, seed=cfg.data.seed, manifest=cfg.data.train_manifest)
     start_batches, start_positions = 0, ()
-    if resume_dir:
-        meta = verify_checkpoint(resume_dir)
-        start_step = meta.step
-        engine.load_checkpoint(os.path.join(resume_dir, DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+    if meta is not None:
+        start_step, resumes = meta.step, meta.resumes + 1
+        load_dir = universal_for_load(resume_dir) if universal else os.path.join(resume_dir, DEEPSPEED_DIR)
+        engine.load_checkpoint(load_dir, tag=DEEPSPEED_TAG)
         saved = _saved_position(resume_dir, meta, rank)
         current = replace(layout, batches=start_step * cfg.train.grad_accum_steps)
         if saved is None:  # written before exact loader resume: count steps
@@ -173,7 +194,10 @@ def train_worker(loop_config: dict) -> None:
             how = "exactly" if exact else "approximately (the data layout changed; see README, resuming)"
             print(f"resumed from {resume_dir} at step {start_step}; data stream continues {how} "
                   f"after {start_batches} batches per rank", flush=True)
-    seed_everything(derive_seed(cfg.train.seed, rank, start_step))  # per-rank dropout streams
+    if metrics is not None:
+        metrics.observe_restart(resumes)
+    peak, peak_source = peak_flops(engine.device, cfg.train.precision, cfg.cluster.peak_tflops_per_worker)
+    flops_per_sample: float | None = None  # counted on the first forward pass
 
     # The stream restarts where the checkpointed run's trainer stood: the samples the
     # uninterrupted run would have seen next, none skipped or repeated.
@@ -182,6 +206,7 @@ def train_worker(loop_config: dict) -> None:
     samples_per_step = cfg.data.batch_size * cfg.train.grad_accum_steps
     logger = StepLogger(total_steps=cfg.train.max_steps, samples_per_step=samples_per_step * world_size,
                         enabled=rank == 0)
+    records = StepRecords(os.path.join(run_dir, "train_log.jsonl") if rank == 0 and "://" not in run_dir else "")
     config_dict = to_dict(cfg)
     last_saved = start_step
     val_results: dict = {}
@@ -201,50 +226,73 @@ def train_worker(loop_config: dict) -> None:
     def checkpoint_and_report(step: int, extra_metrics: dict) -> None:
         nonlocal last_saved
         started = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="segscale-ckpt-") as tmp:
-            save_checkpoint(engine, tmp, step=step, rank=rank, world_size=world_size, config=config_dict,
-                            data_position=stream.position().to_json())
+        with _staging_directory(run_dir, rank) as tmp:
+            size = save_checkpoint(engine, tmp, step=step, rank=rank, world_size=world_size, config=config_dict,
+                                   data_position=stream.position().to_json(), resumes=resumes,
+                                   before_seal=lambda: fault_point("mid_checkpoint", step, rank, run_dir))
             ray.train.report({"step": step, **extra_metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if metrics is not None:
-            metrics.observe_checkpoint(time.perf_counter() - started)
+            metrics.observe_checkpoint(time.perf_counter() - started, size)
         last_saved = step
 
+    # Per-rank dropout and point-sampling streams: the checkpointed ones when there are,
+    # so a resumed run draws what the uninterrupted run would have drawn. Set last, just
+    # before the first step: a draw in between (the peak-FLOP/s probe's random matrices,
+    # say) would shift a resumed run's stream against the uninterrupted run's.
+    if not (meta is not None and meta.world_size == world_size and restore_rng_state(resume_dir, rank)):
+        seed_everything(derive_seed(cfg.train.seed, rank, start_step))
     engine.train()
     step = start_step
     while step < cfg.train.max_steps:
         step_started = time.perf_counter()
         loader_wait = 0.0
         accumulated: dict[str, torch.Tensor] = {}
-        for _ in range(cfg.train.grad_accum_steps):
+        grad_norm = None
+        for micro_step in range(cfg.train.grad_accum_steps):
             wait_started = time.perf_counter()
             batch = next(batches)
             newly_skipped = stream.observe(batch)
             if newly_skipped and metrics is not None:
                 metrics.observe_skipped(newly_skipped)
             loader_wait += time.perf_counter() - wait_started
-            images = batch["images"].to(engine.device, non_blocking=True)
-            targets = [{k: v.to(engine.device) for k, v in t.items()} for t in batch["targets"]]
-            outputs = engine(images)  # DeepSpeed runs forward under its torch_autocast block
+            images, targets = prepare_batch(batch, engine.device)  # augmentation + targets, on the device
+            with count_forward_flops() if flops_per_sample is None else nullcontext() as counted:
+                outputs = engine(images)  # DeepSpeed runs forward under its torch_autocast block
+            if flops_per_sample is None:
+                flops_per_sample = training_flops_per_sample(counted(), images.shape[0])
+                logger.print(f"model: {flops_per_sample / 1e9:.2f} GFLOP per training sample; worker peak "
+                             f"{peak / 1e12:.2f} TFLOP/s ({peak_source})")
             losses = criterion(outputs, targets)  # fp32 inside, whatever the autocast
             loss = sum(losses.values())
             engine.backward(loss)
+            if engine.zero_optimization_stage() == 0 and micro_step == cfg.train.grad_accum_steps - 1:
+                grad_norm = _gradient_norm(engine.module)  # before engine.step clips it
             engine.step()
             for name, value in (("loss", loss), *((n, losses[n]) for n in LOGGED_TERMS if n in losses)):
                 accumulated[name] = accumulated.get(name, 0.0) + value.detach() / cfg.train.grad_accum_steps
         step += 1
         terms = _mean_over_ranks(accumulated, world_size)
         if not np.isfinite(terms["loss"]):
+            if metrics is not None:  # exported and snapshotted before the run stops
+                metrics.observe_nonfinite_loss(terms["loss"])
+                _write_metrics_snapshot(metrics, run_dir, rank)
             raise FloatingPointError(f"loss is {terms['loss']} at step {step} (mean over ranks); stopping the run")
         step_seconds = time.perf_counter() - step_started
         lr = engine.get_lr()[0]
+        if grad_norm is None and engine.get_global_grad_norm() is not None:
+            grad_norm = float(engine.get_global_grad_norm())  # ZeRO-1/2/3 optimizers compute it
+        records.write(step, terms, lr, grad_norm)
         if metrics is not None:
+            mfu = flops_per_sample * samples_per_step / step_seconds / peak
             metrics.observe_step(step, terms["loss"], {k: v for k, v in terms.items() if k != "loss"},
-                                 samples_per_step, step_seconds, loader_wait, lr)
+                                 samples_per_step, step_seconds, loader_wait, lr,
+                                 grad_norm=grad_norm, mfu=mfu)
         throughput = logger.step(step, terms, lr, step_seconds, loader_wait,
                                  force=step % cfg.train.log_every == 0 or step == cfg.train.max_steps)
         if throughput is not None and metrics is not None:
             metrics.observe_throughput(throughput / world_size)
 
+        fault_point("after_step", step, rank, run_dir)
         if step == cfg.train.max_steps:
             break  # the final validation and checkpoint follow the loop
         if cfg.train.eval_every and step % cfg.train.eval_every == 0:
@@ -263,9 +311,20 @@ def train_worker(loop_config: dict) -> None:
         print(f"rank {rank}: {stream.skipped} bad training samples were skipped (data.on_error=skip; "
               "each is logged above with its shard and reason)", flush=True)
     if metrics is not None:
-        os.makedirs(os.path.join(run_dir, "metrics"), exist_ok=True)
-        metrics.write_textfile(os.path.join(run_dir, "metrics", f"rank_{rank}.prom"))
+        _write_metrics_snapshot(metrics, run_dir, rank)
         metrics.stop()
+    if rank == 0 and metrics is not None and "://" not in run_dir:
+        # A finished run's exporters are gone: drop them from discovery, so that only
+        # a crashed run's targets stay listed (and show as down).
+        with suppress(FileNotFoundError):
+            os.remove(live_targets_file(run_dir))
+
+
+def _write_metrics_snapshot(metrics: WorkerMetrics, run_dir: str, rank: int) -> None:
+    if "://" in run_dir:
+        return
+    os.makedirs(os.path.join(run_dir, "metrics"), exist_ok=True)
+    metrics.write_textfile(os.path.join(run_dir, "metrics", f"rank_{rank}.prom"))
 
 
 def _val_metrics(results: dict) -> dict:

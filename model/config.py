@@ -59,6 +59,8 @@ class TransformerDecoderConfig:
     dropout: float = 0.1
     pre_norm: bool = False
     enforce_input_project: bool = False
+    # Activation checkpointing of each decoder layer (reentrant, so ZeRO-3 works).
+    grad_checkpointing: bool = False
     # Number of linear layers of the mask-embedding MLP (MaskFormer: 3 = 2 hidden).
     mask_embed_layers: int = 3
     deep_supervision: bool = True

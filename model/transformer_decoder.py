@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint  # called through the module attribute, so spies that patch it see it
 from torch import Tensor, nn
 
 from model.config import TransformerDecoderConfig
@@ -88,6 +89,7 @@ class StandardTransformerDecoder(nn.Module):
         dropout: float,
         pre_norm: bool,
         ops: OpsConfig | None = None,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -101,13 +103,18 @@ class StandardTransformerDecoder(nn.Module):
         self.norm = layer_norm(d_model, ops.apex)
         # The 0-layer encoder's final norm (DETR builds it only for pre-norm).
         self.memory_norm = layer_norm(d_model, ops.apex) if pre_norm else nn.Identity()
+        self.grad_checkpointing = grad_checkpointing
         xavier_init_like_detr(self)
 
     def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor) -> Tensor:
         memory = self.memory_norm(memory)
         hidden = []
         for layer in self.layers:
-            tgt = layer(tgt, memory, pos, query_pos)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                # Reentrant: ZeRO-3 fails with the non-reentrant variant (DESIGN.md §4).
+                tgt = torch.utils.checkpoint.checkpoint(layer, tgt, memory, pos, query_pos, use_reentrant=True)
+            else:
+                tgt = layer(tgt, memory, pos, query_pos)
             hidden.append(self.norm(tgt))
         return torch.stack(hidden)
 
@@ -152,6 +159,7 @@ class TransformerPredictor(nn.Module):
         mask_embed_layers: int = 3,
         deep_supervision: bool = True,
         ops: OpsConfig | None = None,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if hidden_dim % 4:
@@ -159,7 +167,7 @@ class TransformerPredictor(nn.Module):
             raise ValueError(f"model.decoder.hidden_dim must be a multiple of 4, got {hidden_dim}")
         self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
         self.decoder = StandardTransformerDecoder(
-            hidden_dim, nheads, dec_layers, dim_feedforward, dropout, pre_norm, ops
+            hidden_dim, nheads, dec_layers, dim_feedforward, dropout, pre_norm, ops, grad_checkpointing
         )
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.input_proj: nn.Module
@@ -209,4 +217,5 @@ def build_transformer_predictor(
         mask_embed_layers=cfg.mask_embed_layers,
         deep_supervision=cfg.deep_supervision,
         ops=ops,
+        grad_checkpointing=cfg.grad_checkpointing,
     )

@@ -1,9 +1,26 @@
-"""Shared test set-up: the torchvision fix before anything imports timm, one thread."""
+"""Shared test set-up: the torchvision fix before anything imports timm, one thread, and
+the tiny sharded dataset of the tests that train through the real CLI."""
 
 import ops.torchvision_fix  # noqa: F401  (must precede timm/torchvision imports)
 
 # isort: split
+import pytest
 import torch
+
+from data_pipeline.config import SyntheticConfig
+from data_pipeline.shard_writer import write_shards
+from data_pipeline.synthetic import synthetic_source
 
 # The CI machine has 2 cores; tests that start workers need the second one.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """32 train and 6 val synthetic 64x64 samples of 5 classes, in shards with their
+    manifests (``train-manifest.json``, ``val-manifest.json``): configs/test_tiny.yaml's data."""
+    root = tmp_path_factory.mktemp("data")
+    synthetic = SyntheticConfig(num_classes=5, image_size=64, seed=3)
+    write_shards(synthetic_source(synthetic, "train", 32), root, "train", max_count=8)
+    write_shards(synthetic_source(synthetic, "val", 6), root, "val", max_count=4)
+    return root

@@ -3,36 +3,22 @@ checkpoints and metrics -> a resumed run continues the step count -> eval and pr
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+import torch
+from e2e_helpers import launcher  # tests/ is on sys.path under pytest
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from data_pipeline.config import SyntheticConfig
 from data_pipeline.shard_writer import write_shards
 from data_pipeline.synthetic import synthetic_source
-from launcher.checkpoint import find_latest_checkpoint, verify_checkpoint
+from launcher.checkpoint import find_latest_checkpoint, load_model_weights, verify_checkpoint
+from launcher.config import config_from_dict
+from model.build import build_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.e2e
-
-
-def launcher(*args, timeout=420):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)  # always a private local instance
-    proc = subprocess.run([sys.executable, "-m", "launcher", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    return proc.returncode, proc.stdout + proc.stderr
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    synthetic = SyntheticConfig(num_classes=5, image_size=64, seed=3)
-    write_shards(synthetic_source(synthetic, "train", 32), root, "train", max_count=8)
-    write_shards(synthetic_source(synthetic, "val", 6), root, "val", max_count=4)
-    return root
 
 
 def test_train_checkpoint_resume_eval_predict(dataset, tmp_path):
@@ -52,6 +38,8 @@ def test_train_checkpoint_resume_eval_predict(dataset, tmp_path):
     assert "validation mIoU" in log
     targets = json.loads((run_dir / "prometheus_targets.json").read_text())
     assert len(targets[0]["targets"]) == 2 and all(t.startswith("127.0.0.1:") for t in targets[0]["targets"])
+    # the live discovery file of a finished run is removed (its exporters are gone)
+    assert (tmp_path / "prometheus_targets").is_dir() and not (tmp_path / "prometheus_targets" / "e2e.json").exists()
     for rank in (0, 1):
         text = (run_dir / "metrics" / f"rank_{rank}.prom").read_text()
         assert f'segscale_step{{rank="{rank}",run="e2e"}} 4.0' in text
@@ -80,6 +68,36 @@ def test_train_checkpoint_resume_eval_predict(dataset, tmp_path):
     with Image.open(tmp_path / "pred" / pictures[0]) as im:
         assert im.mode == "RGB" and im.width == 3 * im.height  # image | prediction | ground truth
 
+    # Export: the consolidated fp32 weights load strictly into a model built from the
+    # config in the file's metadata.
+    exported = tmp_path / "model.safetensors"
+    code, log = launcher("export", "--checkpoint", str(run_dir), "--out", str(exported))
+    assert code == 0 and str(exported) in log, log
+    with safe_open(str(exported), framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["segscale_step"] == "6"
+    weights = load_file(str(exported))
+    model = build_model(config_from_dict(json.loads(metadata["segscale_config"])).model)
+    model.load_state_dict(weights, strict=True)
+    before = load_model_weights(latest)
+    assert all(torch.equal(weights[k], before[k]) for k in before)
+    assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
+
+    # Resume on ONE worker: the driver converts the 2-worker ZeRO-1 checkpoint to
+    # DeepSpeed's universal form; the weights continue from it (a failed load would
+    # leave the random initialisation, far from the step-6 weights).
+    code, log = launcher("train", *common, "--set", "train.max_steps=7", "--set", "cluster.num_workers=1")
+    assert code == 0, log
+    assert "converting it to DeepSpeed's universal format for 1 workers" in log, log
+    assert "at step 6" in log and "data stream continues approximately" in log and "step 7/7" in log
+    final = find_latest_checkpoint(str(run_dir))
+    meta = verify_checkpoint(final)
+    assert meta.step == 7 and meta.world_size == 1 and meta.resumes == 2
+    after = load_model_weights(final)
+    # Parameters only: BatchNorm running statistics move with every forward pass.
+    drift = max((after[k] - before[k]).abs().max().item() for k, _ in model.named_parameters())
+    assert 0 < drift < 1e-2, drift
+
 
 def test_zero3_fp32_with_uneven_validation(dataset, tmp_path):
     """ZeRO-3 gathers parameters in every forward: validation with 5 images on 2 ranks
@@ -91,7 +109,8 @@ def test_zero3_fp32_with_uneven_validation(dataset, tmp_path):
                          "--set", f"data.val_manifest={tmp_path}/val5/val-manifest.json",
                          "--set", f"train.output_dir={tmp_path}", "--set", "train.run_name=z3",
                          "--set", "train.zero_stage=3", "--set", "train.precision=fp32",
-                         "--set", "train.max_steps=2", timeout=300)
+                         "--set", "train.max_steps=2", "--set", "model.backbone.grad_checkpointing=true",
+                         "--set", "model.decoder.grad_checkpointing=true", timeout=300)
     assert code == 0, log
     meta = verify_checkpoint(find_latest_checkpoint(str(tmp_path / "z3")))
     assert meta.step == 2 and meta.zero_stage == 3
@@ -99,6 +118,15 @@ def test_zero3_fp32_with_uneven_validation(dataset, tmp_path):
     # ZeRO-3 weights are consolidated from the partitions for evaluation
     code, log = launcher("eval", "--checkpoint", str(tmp_path / "z3"))
     assert code == 0 and "mIoU" in log, log
+    # ZeRO-3 partitions are converted too, for a resume on one worker
+    code, log = launcher("train", "--config", "configs/test_tiny.yaml",
+                         "--set", f"data.train_manifest={dataset}/train-manifest.json",
+                         "--set", f"data.val_manifest={tmp_path}/val5/val-manifest.json",
+                         "--set", f"train.output_dir={tmp_path}", "--set", "train.run_name=z3",
+                         "--set", "train.zero_stage=3", "--set", "train.precision=fp32",
+                         "--set", "train.max_steps=3", "--set", "cluster.num_workers=1", timeout=300)
+    assert code == 0 and "universal format for 1 workers" in log and "step 3/3" in log, log
+    assert verify_checkpoint(find_latest_checkpoint(str(tmp_path / "z3"))).world_size == 1
 
 
 def test_bad_input_is_one_line_error(tmp_path):

@@ -16,6 +16,8 @@ from PIL import Image
 
 from data_pipeline.augment_config import AugmentConfig
 from data_pipeline.config import DataConfig, SyntheticConfig
+from data_pipeline.decode import _check_label_range
+from data_pipeline.device_batch import augment_batch, prepare_batch
 from data_pipeline.loader import (
     DataConfigError,
     ShardReadError,
@@ -65,45 +67,60 @@ def _index(key: str) -> int:
     return int(key.rsplit("_", 1)[1])
 
 
-def _check_targets(batch) -> None:
-    for semantic, target in zip(batch["semantic"], batch["targets"]):
+def _prepared(batch) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """A training batch as the trainer sees it: augmented images and label maps
+    (augment_batch), and prepare_batch's targets."""
+    images, semantic = augment_batch(batch["images"], batch["semantic"], batch["plans"], torch.device("cpu"))
+    prepared, targets = prepare_batch(batch, "cpu")
+    assert torch.equal(prepared, images)
+    return images, semantic, targets
+
+
+def _check_targets(semantic, targets) -> None:
+    for label_map, target in zip(semantic, targets):
         labels, masks = target["labels"], target["masks"]
         assert labels.dtype == torch.int64 and masks.dtype == torch.bool
-        assert masks.shape == (len(labels), *semantic.shape)
-        assert labels.tolist() == sorted(set(semantic.unique().tolist()) - {255})
+        assert masks.shape == (len(labels), *label_map.shape)
+        assert labels.tolist() == sorted(set(label_map.unique().tolist()) - {255})
         for label, mask in zip(labels, masks):
-            assert torch.equal(mask, semantic == label)
+            assert torch.equal(mask, label_map == label)
 
 
 def test_train_batches_have_the_documented_shapes_and_dtypes(data_dir):
     batch = next(build_train_loader(_cfg(data_dir), rank=0, world_size=1))
-    assert set(batch) == {"images", "semantic", "targets", "keys", "image_sizes", "stream"}
+    assert set(batch) == {"images", "semantic", "plans", "keys", "stream"}
     assert batch["stream"] == (0, 8, 0)  # worker role, next stream position, samples skipped
-    assert batch["image_sizes"] == [(32, 32)] * 8
-    assert batch["images"].dtype == torch.uint8 and batch["images"].shape == (8, 3, 32, 32)
-    assert batch["semantic"].dtype == torch.int64 and batch["semantic"].shape == (8, 32, 32)
-    assert len(batch["targets"]) == 8 and all(isinstance(k, str) for k in batch["keys"])
-    assert set(batch["semantic"].unique().tolist()) <= set(range(SYNTH.num_classes)) | {255}
-    _check_targets(batch)
+    # Decoded samples at their own size, plus the augmentation drawn for each.
+    assert [tuple(i.shape) for i in batch["images"]] == [(SIZE, SIZE, 3)] * 8
+    assert all(i.dtype == torch.uint8 for i in batch["images"])
+    assert all(m.dtype == torch.uint8 and m.shape == (SIZE, SIZE) for m in batch["semantic"])
+    assert len(batch["plans"]) == 8 and all(isinstance(k, str) for k in batch["keys"])
+    assert all(p.crop_size == 32 for p in batch["plans"])
+    images, semantic, targets = _prepared(batch)
+    assert images.dtype == torch.uint8 and images.shape == (8, 3, 32, 32)
+    assert len(targets) == 8
+    assert set(semantic.unique().tolist()) <= set(range(SYNTH.num_classes)) | {255}
+    _check_targets(semantic, targets)
 
 
 def test_train_crop_larger_than_image_pads_with_ignore_and_zero(data_dir):
     # Resized to a short side of SIZE (scale SIZE/48 of the crop): 8 rows and columns of padding.
     keep_size = AugmentConfig(min_scale=SIZE / 48, max_scale=SIZE / 48)
     cfg = _cfg(data_dir, crop_size=48, batch_size=4, augment=keep_size)
-    batch = next(build_train_loader(cfg, rank=0, world_size=1))
-    assert batch["images"].shape == (4, 3, 48, 48)
-    padded = batch["semantic"] == 255
+    images, semantic, targets = _prepared(next(build_train_loader(cfg, rank=0, world_size=1)))
+    assert images.shape == (4, 3, 48, 48)
+    padded = semantic == 255
     assert padded.sum(dim=(1, 2)).tolist() == [48 * 48 - SIZE * SIZE] * 4
-    assert int(batch["images"].permute(1, 0, 2, 3)[:, padded].max()) == 0
-    _check_targets(batch)
+    assert int(images.permute(1, 0, 2, 3)[:, padded].max()) == 0
+    _check_targets(semantic, targets)
 
 
 def test_train_sample_content_matches_the_generator(data_dir):
     still = AugmentConfig(min_scale=1.0, max_scale=1.0, cat_max_ratio=1.0, hflip=False, photometric=False)
     cfg = _cfg(data_dir, crop_size=SIZE, augment=still, batch_size=2)
     batch = next(build_train_loader(cfg, rank=0, world_size=1))
-    for image, semantic, key in zip(batch["images"], batch["semantic"], batch["keys"]):
+    images, semantics, _ = _prepared(batch)
+    for image, semantic, key in zip(images, semantics, batch["keys"]):
         expected = generate_sample(_index(key), SYNTH)  # train index offset is 0
         np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), expected.image)
         np.testing.assert_array_equal(semantic.numpy(), expected.semantic)
@@ -116,7 +133,8 @@ def test_train_stream_is_deterministic_for_a_seed(data_dir):
     a, b = first(_cfg(data_dir)), first(_cfg(data_dir))
     assert _keys(a) == _keys(b)
     for x, y in zip(a, b):
-        assert torch.equal(x["images"], y["images"]) and torch.equal(x["semantic"], y["semantic"])
+        assert x["plans"] == y["plans"]
+        assert all(torch.equal(u, v) for u, v in zip(_prepared(x)[:2], _prepared(y)[:2]))
     assert _keys(first(_cfg(data_dir, seed=1))) != _keys(a)
 
 
@@ -163,7 +181,6 @@ def test_eval_ranks_cover_every_val_sample_exactly_once(data_dir, world_size, nu
         for batch in batches:
             assert batch["images"].shape[1:] == (3, SIZE, SIZE)  # full size, no crop
             assert batch["semantic"].max() < SYNTH.num_classes
-            _check_targets(batch)
         keys += _keys(batches)
     assert sorted(keys) == [f"val_{i:08d}" for i in range(N_VAL)]
 
@@ -266,7 +283,7 @@ def test_decode_rejects_rgb_label_maps():
 
     raw = {"__key__": "k", "__url__": "s.tar", "png": png(np.zeros((4, 4, 3), np.uint8))}
     image, labels = decode_sample({**raw, "seg.png": png(np.full((4, 4), 3, np.uint8))})
-    assert image.shape == (3, 4, 4) and labels.dtype == torch.int64 and int(labels[0, 0]) == 3
+    assert image.shape == (3, 4, 4) and labels.dtype == torch.uint8 and int(labels[0, 0]) == 3
     with pytest.raises(ShardReadError, match="s.tar: sample k: .seg.png must be single-channel"):
         decode_sample({**raw, "seg.png": png(np.zeros((4, 4, 3), np.uint8))})
     with pytest.raises(ShardReadError, match="needs an image"):
@@ -324,7 +341,7 @@ def test_collate_pads_mixed_sizes_with_ignore():
     assert int((batch["semantic"][0] == 255).sum()) == 5 * 6 - 4 * 6
     assert int((batch["semantic"][1] == 255).sum()) == 5 * 6 - 5 * 3
     assert int(batch["images"][1, :, :, 3:].sum()) == 0
-    assert batch["targets"][0]["masks"].shape == (1, 5, 6) and batch["keys"] == ["a", "b"]
+    assert batch["keys"] == ["a", "b"]
     assert batch["image_sizes"] == [(4, 6), (5, 3)]  # each image's own size, for evaluation
 
 
@@ -335,6 +352,25 @@ def test_reduce_zero_label_maps_zero_to_ignore_and_shifts_the_rest():
     labels = torch.tensor([[0, 1, 2], [150, 255, 7]])
     assert reduce_zero_label(labels).tolist() == [[255, 0, 1], [149, 255, 6]]
     assert reduce_zero_label(torch.tensor([0, 3, 9]), ignore_index=9).tolist() == [9, 2, 9]
+
+
+@pytest.mark.parametrize("ignore", [255, 254, 0])
+def test_label_range_check_on_decoded_ids_agrees_with_the_reduced_ids(ignore):
+    # Training checks ids before reduce_zero_label (applied on the device): every id must be
+    # judged as it will be after the reduction.
+    for num_classes in (5, 253):
+        for reduce in (False, True):
+            for value in range(256):
+                ids = np.full((1, 1), value, np.uint8)
+                seen = int(reduce_zero_label(torch.from_numpy(ids), ignore)[0, 0]) if reduce else value
+                expect_bad = seen != ignore and seen >= num_classes
+                try:
+                    _check_label_range(ids, num_classes, ignore, reduce, "here")
+                    bad = False
+                except ShardReadError as err:
+                    bad = True
+                    assert f"label value {seen} out of range" in str(err)
+                assert bad == expect_bad, (num_classes, reduce, value)
 
 
 def test_reduce_zero_label_is_applied_when_decoding(data_dir):
@@ -351,9 +387,10 @@ def test_reduce_zero_label_is_applied_when_decoding(data_dir):
     reduced = next(iter(build_eval_loader(_cfg(data_dir, batch_size=4, reduce_zero_label=True), 0, 1)))
     assert reduced["keys"] == plain["keys"]
     assert torch.equal(reduced["semantic"], reduce_zero_label(plain["semantic"]))
-    _check_targets(reduced)
     # Train stream: reduced before the crop pads with ignore and before the targets are built.
     batch = next(build_train_loader(_cfg(data_dir, crop_size=48, batch_size=4, reduce_zero_label=True), 0, 1))
-    assert set(batch["semantic"].unique().tolist()) <= {0, 1, 2, 3, 255}
-    assert int((batch["semantic"] == 255).sum()) > 4 * (48 * 48 - SIZE * SIZE)  # padding + former class 0
-    _check_targets(batch)
+    _, semantic, targets = _prepared(batch)
+    assert set(semantic.unique().tolist()) <= {0, 1, 2, 3, 255}
+    assert int((semantic == 255).sum()) > 4 * (48 * 48 - SIZE * SIZE)  # padding + former class 0
+    assert sum(int((m == 0).sum()) for m in batch["semantic"]) > 0  # the class 0 that became ignore
+    _check_targets(semantic, targets)

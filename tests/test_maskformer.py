@@ -218,3 +218,23 @@ def test_one_batch_overfit():
     with torch.no_grad():
         accuracy = (semantic_segmentation(model(images), images.shape[-2:]) == semantic).float().mean()
     assert accuracy > 0.95, history[::10]
+
+
+def test_decoder_grad_checkpointing_recomputes_each_layer_with_the_same_grads(monkeypatch):
+    reentrant_flags = []
+    original = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda fn, *a, **kw: reentrant_flags.append(kw.get("use_reentrant")) or original(fn, *a, **kw))
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    results = {}
+    for checkpointed in (False, True):
+        torch.manual_seed(1)  # same weights and, with dropout 0.1, the same masks
+        model = build_model(tiny_cfg(grad_checkpointing=checkpointed))
+        outputs = model(pixels)
+        loss = outputs["pred_logits"].logsumexp(-1).mean() + outputs["pred_masks"].sigmoid().mean()
+        loss.backward()
+        results[checkpointed] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    assert reentrant_flags == [True, True, True]  # dec_layers=3, reentrant for ZeRO-3
+    assert results[True].keys() == results[False].keys()
+    for name, grad in results[False].items():
+        torch.testing.assert_close(results[True][name], grad, msg=name)

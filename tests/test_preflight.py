@@ -7,7 +7,7 @@ import pytest
 from data_pipeline.config import SyntheticConfig
 from data_pipeline.shard_writer import write_shards
 from data_pipeline.synthetic import synthetic_source
-from launcher.checkpoint import META_FILE
+from launcher.checkpoint import META_FILE, CheckpointError
 from launcher.config import ConfigError, load_config
 from launcher.preflight import RAY_JOB_ENV_VAR, check_paths_for_job, check_resume, check_run
 from ops.atomic_file import write_json_atomic
@@ -72,15 +72,25 @@ def test_relative_paths_refused_inside_ray_job(monkeypatch):
         check_paths_for_job(cfg)
 
 
-def test_resume_on_other_world_size_is_refused(tmp_path):
+def test_resume_checkpoint_choice_and_world_size_rule(tmp_path):
+    from launcher.checkpoint import read_meta
+    from launcher.universal_checkpoint import needs_universal
+
     checkpoint = tmp_path / "run" / "checkpoint_1"
     checkpoint.mkdir(parents=True)
     write_json_atomic(checkpoint / "files_rank_0.json", {})
     write_json_atomic(checkpoint / META_FILE, {"step": 3, "world_size": 1, "zero_stage": 1, "config": {}})
-    cfg = config()  # 2 workers
-    with pytest.raises(ConfigError, match="cluster.num_workers: 2, but checkpoint .* was written by 1 workers"):
-        check_resume(cfg, str(tmp_path / "run"))
-    assert check_resume(config("cluster.num_workers=1"), str(tmp_path / "run")) == str(checkpoint)
+    # Another world size is no longer refused: the driver converts the checkpoint.
+    assert check_resume(config(), str(tmp_path / "run")) == str(checkpoint)
+    meta = read_meta(str(checkpoint))
+    assert needs_universal(meta, 2) and not needs_universal(meta, 1)
+    meta.zero_stage = 0  # whole states load on any world size
+    assert not needs_universal(meta, 2)
+    # An explicit resume_from that is not a complete checkpoint is an error naming it.
+    broken = tmp_path / "elsewhere"
+    broken.mkdir()
+    with pytest.raises(CheckpointError, match="elsewhere: not a segscale checkpoint"):
+        check_resume(config(f"train.resume_from={broken}"), str(tmp_path / "run"))
 
 
 def test_reduce_zero_label_drops_class_zero_from_the_count(manifests):

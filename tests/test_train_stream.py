@@ -16,6 +16,7 @@ import torch
 
 from data_pipeline import loader_io
 from data_pipeline.config import DataConfig, SyntheticConfig
+from data_pipeline.device_batch import prepare_batch
 from data_pipeline.loader import build_train_loader, shard_refs
 from data_pipeline.loader_io import ShardRef, read_shard
 from data_pipeline.manifest import load_manifest
@@ -57,7 +58,14 @@ def _take(cfg: DataConfig, rank: int, world_size: int, start: int, count: int) -
 def _assert_same(resumed: list[dict], expected: list[dict]) -> None:
     assert [b["keys"] for b in resumed] == [b["keys"] for b in expected]
     for got, want in zip(resumed, expected):
-        assert torch.equal(got["images"], want["images"]) and torch.equal(got["semantic"], want["semantic"])
+        # The same decoded samples and the same augmentation drawn for them, hence the same
+        # augmented batch and targets on the trainer.
+        assert got["plans"] == want["plans"]
+        assert all(torch.equal(a, b) for a, b in zip(got["images"] + got["semantic"], want["images"] + want["semantic"]))
+        (got_images, got_targets), (want_images, want_targets) = prepare_batch(got, "cpu"), prepare_batch(want, "cpu")
+        assert torch.equal(got_images, want_images)
+        for a, b in zip(got_targets, want_targets):
+            assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["masks"], b["masks"])
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -9,18 +9,15 @@ import pytest
 import torch
 
 from data_pipeline.augment_config import AugmentConfig
+from data_pipeline.augment_plan import CAT_CROP_TRIES, draw_crop_offsets, resize_shape
 from data_pipeline.config import DataConfig
+from data_pipeline.photometric import hsv_to_rgb, photometric_distort, rgb_to_hsv
 from data_pipeline.transforms import (
-    CAT_CROP_TRIES,
     augment_sample,
     category_area_ok,
-    crop_offsets,
-    hsv_to_rgb,
+    choose_crop,
     panoptic_to_targets,
-    photometric_distort,
     resize_labels,
-    resize_shape,
-    rgb_to_hsv,
 )
 
 
@@ -125,26 +122,28 @@ def test_category_area_ok():
 
 
 def test_constrained_crop_returns_first_valid_of_its_ten_tries():
-    # Replay the generator: crop_offsets draws (top, left) per try, so we know exactly
-    # which 10 windows it considered. It must return the first valid one if any is valid,
-    # else the 10th.
+    # Replay the generator: draw_crop_offsets draws the 10 tops, then the 10 lefts, so we
+    # know exactly which windows it considered. choose_crop must return the first valid one
+    # if any is valid, else the 10th.
     sem, crop = _corner_map(), 128
     n_valid_found = 0
     for seed in range(200):
         replay = _gen(seed)
-        tries = []
-        for _ in range(CAT_CROP_TRIES):
-            top = int(torch.randint(0, 256 - crop + 1, (), generator=replay))
-            left = int(torch.randint(0, 256 - crop + 1, (), generator=replay))
-            tries.append((top, left))
+        tops = torch.randint(0, 256 - crop + 1, (CAT_CROP_TRIES,), generator=replay).tolist()
+        lefts = torch.randint(0, 256 - crop + 1, (CAT_CROP_TRIES,), generator=replay).tolist()
+        tries = list(zip(tops, lefts))
+        offsets = draw_crop_offsets(256, 256, crop, _gen(seed), 0.75)
+        assert list(offsets) == tries
         valid = [t for t in tries if category_area_ok(sem[t[0] : t[0] + crop, t[1] : t[1] + crop], 0.75)]
-        got = crop_offsets(sem, crop, _gen(seed), 0.75)
+        got = choose_crop(sem, offsets, crop, 0.75)
         if valid:
             n_valid_found += 1
             assert got == valid[0]
         else:
             assert got == tries[-1]
     assert n_valid_found > 10  # the test exercised the constraint
+    assert len(draw_crop_offsets(256, 256, crop, _gen(0), 1.0)) == 1  # constraint off: one window
+    assert draw_crop_offsets(crop, crop, crop, _gen(0), 0.75) == ((0, 0),)  # one window fits
 
 
 def test_constraint_picks_valid_crops_far_more_often():

@@ -1,0 +1,74 @@
+"""Resuming on a different number of workers: DeepSpeed's universal checkpoints.
+
+A ZeRO-1/2/3 checkpoint holds the optimizer state in one partition per rank, so it
+loads only on the world size that wrote it. DeepSpeed's ``ds_to_universal`` rewrites it
+as one file per parameter (fp32 weights and Adam moments), which any world size loads
+with ``"checkpoint": {"load_universal": true}``. The driver does the conversion before
+the workers start, once per checkpoint, into ``<checkpoint>/deepspeed_universal/``: it is
+written to a temporary folder and renamed into place, so an interrupted conversion is
+redone, never half-used. ZeRO-0 checkpoints hold whole states and need no conversion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import sys
+import time
+
+from launcher.checkpoint import DEEPSPEED_DIR, DEEPSPEED_TAG, CheckpointError, CheckpointMeta
+
+UNIVERSAL_DIR = "deepspeed_universal"
+
+
+def needs_universal(meta: CheckpointMeta, world_size: int) -> bool:
+    return meta.world_size != world_size and meta.zero_stage > 0
+
+
+def universal_dir(checkpoint: str) -> str:
+    """The folder to pass to ``engine.load_checkpoint`` (with tag ``DEEPSPEED_TAG``)."""
+    return os.path.join(checkpoint, UNIVERSAL_DIR)
+
+
+def ensure_universal(checkpoint: str, meta: CheckpointMeta, world_size: int) -> str:
+    """Convert ``checkpoint`` for a resume on ``world_size`` workers if not done yet."""
+    target = universal_dir(checkpoint)
+    if os.path.isdir(os.path.join(target, DEEPSPEED_TAG)):
+        return target
+    print(f"checkpoint {checkpoint} was written by {meta.world_size} workers (ZeRO-{meta.zero_stage}); "
+          f"converting it to DeepSpeed's universal format for {world_size} workers", flush=True)
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    staging = f"{target}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    workers = max(1, min(4, os.cpu_count() or 1))
+    args = argparse.Namespace(
+        input_folder=os.path.join(checkpoint, DEEPSPEED_DIR, DEEPSPEED_TAG),
+        output_folder=os.path.join(staging, DEEPSPEED_TAG),
+        num_extract_workers=workers, num_merge_workers=workers,
+        keep_temp_folder=False, strict=True, inject_missing_state=False,
+    )
+    started = time.perf_counter()
+    try:
+        # DeepSpeed narrates each phase with its own prints and progress bars; they go to
+        # stderr so the run's stdout stays one line per event.
+        with contextlib.redirect_stdout(sys.stderr):
+            ds_to_universal(args)
+    except Exception as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"{checkpoint}: conversion to a universal checkpoint failed ({err})") from err
+    os.replace(staging, target)
+    print(f"converted in {time.perf_counter() - started:.1f} s -> {target}", flush=True)
+    return target
+
+
+def universal_for_load(checkpoint: str) -> str:
+    """The converted folder a worker loads; a clear error when the driver did not convert."""
+    target = universal_dir(checkpoint)
+    if not os.path.isdir(os.path.join(target, DEEPSPEED_TAG)):
+        raise CheckpointError(f"{checkpoint}: written by another number of workers and not converted "
+                              f"({UNIVERSAL_DIR}/ missing); start the run through `python -m launcher train`, "
+                              "which converts it")
+    return target
