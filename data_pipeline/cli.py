@@ -7,6 +7,7 @@
     python -m data_pipeline info DIR/train-manifest.json
     python -m data_pipeline verify [--quick] DIR/train-manifest.json
     python -m data_pipeline stats [--json] DIR/train-manifest.json
+    python -m data_pipeline export-panoptic DIR/val-manifest.json --out GT_DIR [--reduce-zero-label]
 
 Re-running an interrupted ``shard`` with the same arguments keeps the finished shards
 and completes the rest (see ``shard_writer``).
@@ -31,6 +32,7 @@ from typing import NoReturn
 
 from data_pipeline import formats
 from data_pipeline.config import SyntheticConfig
+from data_pipeline.loader_io import ShardReadError
 from data_pipeline.manifest import ManifestError, load_manifest
 from data_pipeline.shard_stats import format_stats, shard_stats
 from data_pipeline.shard_verify import verify_manifest
@@ -162,6 +164,14 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_panoptic(args: argparse.Namespace) -> int:
+    from data_pipeline.panoptic import export_panoptic_gt
+
+    json_path, png_dir = export_panoptic_gt(load_manifest(args.manifest), args.out, args.reduce_zero_label)
+    print(f"wrote COCO-panoptic ground truth: {json_path} (PNGs in {png_dir})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Shard segmentation datasets into webdataset tars.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -241,6 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("manifest", help="path of a {split}-manifest.json")
     stats.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     stats.set_defaults(run=_stats)
+
+    export = commands.add_parser(
+        "export-panoptic",
+        help="write a sharded split's panoptic ground truth as COCO panoptic (for launcher eval-panoptic)",
+        description=(
+            "Write every sample's panoptic ids as OUT/panoptic/<key>.png and OUT/panoptic.json (image_id = "
+            "sample key, category_id = training class, categories from the manifest), in the label space "
+            "training uses (--reduce-zero-label: stored class 0 becomes void, the rest shift down)."
+        ),
+    )
+    export.add_argument("manifest", help="path of a {split}-manifest.json")
+    export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--reduce-zero-label", action="store_true", help="as data.reduce_zero_label")
+    export.set_defaults(run=_export_panoptic)
     return parser
 
 
@@ -250,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     # Only errors about the user's input become one-line messages; anything else is a bug
     # and keeps its traceback.
-    except (UsageError, ManifestError, ShardStateError, formats.FormatError) as exn:
+    except (UsageError, ManifestError, ShardStateError, formats.FormatError, ShardReadError) as exn:
         print(f"{PROG}: error: {exn}", file=sys.stderr)
         return 2
     except OSError as exn:

@@ -25,6 +25,10 @@ class DataConfig:
     # manifest.json written by ``python -m data_pipeline shard``.
     train_manifest: str = ""
     val_manifest: str = ""
+    # "semantic": targets are one mask per class present (the label map). "panoptic":
+    # the loader also reads each sample's panoptic id map and segments (.pan.png, .json),
+    # targets are one mask per non-crowd segment, and evaluation reports PQ / SQ / RQ.
+    task: Literal["semantic", "panoptic"] = "semantic"
     crop_size: int = 512
     batch_size: int = 2  # per worker
     num_workers: int = 0  # DataLoader worker processes per rank

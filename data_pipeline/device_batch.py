@@ -45,18 +45,49 @@ def semantic_targets(semantic: torch.Tensor, ignore_index: int = 255) -> list[di
     return [{"labels": ids, "masks": m} for ids, m in zip(labels.split(counts), masks.split(counts))]
 
 
-def augment_batch(
-    images: list[torch.Tensor], semantic: list[torch.Tensor], plans: list[AugmentPlan], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply each sample's plan on ``device``: uint8 ``B x 3 x crop x crop`` images and
-    ``B x crop x crop`` labels (padding: image 0, labels ignore)."""
+def panoptic_targets(panoptic: torch.Tensor, segments: list[list[dict]]) -> list[dict[str, torch.Tensor]]:
+    """Panoptic targets of a ``B x H x W`` id batch (0 = void) and each image's segments
+    (``id``, ``category_id`` = training class, ``iscrowd``): per image ``{"labels": int64[n],
+    "masks": bool[n, H, W]}``, one mask per non-crowd segment with pixels left in the crop,
+    in segment order — what ``transforms.panoptic_to_targets`` gives per image. Crowd and
+    void pixels belong to no mask."""
+    if panoptic.ndim != 3 or panoptic.shape[0] != len(segments):
+        raise ValueError(f"panoptic must be B x H x W with B = {len(segments)}, got shape {tuple(panoptic.shape)}")
+    targets = []
+    for ids, segs in zip(panoptic, segments):
+        kept = [s for s in segs if not s.get("iscrowd", 0) and int(s["id"]) != 0]
+        seg_ids = torch.tensor([int(s["id"]) for s in kept], dtype=ids.dtype, device=ids.device)
+        labels = torch.tensor([int(s["category_id"]) for s in kept], dtype=torch.int64, device=ids.device)
+        masks = ids[None] == seg_ids.view(-1, 1, 1)
+        present = masks.flatten(1).any(1)  # a segment cropped away gets no target
+        targets.append({"labels": labels[present], "masks": masks[present]})
+    return targets
+
+
+def _crops(images: list[torch.Tensor], semantic: list[torch.Tensor], plans: list[AugmentPlan], device: torch.device,
+           panoptic: list[torch.Tensor] | None) -> list:  # fmt: skip
     crops = []
-    for image, labels, plan in zip(images, semantic, plans):
+    for i, (image, labels, plan) in enumerate(zip(images, semantic, plans)):
         image = image.to(device, non_blocking=True).permute(2, 0, 1)  # H x W x 3 -> 3 x H x W view
         labels = labels.to(device, non_blocking=True)
         if plan.reduce_zero_label:
             labels = reduce_zero_label(labels, plan.ignore_index)
-        crops.append(apply_geometry(image, labels, plan))
+        ids = panoptic[i].to(device, non_blocking=True) if panoptic is not None else None
+        crops.append(apply_geometry(image, labels, plan, ids))
+    return crops
+
+
+def augment_batch(
+    images: list[torch.Tensor],
+    semantic: list[torch.Tensor],
+    plans: list[AugmentPlan],
+    device: torch.device,
+    panoptic: list[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Apply each sample's plan on ``device``: uint8 ``B x 3 x crop x crop`` images and
+    ``B x crop x crop`` labels (padding: image 0, labels ignore); with ``panoptic`` (id
+    maps, 0 = void) also their ``B x crop x crop`` crops, by the same geometry (nearest)."""
+    crops = _crops(images, semantic, plans, device, panoptic)
     dtype = common_label_dtype([c.semantic for c in crops])
     out_images = torch.stack([c.image for c in crops])
     out_labels = torch.stack([c.semantic.to(dtype) for c in crops])
@@ -72,13 +103,21 @@ def augment_batch(
             device,
         )
         out_images = out_images * mask
+    if panoptic is not None:
+        return out_images, out_labels, torch.stack([c.panoptic for c in crops])
     return out_images, out_labels
 
 
 def prepare_batch(batch: dict[str, Any], device: torch.device | str) -> tuple[torch.Tensor, list[dict]]:
     """A training batch -> (uint8 ``B x 3 x crop x crop`` images, the criterion's targets),
     all on ``device``. Targets: one ``{"labels": int64[n], "masks": bool[n, crop, crop]}``
-    per image (padding and ignored pixels belong to no mask)."""
+    per image (padding and ignored pixels belong to no mask): one per class present, or
+    with ``data.task=panoptic`` (the batch has ``panoptic`` and ``segments``) one per
+    non-crowd segment (:func:`panoptic_targets`)."""
     plans = batch["plans"]
+    if "panoptic" in batch:
+        images, _, ids = augment_batch(batch["images"], batch["semantic"], plans, torch.device(device),
+                                       batch["panoptic"])
+        return images, panoptic_targets(ids, batch["segments"])
     images, semantic = augment_batch(batch["images"], batch["semantic"], plans, torch.device(device))
     return images, semantic_targets(semantic, plans[0].ignore_index)

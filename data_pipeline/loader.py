@@ -52,6 +52,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.decode import decode_arrays, decode_sample
 from data_pipeline.loader_io import ReadPlan, ShardReadError, ShardRef, plan_reads, read_shard
 from data_pipeline.manifest import Manifest, ManifestError, load_manifest, training_classes
+from data_pipeline.panoptic import decode_panoptic_members
 from data_pipeline.train_stream import consumer_stream, stream_start
 
 # reduce_zero_label: imported from here by launcher.eval_semantic and the tests.
@@ -131,6 +132,7 @@ class SegmentationStream(IterableDataset):
                 if isinstance(raw, ShardReadError):
                     raise raw
                 image, semantic = decode_arrays(raw, cfg.reduce_zero_label, cfg.ignore_index, self.num_classes)
+                panoptic = self._panoptic(raw, semantic.shape) if cfg.task == "panoptic" else None
             except ShardReadError as exn:
                 if cfg.on_error != "skip":
                     raise
@@ -143,7 +145,7 @@ class SegmentationStream(IterableDataset):
             # One generator per output sample, seeded by where it is in the stream, so a
             # resumed stream augments every sample exactly as the uninterrupted one did.
             generator = sample_generator(cfg.seed, epoch, self.rank, worker, 1, position)
-            yield {
+            sample = {
                 "image": torch.from_numpy(image),
                 "semantic": torch.from_numpy(semantic),
                 # Drawn here, applied on the training device (data_pipeline.device_batch).
@@ -154,13 +156,25 @@ class SegmentationStream(IterableDataset):
                 # resuming from here replays none of them) and how many it skipped so far.
                 "stream": (worker, index + 1, skipped),
             }
+            if panoptic is not None:  # the id map follows the plan's geometry on the device too
+                sample["panoptic"], sample["segments"] = torch.from_numpy(panoptic[0]), panoptic[1]
+            yield sample
+
+    def _panoptic(self, raw: dict[str, Any], shape: tuple[int, ...]) -> tuple[Any, list[dict]]:
+        """(int32 segment ids, training segments) of a panoptic sample (``data_pipeline.panoptic``)."""
+        return decode_panoptic_members(raw, shape[:2], self.cfg.reduce_zero_label, self.cfg.ignore_index,
+                                       self.num_classes)
 
     def _eval_samples(self, consumer: int, num_consumers: int) -> Iterator[dict[str, Any]]:
         sizes = [s.num_samples for s in self.shards]
         plan = plan_reads(sizes, consumer, num_consumers, order_seed=None, allow_empty=True)
         for raw in _read_plan(self.shards, plan):
             image, semantic = decode_sample(raw, self.cfg.reduce_zero_label, self.cfg.ignore_index, self.num_classes)
-            yield {"image": image, "semantic": semantic, "key": raw["__key__"]}
+            sample = {"image": image, "semantic": semantic, "key": raw["__key__"]}
+            if self.cfg.task == "panoptic":
+                ids, sample["segments"] = self._panoptic(raw, tuple(semantic.shape))
+                sample["panoptic"] = torch.from_numpy(ids)
+            yield sample
 
 
 def collate_batch(samples: list[dict[str, Any]], ignore_index: int = 255) -> dict[str, Any]:
@@ -180,12 +194,16 @@ def collate_batch(samples: list[dict[str, Any]], ignore_index: int = 255) -> dic
         image, semantic = pad_to(s["image"], s["semantic"].to(dtype), height, width, ignore_index)
         images.append(image)
         semantics.append(semantic)
-    return {
+    batch = {
         "images": torch.stack(images),
         "semantic": torch.stack(semantics),
         "keys": [s["key"] for s in samples],
         "image_sizes": [(int(s["semantic"].shape[0]), int(s["semantic"].shape[1])) for s in samples],
     }
+    if "panoptic" in samples[0]:  # data.task=panoptic: ids padded with 0 (void), segments per image
+        batch["panoptic"] = torch.stack([pad_to(s["panoptic"], s["panoptic"], height, width, 0)[0] for s in samples])
+        batch["segments"] = [s["segments"] for s in samples]
+    return batch
 
 
 def collate_train(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -194,13 +212,17 @@ def collate_train(samples: list[dict[str, Any]]) -> dict[str, Any]:
     for ``data_pipeline.device_batch.prepare_batch``. ``stream``: (worker role, next stream
     position, samples skipped) after the batch's last sample (a batch comes from one
     DataLoader worker)."""
-    return {
+    batch = {
         "images": [s["image"] for s in samples],
         "semantic": [s["semantic"] for s in samples],
         "plans": [s["plan"] for s in samples],
         "keys": [s["key"] for s in samples],
         "stream": samples[-1]["stream"],
     }
+    if "panoptic" in samples[0]:  # data.task=panoptic: int32 id maps and their segments
+        batch["panoptic"] = [s["panoptic"] for s in samples]
+        batch["segments"] = [s["segments"] for s in samples]
+    return batch
 
 
 # -------------------------------------------------------------------------- builders
@@ -309,7 +331,9 @@ def build_train_loader(
 
     Batch (:func:`collate_train`): ``images`` (B uint8 H x W x 3 tensors, decoded, at their
     own sizes), ``semantic`` (B label maps H x W, uint8 unless ids need int64; not yet
-    reduced), ``plans`` (B ``AugmentPlan``), ``keys`` (B str), ``stream``. Give it to
+    reduced), ``plans`` (B ``AugmentPlan``), ``keys`` (B str), ``stream``; with
+    ``data.task: panoptic`` also ``panoptic`` (B int32 id maps, 0 = void) and ``segments``
+    (B lists of ``{id, category_id, iscrowd, isthing}``, ``data_pipeline.panoptic``). Give it to
     ``data_pipeline.device_batch.prepare_batch`` for the augmented crops and targets.
     """
     _check_config(cfg, rank, world_size, train=True)

@@ -4,6 +4,7 @@
     submit     run ``train`` as a Ray job on a cluster and follow its logs
     eval       mIoU of a checkpoint on the validation shards
     eval-semantic  mIoU of a folder of predicted PNG label maps against ground truth
+    eval-panoptic  PQ / SQ / RQ of COCO-panoptic predictions against ground truth
     predict    colour overlay PNGs of a checkpoint's predictions
     export     a checkpoint's consolidated fp32 weights as one safetensors file
     describe   parameter counts and training memory of a config
@@ -63,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="environment variable for the job; repeatable")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return instead of following")
 
-    for name, text in (("eval", "mIoU of a checkpoint on the validation shards"),
-                       ("predict", "write colour overlays of a checkpoint's predictions")):
+    for name, text in (("eval", "mIoU (PQ with data.task=panoptic) of a checkpoint on the validation shards"),
+                       ("predict", "write colour overlays (and COCO-panoptic predictions) of a checkpoint")):
         p = sub.add_parser(name, help=text)
         _add_config_args(p, required=False)
         p.add_argument("--checkpoint", default="",
@@ -84,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     semantic.add_argument("--reduce-zero-label", action="store_true",
                           help="ADE20K: ground-truth 0 -> ignore, other labels - 1")
     semantic.add_argument("--json", default="", help="also write the results to this JSON file")
+
+    panoptic = sub.add_parser("eval-panoptic", help="PQ / SQ / RQ of COCO-panoptic predictions against ground truth",
+                              description="Score COCO-panoptic predictions (JSON + RGB PNGs) against ground truth "
+                                          "by the COCO panoptic API's rules; images are paired by image_id.")
+    panoptic.add_argument("--gt-json", required=True, help="ground-truth COCO-panoptic JSON (with categories)")
+    panoptic.add_argument("--gt-dir", required=True, help="folder of the ground-truth PNGs")
+    panoptic.add_argument("--pred-json", required=True, help="prediction COCO-panoptic JSON")
+    panoptic.add_argument("--pred-dir", required=True, help="folder of the prediction PNGs")
+    panoptic.add_argument("--workers", type=int, default=1, help="processes reading and scoring images")
+    panoptic.add_argument("--json", default="", help="also write the results (with per-class PQ) to this JSON file")
 
     describe = sub.add_parser("describe", help="parameter counts per component and training memory per worker")
     _add_config_args(describe, required=True)
@@ -129,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return eval_semantic_command(args.pred_dir, args.gt_dir, args.num_classes, args.ignore_index,
                                          args.reduce_zero_label, args.json)
+        if args.command == "eval-panoptic":
+            from launcher.eval_panoptic import eval_panoptic_command
+
+            return eval_panoptic_command(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir, args.json,
+                                         args.workers)
         if args.command == "describe":
             from launcher.describe import describe_command
 

@@ -66,6 +66,8 @@ def load_for_inference(config_path: str, overrides: list[str], checkpoint: str) 
 
 def eval_command(config_path: str, overrides: list[str], checkpoint: str, json_path: str) -> int:
     cfg, model, directory = load_for_inference(config_path, overrides, checkpoint)
+    if cfg.data.task == "panoptic":
+        return _panoptic_eval(cfg, model, directory, json_path)
     results = evaluate_on_validation(cfg, model)
     classes = training_classes(load_manifest(cfg.data.val_manifest), cfg.data.reduce_zero_label)
     print(f"checkpoint {directory} (step {read_meta(directory).step}) on {cfg.data.val_manifest}")
@@ -82,6 +84,32 @@ def eval_command(config_path: str, overrides: list[str], checkpoint: str, json_p
 def predict_command(config_path: str, overrides: list[str], checkpoint: str, out: str, num: int) -> int:
     cfg, model, directory = load_for_inference(config_path, overrides, checkpoint)
     out_dir = out or os.path.join(os.path.dirname(directory), "predictions")
+    if cfg.data.task == "panoptic":
+        from launcher.panoptic_eval import write_panoptic_predictions
+
+        json_path, count, overlays = write_panoptic_predictions(cfg, model, out_dir, num)
+        print(f"wrote {count} COCO-panoptic predictions ({json_path}, PNGs in {out_dir}/panoptic) and "
+              f"{overlays} overlays (image | prediction | ground truth) to {out_dir}/overlays")
+        return 0
     written = write_predictions(cfg, model, out_dir, num)
     print(f"wrote {len(written)} overlays (image | prediction | ground truth) to {out_dir}")
+    return 0
+
+
+def _panoptic_eval(cfg: RunConfig, model: torch.nn.Module, directory: str, json_path: str) -> int:
+    """``eval`` of a ``data.task: panoptic`` config: the PQ table, per-class PQ, --json."""
+    from launcher.panoptic_eval import evaluate_panoptic_on_validation, summary_line
+    from launcher.panoptic_quality import format_table
+
+    results = evaluate_panoptic_on_validation(cfg, model)
+    print(f"checkpoint {directory} (step {read_meta(directory).step}) on {cfg.data.val_manifest}")
+    for c in results["per_class"]:
+        kind = "thing" if c["isthing"] else "stuff"
+        numbers = f"PQ {c['pq']:.4f} SQ {c['sq']:.4f} RQ {c['rq']:.4f}" if c["counted"] else "-"
+        print(f"  {c['name']:<24} {kind}  {numbers}")
+    print(format_table(results))
+    print(summary_line(results))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"checkpoint": directory, **results}, f, indent=2)
     return 0

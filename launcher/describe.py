@@ -222,6 +222,27 @@ def _largest_checkpointed_segment(exclude: Sequence[torch.Tensor]) -> Iterator[l
         yield largest
 
 
+class _DeformAttnStandIn(torch.autograd.Function):
+    """Shapes-only stand-in for ``ops.ms_deform_attn.ms_deform_attn`` in the fake trace: the
+    real implementations read the level layout (``spatial_shapes``) as Python ints, which
+    fake tensors do not have. It saves what the lean implementation saves: its inputs."""
+
+    @staticmethod
+    def forward(ctx: Any, value: torch.Tensor, locations: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(value, locations, weights)
+        batch, queries, heads = weights.shape[:3]
+        return value.new_empty(batch, queries, heads * value.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.zeros_like(t) for t in ctx.saved_tensors)
+
+
+def _deform_attn_stand_in(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+                          locations: torch.Tensor, weights: torch.Tensor, implementation: str = "auto") -> torch.Tensor:
+    return _DeformAttnStandIn.apply(value, locations, weights)
+
+
 def measure_activations(
     model: nn.Module, batch_size: int, crop_size: int, precision: str
 ) -> tuple[int, int, dict]:
@@ -237,46 +258,79 @@ def measure_activations(
         saved = _SavedTensors(exclude=params)
         images = torch.zeros(batch_size, 3, crop_size, crop_size)
         autocast = torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-        with _largest_checkpointed_segment(params) as recompute, saved.hooks(), autocast:
+        stand_in = mock.patch("ops.ms_deform_attn.ms_deform_attn", _deform_attn_stand_in)
+        with _largest_checkpointed_segment(params) as recompute, saved.hooks(), autocast, stand_in:
             outputs = model(images)
     return saved.total, recompute[0], outputs
 
 
-def _output_sets(outputs: dict) -> list[dict]:
-    return [outputs, *outputs.get("aux_outputs", [])]
+def _stand_ins(value, key: str, side: int, generator: torch.Generator, leaves: list):
+    """Real random tensors in the structure of the (fake) model ``value``: ``pred_masks``
+    at ``side``², everything else at its own shape (class logits, boxes, ...)."""
+    if isinstance(value, dict):
+        return {k: _stand_ins(v, k, side, generator, leaves) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_stand_ins(v, key, side, generator, leaves) for v in value]
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return value
+    shape = (*value.shape[:2], side, side) if key == "pred_masks" else tuple(value.shape)
+    leaf = torch.randn(shape, generator=generator).to(value.dtype).requires_grad_()
+    leaves.append(leaf)
+    return leaf
 
 
 def _loss_bytes_at(cfg: ModelConfig, outputs: dict, side: int, ratio: int, generator: torch.Generator) -> int:
     """Saved bytes of the criterion on stand-ins of ``outputs`` with ``side``² masks."""
-    stand_ins = []
-    for out in _output_sets(outputs):
-        logits, masks = out["pred_logits"], out["pred_masks"]
-        stand_ins.append({
-            "pred_logits": torch.randn(tuple(logits.shape), generator=generator).to(logits.dtype).requires_grad_(),
-            "pred_masks": torch.randn((*masks.shape[:2], side, side), generator=generator).to(masks.dtype)
-            .requires_grad_(),
-        })
-    batch, num_queries = stand_ins[0]["pred_masks"].shape[:2]
-    num_masks = min(MASKS_PER_IMAGE, cfg.num_classes, num_queries)
-    height = side * ratio
+    leaves: list[torch.Tensor] = []
+    structured = _stand_ins(outputs, "", side, generator, leaves)
+    batch, num_queries = structured["pred_masks"].shape[:2]
+    targets = _stand_in_targets(cfg, batch, min(MASKS_PER_IMAGE, num_queries), side * ratio, generator)
+    saved = _SavedTensors()
+    for leaf in leaves:  # the outputs stay alive until the backward pass
+        saved.add(leaf)
+    with saved.hooks():
+        build_criterion(cfg)(structured, targets)
+    return saved.total
+
+
+def _stand_in_targets(cfg: ModelConfig, batch: int, masks: int, height: int,
+                      generator: torch.Generator) -> list[dict]:
+    num_masks = min(masks, cfg.num_classes)
     targets = []
     for _ in range(batch):
         # Disjoint masks, as in semantic segmentation: every pixel belongs to one of them.
         owner = torch.randint(num_masks, (height, height), generator=generator)
         labels = torch.randperm(cfg.num_classes, generator=generator)[:num_masks]
         targets.append({"labels": labels, "masks": owner[None] == torch.arange(num_masks)[:, None, None]})
-    structured = dict(stand_ins[0], aux_outputs=stand_ins[1:])
-    saved = _SavedTensors()
-    for out in stand_ins:  # the outputs stay alive until the backward pass
-        saved.add(out["pred_logits"])
-        saved.add(out["pred_masks"])
-    with saved.hooks():
-        build_criterion(cfg)(structured, targets)
-    return saved.total
+    return targets
+
+
+def _dense_loss_bytes(cfg: ModelConfig, outputs: dict, crop_size: int) -> int:
+    """Per-pixel models (UN-EPT: logit maps at the image size and at stride 8): criterion
+    bytes measured on stand-ins for 64² and 128² images, extrapolated linearly in pixels."""
+    generator = torch.Generator().manual_seed(0)
+    sizes = []
+    for side in (64, 128):
+        stand_ins = {}
+        for key, out in outputs.items():
+            stride = max(1, round(crop_size / out.shape[-1]))
+            shape = (*out.shape[:2], side // stride, side // stride)
+            stand_ins[key] = torch.randn(shape, generator=generator).to(out.dtype).requires_grad_()
+        saved = _SavedTensors()
+        for out in stand_ins.values():  # the outputs stay alive until the backward pass
+            saved.add(out)
+        targets = _stand_in_targets(cfg, out.shape[0], MASKS_PER_IMAGE, side, generator)
+        with saved.hooks():
+            build_criterion(cfg)(stand_ins, targets)
+        sizes.append(saved.total)
+    per_pixel = (sizes[1] - sizes[0]) / (128**2 - 64**2)
+    return int(sizes[0] - per_pixel * 64**2 + per_pixel * crop_size**2)
 
 
 def measure_loss_activations(cfg: ModelConfig, outputs: dict, crop_size: int) -> int:
     """Criterion bytes at the crop size, extrapolated from two small sizes (linear in pixels)."""
+    if "pred_masks" not in outputs:
+        return _dense_loss_bytes(cfg, outputs, crop_size)
     mask_side = outputs["pred_masks"].shape[-1]
     ratio = max(1, round(crop_size / mask_side))  # the masks' stride (4 for MaskFormer/PFT)
     generator = torch.Generator().manual_seed(0)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -50,14 +51,18 @@ from launcher.evaluate import evaluate
 from launcher.fault_injection import fault_point
 from launcher.mfu import count_forward_flops, peak_flops, training_flops_per_sample
 from launcher.optim import build_optimizer, build_scheduler
+from launcher.panoptic_eval import panoptic_validation, summary_line
 from launcher.progress import StepLogger, StepRecords
 from launcher.rng import derive_seed, restore_rng_state, seed_everything
 from launcher.universal_checkpoint import needs_universal, universal_for_load
 from model.build import build_criterion, build_model
 
-# Loss terms shown in the logs and metrics besides the total (the deep-supervision
-# copies ``loss_ce_0`` ... are in the total only).
-LOGGED_TERMS = ("loss_ce", "loss_focal", "loss_dice")
+
+def is_logged_term(name: str) -> bool:
+    """Loss terms shown in the logs and metrics besides the total: the final layer's.
+    Deep-supervision copies (``loss_ce_0``, Panoptic SegFormer's ``loss_giou_loc0``)
+    count in the total only."""
+    return not re.search(r"_(loc)?\d+$", name)
 
 
 def _saved_position(resume_dir: str, meta, rank: int) -> LoaderPosition | None:
@@ -213,6 +218,10 @@ def train_worker(loop_config: dict) -> None:
     val_step = -1
 
     def validate(at_step: int) -> dict:
+        if cfg.data.task == "panoptic":  # PQ over each rank's slice, summed over ranks
+            results = panoptic_validation(cfg, engine.module, rank, world_size, eval_dtype, engine.device)
+            logger.print(f"step {at_step}: validation {summary_line(results)}")
+            return results
         matrix = evaluate(engine.module, build_eval_loader(cfg.data, rank, world_size), cfg.model.num_classes,
                           cfg.data.ignore_index, autocast_dtype=eval_dtype, device=engine.device,
                           lockstep=cfg.train.zero_stage == 3, inference=cfg.model.inference,
@@ -268,7 +277,7 @@ def train_worker(loop_config: dict) -> None:
             if engine.zero_optimization_stage() == 0 and micro_step == cfg.train.grad_accum_steps - 1:
                 grad_norm = _gradient_norm(engine.module)  # before engine.step clips it
             engine.step()
-            for name, value in (("loss", loss), *((n, losses[n]) for n in LOGGED_TERMS if n in losses)):
+            for name, value in (("loss", loss), *((n, v) for n, v in losses.items() if is_logged_term(n))):
                 accumulated[name] = accumulated.get(name, 0.0) + value.detach() / cfg.train.grad_accum_steps
         step += 1
         terms = _mean_over_ranks(accumulated, world_size)
@@ -297,7 +306,7 @@ def train_worker(loop_config: dict) -> None:
             break  # the final validation and checkpoint follow the loop
         if cfg.train.eval_every and step % cfg.train.eval_every == 0:
             val_results, val_step = validate(step), step
-            if 0 < cfg.train.target_miou <= val_results["miou"]:
+            if 0 < cfg.train.target_miou <= val_results.get("miou", -1.0):
                 logger.print(f"validation mIoU reached the target {cfg.train.target_miou}; stopping at step {step}")
                 break
         if step % cfg.train.checkpoint_every == 0:
@@ -330,4 +339,6 @@ def _write_metrics_snapshot(metrics: WorkerMetrics, run_dir: str, rank: int) -> 
 def _val_metrics(results: dict) -> dict:
     if not results:
         return {}
+    if "All" in results:  # data.task=panoptic
+        return {"val_pq": results["All"]["pq"], "val_sq": results["All"]["sq"], "val_rq": results["All"]["rq"]}
     return {"val_miou": results["miou"], "val_pixel_accuracy": results["pixel_accuracy"]}

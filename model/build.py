@@ -10,12 +10,16 @@ from model.config import ModelConfig
 from model.criterion import ClassLoss, SetCriterion
 from model.maskformer import MaskFormer
 from model.matcher import FixedMatcher, HungarianMatcher
+from model.panoptic_segformer import PanopticSegFormer
 from model.pft import PFT
 from model.pft_decoder import build_pft_predictor
 from model.pixel_decoder import build_pixel_decoder
+from model.psf_criterion import PanopticSegFormerCriterion
 from model.transformer_decoder import build_transformer_predictor
+from model.unept import UNEPT
+from model.unept_criterion import UNEPTCriterion
 
-SUPPORTED_MODELS = ("maskformer", "pft")
+SUPPORTED_MODELS = ("maskformer", "pft", "unept", "panoptic_segformer")
 
 
 def _check_name(cfg: ModelConfig) -> None:
@@ -27,9 +31,16 @@ def _check_name(cfg: ModelConfig) -> None:
         raise ValueError(f"model.num_classes must be >= 1, got {cfg.num_classes}")
 
 
-def build_model(cfg: ModelConfig) -> MaskFormer | PFT:
+def build_model(cfg: ModelConfig) -> MaskFormer | PFT | UNEPT | PanopticSegFormer:
     _check_name(cfg)
     backbone = build_backbone(cfg.backbone)
+    if cfg.name == "unept":
+        # Per-pixel classifier on its own deformable encoder/decoder: no pixel decoder.
+        return UNEPT(backbone, cfg.num_classes, cfg.unept, cfg.ops, cfg.pixel_mean, cfg.pixel_std)
+    if cfg.name == "panoptic_segformer":
+        # Its own deformable encoder on strides 8/16/32 (model.pixel_decoder unused).
+        psf = cfg.panoptic_segformer
+        return PanopticSegFormer(backbone, cfg.num_classes, psf, cfg.pixel_mean, cfg.pixel_std, cfg.ops)
     pixel_decoder = build_pixel_decoder(cfg.pixel_decoder, backbone.channels, cfg.ops)
     if cfg.name == "pft":
         # PFT reads the pixel decoder's whole pyramid (conv_dim channels per scale).
@@ -45,8 +56,16 @@ def build_model(cfg: ModelConfig) -> MaskFormer | PFT:
     return MaskFormer(backbone, pixel_decoder, predictor, cfg.pixel_mean, cfg.pixel_std)
 
 
-def build_criterion(cfg: ModelConfig) -> SetCriterion:
+def build_criterion(cfg: ModelConfig) -> SetCriterion | UNEPTCriterion | PanopticSegFormerCriterion:
     _check_name(cfg)
+    if cfg.name == "panoptic_segformer":
+        # Its own matching and losses (model.matcher and model.loss unused).
+        return PanopticSegFormerCriterion(cfg.num_classes, cfg.panoptic_segformer)
+    if cfg.name == "unept":
+        u = cfg.unept
+        return UNEPTCriterion(cfg.num_classes, edge_radius=u.edge_radius, coarse_weight=u.coarse_weight,
+                              refined_weight=u.refined_weight, edge_weight=u.edge_weight,
+                              direction_weight=u.direction_weight)
     matcher: FixedMatcher | HungarianMatcher
     class_loss: ClassLoss
     if cfg.name == "pft":

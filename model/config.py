@@ -84,6 +84,64 @@ class PFTDecoderConfig:
 
 
 @dataclass
+class PanopticSegFormerConfig:
+    """Panoptic SegFormer (seed 004; official panformer config): a deformable encoder on
+    strides 8/16/32, a location decoder for the thing queries (auxiliary box head in
+    training only) and a mask decoder over thing + one-per-class stuff queries whose
+    cross-attention maps are fused into the masks."""
+
+    # Contiguous class ids that are "things" (COCO panoptic: the first 80 of 133); every
+    # other class of model.num_classes is "stuff" and gets its own fixed query.
+    thing_classes: list[int] = field(default_factory=lambda: list(range(80)))
+    num_queries: int = 300  # thing queries
+    hidden_dim: int = 256
+    nheads: int = 8
+    dim_feedforward: int = 1024
+    dropout: float = 0.1
+    encoder_layers: int = 6
+    location_layers: int = 6
+    mask_layers: int = 6
+    num_points: int = 4  # deformable sampling points per head and level
+    # Losses (official weights): focal class, dice mask, and for the location decoder's
+    # box head focal class + L1 + GIoU; the same weights are the matching costs.
+    class_weight: float = 2.0
+    dice_weight: float = 2.0
+    box_class_weight: float = 2.0
+    box_l1_weight: float = 5.0
+    giou_weight: float = 2.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+
+@dataclass
+class UNEPTConfig:
+    """UN-EPT (seed 001; official configs ``res50_unept_ade20k.py``/``deit_unept_ade20k.py``):
+    deformable encoder/decoder over the backbone's strides 8/16/32, learned queries on the
+    stride-8 grid plus the spatial branch, per-pixel classifier, boundary refinement."""
+
+    hidden_dim: int = 256
+    nheads: int = 8
+    num_levels: int = 3  # L: the backbone's last three maps (strides 8/16/32)
+    num_points: int = 16  # N: sampling points per head and level (the paper's best)
+    enc_layers: int = 2  # the official configs' depth=2 (encoder and decoder)
+    dec_layers: int = 2
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    # Side of the learned query grid (official: 3600 = 60x60 queries for 480 crops),
+    # bilinearly resized to the actual stride-8 grid of other input sizes.
+    query_grid: int = 60
+    # Boundary targets: pixels within this distance of a label change are edges.
+    edge_radius: int = 5
+    # Refinement step along the predicted direction, in output pixels (official: 1).
+    refine_distance: int = 1
+    # Loss weights (official): 0.8 CE(coarse) + 1 CE(refined) + 5 edge + 0.6 direction.
+    coarse_weight: float = 0.8
+    refined_weight: float = 1.0
+    edge_weight: float = 5.0
+    direction_weight: float = 0.6
+
+
+@dataclass
 class MatcherConfig:
     cost_class: float = 1.0
     cost_focal: float = 20.0
@@ -126,9 +184,33 @@ class InferenceConfig:
 
 
 @dataclass
+class PanopticInferenceConfig:
+    """Panoptic post-processing (``model.panoptic_inference``); defaults are the papers'."""
+
+    # MaskFormer/Mask2Former rule (their ADE20K/COCO panoptic configs: 0.8 / 0.8): keep
+    # queries whose top class is not "no object" and scores > object_mask_threshold; drop
+    # a query whose argmax area / own (mask >= 0.5) area is < overlap_threshold.
+    object_mask_threshold: float = 0.8
+    overlap_threshold: float = 0.8
+    # Panoptic SegFormer mask-wise merging (official code's defaults): score =
+    # p_class^class_exponent * mean_mask_prob^mask_exponent, masks binarised at
+    # > mask_threshold, mean = sum / (area + mask_area_offset); drop scores below
+    # confidence_threshold (stuff: stuff_confidence_threshold, null = the same) and masks
+    # with more than thing_overlap / stuff_overlap of their pixels already painted.
+    class_exponent: float = 1.0
+    mask_exponent: float = 2.0
+    confidence_threshold: float = 0.25
+    stuff_confidence_threshold: float | None = None
+    thing_overlap: float = 0.4
+    stuff_overlap: float = 0.2
+    mask_threshold: float = 0.5
+    mask_area_offset: float = 1.0
+
+
+@dataclass
 class ModelConfig:
     # "maskformer" (seed 002) or "pft" (Pyramid Fusion Transformer, seed 000).
-    name: Literal["maskformer", "pft"] = "maskformer"
+    name: Literal["maskformer", "pft", "panoptic_segformer", "unept"] = "maskformer"
     num_classes: int = 150
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     pixel_decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
@@ -136,7 +218,12 @@ class ModelConfig:
     decoder: TransformerDecoderConfig = field(default_factory=TransformerDecoderConfig)
     # PFT's per-scale decoders (used when name == "pft").
     pft: PFTDecoderConfig = field(default_factory=PFTDecoderConfig)
+    # UN-EPT's context/spatial branches and boundary refinement (used when name == "unept").
+    unept: UNEPTConfig = field(default_factory=UNEPTConfig)
+    # Panoptic SegFormer (used when name == "panoptic_segformer").
+    panoptic_segformer: PanopticSegFormerConfig = field(default_factory=PanopticSegFormerConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    panoptic: PanopticInferenceConfig = field(default_factory=PanopticInferenceConfig)
     matcher: MatcherConfig = field(default_factory=MatcherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     # Kernel choices: attention backend, deformable-attention implementation, apex.

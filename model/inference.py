@@ -9,6 +9,8 @@ Two rules, chosen by ``model.name``:
 * ``"pft"`` (seed 000): query i *is* class i and has one logit, so
   ``score_i[h, w] = sigmoid(pred_logits[:, i]) * sigmoid(pred_masks[:, i, h, w])``.
   Outputs: ``pred_logits`` B×K, ``pred_masks`` B×K×h×w.
+* ``"unept"`` (seed 001): a per-pixel classifier; scores are the softmax of the
+  boundary-refined logits ``sem_logits`` B×K×H×W (already at the input size).
 
 The semantic map is the argmax over the K scores. All computed in fp32, whatever the
 caller's autocast.
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Rule = Literal["maskformer", "pft"]
+Rule = Literal["maskformer", "pft", "unept"]
 # The pixel decoders' mask features (and so every model's ``pred_masks``) are at stride 4.
 MASK_STRIDE = 4
 
@@ -60,10 +62,20 @@ def pft_semantic_inference(pred_logits: Tensor, pred_masks: Tensor) -> Tensor:
         return pred_logits.float().sigmoid()[:, :, None, None] * pred_masks.float().sigmoid()
 
 
+def unept_semantic_inference(sem_logits: Tensor) -> Tensor:
+    """UN-EPT: refined per-pixel logits B×K×h×w -> class probabilities (softmax, fp32)."""
+    if sem_logits.dim() != 4:
+        raise ValueError(f"the UN-EPT rule needs sem_logits B×K×h×w, got {tuple(sem_logits.shape)}")
+    with torch.autocast(device_type=sem_logits.device.type, enabled=False):
+        return sem_logits.float().softmax(1)
+
+
 _RULES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "maskformer": semantic_inference,
     "pft": pft_semantic_inference,
 }
+# Rules on one dense logit map (key "sem_logits") instead of (class, mask) pairs.
+_DENSE_RULES: dict[str, Callable[[Tensor], Tensor]] = {"unept": unept_semantic_inference}
 
 
 def upsample_mask_logits(pred_masks: Tensor, image_size: Sequence[int],
@@ -103,8 +115,15 @@ def semantic_scores(outputs: dict, rule: Rule = "maskformer", image_size: Sequen
     image by :func:`upsample_mask_logits` and brought to ``output_size`` (default H×W).
     This is the one place the rule name is checked.
     """
+    if rule in _DENSE_RULES:
+        logits = outputs["sem_logits"]
+        if image_size is not None:
+            logits = upsample_mask_logits(logits, image_size, output_size)
+        return _DENSE_RULES[rule](logits)
     if rule not in _RULES:
-        raise ValueError(f"model.name must be one of {list(_RULES)} to pick a semantic inference rule, got {rule!r}")
+        raise ValueError(
+            f"model.name must be one of {[*_RULES, *_DENSE_RULES]} to pick a semantic inference rule, got {rule!r}"
+        )
     pred_masks = outputs["pred_masks"]
     if image_size is not None:
         pred_masks = upsample_mask_logits(pred_masks, image_size, output_size)

@@ -24,3 +24,18 @@ def dataset(tmp_path_factory):
     write_shards(synthetic_source(synthetic, "train", 32), root, "train", max_count=8)
     write_shards(synthetic_source(synthetic, "val", 6), root, "val", max_count=4)
     return root
+
+
+@pytest.fixture(scope="session")
+def panoptic_dataset(tmp_path_factory):
+    """configs/test_tiny_panoptic.yaml's data, written through ``python -m data_pipeline shard
+    --format synthetic`` (whose shards carry each sample's .pan.png ids and .json segments):
+    32 train and 6 val 64x64 samples of 5 classes (background stuff + 4 thing classes)."""
+    from data_pipeline.cli import main as shard_main
+
+    root = tmp_path_factory.mktemp("panoptic-data")
+    for split, count, max_count in (("train", 32, 8), ("val", 6, 4)):
+        args = ["shard", "--format", "synthetic", "--split", split, "--out", str(root), "--num-samples", str(count),
+                "--max-count", str(max_count), "--seed", "5"]  # fmt: skip
+        assert shard_main(args) == 0
+    return root

@@ -169,3 +169,14 @@ def test_swin_l_preset_is_described_quickly():
     assert memory["crop_size"] == 640 and memory["batch_size"] == 2
     assert memory["activations"] > memory["parameters"] > 0
     assert seconds < 20  # ~2-4 s; generous for a loaded CI machine
+
+
+@pytest.mark.parametrize("preset", ["panoptic_segformer_r50_coco.yaml", "unept_r50_ade20k.yaml"])
+def test_models_with_other_outputs_are_described(preset, capsys):
+    # Panoptic SegFormer's thing/stuff logits, boxes and location-decoder outputs, and
+    # UN-EPT's dense logit maps, go through the loss estimate like MaskFormer's masks.
+    small = ["--set", "data.crop_size=256", "--set", "data.batch_size=1"]
+    assert main(["describe", "--config", os.path.join(CONFIGS, preset), *small]) == 0
+    out = capsys.readouterr().out
+    loss = re.search(r"^  loss +([\d.]+) GiB", out, re.M)
+    assert loss is not None and float(loss.group(1)) > 0, out

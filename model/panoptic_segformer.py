@@ -1,0 +1,145 @@
+"""Panoptic SegFormer (seed 004): backbone -> deformable encoder -> location decoder -> mask decoder.
+
+The backbone's stride-8/16/32 maps are projected to ``hidden_dim`` (1×1 conv +
+GroupNorm), flattened into one token sequence and refined by a Deformable DETR encoder
+(``MSDeformAttnEncoderLayer``, the layer of our Mask2Former pixel decoder). The location
+decoder turns N learned thing queries into location-aware ones (its box head runs in
+training only); the mask decoder takes those plus one fixed query per stuff class and
+predicts masks from its attention maps (``model/psf_decoders.py``). Matching and losses:
+``model/psf_criterion.py``; panoptic merging: ``model.panoptic_inference.mask_wise_merge``
+on ``query_class_probs`` and the sigmoid masks.
+
+Inputs are assumed unpadded (no padding mask), as in our other models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from model.config import PanopticInferenceConfig, PanopticSegFormerConfig
+from model.deformable_encoder import DeformableEncoder
+from model.maskformer import NormalizedInput
+from model.panoptic_inference import Segments, mask_wise_merge_from_config
+from model.psf_decoders import MASK_STRIDE, LocationDecoder, MaskDecoder, upsample_masks
+from ops.config import OpsConfig
+
+
+def split_classes(thing_classes: Sequence[int], num_classes: int) -> tuple[list[int], list[int]]:
+    """(sorted thing classes, sorted stuff classes = every other class of ``num_classes``)."""
+    things = sorted({int(c) for c in thing_classes})
+    if len(things) != len(thing_classes) or (things and (things[0] < 0 or things[-1] >= num_classes)):
+        raise ValueError(
+            f"model.panoptic_segformer.thing_classes must be distinct ids in [0, {num_classes}), got {list(thing_classes)}"
+        )
+    stuff = [c for c in range(num_classes) if c not in set(things)]
+    if not things or not stuff:
+        raise ValueError("Panoptic SegFormer needs at least one thing class and one stuff class")
+    return things, stuff
+
+
+class PanopticSegFormer(NormalizedInput):
+    """``forward(images: B×3×H×W, 0..255)`` -> ``{"pred_thing_logits": B×N×K_thing,
+    "pred_stuff_logits": B×K_stuff, "pred_masks": B×(N+K_stuff)×⌈H/8⌉×⌈W/8⌉ (logits; thing
+    queries first, then stuff query k = ``stuff_classes[k]``)}``; in training also
+    ``"aux_outputs"`` (the earlier mask-decoder layers, same keys) and ``"loc_outputs"``
+    (per location-decoder layer ``{"pred_boxes": B×N×4 cxcywh in [0, 1],
+    "pred_box_logits": B×N×K_thing}``, last layer last).
+
+    Class logits are sigmoid logits (focal loss); thing logit j is class ``thing_classes[j]``.
+    The attribute name ``backbone`` is relied on by the optimizer (lower backbone lr).
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, cfg: PanopticSegFormerConfig,
+                 pixel_mean: Sequence[float], pixel_std: Sequence[float], ops: OpsConfig | None = None) -> None:  # fmt: skip
+        ops = ops or OpsConfig()
+        thing_classes, stuff_classes = split_classes(cfg.thing_classes, num_classes)
+        strides = list(getattr(backbone, "strides", [MASK_STRIDE]))
+        if strides[0] != MASK_STRIDE:
+            raise ValueError(
+                f"Panoptic SegFormer reads the backbone's strides 8/16/32, got strides {strides}: set "
+                "model.backbone.out_indices to [2, 3, 4] (ResNet) or [1, 2, 3] (Swin)"
+            )
+        if cfg.hidden_dim % 4 or cfg.hidden_dim % cfg.nheads:
+            raise ValueError(f"model.panoptic_segformer: hidden_dim {cfg.hidden_dim} must be a multiple of 4 "
+                             f"and of nheads {cfg.nheads}")  # fmt: skip
+        for key in ("num_queries", "encoder_layers", "location_layers", "mask_layers", "num_points"):
+            if getattr(cfg, key) < 1:
+                raise ValueError(f"model.panoptic_segformer.{key} must be >= 1, got {getattr(cfg, key)}")
+        levels = len(backbone.channels)
+        num_things = len(thing_classes)
+        # NormalizedInput's slots: the deformable encoder is the "pixel decoder" (as in
+        # Mask2Former), the mask decoder the "predictor".
+        super().__init__(
+            backbone,
+            DeformableEncoder(
+                backbone.channels,
+                cfg.hidden_dim,
+                cfg.nheads,
+                cfg.dim_feedforward,
+                cfg.dropout,
+                cfg.encoder_layers,
+                cfg.num_points,
+                ops,
+            ),  # fmt: skip
+            MaskDecoder(
+                cfg.hidden_dim,
+                cfg.nheads,
+                cfg.dim_feedforward,
+                cfg.dropout,
+                cfg.mask_layers,
+                num_things,
+                len(stuff_classes),
+                levels,
+                ops,
+            ),  # fmt: skip
+            pixel_mean,
+            pixel_std,
+        )
+        self.thing_classes, self.stuff_classes = thing_classes, stuff_classes
+        self.location_decoder = LocationDecoder(cfg.num_queries, cfg.hidden_dim, cfg.nheads, cfg.dim_feedforward,
+                                                cfg.dropout, cfg.location_layers, levels, cfg.num_points,
+                                                num_things, ops)  # fmt: skip
+
+    def forward(self, images: Tensor) -> dict:
+        features = self.backbone(self.normalize(images))
+        memory, pos, shapes, spatial_shapes, level_start_index = self.pixel_decoder(features)
+        things, loc_outputs = self.location_decoder(memory, spatial_shapes, level_start_index)
+        mask_outputs = self.predictor(things, memory, pos.to(memory.dtype), shapes)
+        out = dict(mask_outputs[-1])
+        if self.training:
+            out["aux_outputs"] = mask_outputs[:-1]
+            out["loc_outputs"] = loc_outputs
+        return out
+
+
+def query_class_probs(outputs: dict, thing_classes: Sequence[int], stuff_classes: Sequence[int]) -> Tensor:
+    """B×Q×K sigmoid class probabilities over all K classes, one row per query (the order
+    of ``pred_masks``): a thing query's row holds its thing-class probabilities, stuff query
+    k's row only the probability of ``stuff_classes[k]``, every other entry 0. What
+    ``mask_wise_merge`` ranks and labels the masks by."""
+    things = outputs["pred_thing_logits"].float().sigmoid()
+    stuff = outputs["pred_stuff_logits"].float().sigmoid()
+    batch, num_things = things.shape[:2]
+    num_classes = len(thing_classes) + len(stuff_classes)
+    probs = things.new_zeros(batch, num_things + stuff.shape[1], num_classes)
+    probs[:, :num_things, list(thing_classes)] = things
+    rows = torch.arange(stuff.shape[1], device=probs.device) + num_things
+    probs[:, rows, torch.as_tensor(list(stuff_classes), device=probs.device)] = stuff
+    return probs
+
+
+def panoptic_segformer_panoptic(outputs: dict, image_size: Sequence[int], thing_classes: Sequence[int],
+                                stuff_classes: Sequence[int],
+                                cfg: PanopticInferenceConfig | None = None) -> list[tuple[Tensor, Segments]]:  # fmt: skip
+    """Eval-mode outputs of an ``image_size`` (H, W) batch -> one ``(id_map, segments)``
+    per image by the paper's mask-wise merging (``model.panoptic_inference.mask_wise_merge``)
+    of the sigmoid class probabilities and the sigmoid masks aligned to the input."""
+    cfg = cfg or PanopticInferenceConfig()
+    probs = query_class_probs(outputs, thing_classes, stuff_classes)
+    masks = upsample_masks(outputs["pred_masks"], image_size).sigmoid()
+    things = set(thing_classes)
+    is_thing = [c in things for c in range(probs.shape[-1])]
+    return [mask_wise_merge_from_config(probs[b], masks[b], is_thing, cfg) for b in range(masks.shape[0])]

@@ -1,0 +1,150 @@
+"""UN-EPT's building blocks besides the backbone: the spatial branch, the deformable query
+decoder layer, the boundary heads and the boundary refinement (seed 001).
+
+- ``SpatialBranch``: three 3×3 stride-2 conv-BN blocks on the image (64, 128, 256
+  channels; ReLU after the first two — the official code leaves the last one linear, as
+  its output is added to the learned queries) -> stride 8.
+- ``QueryDecoderLayer``: post-norm DETR layer on the stride-8 query grid: self-attention
+  among the queries, deformable cross-attention (``MSDeformAttn``) into the encoded
+  pyramid around each query's own position, ReLU FFN.
+- ``BoundaryHead``: 1×1 conv-BN-ReLU-1×1 conv on the spatial-branch features (the edge head
+  has 2 outputs, boundary / not, as the official 2-way softmax; the direction head 8).
+- ``refine_logits``: for pixels predicted as edge (p(edge) > 0.5), the logits are read at
+  the pixel ``distance`` steps along the predicted direction bin (into the segment's
+  interior, where predictions are more reliable); other pixels keep their own. The
+  official code does this with ``grid_sample`` at integer offsets and border padding; a
+  gather with clamped indices is the same and exact in any dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from data_pipeline.boundary_targets import DIRECTION_VECTORS, NUM_DIRECTIONS
+from ops.apex_optional import layer_norm
+from ops.attention import MultiheadAttention
+from ops.config import OpsConfig
+from ops.ms_deform_attn import MSDeformAttn
+
+# Every UN-EPT map (queries, logits before upsampling, boundary heads) is at stride 8.
+UNEPT_STRIDE = 8
+
+
+def conv_bn(in_channels: int, out_channels: int, kernel: int, stride: int, relu: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(out_channels),
+    ]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class SpatialBranch(nn.Sequential):
+    """B×3×H×W normalised image -> B×C×⌈H/8⌉×⌈W/8⌉."""
+
+    def __init__(self, out_channels: int = 256) -> None:
+        super().__init__(
+            conv_bn(3, 64, 3, 2, relu=True),
+            conv_bn(64, 128, 3, 2, relu=True),
+            conv_bn(128, out_channels, 3, 2, relu=False),
+        )
+
+
+class BoundaryHead(nn.Sequential):
+    def __init__(self, channels: int, outputs: int) -> None:
+        super().__init__(
+            conv_bn(channels, channels, 1, 1, relu=True), nn.Conv2d(channels, outputs, 1, bias=False)
+        )
+
+
+class QueryDecoderLayer(nn.Module):
+    """``forward(tgt: B×Q×C, query_pos: B×Q×C, reference_points: B×Q×L×2, memory: B×S×C,
+    spatial_shapes, level_start_index) -> B×Q×C``."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ffn: int,
+        dropout: float,
+        n_levels: int,
+        n_heads: int,
+        n_points: int,
+        ops: OpsConfig,
+    ) -> None:
+        super().__init__()
+        self.self_attn = MultiheadAttention(
+            d_model,
+            n_heads,
+            dropout,
+            backend=ops.attention_backend,
+            max_matrix_mib=ops.attention_max_matrix_mib,
+        )
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = layer_norm(d_model, ops.apex)
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, implementation=ops.deform_attn)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = layer_norm(d_model, ops.apex)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.dropout3 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout4 = nn.Dropout(dropout)
+        self.norm3 = layer_norm(d_model, ops.apex)
+        nn.init.xavier_uniform_(self.linear1.weight)
+        nn.init.xavier_uniform_(self.linear2.weight)
+
+    def forward(
+        self,
+        tgt: Tensor,
+        query_pos: Tensor,
+        reference_points: Tensor,
+        memory: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+    ) -> Tensor:
+        q = tgt + query_pos
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, q, tgt)))
+        attended = self.cross_attn(
+            tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index
+        )
+        tgt = self.norm2(tgt + self.dropout2(attended))
+        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
+        return self.norm3(tgt + self.dropout4(ffn))
+
+
+def upsample_to_image(x: Tensor, image_size: tuple[int, int], stride: int = UNEPT_STRIDE) -> Tensor:
+    """A B×C×⌈H/s⌉×⌈W/s⌉ map -> B×C×H×W aligned to the image: bilinear to s·h×s·w, then
+    cropped (the backbone and spatial branch pad bottom/right), as ``model.inference``
+    aligns stride-4 mask logits."""
+    height, width = image_size
+    h, w = x.shape[-2:]
+    if (h, w) != (height, width):
+        x = F.interpolate(x, size=(h * stride, w * stride), mode="bilinear", align_corners=False)
+        x = x[..., :height, :width]
+    return x
+
+
+def refine_logits(logits: Tensor, edge_logits: Tensor, dir_logits: Tensor, distance: int = 1) -> Tensor:
+    """``logits`` B×K×H×W, ``edge_logits`` B×2×H×W, ``dir_logits`` B×8×H×W (same H×W) ->
+    B×K×H×W: edge pixels (p(edge) > 0.5) read the logits ``distance`` pixels along their
+    predicted direction (clamped to the image), others keep theirs."""
+    batch, classes, height, width = logits.shape
+    if edge_logits.shape[-2:] != (height, width) or dir_logits.shape[-2:] != (height, width):
+        raise ValueError(
+            f"refine_logits: edge/direction maps {tuple(edge_logits.shape)}, {tuple(dir_logits.shape)} "
+            f"must match the logits' {height}×{width}"
+        )
+    if dir_logits.shape[1] != NUM_DIRECTIONS or edge_logits.shape[1] != 2:
+        raise ValueError("refine_logits: expects 2 edge logits and 8 direction logits per pixel")
+    with torch.no_grad():
+        edge = edge_logits[:, 1] > edge_logits[:, 0]  # softmax p(edge) > 0.5
+        vectors = torch.tensor(DIRECTION_VECTORS, device=logits.device) * distance
+        step = vectors[dir_logits.argmax(1)] * edge[..., None]  # B×H×W×2, zero off the edge
+        rows = torch.arange(height, device=logits.device).view(1, height, 1)
+        cols = torch.arange(width, device=logits.device).view(1, 1, width)
+        source_rows = (rows + step[..., 0]).clamp_(0, height - 1)
+        source_cols = (cols + step[..., 1]).clamp_(0, width - 1)
+        index = (source_rows * width + source_cols).view(batch, 1, height * width).expand(-1, classes, -1)
+    return logits.flatten(2).gather(2, index).view_as(logits)
