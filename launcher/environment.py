@@ -8,13 +8,19 @@ ahead of time) instead of at the start of every run.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 
 
 def torch_extensions_dir() -> str:
-    return os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "segscale", "torch_extensions"
-    )
+    """``TORCH_EXTENSIONS_DIR``, else one cache per Python environment: torch rebuilds an
+    op whenever its source path changes, so two checkouts (two virtualenvs) sharing one
+    folder would rebuild it (~25 s) every time they take turns."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    environment = hashlib.sha256(os.path.realpath(sys.prefix).encode()).hexdigest()[:12]
+    return os.path.join(os.path.expanduser("~"), ".cache", "segscale", "torch_extensions", environment)
 
 
 # Settings a user sets where they type the command that every process of the run must
