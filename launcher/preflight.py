@@ -56,6 +56,13 @@ def check_run(cfg: RunConfig) -> None:
         raise ConfigError(f"data.batch_size: expected a positive int, got {cfg.data.batch_size}")
     if cfg.cluster.num_workers < 1:
         raise ConfigError(f"cluster.num_workers: expected a positive int, got {cfg.cluster.num_workers}")
+    if cfg.data.task == "panoptic":
+        from launcher.panoptic_eval import check_panoptic_model  # heavy imports only when needed
+
+        try:
+            check_panoptic_model(cfg.model)  # else the run would fail at its first validation
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if _is_remote(train.output_dir):
         raise ConfigError(f"train.output_dir: {train.output_dir!r}: object storage is not supported yet; "
                           "use a local folder or a shared file system path (NFS)")

@@ -98,3 +98,9 @@ def test_reduce_zero_label_drops_class_zero_from_the_count(manifests):
     check_run(config(*manifests, "data.reduce_zero_label=true", "model.num_classes=4"))
     with pytest.raises(ConfigError, match="has 4 classes after data.reduce_zero_label"):
         check_run(config(*manifests, "data.reduce_zero_label=true"))
+
+
+def test_panoptic_task_needs_a_model_with_panoptic_inference(manifests):
+    with pytest.raises(ConfigError, match="data.task=panoptic: model.name=pft has no panoptic inference"):
+        check_run(config(*manifests, "data.task=panoptic", "model.name=pft"))
+    check_run(config(*manifests, "data.task=panoptic"))  # MaskFormer: fine
