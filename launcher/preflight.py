@@ -16,6 +16,8 @@ from data_pipeline.manifest import training_classes
 from launcher.checkpoint import find_latest_checkpoint, newest_verified_checkpoint, verify_checkpoint
 from launcher.config import ConfigError, RunConfig
 from launcher.deepspeed_config import build_deepspeed_config
+from launcher.fault_injection import ENV_VAR as FAULT_ENV_VAR
+from launcher.fault_injection import parse_fault
 
 # Set by Ray's job supervisor in the environment of a `ray job submit` entrypoint.
 RAY_JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -56,6 +58,10 @@ def check_run(cfg: RunConfig) -> None:
         raise ConfigError(f"data.batch_size: expected a positive int, got {cfg.data.batch_size}")
     if cfg.cluster.num_workers < 1:
         raise ConfigError(f"cluster.num_workers: expected a positive int, got {cfg.cluster.num_workers}")
+    try:
+        parse_fault(os.environ.get(FAULT_ENV_VAR, ""))  # a drill's typo fails here, not at step 1
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if cfg.data.task == "panoptic":
         from launcher.panoptic_eval import check_panoptic_model  # heavy imports only when needed
 

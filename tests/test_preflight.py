@@ -104,3 +104,11 @@ def test_panoptic_task_needs_a_model_with_panoptic_inference(manifests):
     with pytest.raises(ConfigError, match="data.task=panoptic: model.name=pft has no panoptic inference"):
         check_run(config(*manifests, "data.task=panoptic", "model.name=pft"))
     check_run(config(*manifests, "data.task=panoptic"))  # MaskFormer: fine
+
+
+def test_malformed_fault_drill_is_refused(manifests, monkeypatch):
+    monkeypatch.setenv("SEGSCALE_FAULT", "after_stpe:3:1")
+    with pytest.raises(ConfigError, match="SEGSCALE_FAULT='after_stpe:3:1': expected <point>:<step>:<rank>"):
+        check_run(config(*manifests))
+    monkeypatch.setenv("SEGSCALE_FAULT", "after_step:3:1")
+    check_run(config(*manifests))
