@@ -18,9 +18,13 @@ evaluation.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +65,27 @@ def _list_files(root: str) -> dict[str, int]:
 
 def data_position_file(rank: int) -> str:
     return f"data_position_rank_{rank}.json"
+
+
+def staging_path(run_dir: str, rank: int) -> str:
+    """This rank's local folder for the checkpoint it writes before Ray copies it to the
+    run folder. Its name is fixed per run and rank, not a fresh temporary folder, because
+    a worker killed mid-save (SIGKILL: no cleanup) would leak a whole copy of its shards
+    per failure; its successor reuses and empties it."""
+    run_id = hashlib.sha1(run_dir.encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), f"segscale-ckpt-{run_id}-rank{rank}")
+
+
+@contextmanager
+def staging_directory(run_dir: str, rank: int) -> Iterator[str]:
+    """``staging_path``, emptied first and removed after."""
+    path = staging_path(run_dir, rank)
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def save_checkpoint(

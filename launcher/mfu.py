@@ -41,8 +41,11 @@ def gpu_datasheet_peak(device_name: str, half_precision: bool) -> float | None:
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 1024, seconds: float = 0.3) -> float:
     """FLOP/s of repeated ``size``-square matmuls on ``device`` (after one warm-up)."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    # A private generator: the global one belongs to the run (dropout, point sampling),
+    # and a resumed run must draw exactly what the uninterrupted run drew.
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, generator=generator).to(dtype)
+    b = torch.randn(size, size, device=device, generator=generator).to(dtype)
     torch.mm(a, b)
     runs, started = 0, time.perf_counter()
     while True:

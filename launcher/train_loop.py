@@ -9,17 +9,13 @@ all-reduce, DeepSpeed's save, validation, ``ray.train.report``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import nullcontext, suppress
 from dataclasses import replace
 
 import ops.torchvision_fix  # noqa: F401  (before anything imports timm)
@@ -43,6 +39,7 @@ from launcher.checkpoint import (
     find_latest_checkpoint,
     newest_verified_checkpoint,
     save_checkpoint,
+    staging_directory,
     verify_checkpoint,
 )
 from launcher.config import RunConfig, config_from_dict, to_dict
@@ -86,27 +83,6 @@ def _choose_resume_directory(cfg: RunConfig, run_dir: str) -> str | None:
                                        find_latest_checkpoint(run_dir), cfg.train.resume_from])
 
 
-def staging_path(run_dir: str, rank: int) -> str:
-    """This rank's local folder for the checkpoint it writes before Ray copies it to the
-    run folder. Its name is fixed per run and rank, not a fresh temporary folder, because
-    a worker killed mid-save (SIGKILL: no cleanup) would leak a whole copy of its shards
-    per failure; its successor reuses and empties it."""
-    run_id = hashlib.sha1(run_dir.encode()).hexdigest()[:12]
-    return os.path.join(tempfile.gettempdir(), f"segscale-ckpt-{run_id}-rank{rank}")
-
-
-@contextmanager
-def _staging_directory(run_dir: str, rank: int) -> Iterator[str]:
-    """``staging_path``, emptied first and removed after."""
-    path = staging_path(run_dir, rank)
-    shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(path)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def _start_metrics(cfg: RunConfig, rank: int, local_rank: int, metrics_host: str) -> WorkerMetrics | None:
     if cfg.cluster.metrics_port_base < 0:
         return None
@@ -121,8 +97,8 @@ def _gradient_norm(model: torch.nn.Module) -> float:
     """Global L2 norm of the gradients held by ``model``'s parameters (used at ZeRO-0,
     where the gradients are whole and already all-reduced at the boundary: DeepSpeed
     computes the norm there but does not keep it)."""
-    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    grads = [p.grad.detach().float() for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 def _mean_over_ranks(values: dict[str, torch.Tensor], world_size: int) -> dict[str, float]:
@@ -235,7 +211,7 @@ def train_worker(loop_config: dict) -> None:
     def checkpoint_and_report(step: int, extra_metrics: dict) -> None:
         nonlocal last_saved
         started = time.perf_counter()
-        with _staging_directory(run_dir, rank) as tmp:
+        with staging_directory(run_dir, rank) as tmp:
             size = save_checkpoint(engine, tmp, step=step, rank=rank, world_size=world_size, config=config_dict,
                                    data_position=stream.position().to_json(), resumes=resumes,
                                    before_seal=lambda: fault_point("mid_checkpoint", step, rank, run_dir))
@@ -288,8 +264,9 @@ def train_worker(loop_config: dict) -> None:
             raise FloatingPointError(f"loss is {terms['loss']} at step {step} (mean over ranks); stopping the run")
         step_seconds = time.perf_counter() - step_started
         lr = engine.get_lr()[0]
-        if grad_norm is None and engine.get_global_grad_norm() is not None:
-            grad_norm = float(engine.get_global_grad_norm())  # ZeRO-1/2/3 optimizers compute it
+        if grad_norm is None:  # ZeRO-1/2/3: the optimizer computed it
+            computed = engine.get_global_grad_norm()
+            grad_norm = None if computed is None else float(computed)
         records.write(step, terms, lr, grad_norm)
         if metrics is not None:
             mfu = flops_per_sample * samples_per_step / step_seconds / peak

@@ -15,9 +15,14 @@ import re
 import pytest
 from e2e_helpers import launcher, tiny_run_args  # tests/ is on sys.path under pytest
 
-from launcher.checkpoint import CheckpointError, data_position_file, find_latest_checkpoint, verify_checkpoint
+from launcher.checkpoint import (
+    CheckpointError,
+    data_position_file,
+    find_latest_checkpoint,
+    staging_path,
+    verify_checkpoint,
+)
 from launcher.progress import read_step_records
-from launcher.train_loop import staging_path
 
 # The first test also runs the module's reference run (in its fixture).
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
