@@ -35,9 +35,21 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-4
     backbone_lr_multiplier: float = 0.1
+    # Further lr multipliers by parameter-name fragment (mmcv's paramwise_cfg custom_keys),
+    # on top of the backbone's: Deformable DETR and the official Panoptic SegFormer train
+    # "sampling_offsets" and "reference_points" at 0.1. The longest matching fragment wins.
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
+    # The decay after the linear warm-up: "poly", lr * (1 - step / max_steps) ** poly_power
+    # (MaskFormer's and PFT's recipe), or "step", mmcv's policy='step' (the official UN-EPT
+    # and Panoptic SegFormer configs): lr * lr_step_factor ** (number of lr_steps <= step).
+    lr_schedule: Literal["poly", "step"] = "poly"
     poly_power: float = 0.9
+    # lr_schedule=step only: the optimizer steps (0-based, increasing, after the warm-up and
+    # before max_steps) at which the lr is multiplied by lr_step_factor (mmcv's step, gamma).
+    lr_steps: list[int] = field(default_factory=list)
+    lr_step_factor: float = 0.1
     # Gradient-norm clipping over the whole model; 0 = off.
     grad_clip: float = 0.01
     grad_accum_steps: int = 1

@@ -3,11 +3,14 @@
 AdamW with a lower learning rate for the backbone (x ``backbone_lr_multiplier``), and, as
 MaskFormer's ``build_optimizer``: no weight decay on normalisation layers, ``nn.Embedding``
 tables (the queries), absolute position embeddings and relative-position bias tables;
-everything else, biases included, decays. Then a linear warm-up and a poly decay,
-``lr * (1 - step / max_steps) ** power``.
+everything else, biases included, decays. Then a linear warm-up and either a poly decay,
+``lr * (1 - step / max_steps) ** power``, or mmcv's step policy (``train.lr_schedule: step``,
+the official UN-EPT / Panoptic SegFormer recipes): ``lr * factor ** (number of lr_steps <= step)``.
 """
 
 from __future__ import annotations
+
+import bisect
 
 import torch
 from torch import nn
@@ -42,12 +45,15 @@ _NEW_BACKBONE_PREFIXES = ("backbone.pyramid.",)
 
 
 def build_param_groups(model: nn.Module, cfg: TrainConfig, backbone_prefix: str = "backbone.") -> list[dict]:
-    """Split parameters into (backbone?, decay?) groups with their own lr/weight decay.
+    """Split parameters into (backbone?, decay?, extra multiplier) groups with their own
+    lr/weight decay (``train.lr_multipliers`` gives the extra multiplier by name fragment).
 
     The schedule (LambdaLR) multiplies each group's own initial lr, so the backbone
     multiplier holds for the whole run.
     """
-    groups: dict[tuple[bool, bool], dict] = {}
+    groups: dict[tuple[bool, bool, float], dict] = {}
+    # Longest fragment first: the most specific key decides, as in mmcv.
+    fragments = sorted(cfg.lr_multipliers.items(), key=lambda item: -len(item[0]))
     seen: set[int] = set()
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
@@ -59,17 +65,27 @@ def build_param_groups(model: nn.Module, cfg: TrainConfig, backbone_prefix: str 
                 _NEW_BACKBONE_PREFIXES
             )
             decay = not _no_weight_decay(module, param_name)
-            key = (is_backbone, decay)
+            extra = next((mult for fragment, mult in fragments if fragment in full_name), 1.0)
+            key = (is_backbone, decay, extra)
             if key not in groups:
-                scale = cfg.backbone_lr_multiplier if is_backbone else 1.0
+                scale = (cfg.backbone_lr_multiplier if is_backbone else 1.0) * extra
                 groups[key] = {
                     "params": [],
                     "lr": cfg.lr * scale,
                     "weight_decay": cfg.weight_decay if decay else 0.0,
-                    "name": ("backbone" if is_backbone else "head") + ("" if decay else "_no_decay"),
+                    "name": ("backbone" if is_backbone else "head")
+                    + ("" if decay else "_no_decay")
+                    + ("" if extra == 1.0 else f"_x{extra:g}"),
                 }
             groups[key]["params"].append(param)
+    unused = [f for f in cfg.lr_multipliers if not any(f in name for name in _names(model))]
+    if unused:
+        raise ValueError(f"train.lr_multipliers: {unused[0]!r} matches no trainable parameter name of the model")
     return [groups[k] for k in sorted(groups)]
+
+
+def _names(model: nn.Module) -> list[str]:
+    return [name for name, param in model.named_parameters() if param.requires_grad]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, apex_mode: str = "auto") -> torch.optim.Optimizer:
@@ -79,9 +95,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, apex_mode: str = "auto")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the base lr at optimizer step ``step`` (0-based)."""
+    """Multiplier of the base lr at optimizer step ``step`` (0-based).
+
+    ``step`` schedule, as mmcv's ``StepLrUpdaterHook`` (``progress`` = iterations done):
+    from step ``lr_steps[i]`` on, the factor includes ``lr_step_factor ** (i + 1)``."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "step":
+        return cfg.lr_step_factor ** bisect.bisect_right(cfg.lr_steps, step)
     progress = min(step, cfg.max_steps) / max(1, cfg.max_steps)
     return (1.0 - progress) ** cfg.poly_power
 

@@ -14,7 +14,7 @@ import os
 from data_pipeline.loader import DataConfigError, resolve_manifest
 from data_pipeline.manifest import training_classes
 from launcher.checkpoint import find_latest_checkpoint, newest_verified_checkpoint, verify_checkpoint
-from launcher.config import ConfigError, RunConfig
+from launcher.config import ConfigError, RunConfig, TrainConfig
 from launcher.deepspeed_config import build_deepspeed_config
 from launcher.fault_injection import ENV_VAR as FAULT_ENV_VAR
 from launcher.fault_injection import parse_fault
@@ -54,6 +54,7 @@ def check_run(cfg: RunConfig) -> None:
             raise ConfigError(f"train.{key}: expected a positive int, got {getattr(train, key)}")
     if train.eval_every < 0:
         raise ConfigError(f"train.eval_every: expected 0 (off) or a positive int, got {train.eval_every}")
+    check_lr_schedule(train)
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size: expected a positive int, got {cfg.data.batch_size}")
     if cfg.cluster.num_workers < 1:
@@ -77,6 +78,32 @@ def check_run(cfg: RunConfig) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     check_manifests(cfg)
+
+
+def check_lr_schedule(train: TrainConfig) -> None:
+    """The step schedule's steps and factor, and the lr multipliers, make sense
+    (``launcher.optim``)."""
+    for fragment, mult in train.lr_multipliers.items():
+        if not fragment or not mult > 0:
+            raise ConfigError(f"train.lr_multipliers: expected a non-empty name fragment -> a positive "
+                              f"multiplier, got {fragment!r}: {mult}")  # fmt: skip
+    steps, schedule = train.lr_steps, train.lr_schedule
+    if schedule == "poly":
+        if steps:
+            raise ConfigError(f"train.lr_steps: {steps} is set but train.lr_schedule is 'poly', which ignores it; "
+                              "set train.lr_schedule=step to decay at these steps")
+        return
+    if not steps:
+        raise ConfigError("train.lr_steps: train.lr_schedule=step needs at least one step, got []")
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ConfigError(f"train.lr_steps: expected strictly increasing steps, got {steps}")
+    if steps[0] <= 0 or steps[-1] >= train.max_steps:
+        raise ConfigError(f"train.lr_steps: expected steps in (0, train.max_steps={train.max_steps}), got {steps}")
+    if steps[0] < train.warmup_steps:
+        raise ConfigError(f"train.lr_steps: step {steps[0]} falls inside the warm-up "
+                          f"(train.warmup_steps={train.warmup_steps}); decay steps come after it")
+    if not 0 < train.lr_step_factor <= 1:
+        raise ConfigError(f"train.lr_step_factor: expected a value in (0, 1], got {train.lr_step_factor}")
 
 
 def check_manifests(cfg: RunConfig) -> None:

@@ -37,6 +37,7 @@ def test_valid_config_passes(manifests):
         ("train.checkpoint_every=0", "train.checkpoint_every: expected a positive int, got 0"),
         ("train.log_every=-1", "train.log_every: expected a positive int"),
         ("train.eval_every=-5", "train.eval_every"),
+        ("train.lr_schedule=step", r"train.lr_steps: train.lr_schedule=step needs at least one step"),
         ("train.zero_stage=5", "train.zero_stage: expected 0, 1, 2 or 3, got 5"),
         ("train.precision=fp16", "train.precision: fp16 needs a CUDA device"),
         ("model.num_classes=7", "model.num_classes: 7, but data.train_manifest"),
