@@ -1,4 +1,5 @@
-"""timm backbone as a feature pyramid: a list of NCHW maps at increasing strides (4/8/16/32).
+"""timm backbone as a feature pyramid: a list of NCHW maps at increasing strides (4/8/16/32),
+or equal ones from a dilated CNN (``timm_kwargs: {output_stride: 8}``).
 
 Everything timm-specific lives here: building the ``features_only`` model, converting
 NHWC outputs (Swin, MambaOut, ...) to NCHW, arbitrary input sizes, the simple feature
@@ -13,7 +14,10 @@ Families (decided from the timm model name):
   which MaskFormer trains its ResNets with. Naming trap: MaskFormer's "R101c" is
   detectron2's DeepLab ResNet with a 64-64-128 stem, which timm calls ``resnet101s``;
   timm's ``resnet101c`` (and ``resnet50c``) has a 32-32-64 stem. A ``resnet*c`` name
-  therefore warns.
+  therefore warns, except for UN-EPT, whose official R50 is mmseg's ResNetV1c: exactly
+  timm's ``resnet50c``. ``timm_kwargs: {output_stride: 8}`` dilates res4/res5 (as mmseg's
+  ``contract_dilation=True``: the first block of a stage keeps the previous dilation), so
+  res3..res5 all come out at stride 8; only UN-EPT reads such equal strides.
 - Swin (``swin_*``): built with ``strict_img_size=False`` (attention masks made per
   input size) and ``always_partition=True`` (window 7/12 and the half-window shift at
   every stage, whatever the feature size, as Swin's segmentation code does; timm would
@@ -77,7 +81,7 @@ _FAMILY_KWARGS: dict[str, dict[str, Any]] = {
 
 
 def warn_if_timm_c_resnet(name: str) -> None:
-    """One-line warning for ``resnet50c``/``resnet101c``/...: a different stem than the papers' "c"."""
+    """One-line warning for ``resnet50c``/``resnet101c``/...: a different stem than MaskFormer's "c"."""
     match = _TIMM_C_RESNET.fullmatch(name.split(".")[0])  # "resnet101c.gluon_in1k" too
     if match:
         depth = match.group(1)
@@ -147,7 +151,8 @@ def _pad_swin_windows_first(body: nn.Module) -> None:
 
 
 class Backbone(nn.Module):
-    """``forward(x: B×3×H×W) -> [B×C_i×⌈H/s_i⌉×⌈W/s_i⌉ per level]``, strides increasing.
+    """``forward(x: B×3×H×W) -> [B×C_i×⌈H/s_i⌉×⌈W/s_i⌉ per level]``, strides increasing
+    (or equal, for a CNN dilated with ``timm_kwargs`` ``output_stride``).
 
     Any H×W works: the input is zero-padded bottom/right to a multiple of the coarsest
     stride (after normalisation, as detectron2's ``ImageList`` pads MaskFormer's inputs
@@ -163,12 +168,17 @@ class Backbone(nn.Module):
         timm_kwargs: Mapping[str, Any] | None = None,
         pyramid_channels: int = 256,
         freeze_bn: bool = True,
+        warn_timm_c_stem: bool = True,
     ) -> None:
         super().__init__()
         self.name = name
         self.family = backbone_family(name)
-        warn_if_timm_c_resnet(name)
+        if warn_timm_c_stem:
+            warn_if_timm_c_resnet(name)
+        # A null value means timm's default: a preset can undo a key of its base file (the
+        # DeiT UN-EPT presets drop the R50 preset's output_stride).
         kwargs = {**_FAMILY_KWARGS[self.family], **dict(timm_kwargs or {})}
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
         try:
             # pretrained=False: weights never come from a hub at run time, only from
             # ``pretrained_path`` (clusters often have no internet, and runs must be
@@ -198,7 +208,7 @@ class Backbone(nn.Module):
         channels: list[int] = list(info.channels())
         strides: list[int] = list(info.reduction())
         self.pyramid: SimpleFeaturePyramid | None = None
-        if len(set(strides)) == 1:
+        if len(set(strides)) == 1 and (self.family == "vit" or len(strides) == 1):
             # Plain ViTs: every block is at one stride; ViTDet's pyramid reads one map.
             if len(strides) != 1:
                 raise ValueError(
@@ -207,7 +217,9 @@ class Backbone(nn.Module):
                 )
             self.pyramid = SimpleFeaturePyramid(channels[0], pyramid_channels, in_stride=strides[0])
             channels, strides = list(self.pyramid.channels), list(self.pyramid.strides)
-        elif any(b <= a for a, b in zip(strides, strides[1:])):
+        elif any(b < a for a, b in zip(strides, strides[1:])):
+            # Equal strides pass: a dilated CNN (timm's output_stride), for UN-EPT; the
+            # other models refuse them in ``model.build``.
             raise ValueError(
                 f"model.backbone: {name!r} with out_indices={list(out_indices)} gives strides {strides}; "
                 "the pixel decoder needs strictly increasing strides (e.g. 4/8/16/32)"
@@ -285,7 +297,7 @@ class Backbone(nn.Module):
         return features
 
 
-def build_backbone(cfg: BackboneConfig) -> Backbone:
+def build_backbone(cfg: BackboneConfig, warn_timm_c_stem: bool = True) -> Backbone:
     return Backbone(
         cfg.name,
         out_indices=cfg.out_indices,
@@ -294,6 +306,7 @@ def build_backbone(cfg: BackboneConfig) -> Backbone:
         timm_kwargs=cfg.timm_kwargs,
         pyramid_channels=cfg.pyramid_channels,
         freeze_bn=cfg.freeze_bn,
+        warn_timm_c_stem=warn_timm_c_stem,
     )
 
 

@@ -33,10 +33,20 @@ def _check_name(cfg: ModelConfig) -> None:
 
 def build_model(cfg: ModelConfig) -> MaskFormer | PFT | UNEPT | PanopticSegFormer:
     _check_name(cfg)
-    backbone = build_backbone(cfg.backbone)
+    # UN-EPT's official R50 is mmseg's ResNetV1c, which *is* timm's 32-32-64 "c" stem:
+    # the warning about MaskFormer's R101c (timm's "s" stem) does not apply to it.
+    backbone = build_backbone(cfg.backbone, warn_timm_c_stem=cfg.name != "unept")
     if cfg.name == "unept":
         # Per-pixel classifier on its own deformable encoder/decoder: no pixel decoder.
+        # It also reads equal strides (a dilated ResNet, as the official 8/8/8).
         return UNEPT(backbone, cfg.num_classes, cfg.unept, cfg.ops, cfg.pixel_mean, cfg.pixel_std)
+    strides = backbone.strides
+    if any(b <= a for a, b in zip(strides, strides[1:])):
+        raise ValueError(
+            f"model.backbone: {cfg.backbone.name!r} with timm_kwargs={cfg.backbone.timm_kwargs} gives strides "
+            f"{strides}; model.name={cfg.name} needs strictly increasing strides (e.g. 4/8/16/32): "
+            "a dilated backbone (output_stride) is for model.name=unept only"
+        )
     if cfg.name == "panoptic_segformer":
         # Its own deformable encoder on strides 8/16/32 (model.pixel_decoder unused).
         psf = cfg.panoptic_segformer

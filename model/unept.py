@@ -1,8 +1,9 @@
 """UN-EPT, the Unified Efficient Pyramid Transformer (seed 001): per-pixel semantic
 segmentation with a sparse-sampling (deformable) transformer and boundary refinement.
 
-- context branch: the backbone's last three maps (strides 8/16/32; a plain ViT's simple
-  feature pyramid without its stride-4 level) are projected to ``hidden_dim`` and encoded
+- context branch: the backbone's last three maps (the official dilated ResNet-50: res3..res5
+  all at stride 8, 60×60 each for 480 crops; a plain ViT's simple feature pyramid without
+  its stride-4 level: strides 8/16/32) are projected to ``hidden_dim`` and encoded
   (``model.deformable_encoder``) by deformable self-attention over all L = 3 levels, N = 16 points per head and level
   (``MSDeformAttn``). The decoder's queries are the stride-8 grid: a learned embedding per
   grid cell (``query_grid``², 60² = 3600 for the official 480 crops, resized bilinearly
@@ -18,10 +19,15 @@ segmentation with a sparse-sampling (deformable) transformer and boundary refine
   upsampled likewise, shift the logits of predicted edge pixels one step along the
   predicted direction (``sem_logits``, what inference uses; see ``model.unept_heads``).
 
-Differences to the official code: its R50 is the dilated ResNetV1c (res3-res5 all at
-stride 8); here the backbone's plain strides 8/16/32 (a pyramid, as the paper's text
-describes, and 1/4 and 1/16 of the tokens at the coarser levels). BatchNorm in the spatial
-branch and heads is per worker (official: SyncBN).
+The R50 presets use the official backbone, mmseg's dilated ResNetV1c (timm's ``resnet50c``
+with ``output_stride: 8``); any other backbone's strides 8/16/32 work as well (a pyramid, as
+the paper's text describes, with 1/4 and 1/16 of the tokens at the coarser levels). Levels
+of equal stride need nothing special: reference points and sampling locations are
+normalised per level, and the level embedding tells the levels apart.
+
+Differences to the official code: BatchNorm in the spatial branch and heads is per worker
+(official: SyncBN), and the backbone's BatchNorm is frozen (``model.backbone.freeze_bn``;
+official: trained SyncBN, ``norm_eval=False``).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ import ops.torchvision_fix  # noqa: F401  (before timm)
 
 # isort: split
 import os
+import time
+import warnings
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from data_pipeline.boundary_targets import DIRECTION_VECTORS, boundary_targets, 
 from launcher.config import load_config
 from launcher.describe import describe_model
 from launcher.evaluate import ConfusionMatrix
+from launcher.preflight import check_lr_schedule
 from model.build import build_criterion, build_model
 from model.config import BackboneConfig, ModelConfig, UNEPTConfig
 from model.inference import semantic_segmentation
@@ -73,6 +76,44 @@ def test_output_shapes(backbone):
     with torch.no_grad():
         prediction = semantic_segmentation(model(images), (60, 76), rule="unept")
     assert prediction.shape == (2, 60, 76) and int(prediction.max()) < 4
+
+
+def test_dilated_r50_gives_three_stride_8_maps():
+    """The official backbone: mmseg's dilated ResNetV1c = timm's resnet50c, output_stride 8."""
+    torch.manual_seed(0)
+    cfg = tiny_config("resnet50c")
+    cfg.backbone.timm_kwargs = {"output_stride": 8}
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # resnet50c *is* UN-EPT's V1c: no MaskFormer "c"-stem warning
+        model = build_model(cfg)
+    assert model.backbone.strides == [8, 8, 8] and model.backbone.channels == [512, 1024, 2048]
+    assert model.backbone.pyramid is None and model.backbone.size_divisibility == 8
+    # Deep stem 32-32-64, and mmseg's contract_dilation: res4/res5 dilated 2/4, each
+    # stage's first block at the previous dilation.
+    body = model.backbone.body
+    assert [m.out_channels for m in body.conv1 if isinstance(m, torch.nn.Conv2d)] == [32, 32, 64]
+    assert [b.conv2.dilation[0] for b in body.layer3] == [1, 2, 2, 2, 2, 2]
+    assert [b.conv2.dilation[0] for b in body.layer4] == [2, 4, 4]
+    levels = []
+    model.backbone.register_forward_hook(lambda module, args, out: levels.extend(out))
+    model.eval()
+    images = torch.rand(1, 3, 44, 60) * 255  # not multiples of 8: a 6×8 grid on every level
+    with torch.no_grad():
+        outputs = model(images)
+    assert [tuple(f.shape) for f in levels] == [(1, 512, 6, 8), (1, 1024, 6, 8), (1, 2048, 6, 8)]
+    assert outputs["sem_logits"].shape == outputs["coarse_logits"].shape == (1, 4, 44, 60)
+    assert outputs["edge_logits"].shape == (1, 2, 6, 8) and outputs["dir_logits"].shape == (1, 8, 6, 8)
+    assert torch.isfinite(outputs["sem_logits"]).all()
+    assert time.perf_counter() - start < 10
+
+
+def test_only_unept_reads_equal_strides():
+    cfg = tiny_config()
+    cfg.name = "maskformer"
+    cfg.backbone.timm_kwargs = {"output_stride": 8}
+    with pytest.raises(ValueError, match=r"strides \[8, 8, 8\]; model.name=maskformer needs strictly increasing"):
+        build_model(cfg)
 
 
 def test_backbone_must_give_num_levels_maps():
@@ -211,10 +252,23 @@ def test_presets_describe(backbone, dataset, classes, crop):
     u = cfg.model.unept
     assert (cfg.model.name, cfg.model.num_classes, cfg.data.crop_size) == ("unept", classes, crop)
     assert (u.num_levels, u.num_points, u.nheads, u.hidden_dim, u.query_grid) == (3, 16, 8, 256, crop // 8)
+    # R50: the official dilated ResNetV1c (res3..res5 at stride 8); DeiT-B undoes that key.
+    if backbone == "r50":
+        assert (cfg.model.backbone.name, cfg.model.backbone.timm_kwargs) == ("resnet50c", {"output_stride": 8})
+    with torch.device("meta"):
+        strides = build_model(cfg.model).backbone.strides
+    assert strides == ([8, 8, 8] if backbone == "r50" else [8, 16, 32])
+    # The official step schedule: x0.1 at 126k of 160k (Cityscapes: the same fraction of 80k).
+    t = cfg.train
+    steps, max_steps = ([126000], 160000) if dataset == "ade20k" else ([63000], 80000)
+    assert (t.lr_schedule, t.lr_steps, t.lr_step_factor, t.max_steps) == ("step", steps, 0.1, max_steps)
+    check_lr_schedule(t)
     cfg.data.crop_size, cfg.data.batch_size = 64, 1  # the fake-tensor trace at a small size
     desc = describe_model(cfg)
     backbone_params = desc["components"]["backbone"]
     # Head: 2+2 deformable layers, projections, 60² or 96² query embeddings, heads (~8-10M).
     assert 6e6 < desc["total"] - backbone_params < 12e6
+    # R50: 23.53M, timm's resnet50c (the V1c deep stem: 19k more than resnet50's 7x7 stem;
+    # dilation adds no weights).
     assert (20e6 < backbone_params < 26e6) if backbone == "r50" else (85e6 < backbone_params < 92e6)
     assert desc["memory"]["activations"] > 0 and desc["memory"]["loss_activations"] > 0
