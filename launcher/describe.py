@@ -273,7 +273,8 @@ def _stand_ins(value, key: str, side: int, generator: torch.Generator, leaves: l
         return [_stand_ins(v, key, side, generator, leaves) for v in value]
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
         return value
-    shape = (*value.shape[:2], side, side) if key == "pred_masks" else tuple(value.shape)
+    # Mask logits (Panoptic SegFormer's per-layer ones are "masks") become side×side.
+    shape = (*value.shape[:2], side, side) if key in ("pred_masks", "masks") else tuple(value.shape)
     leaf = torch.randn(shape, generator=generator).to(value.dtype).requires_grad_()
     leaves.append(leaf)
     return leaf

@@ -18,7 +18,8 @@ class BackboneConfig:
     # timm feature indices; the default picks strides 4/8/16/32 on ResNets. Swin and
     # ConvNeXt have no stride-2 level: use [0, 1, 2, 3] for them.
     out_indices: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
-    # Extra keyword arguments for ``timm.create_model`` (e.g. drop_path_rate).
+    # Extra keyword arguments for ``timm.create_model`` (e.g. drop_path_rate; output_stride: 8
+    # dilates a ResNet's res4/res5, all of res3..res5 at stride 8, for UN-EPT); null = timm's default.
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     # Activation checkpointing of the backbone blocks.
     grad_checkpointing: bool = False
@@ -85,10 +86,10 @@ class PFTDecoderConfig:
 
 @dataclass
 class PanopticSegFormerConfig:
-    """Panoptic SegFormer (seed 004; official panformer config): a deformable encoder on
-    strides 8/16/32, a location decoder for the thing queries (auxiliary box head in
-    training only) and a mask decoder over thing + one-per-class stuff queries whose
-    cross-attention maps are fused into the masks."""
+    """Panoptic SegFormer (seed 004; the official panformer config): a deformable encoder
+    on strides 8/16/32 (+ 64), a location decoder for the thing queries (auxiliary box
+    heads in training only), and mask decoders for the thing queries and the
+    one-per-class stuff queries whose cross-attention maps are fused into the masks."""
 
     # Contiguous class ids that are "things" (COCO panoptic: the first 80 of 133); every
     # other class of model.num_classes is "stuff" and gets its own fixed query.
@@ -100,7 +101,15 @@ class PanopticSegFormerConfig:
     dropout: float = 0.1
     encoder_layers: int = 6
     location_layers: int = 6
-    mask_layers: int = 6
+    # The official head decodes masks with two decoders: 4 layers for the thing queries
+    # (cross-attention only) and 6 for the stuff queries (with query self-attention);
+    # the paper's 51M (R50) / 221M (Swin-L) parameters count both.
+    thing_mask_layers: int = 4
+    stuff_mask_layers: int = 6
+    # The official ChannelMapper adds a stride-64 level (3x3 stride-2 conv + GroupNorm on
+    # the backbone's last map) for the encoder and the location decoder; the mask
+    # decoders attend to strides 8/16/32 only. false = the seed's three levels.
+    extra_level: bool = True
     num_points: int = 4  # deformable sampling points per head and level
     # Losses (official weights): focal class, dice mask, and for the location decoder's
     # box head focal class + L1 + GIoU; the same weights are the matching costs.
@@ -116,12 +125,13 @@ class PanopticSegFormerConfig:
 @dataclass
 class UNEPTConfig:
     """UN-EPT (seed 001; official configs ``res50_unept_ade20k.py``/``deit_unept_ade20k.py``):
-    deformable encoder/decoder over the backbone's strides 8/16/32, learned queries on the
-    stride-8 grid plus the spatial branch, per-pixel classifier, boundary refinement."""
+    deformable encoder/decoder over the backbone's last three maps (the official dilated R50:
+    all at stride 8; else strides 8/16/32), learned queries on the stride-8 grid plus the
+    spatial branch, per-pixel classifier, boundary refinement."""
 
     hidden_dim: int = 256
     nheads: int = 8
-    num_levels: int = 3  # L: the backbone's last three maps (strides 8/16/32)
+    num_levels: int = 3  # L: the backbone's last three maps (strides 8/8/8 dilated, or 8/16/32)
     num_points: int = 16  # N: sampling points per head and level (the paper's best)
     enc_layers: int = 2  # the official configs' depth=2 (encoder and decoder)
     dec_layers: int = 2

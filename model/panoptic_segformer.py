@@ -1,15 +1,20 @@
-"""Panoptic SegFormer (seed 004): backbone -> deformable encoder -> location decoder -> mask decoder.
+"""Panoptic SegFormer (seed 004, the official panformer head): backbone -> deformable
+encoder -> location decoder -> thing and stuff mask decoders.
 
 The backbone's stride-8/16/32 maps are projected to ``hidden_dim`` (1×1 conv +
-GroupNorm), flattened into one token sequence and refined by a Deformable DETR encoder
-(``MSDeformAttnEncoderLayer``, the layer of our Mask2Former pixel decoder). The location
-decoder turns N learned thing queries into location-aware ones (its box head runs in
-training only); the mask decoder takes those plus one fixed query per stuff class and
-predicts masks from its attention maps (``model/psf_decoders.py``). Matching and losses:
-``model/psf_criterion.py``; panoptic merging: ``model.panoptic_inference.mask_wise_merge``
-on ``query_class_probs`` and the sigmoid masks.
+GroupNorm), plus a stride-64 level (``extra_level``, the official ChannelMapper's extra
+3×3 stride-2 conv), flattened into one token sequence and refined by a Deformable DETR
+encoder (``MSDeformAttnEncoderLayer``, the layer of our Mask2Former pixel decoder). The
+location decoder turns N learned thing queries into location-aware ones (box refinement;
+its class and box heads are supervised in training only); the thing mask decoder takes
+those, the stuff mask decoder one fixed query per stuff class, and both predict masks
+from their attention maps over strides 8/16/32 (``model/psf_decoders.py``). Matching and
+losses: ``model/psf_criterion.py``; panoptic merging:
+``model.panoptic_inference.mask_wise_merge`` on ``query_class_probs`` and the sigmoid masks.
 
-Inputs are assumed unpadded (no padding mask), as in our other models.
+Left out of the official head: its extra attention-only mask layer (``AttentionTail``)
+and the pre-filtering of thing queries by the location decoder's matching cost (a memory
+saving). Inputs are assumed unpadded (no padding mask), as in our other models.
 """
 
 from __future__ import annotations
@@ -40,13 +45,58 @@ def split_classes(thing_classes: Sequence[int], num_classes: int) -> tuple[list[
     return things, stuff
 
 
+class PanopticSegFormerHead(nn.Module):
+    """The official ``PanformerHead`` after the encoder: location decoder, thing and stuff
+    mask decoders, the stuff queries. ``forward(memory, pos, shapes, spatial_shapes,
+    level_start_index)`` -> the model's output dict (see ``PanopticSegFormer``)."""
+
+    def __init__(self, cfg: PanopticSegFormerConfig, levels: int, num_things: int, num_stuff: int,
+                 ops: OpsConfig) -> None:  # fmt: skip
+        super().__init__()
+        d = cfg.hidden_dim
+        self.skip_levels = int(cfg.extra_level)  # the mask decoders skip the stride-64 level
+        mask_levels = levels - self.skip_levels
+        self.location_decoder = LocationDecoder(cfg.num_queries, d, cfg.nheads, cfg.dim_feedforward, cfg.dropout,
+                                                cfg.location_layers, levels, cfg.num_points, num_things, ops)  # fmt: skip
+        self.thing_decoder = MaskDecoder(d, cfg.nheads, cfg.dim_feedforward, cfg.thing_mask_layers, mask_levels,
+                                         num_things, self_attention=False, with_boxes=True, ops=ops)  # fmt: skip
+        self.stuff_decoder = MaskDecoder(d, cfg.nheads, cfg.dim_feedforward, cfg.stuff_mask_layers, mask_levels, 1,
+                                         self_attention=True, with_boxes=False, ops=ops)  # fmt: skip
+        self.stuff_queries = nn.Embedding(num_stuff, 2 * d)  # positional half, content half
+
+    def forward(self, memory: Tensor, pos: Tensor, shapes: list[tuple[int, int]], spatial_shapes: Tensor,
+                level_start_index: Tensor) -> dict:  # fmt: skip
+        batch = memory.shape[0]
+        things, thing_pos, reference, loc_outputs = self.location_decoder(
+            memory, spatial_shapes, level_start_index
+        )
+        start = sum(h * w for h, w in shapes[: self.skip_levels])  # from the shapes: no device sync
+        mask_memory, mask_pos, mask_shapes = memory[:, start:], pos[:, start:], shapes[self.skip_levels :]
+        thing_layers = self.thing_decoder(things, thing_pos, mask_memory, mask_pos, mask_shapes, reference)
+        stuff_pos, stuff = self.stuff_queries.weight[None].expand(batch, -1, -1).to(memory.dtype).chunk(2, -1)
+        stuff_layers = self.stuff_decoder(stuff, stuff_pos, mask_memory, mask_pos, mask_shapes)
+        out = {
+            "pred_thing_logits": thing_layers[-1]["logits"],
+            "pred_stuff_logits": stuff_layers[-1]["logits"][..., 0],
+            "pred_masks": torch.cat((thing_layers[-1]["masks"], stuff_layers[-1]["masks"]), 1),
+        }
+        if self.training:
+            out["pred_boxes"] = thing_layers[-1]["boxes"]
+            out["thing_aux_outputs"] = thing_layers[:-1]
+            out["stuff_aux_outputs"] = stuff_layers[:-1]
+            out["loc_outputs"] = loc_outputs
+        return out
+
+
 class PanopticSegFormer(NormalizedInput):
     """``forward(images: B×3×H×W, 0..255)`` -> ``{"pred_thing_logits": B×N×K_thing,
     "pred_stuff_logits": B×K_stuff, "pred_masks": B×(N+K_stuff)×⌈H/8⌉×⌈W/8⌉ (logits; thing
-    queries first, then stuff query k = ``stuff_classes[k]``)}``; in training also
-    ``"aux_outputs"`` (the earlier mask-decoder layers, same keys) and ``"loc_outputs"``
-    (per location-decoder layer ``{"pred_boxes": B×N×4 cxcywh in [0, 1],
-    "pred_box_logits": B×N×K_thing}``, last layer last).
+    queries first, then stuff query k = ``stuff_classes[k]``)}`` from the last layer of
+    each mask decoder; in training also ``"pred_boxes"`` (B×N×4, the last thing layer's),
+    ``"thing_aux_outputs"`` / ``"stuff_aux_outputs"`` (the earlier mask-decoder layers:
+    ``{"logits", "masks"[, "boxes"]}``) and ``"loc_outputs"`` (per location-decoder layer
+    ``{"pred_boxes": B×N×4 cxcywh in [0, 1], "pred_box_logits": B×N×K_thing}``, last
+    layer last).
 
     Class logits are sigmoid logits (focal loss); thing logit j is class ``thing_classes[j]``.
     The attribute name ``backbone`` is relied on by the optimizer (lower backbone lr).
@@ -65,54 +115,22 @@ class PanopticSegFormer(NormalizedInput):
         if cfg.hidden_dim % 4 or cfg.hidden_dim % cfg.nheads:
             raise ValueError(f"model.panoptic_segformer: hidden_dim {cfg.hidden_dim} must be a multiple of 4 "
                              f"and of nheads {cfg.nheads}")  # fmt: skip
-        for key in ("num_queries", "encoder_layers", "location_layers", "mask_layers", "num_points"):
+        for key in ("num_queries", "encoder_layers", "location_layers", "thing_mask_layers", "stuff_mask_layers",
+                    "num_points"):  # fmt: skip
             if getattr(cfg, key) < 1:
                 raise ValueError(f"model.panoptic_segformer.{key} must be >= 1, got {getattr(cfg, key)}")
-        levels = len(backbone.channels)
-        num_things = len(thing_classes)
+        encoder = DeformableEncoder(backbone.channels, cfg.hidden_dim, cfg.nheads, cfg.dim_feedforward, cfg.dropout,
+                                    cfg.encoder_layers, cfg.num_points, ops, extra_level=cfg.extra_level)  # fmt: skip
+        head = PanopticSegFormerHead(cfg, encoder.num_levels, len(thing_classes), len(stuff_classes), ops)
         # NormalizedInput's slots: the deformable encoder is the "pixel decoder" (as in
-        # Mask2Former), the mask decoder the "predictor".
-        super().__init__(
-            backbone,
-            DeformableEncoder(
-                backbone.channels,
-                cfg.hidden_dim,
-                cfg.nheads,
-                cfg.dim_feedforward,
-                cfg.dropout,
-                cfg.encoder_layers,
-                cfg.num_points,
-                ops,
-            ),  # fmt: skip
-            MaskDecoder(
-                cfg.hidden_dim,
-                cfg.nheads,
-                cfg.dim_feedforward,
-                cfg.dropout,
-                cfg.mask_layers,
-                num_things,
-                len(stuff_classes),
-                levels,
-                ops,
-            ),  # fmt: skip
-            pixel_mean,
-            pixel_std,
-        )
+        # Mask2Former), the head with its three decoders the "predictor".
+        super().__init__(backbone, encoder, head, pixel_mean, pixel_std)
         self.thing_classes, self.stuff_classes = thing_classes, stuff_classes
-        self.location_decoder = LocationDecoder(cfg.num_queries, cfg.hidden_dim, cfg.nheads, cfg.dim_feedforward,
-                                                cfg.dropout, cfg.location_layers, levels, cfg.num_points,
-                                                num_things, ops)  # fmt: skip
 
     def forward(self, images: Tensor) -> dict:
         features = self.backbone(self.normalize(images))
         memory, pos, shapes, spatial_shapes, level_start_index = self.pixel_decoder(features)
-        things, loc_outputs = self.location_decoder(memory, spatial_shapes, level_start_index)
-        mask_outputs = self.predictor(things, memory, pos.to(memory.dtype), shapes)
-        out = dict(mask_outputs[-1])
-        if self.training:
-            out["aux_outputs"] = mask_outputs[:-1]
-            out["loc_outputs"] = loc_outputs
-        return out
+        return self.predictor(memory, pos.to(memory.dtype), shapes, spatial_shapes, level_start_index)
 
 
 def query_class_probs(outputs: dict, thing_classes: Sequence[int], stuff_classes: Sequence[int]) -> Tensor:

@@ -4,25 +4,28 @@ Targets are the shared ``{"labels": int64[n] (contiguous class ids), "masks": bo
 per image; a label is a thing or stuff class by the config's ``thing_classes``.
 
 - **Query decoupling.** Thing queries are matched one-to-one to the thing targets by
-  Hungarian matching (``linear_sum_assignment``) with the official costs: 2·focal class
-  cost (of the final mask layer's thing logits) + 5·L1 + 2·GIoU (of the location
-  decoder's final boxes against the boxes of the target masks) + 2·dice (final masks).
-  Stuff query k is always assigned to stuff class k (``stuff_classes[k]``): its target
-  is that class's mask when the image has it (several segments of one stuff class are
-  merged), otherwise it is unmatched.
-- **Losses**, for every mask-decoder layer (deep supervision, one matching shared by all
-  layers as in the official head): focal class loss on the thing logits (one-hot of the
-  matched class, 0 elsewhere) and on the stuff logits ("class k present"), summed and
-  divided by the number of thing / stuff masks (Deformable DETR's normalisation); dice
-  loss on the matched thing masks and present stuff masks only (unmatched queries weigh 0
-  in L_seg), over full-resolution masks. For every location-decoder layer: focal class,
-  L1 and GIoU losses of the matched thing queries' boxes.
+  Hungarian matching (``linear_sum_assignment``) with the official costs (its
+  ``HungarianAssigner_multi_info``): 2·focal class cost (of the location decoder's last
+  class logits) + 5·L1 + 2·GIoU (of its last boxes against the boxes of the target
+  masks) + 2·dice (the thing mask decoder's last masks). Stuff query k is always
+  assigned to stuff class k (``stuff_classes[k]``): its target is that class's mask when
+  the image has it (several segments of one stuff class are merged), else it is unmatched.
+- **Losses.** For every thing mask-decoder layer (one matching shared by all of them, as
+  in the official head): focal class loss on the thing logits (one-hot of the matched
+  class, 0 elsewhere), dice on the matched masks, L1 + GIoU on the matched boxes; for
+  every stuff mask-decoder layer: focal class loss ("class k present") and dice on the
+  present classes' masks. Focal losses are summed and divided by the number of thing /
+  stuff masks (Deformable DETR's normalisation); unmatched queries weigh 0 in L_seg;
+  masks are compared at full resolution. The location decoder's last layer uses the
+  same matching; each earlier layer is matched on its own (class + L1 + GIoU costs, the
+  official ``loss_single``) for its focal class, L1 and GIoU losses.
 - Mask counts are averaged over ranks and clamped to >= 1, as ``SetCriterion.num_masks``.
 
 Keys (already weighted; the caller sums them): ``loss_thing_cls``, ``loss_thing_dice``,
-``loss_stuff_cls``, ``loss_stuff_dice`` (``_0``, ``_1``, ... for the earlier mask layers),
-``loss_box_cls``, ``loss_box_l1``, ``loss_giou`` (``_loc0``, ... for the earlier location
-layers). All math is fp32 with autocast off.
+``loss_thing_l1``, ``loss_thing_giou``, ``loss_stuff_cls``, ``loss_stuff_dice`` (``_0``,
+``_1``, ... for the earlier mask layers), ``loss_box_cls``, ``loss_box_l1``,
+``loss_giou`` (``_loc0``, ... for the earlier location layers). All math is fp32 with
+autocast off.
 """
 
 from __future__ import annotations
@@ -100,29 +103,31 @@ class PanopticSegFormerCriterion(nn.Module):
         return max(float(total.item()), 1.0)
 
     @torch.no_grad()
-    def match(self, outputs: dict, targets: list[DecoupledTargets]) -> list[tuple[Tensor, Tensor]]:
-        """Per image (thing query idx, thing target idx), Hungarian on the final outputs."""
-        cfg, indices = self.cfg, []
-        num_things = outputs["pred_thing_logits"].shape[1]
-        boxes = outputs["loc_outputs"][-1]["pred_boxes"] if outputs.get("loc_outputs") else None
+    def match(self, thing_logits: Tensor, boxes: Tensor | None, masks: Tensor | None,
+              targets: list[DecoupledTargets]) -> list[tuple[Tensor, Tensor]]:  # fmt: skip
+        """Per image (thing query idx, thing target idx): Hungarian matching on the focal
+        class cost of ``thing_logits`` (B×N×K_thing) plus, when given, the L1 + GIoU cost of
+        ``boxes`` (B×N×4) and the dice cost of ``masks`` (B×N×h×w logits)."""
+        cfg, indices, device = self.cfg, [], thing_logits.device
         for b, tgt in enumerate(targets):
-            n = tgt.thing_labels.numel()
-            if n == 0:
+            if tgt.thing_labels.numel() == 0:
                 indices.append((torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)))
                 continue
-            device = outputs["pred_thing_logits"].device
+            labels = tgt.thing_labels.to(device)
             cost = cfg.class_weight * focal_class_cost(
-                outputs["pred_thing_logits"][b], tgt.thing_labels.to(device), cfg.focal_alpha, cfg.focal_gamma
+                thing_logits[b], labels, cfg.focal_alpha, cfg.focal_gamma
             )
             if boxes is not None:
                 pred, gt = boxes[b].float(), tgt.thing_boxes.to(device)
                 cost = cost + cfg.box_l1_weight * torch.cdist(pred, gt, p=1)
                 giou = generalized_box_iou(box_cxcywh_to_xyxy(pred)[:, None], box_cxcywh_to_xyxy(gt)[None])
                 cost = cost - cfg.giou_weight * giou
-            masks = outputs["pred_masks"][b, :num_things].float()
-            small = F.interpolate(tgt.thing_masks[:, None].to(device, torch.float32), size=masks.shape[-2:],
-                                  mode="nearest")[:, 0]  # fmt: skip
-            cost = (cost + cfg.dice_weight * batch_dice_loss(masks, small)).cpu()
+            if masks is not None:
+                pred_masks = masks[b].float()
+                small = F.interpolate(tgt.thing_masks[:, None].to(device, torch.float32), size=pred_masks.shape[-2:],
+                                      mode="nearest")[:, 0]  # fmt: skip
+                cost = cost + cfg.dice_weight * batch_dice_loss(pred_masks, small)
+            cost = cost.cpu()
             if not torch.isfinite(cost).all():
                 raise FloatingPointError(
                     "PanopticSegFormerCriterion: non-finite matching cost (outputs diverged)"
@@ -133,57 +138,75 @@ class PanopticSegFormerCriterion(nn.Module):
             )
         return indices
 
-    def _mask_layer(self, out: dict, targets: list[DecoupledTargets], indices, image_size, n_thing: float,
-                    n_stuff: float, suffix: str) -> dict[str, Tensor]:  # fmt: skip
-        cfg = self.cfg
-        thing_logits, stuff_logits = out["pred_thing_logits"].float(), out["pred_stuff_logits"].float()
-        device, num_things = thing_logits.device, thing_logits.shape[1]
-        onehot = torch.zeros_like(thing_logits)
-        thing_src, thing_tgt, stuff_src, stuff_tgt = [], [], [], []
-        for b, (tgt, (rows, cols)) in enumerate(zip(targets, indices)):
-            onehot[b, rows.to(device), tgt.thing_labels[cols].to(device)] = 1.0
-            thing_src.append(out["pred_masks"][b, rows.to(device)])
-            thing_tgt.append(tgt.thing_masks[cols.to(tgt.thing_masks.device)].to(device))
-            present = tgt.stuff_present.bool().nonzero()[:, 0]
-            stuff_src.append(out["pred_masks"][b, num_things + present.to(device)])
-            stuff_tgt.append(tgt.stuff_masks[present.to(tgt.stuff_masks.device)].to(device))
-        present = torch.stack([t.stuff_present for t in targets]).to(device)
-        losses = {
-            f"loss_thing_cls{suffix}": cfg.class_weight
-            * focal_ce_loss(thing_logits, onehot, n_thing, cfg.focal_alpha, cfg.focal_gamma),
-            f"loss_stuff_cls{suffix}": cfg.class_weight
-            * focal_ce_loss(stuff_logits, present, n_stuff, cfg.focal_alpha, cfg.focal_gamma),
-        }
-        for kind, src, tgt, count in (
-            ("thing", thing_src, thing_tgt, n_thing),
-            ("stuff", stuff_src, stuff_tgt, n_stuff),
-        ):
-            src_all, tgt_all = torch.cat(src), torch.cat(tgt)
-            if src_all.shape[0] == 0:
-                dice = out["pred_masks"].float().sum() * 0.0  # keeps the graph: every rank must backward
-            else:
-                dice = fused_dice_loss(upsample_masks(src_all[None], image_size)[0], tgt_all, count)
-            losses[f"loss_{kind}_dice{suffix}"] = cfg.dice_weight * dice
-        return losses
+    def _dice(self, masks: Tensor, targets: list[Tensor], image_size, count: float) -> Tensor:
+        """Dice of the selected B-concatenated mask logits against their full-size targets."""
+        src, tgt = torch.cat(masks), torch.cat(targets)
+        if src.shape[0] == 0:
+            return sum(m.float().sum() for m in masks) * 0.0  # keeps the graph: every rank must backward
+        return fused_dice_loss(upsample_masks(src[None], image_size)[0], tgt, count)
 
-    def _box_layer(self, out: dict, targets: list[DecoupledTargets], indices, n_thing: float,
-                   suffix: str) -> dict[str, Tensor]:  # fmt: skip
-        cfg = self.cfg
-        logits, boxes = out["pred_box_logits"].float(), out["pred_boxes"].float()
-        device = logits.device
-        onehot = torch.zeros_like(logits)
+    def _box_terms(self, boxes: Tensor, targets: list[DecoupledTargets], indices, n_thing: float
+                   ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """(L1, GIoU) losses of the matched ``boxes`` (B×N×4), each summed / ``n_thing``."""
         pred, gt = [], []
         for b, (tgt, (rows, cols)) in enumerate(zip(targets, indices)):
-            onehot[b, rows.to(device), tgt.thing_labels[cols].to(device)] = 1.0
-            pred.append(boxes[b, rows.to(device)])
-            gt.append(tgt.thing_boxes[cols].to(device))
+            pred.append(boxes[b, rows.to(boxes.device)].float())
+            gt.append(tgt.thing_boxes[cols].to(boxes.device))
         pred_all, gt_all = torch.cat(pred), torch.cat(gt)
         giou = generalized_box_iou(box_cxcywh_to_xyxy(pred_all), box_cxcywh_to_xyxy(gt_all))
+        return (pred_all - gt_all).abs().sum() / n_thing, (1 - giou).sum() / n_thing
+
+    def _thing_class(
+        self, logits: Tensor, targets: list[DecoupledTargets], indices, n_thing: float
+    ) -> Tensor:
+        logits = logits.float()
+        onehot = torch.zeros_like(logits)
+        for b, (tgt, (rows, cols)) in enumerate(zip(targets, indices)):
+            onehot[b, rows.to(logits.device), tgt.thing_labels[cols].to(logits.device)] = 1.0
+        return focal_ce_loss(logits, onehot, n_thing, self.cfg.focal_alpha, self.cfg.focal_gamma)
+
+    def _thing_layer(self, layer: dict, targets: list[DecoupledTargets], indices, image_size, n_thing: float,
+                     suffix: str) -> dict[str, Tensor]:  # fmt: skip
+        cfg, masks = self.cfg, layer["masks"]
+        selected = [masks[b, rows.to(masks.device)] for b, (rows, _) in enumerate(indices)]
+        matched = [t.thing_masks[cols.to(t.thing_masks.device)].to(masks.device) for t, (_, cols) in
+                   zip(targets, indices)]  # fmt: skip
+        losses = {
+            f"loss_thing_cls{suffix}": cfg.class_weight
+            * self._thing_class(layer["logits"], targets, indices, n_thing),
+            f"loss_thing_dice{suffix}": cfg.dice_weight * self._dice(selected, matched, image_size, n_thing),
+        }
+        if "boxes" in layer:
+            l1, giou = self._box_terms(layer["boxes"], targets, indices, n_thing)
+            losses[f"loss_thing_l1{suffix}"] = cfg.box_l1_weight * l1
+            losses[f"loss_thing_giou{suffix}"] = cfg.giou_weight * giou
+        return losses
+
+    def _stuff_layer(self, layer: dict, targets: list[DecoupledTargets], image_size, n_stuff: float,
+                     suffix: str) -> dict[str, Tensor]:  # fmt: skip
+        cfg, masks = self.cfg, layer["masks"]
+        logits = layer["logits"].float()[..., 0]
+        present = [t.stuff_present.bool().nonzero()[:, 0] for t in targets]
+        selected = [masks[b, p.to(masks.device)] for b, p in enumerate(present)]
+        wanted = [
+            t.stuff_masks[p.to(t.stuff_masks.device)].to(masks.device) for t, p in zip(targets, present)
+        ]
+        presence = torch.stack([t.stuff_present for t in targets]).to(logits.device)
+        return {
+            f"loss_stuff_cls{suffix}": cfg.class_weight
+            * focal_ce_loss(logits, presence, n_stuff, cfg.focal_alpha, cfg.focal_gamma),
+            f"loss_stuff_dice{suffix}": cfg.dice_weight * self._dice(selected, wanted, image_size, n_stuff),
+        }
+
+    def _location_layer(self, layer: dict, targets: list[DecoupledTargets], indices, n_thing: float,
+                        suffix: str) -> dict[str, Tensor]:  # fmt: skip
+        cfg = self.cfg
+        l1, giou = self._box_terms(layer["pred_boxes"], targets, indices, n_thing)
         return {
             f"loss_box_cls{suffix}": cfg.box_class_weight
-            * focal_ce_loss(logits, onehot, n_thing, cfg.focal_alpha, cfg.focal_gamma),
-            f"loss_box_l1{suffix}": cfg.box_l1_weight * (pred_all - gt_all).abs().sum() / n_thing,
-            f"loss_giou{suffix}": cfg.giou_weight * (1 - giou).sum() / n_thing,
+            * self._thing_class(layer["pred_box_logits"], targets, indices, n_thing),
+            f"loss_box_l1{suffix}": cfg.box_l1_weight * l1,
+            f"loss_giou{suffix}": cfg.giou_weight * giou,
         }
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
@@ -201,14 +224,29 @@ class PanopticSegFormerCriterion(nn.Module):
             decoupled = [decouple_targets(t, self.thing_classes, self.stuff_classes) for t in targets]
             n_thing = self._count(sum(t.thing_labels.numel() for t in decoupled), device)
             n_stuff = self._count(sum(float(t.stuff_present.sum()) for t in decoupled), device)
-            indices = self.match(outputs, decoupled)
-            losses = self._mask_layer(outputs, decoupled, indices, image_size, n_thing, n_stuff, "")
-            for i, aux in enumerate(outputs.get("aux_outputs", [])):
-                losses.update(
-                    self._mask_layer(aux, decoupled, indices, image_size, n_thing, n_stuff, f"_{i}")
-                )
             loc = outputs.get("loc_outputs", [])
+            final = loc[-1] if loc else {}
+            indices = self.match(final.get("pred_box_logits", outputs["pred_thing_logits"]), final.get("pred_boxes"),
+                                 outputs["pred_masks"][:, : outputs["pred_thing_logits"].shape[1]], decoupled)  # fmt: skip
+            num_things = outputs["pred_thing_logits"].shape[1]
+            last_things = {
+                "logits": outputs["pred_thing_logits"],
+                "masks": outputs["pred_masks"][:, :num_things],
+            }
+            if "pred_boxes" in outputs:
+                last_things["boxes"] = outputs["pred_boxes"]
+            last_stuff = {"logits": outputs["pred_stuff_logits"][..., None],
+                          "masks": outputs["pred_masks"][:, num_things:]}  # fmt: skip
+            losses = self._thing_layer(last_things, decoupled, indices, image_size, n_thing, "")
+            losses.update(self._stuff_layer(last_stuff, decoupled, image_size, n_stuff, ""))
+            for i, layer in enumerate(outputs.get("thing_aux_outputs", [])):
+                losses.update(self._thing_layer(layer, decoupled, indices, image_size, n_thing, f"_{i}"))
+            for i, layer in enumerate(outputs.get("stuff_aux_outputs", [])):
+                losses.update(self._stuff_layer(layer, decoupled, image_size, n_stuff, f"_{i}"))
             for i, layer in enumerate(loc):
-                suffix = "" if i == len(loc) - 1 else f"_loc{i}"
-                losses.update(self._box_layer(layer, decoupled, indices, n_thing, suffix))
+                if i == len(loc) - 1:
+                    losses.update(self._location_layer(layer, decoupled, indices, n_thing, ""))
+                else:
+                    own = self.match(layer["pred_box_logits"], layer["pred_boxes"], None, decoupled)
+                    losses.update(self._location_layer(layer, decoupled, own, n_thing, f"_loc{i}"))
         return losses

@@ -1,20 +1,24 @@
-"""Panoptic SegFormer's two decoders (seed 004): the location decoder and the mask decoder.
+"""Panoptic SegFormer's decoders (seed 004, the official panformer head): the location
+decoder and the thing / stuff mask decoders.
 
-``LocationDecoder``: Deformable DETR's decoder over the N thing queries. Each layer does
-query self-attention, deformable cross-attention into the encoder tokens around the
-query's reference point (a learned point per query), and an FFN. It returns the
-location-aware thing queries; in training it also returns, for every layer (deep
-supervision), the auxiliary head's boxes (``cxcywh`` in [0, 1], offsets added to the
-reference point in logit space) and thing-class logits. That head is unused in inference.
+``LocationDecoder``: Deformable DETR's decoder with iterative box refinement
+(``with_box_refine``) over the N thing queries. Each layer does query self-attention,
+deformable cross-attention into the encoder tokens around the query's reference (a
+learned point per query, then the previous layer's box), and an FFN; a box head and a
+class head per layer predict boxes (``cxcywh`` in [0, 1], offsets to the reference in
+logit space) and thing-class logits. The boxes refine the next layer's reference in
+inference too; the class logits and the boxes are supervised in training only.
 
-``MaskDecoder``: thing queries (from the location decoder) and stuff queries (one per
-stuff class) attend to the encoder tokens with plain multi-head cross-attention. Each
-layer's pre-softmax attention logits (B×heads×Q×S over the S tokens of all levels) are
-split by level, reshaped to each level's H×W, upsampled (bilinear) to the finest level
-(stride 8), concatenated over levels and heads and fused by a 1×1 conv into one mask
-logit per query (``fuse_attention_maps``). A linear head per query kind gives the class
-logits: thing queries over the thing classes, each stuff query one logit for its own
-class. Every layer predicts (deep supervision); inference reads the last.
+``MaskDecoder``: queries of one kind attend to the encoder tokens (strides 8/16/32) with
+plain multi-head cross-attention, after a query self-attention when asked for (the
+official stuff decoder has one, the thing decoder none). Each layer's pre-softmax
+attention logits (B×heads×Q×S over the S tokens of all levels) are split by level,
+reshaped to each level's H×W, upsampled (bilinear) to the finest level (stride 8),
+concatenated over levels and heads and fused by a 1×1 conv into one mask logit per
+query (``fuse_attention_maps``). A linear head per layer gives the class logits (thing
+queries: every thing class; stuff query k: one logit, "stuff class k is present"), an
+optional box head per layer the thing boxes relative to the location decoder's.
+Every layer predicts (deep supervision); inference reads the last.
 """
 
 from __future__ import annotations
@@ -40,17 +44,19 @@ def _focal_prior_bias(linear: nn.Linear, prior: float = 0.01) -> None:
 
 
 class FFN(nn.Module):
-    """Post-norm ReLU feed-forward block with its residual."""
+    """Post-norm feed-forward block with its residual (ReLU as mmcv's FFN, or GELU as the
+    official mask head's Mlp)."""
 
-    def __init__(self, d_model: int, d_ffn: int, dropout: float, ops: OpsConfig) -> None:
+    def __init__(self, d_model: int, d_ffn: int, dropout: float, ops: OpsConfig, activation=F.relu) -> None:
         super().__init__()
         self.linear1 = nn.Linear(d_model, d_ffn)
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.dropout = nn.Dropout(dropout)
         self.norm = layer_norm(d_model, ops.apex)
+        self.activation = activation
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
+        return self.norm(x + self.dropout(self.linear2(self.dropout(self.activation(self.linear1(x))))))
 
 
 class LocationDecoderLayer(nn.Module):
@@ -87,10 +93,29 @@ class MLP(nn.Module):
         return x
 
 
+def box_head(d_model: int) -> MLP:
+    """Deformable DETR's 3-layer box MLP; its last layer starts at zero (box = reference)."""
+    head = MLP(d_model, 4, 3)
+    nn.init.zeros_(head.layers[-1].weight)
+    nn.init.zeros_(head.layers[-1].bias)
+    return head
+
+
+def refine_boxes(delta: Tensor, reference: Tensor) -> Tensor:
+    """Box-head output + reference in logit space -> fp32 ``cxcywh`` boxes in [0, 1]. A
+    2-value reference (a point) moves the centre only; the size comes from ``delta``."""
+    delta = delta.float()
+    if reference.shape[-1] == 4:
+        return (delta + torch.logit(reference, eps=1e-5)).sigmoid()
+    centre = delta[..., :2] + torch.logit(reference, eps=1e-5)
+    return torch.cat((centre, delta[..., 2:]), -1).sigmoid()
+
+
 class LocationDecoder(nn.Module):
-    """``forward(memory B×S×C, spatial_shapes, level_start_index)`` ->
-    ``(thing queries B×N×C, [{"pred_boxes": B×N×4, "pred_box_logits": B×N×K_thing}]
-    per layer, first to last — empty unless training)``."""
+    """``forward(memory B×S×C, spatial_shapes, level_start_index)`` -> ``(thing queries
+    B×N×C, their positional embeddings B×N×C, the last layer's boxes B×N×4 (detached),
+    [{"pred_boxes": B×N×4, "pred_box_logits": B×N×K_thing}] per layer, first to last —
+    empty unless training)``."""
 
     def __init__(self, num_queries: int, d_model: int, nheads: int, d_ffn: int, dropout: float, layers: int,
                  levels: int, points: int, num_thing_classes: int, ops: OpsConfig) -> None:  # fmt: skip
@@ -102,30 +127,29 @@ class LocationDecoder(nn.Module):
         self.layers = nn.ModuleList(
             LocationDecoderLayer(d_model, nheads, d_ffn, dropout, levels, points, ops) for _ in range(layers)
         )
-        # The auxiliary detection head, shared by every layer (Deformable DETR without box
-        # refinement); the last layer of the box MLP starts at zero (box = reference point).
-        self.box_embed = MLP(d_model, 4, 3)
-        nn.init.zeros_(self.box_embed.layers[-1].weight)
-        nn.init.zeros_(self.box_embed.layers[-1].bias)
-        self.class_embed = nn.Linear(d_model, num_thing_classes)
-        _focal_prior_bias(self.class_embed)
+        # One box and one class head per layer (with_box_refine clones them).
+        self.box_heads = nn.ModuleList(box_head(d_model) for _ in range(layers))
+        # Deformable DETR: the first layer's boxes start small (sigmoid(-2) = 0.12 of the image).
+        nn.init.constant_(self.box_heads[0].layers[-1].bias[2:], -2.0)
+        self.class_heads = nn.ModuleList(nn.Linear(d_model, num_thing_classes) for _ in range(layers))
+        for head in self.class_heads:
+            _focal_prior_bias(head)
 
     def forward(
         self, memory: Tensor, spatial_shapes: Tensor, level_start_index: Tensor
-    ) -> tuple[Tensor, list]:
+    ) -> tuple[Tensor, Tensor, Tensor, list]:
         batch, levels = memory.shape[0], spatial_shapes.shape[0]
         query_pos, tgt = self.query_embed.weight[None].expand(batch, -1, -1).chunk(2, -1)
         reference = self.reference_points(query_pos).float().sigmoid()  # B×N×2 (x, y)
-        per_level = reference[:, :, None].expand(-1, -1, levels, -1)
         predictions = []
-        for layer in self.layers:
+        for layer, boxes_of, classes_of in zip(self.layers, self.box_heads, self.class_heads):
+            per_level = reference[:, :, None].expand(-1, -1, levels, -1)
             tgt = layer(tgt, query_pos, per_level, memory, spatial_shapes, level_start_index)
+            boxes = refine_boxes(boxes_of(tgt), reference)
             if self.training:
-                delta = self.box_embed(tgt).float()
-                centre = delta[..., :2] + torch.logit(reference, eps=1e-5)
-                boxes = torch.cat((centre, delta[..., 2:]), -1).sigmoid()
-                predictions.append({"pred_boxes": boxes, "pred_box_logits": self.class_embed(tgt)})
-        return tgt, predictions
+                predictions.append({"pred_boxes": boxes, "pred_box_logits": classes_of(tgt)})
+            reference = boxes.detach()  # gradients do not flow through the references
+        return tgt, query_pos, reference, predictions
 
 
 def fuse_attention_maps(logits: Tensor, shapes: Sequence[tuple[int, int]]) -> Tensor:
@@ -146,76 +170,82 @@ def fuse_attention_maps(logits: Tensor, shapes: Sequence[tuple[int, int]]) -> Te
 
 
 class MaskDecoderLayer(nn.Module):
-    """Query self-attention, cross-attention returning its pre-softmax logits, FFN."""
+    """Optional query self-attention, cross-attention returning its pre-softmax logits, FFN
+    (post-norm, GELU: the official MaskHead's Block)."""
 
-    def __init__(self, d_model: int, nheads: int, d_ffn: int, dropout: float, ops: OpsConfig) -> None:
+    def __init__(self, d_model: int, nheads: int, d_ffn: int, self_attention: bool, ops: OpsConfig) -> None:
         super().__init__()
         self.nheads = nheads
-        self.self_attn = nn.MultiheadAttention(d_model, nheads, dropout=dropout, batch_first=True)
-        self.norm1 = layer_norm(d_model, ops.apex)
+        self.self_attn = None
+        if self_attention:
+            self.self_attn = nn.MultiheadAttention(d_model, nheads, batch_first=True)
+            self.norm0 = layer_norm(d_model, ops.apex)
         self.q_proj = nn.Linear(d_model, d_model)
         self.k_proj = nn.Linear(d_model, d_model)
         self.v_proj = nn.Linear(d_model, d_model)
         self.out_proj = nn.Linear(d_model, d_model)
-        self.norm2 = layer_norm(d_model, ops.apex)
-        self.dropout = nn.Dropout(dropout)
-        self.ffn = FFN(d_model, d_ffn, dropout, ops)
+        self.norm1 = layer_norm(d_model, ops.apex)
+        # The official mask heads use no dropout.
+        self.ffn = FFN(d_model, d_ffn, 0.0, ops, activation=F.gelu)
 
     def _heads(self, x: Tensor) -> Tensor:
         return x.view(x.shape[0], x.shape[1], self.nheads, -1).transpose(1, 2)
 
-    def forward(self, tgt: Tensor, memory: Tensor, memory_pos: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, tgt: Tensor, query_pos: Tensor, memory: Tensor, memory_pos: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """-> (queries B×Q×C, attention logits B×heads×Q×S)."""
-        tgt = self.norm1(tgt + self.dropout(self.self_attn(tgt, tgt, tgt, need_weights=False)[0]))
+        if self.self_attn is not None:
+            q = tgt + query_pos
+            tgt = self.norm0(tgt + self.self_attn(q, q, tgt, need_weights=False)[0])
         q, k, v = (
-            self._heads(self.q_proj(tgt)),
+            self._heads(self.q_proj(tgt + query_pos)),
             self._heads(self.k_proj(memory + memory_pos)),
             self._heads(self.v_proj(memory)),
         )
         logits = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
         # Softmax in fp32: S is thousands of tokens at stride 8.
         attended = (logits.float().softmax(-1).to(v.dtype) @ v).transpose(1, 2).flatten(2)
-        tgt = self.norm2(tgt + self.dropout(self.out_proj(attended)))
+        tgt = self.norm1(tgt + self.out_proj(attended))
         return self.ffn(tgt), logits
 
 
 class MaskDecoder(nn.Module):
-    """``forward(things B×N×C, memory B×S×C, memory_pos B×S×C, shapes)`` -> one
-    ``{"pred_thing_logits": B×N×K_thing, "pred_stuff_logits": B×K_stuff,
-    "pred_masks": B×(N+K_stuff)×H/8×W/8}`` per layer (all layers in training, else the last)."""
+    """One query kind's mask decoder. ``forward(queries B×Q×C, query_pos B×Q×C, memory
+    B×S×C, memory_pos B×S×C, shapes, reference B×Q×4 | None)`` -> one ``{"logits":
+    B×Q×num_outputs, "masks": B×Q×H/8×W/8 (logits)}`` per layer (every layer in training,
+    else the last), plus ``"boxes"`` (B×Q×4 relative to ``reference``) in training when
+    built ``with_boxes``."""
 
-    def __init__(self, d_model: int, nheads: int, d_ffn: int, dropout: float, layers: int,
-                 num_thing_classes: int, num_stuff_classes: int, num_levels: int, ops: OpsConfig) -> None:  # fmt: skip
+    def __init__(self, d_model: int, nheads: int, d_ffn: int, layers: int, num_levels: int, num_outputs: int,
+                 self_attention: bool, with_boxes: bool, ops: OpsConfig) -> None:  # fmt: skip
         super().__init__()
-        self.stuff_queries = nn.Embedding(num_stuff_classes, d_model)
         self.layers = nn.ModuleList(
-            MaskDecoderLayer(d_model, nheads, d_ffn, dropout, ops) for _ in range(layers)
+            MaskDecoderLayer(d_model, nheads, d_ffn, self_attention, ops) for _ in range(layers)
         )
         # One 1×1 fusion conv per layer: each layer's attention maps mean something else.
         self.mask_fusion = nn.ModuleList(nn.Conv2d(num_levels * nheads, 1, 1) for _ in range(layers))
-        self.thing_class = nn.Linear(d_model, num_thing_classes)
-        self.stuff_class = nn.Linear(d_model, 1)  # stuff query k: "stuff class k is present"
-        _focal_prior_bias(self.thing_class)
-        _focal_prior_bias(self.stuff_class)
+        self.class_heads = nn.ModuleList(nn.Linear(d_model, num_outputs) for _ in range(layers))
+        for head in self.class_heads:
+            _focal_prior_bias(head)
+        # The official head's reg_branches2: boxes from the thing mask layers too.
+        self.box_heads = nn.ModuleList(box_head(d_model) for _ in range(layers)) if with_boxes else None
 
-    def forward(self, things: Tensor, memory: Tensor, memory_pos: Tensor,
-                shapes: Sequence[tuple[int, int]]) -> list[dict]:  # fmt: skip
-        batch, num_things = things.shape[:2]
-        queries = torch.cat(
-            (things, self.stuff_queries.weight[None].expand(batch, -1, -1).to(things.dtype)), 1
-        )
-        outputs = []
+    def forward(self, queries: Tensor, query_pos: Tensor, memory: Tensor, memory_pos: Tensor,
+                shapes: Sequence[tuple[int, int]], reference: Tensor | None = None) -> list[dict]:  # fmt: skip
+        batch, outputs = queries.shape[0], []
         for i, (layer, fusion) in enumerate(zip(self.layers, self.mask_fusion)):
-            queries, logits = layer(queries, memory, memory_pos)
+            queries, logits = layer(queries, query_pos, memory, memory_pos)
             if not self.training and i < len(self.layers) - 1:
                 continue
             maps = fuse_attention_maps(logits, shapes)  # B×Q×(L·heads)×H×W
-            masks = fusion(maps.flatten(0, 1)).view(batch, queries.shape[1], *maps.shape[-2:])
-            outputs.append({
-                "pred_thing_logits": self.thing_class(queries[:, :num_things]),
-                "pred_stuff_logits": self.stuff_class(queries[:, num_things:])[..., 0],
-                "pred_masks": masks,
-            })  # fmt: skip
+            out = {
+                "logits": self.class_heads[i](queries),
+                "masks": fusion(maps.flatten(0, 1)).view(batch, queries.shape[1], *maps.shape[-2:]),
+            }
+            if self.training and self.box_heads is not None and reference is not None:
+                out["boxes"] = refine_boxes(self.box_heads[i](queries), reference)
+            outputs.append(out)
         return outputs
 
 

@@ -3,9 +3,12 @@
 import ops.torchvision_fix  # noqa: F401  (before timm)
 
 # isort: split
+import os
+
 import pytest
 import torch
 
+from launcher.config import load_config
 from model.build import build_criterion, build_model
 from model.config import BackboneConfig, ModelConfig, PanopticSegFormerConfig
 from model.panoptic_segformer import panoptic_segformer_panoptic, query_class_probs
@@ -13,12 +16,13 @@ from model.psf_criterion import PanopticSegFormerCriterion, decouple_targets
 from model.psf_decoders import fuse_attention_maps
 from ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou, masks_to_boxes
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THINGS, STUFF = [1, 2], [0, 3]  # 4 classes: 2 things, 2 stuff
 
 
 def tiny_cfg(**overrides) -> ModelConfig:
     psf = dict(thing_classes=THINGS, num_queries=6, hidden_dim=32, nheads=2, dim_feedforward=64, dropout=0.0,
-               encoder_layers=1, location_layers=2, mask_layers=2)  # fmt: skip
+               encoder_layers=1, location_layers=2, thing_mask_layers=2, stuff_mask_layers=3)  # fmt: skip
     psf.update(overrides)
     return ModelConfig(
         name="panoptic_segformer",
@@ -37,19 +41,64 @@ def test_shapes_train_and_eval():
     assert out["pred_thing_logits"].shape == (2, 6, 2)
     assert out["pred_stuff_logits"].shape == (2, 2)
     assert out["pred_masks"].shape == (2, 8, 8, 12)  # 6 thing + 2 stuff queries, stride 8
-    assert len(out["aux_outputs"]) == 1  # deep supervision: every mask layer but the last
-    assert [o["pred_masks"].shape for o in out["aux_outputs"]] == [(2, 8, 8, 12)]
-    assert len(out["loc_outputs"]) == 2  # box head on every location-decoder layer
+    assert out["pred_boxes"].shape == (2, 6, 4)  # the last thing mask layer's boxes
+    # Deep supervision: every layer of each mask decoder but the last (2 thing, 3 stuff).
+    assert [(o["logits"].shape, o["masks"].shape, o["boxes"].shape) for o in out["thing_aux_outputs"]] == [
+        ((2, 6, 2), (2, 6, 8, 12), (2, 6, 4))
+    ]
+    assert [(o["logits"].shape, o["masks"].shape) for o in out["stuff_aux_outputs"]] == [
+        ((2, 2, 1), (2, 2, 8, 12))
+    ] * 2
+    assert len(out["loc_outputs"]) == 2  # a box head on every location-decoder layer
     boxes = out["loc_outputs"][-1]["pred_boxes"]
     assert boxes.shape == (2, 6, 4) and bool(((boxes >= 0) & (boxes <= 1)).all())
     assert out["loc_outputs"][-1]["pred_box_logits"].shape == (2, 6, 2)
     model.eval()
     with torch.no_grad():
         evaluated = model(images)
-    # The box head is training-only; inference reads the last mask layer.
+    # The box heads are supervised in training only; inference reads the last mask layers.
     assert set(evaluated) == {"pred_thing_logits", "pred_stuff_logits", "pred_masks"}
     results = panoptic_segformer_panoptic(evaluated, (64, 96), model.thing_classes, model.stuff_classes)
     assert len(results) == 2 and results[0][0].shape == (64, 96)
+
+
+def test_extra_level_feeds_the_encoder_and_location_decoder_not_the_mask_decoders():
+    torch.manual_seed(0)
+    images = torch.rand(1, 3, 64, 96) * 255
+    seen = {}
+    for extra in (True, False):
+        model = build_model(tiny_cfg(extra_level=extra)).eval()
+        with torch.no_grad():
+            shapes = model.pixel_decoder(model.backbone(model.normalize(images)))[2]
+            out = model(images)
+        seen[extra] = shapes
+        assert out["pred_masks"].shape == (1, 8, 8, 12)  # masks stay at stride 8 either way
+        assert model.predictor.location_decoder.layers[0].cross_attn.n_levels == len(shapes)
+    # Coarse to fine: the stride-64 level (a 3x3 stride-2 conv of the stride-32 map) first.
+    assert seen[False] == [(2, 3), (4, 6), (8, 12)] and seen[True] == [(1, 2), (2, 3), (4, 6), (8, 12)]
+
+
+def test_presets_have_the_papers_parameter_counts():
+    """Panoptic SegFormer's COCO table: R50 51M, Swin-L 221M parameters (the official head:
+    4-level encoder, box refinement, 4 thing + 6 stuff mask-decoder layers); within 2%."""
+    for name, paper in (
+        ("panoptic_segformer_r50_coco.yaml", 51e6),
+        ("panoptic_segformer_swin_l_coco.yaml", 221e6),
+    ):
+        cfg = load_config(os.path.join(REPO, "configs", name))
+        with torch.device("meta"):
+            model = build_model(cfg.model)
+        total = sum(p.numel() for p in model.parameters())
+        assert abs(total - paper) <= 0.02 * paper, (
+            f"{name}: {total / 1e6:.2f}M vs the paper's {paper / 1e6:.0f}M"
+        )
+        # The seed's single-decoder, three-level variant is clearly smaller: the counts above
+        # measure the official head, not the backbone alone.
+        cfg.model.panoptic_segformer.extra_level = False
+        cfg.model.panoptic_segformer.stuff_mask_layers = 1
+        with torch.device("meta"):
+            smaller = sum(p.numel() for p in build_model(cfg.model).parameters())
+        assert total - smaller > 8e6
 
 
 def test_backbone_must_start_at_stride_8():
@@ -145,7 +194,8 @@ def test_hungarian_matching_of_things_and_fixed_stuff_assignment():
     criterion = PanopticSegFormerCriterion(4, tiny_cfg().panoptic_segformer)
     dec = decouple_targets(target, THINGS, STUFF)
     outputs = _perfect_outputs(target, thing_order=[3, 1])
-    rows, cols = criterion.match(outputs, [dec])[0]
+    rows, cols = criterion.match(outputs["pred_thing_logits"], outputs["loc_outputs"][-1]["pred_boxes"],
+                                 outputs["pred_masks"][:, :4], [dec])[0]  # fmt: skip
     assert dict(zip(cols.tolist(), rows.tolist())) == {0: 3, 1: 1}
     losses = criterion(outputs, [target])
     assert losses["loss_box_l1"] < 1e-5 and losses["loss_giou"] < 1e-5
@@ -154,6 +204,27 @@ def test_hungarian_matching_of_things_and_fixed_stuff_assignment():
     # The stuff class-3 mask on stuff query 0 (class 0) is wrong whatever matching could do.
     swapped = criterion(_perfect_outputs(target, thing_order=[3, 1], stuff_swap=True), [target])
     assert swapped["loss_stuff_dice"] > 1.0
+
+
+def test_earlier_location_layers_are_matched_on_their_own_and_mask_layers_regress_boxes():
+    target = _targets()
+    criterion = PanopticSegFormerCriterion(4, tiny_cfg().panoptic_segformer)
+    final = _perfect_outputs(target, thing_order=[3, 1])
+    earlier = _perfect_outputs(target, thing_order=[0, 2])["loc_outputs"][0]  # other queries
+    outputs = {**final, "loc_outputs": [earlier, final["loc_outputs"][0]]}
+    outputs["pred_boxes"] = final["loc_outputs"][0]["pred_boxes"]  # the thing mask layer's boxes
+    losses = criterion(outputs, [target])
+    # The official loss_single: an earlier layer gets its own Hungarian matching, so its
+    # perfect boxes on queries 0 and 2 cost nothing although the final matching is 3 and 1.
+    assert losses["loss_box_l1_loc0"] < 1e-5 and losses["loss_giou_loc0"] < 1e-5
+    assert losses["loss_thing_l1"] < 1e-5 and losses["loss_thing_giou"] < 1e-5
+    # ... and the final matching applied to the earlier layer would have been wrong.
+    dec = [decouple_targets(target, THINGS, STUFF)]
+    shared = criterion.match(
+        final["pred_thing_logits"], outputs["pred_boxes"], final["pred_masks"][:, :4], dec
+    )
+    assert shared[0][0].tolist() == [1, 3]
+    assert criterion._location_layer(earlier, dec, shared, 2.0, "")["loss_box_l1"] > 0.1
 
 
 def test_query_class_probs_places_stuff_query_k_in_its_class_column():
