@@ -92,7 +92,8 @@ def predict_command(config_path: str, overrides: list[str], checkpoint: str, out
               f"{overlays} overlays (image | prediction | ground truth) to {out_dir}/overlays")
         return 0
     written = write_predictions(cfg, model, out_dir, num)
-    print(f"wrote {len(written)} overlays (image | prediction | ground truth) to {out_dir}")
+    print(f"wrote {len(written)} overlays (image | prediction | ground truth) to {out_dir} and their "
+          f"label maps (classes 0..{cfg.model.num_classes - 1}, for eval-semantic) to {os.path.join(out_dir, 'labels')}")
     return 0
 
 

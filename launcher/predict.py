@@ -1,4 +1,5 @@
-"""Predictions drawn for people: overlay PNGs of validation images."""
+"""Predictions of validation images: overlay PNGs drawn for people, and the predicted
+label maps (``labels/<key>.png``, classes 0..K-1) for ``eval-semantic`` or other tools."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 
 import numpy as np
 import torch
+from PIL import Image
 
 from data_pipeline.loader import build_eval_loader
 from launcher.config import RunConfig
@@ -16,8 +18,10 @@ from model.tta import predict_semantic_scores
 
 @torch.no_grad()
 def write_predictions(cfg: RunConfig, model: torch.nn.Module, out_dir: str, num: int) -> list[str]:
-    """Write ``num`` PNGs [image | prediction | ground truth] of the first validation images."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Write ``num`` PNGs [image | prediction | ground truth] of the first validation images
+    to ``out_dir`` and their predicted label maps to ``out_dir/labels``; returns the overlays."""
+    labels_dir = os.path.join(out_dir, "labels")
+    os.makedirs(labels_dir, exist_ok=True)
     written: list[str] = []
     dtype = autocast_dtype(cfg.train)
     model.eval()
@@ -36,7 +40,16 @@ def write_predictions(cfg: RunConfig, model: torch.nn.Module, out_dir: str, num:
                                   cfg.data.ignore_index)
             path = os.path.join(out_dir, f"{key}.png")
             panel.save(path)
+            save_label_map(prediction[:height, :width].numpy(), os.path.join(labels_dir, f"{key}.png"))
             written.append(path)
             if len(written) >= num:
                 return written
     return written
+
+
+def save_label_map(labels: np.ndarray, path: str) -> None:
+    """An H×W class-index map as a single-channel PNG: 8-bit up to 256 classes, else 16-bit."""
+    if labels.max(initial=0) < 256:
+        Image.fromarray(labels.astype(np.uint8), mode="L").save(path)
+    else:
+        Image.fromarray(labels.astype(np.uint16)).save(path)  # PIL mode I;16
