@@ -87,9 +87,10 @@ class PFTDecoderConfig:
 @dataclass
 class PanopticSegFormerConfig:
     """Panoptic SegFormer (seed 004; the official panformer config): a deformable encoder
-    on strides 8/16/32 (+ 64), a location decoder for the thing queries (auxiliary box
-    heads in training only), and mask decoders for the thing queries and the
-    one-per-class stuff queries whose cross-attention maps are fused into the masks."""
+    on strides 8/16/32 (+ 64), a location decoder for the thing queries (boxes refine its
+    references; its last class head scores the things), and mask decoders for the thing
+    queries and the one-per-class stuff queries whose cross-attention maps are fused into
+    the masks."""
 
     # Contiguous class ids that are "things" (COCO panoptic: the first 80 of 133); every
     # other class of model.num_classes is "stuff" and gets its own fixed query.
@@ -111,11 +112,12 @@ class PanopticSegFormerConfig:
     # decoders attend to strides 8/16/32 only. false = the seed's three levels.
     extra_level: bool = True
     num_points: int = 4  # deformable sampling points per head and level
-    # Losses (official weights): focal class, dice mask, and for the location decoder's
-    # box head focal class + L1 + GIoU; the same weights are the matching costs.
-    class_weight: float = 2.0
+    # Losses (official weights): focal class (things: on the location decoder), dice mask,
+    # L1 + GIoU boxes; class, L1, GIoU and dice weights are also the matching costs.
+    class_weight: float = 2.0  # the things' focal class loss (location decoder)
+    # The official stuff class loss is its loss_cls (weight 2) times another 2.
+    stuff_class_weight: float = 4.0
     dice_weight: float = 2.0
-    box_class_weight: float = 2.0
     box_l1_weight: float = 5.0
     giou_weight: float = 2.0
     focal_alpha: float = 0.25

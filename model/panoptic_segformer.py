@@ -6,15 +6,19 @@ GroupNorm), plus a stride-64 level (``extra_level``, the official ChannelMapper'
 3×3 stride-2 conv), flattened into one token sequence and refined by a Deformable DETR
 encoder (``MSDeformAttnEncoderLayer``, the layer of our Mask2Former pixel decoder). The
 location decoder turns N learned thing queries into location-aware ones (box refinement;
-its class and box heads are supervised in training only); the thing mask decoder takes
+its last class head scores the things); the thing mask decoder takes
 those, the stuff mask decoder one fixed query per stuff class, and both predict masks
 from their attention maps over strides 8/16/32 (``model/psf_decoders.py``). Matching and
 losses: ``model/psf_criterion.py``; panoptic merging:
 ``model.panoptic_inference.mask_wise_merge`` on ``query_class_probs`` and the sigmoid masks.
 
-Left out of the official head: its extra attention-only mask layer (``AttentionTail``)
-and the pre-filtering of thing queries by the location decoder's matching cost (a memory
-saving). Inputs are assumed unpadded (no padding mask), as in our other models.
+Left out of the official head: its extra attention-only mask layer (``AttentionTail``),
+the thing mask decoder's class and box heads (trained with weight 0 there, and unused in
+inference), and the pre-filtering of thing queries by a one-to-many location matching
+(up to 3 queries per object) before the mask decoder, a memory saving; here every thing
+query is decoded and one Hungarian matching (with the dice cost) serves the last
+location layer and the mask layers. Inputs are assumed unpadded (no padding mask), as in
+our other models.
 """
 
 from __future__ import annotations
@@ -59,29 +63,28 @@ class PanopticSegFormerHead(nn.Module):
         self.location_decoder = LocationDecoder(cfg.num_queries, d, cfg.nheads, cfg.dim_feedforward, cfg.dropout,
                                                 cfg.location_layers, levels, cfg.num_points, num_things, ops)  # fmt: skip
         self.thing_decoder = MaskDecoder(d, cfg.nheads, cfg.dim_feedforward, cfg.thing_mask_layers, mask_levels,
-                                         num_things, self_attention=False, with_boxes=True, ops=ops)  # fmt: skip
+                                         None, self_attention=False, ops=ops)  # fmt: skip
         self.stuff_decoder = MaskDecoder(d, cfg.nheads, cfg.dim_feedforward, cfg.stuff_mask_layers, mask_levels, 1,
-                                         self_attention=True, with_boxes=False, ops=ops)  # fmt: skip
-        self.stuff_queries = nn.Embedding(num_stuff, 2 * d)  # positional half, content half
+                                         self_attention=True, ops=ops)  # fmt: skip
+        self.stuff_queries = nn.Embedding(num_stuff, 2 * d)  # content half, positional half
 
-    def forward(self, memory: Tensor, pos: Tensor, shapes: list[tuple[int, int]], spatial_shapes: Tensor,
+    def forward(self, memory: Tensor, shapes: list[tuple[int, int]], spatial_shapes: Tensor,
                 level_start_index: Tensor) -> dict:  # fmt: skip
         batch = memory.shape[0]
-        things, thing_pos, reference, loc_outputs = self.location_decoder(
-            memory, spatial_shapes, level_start_index
-        )
+        things, loc_outputs = self.location_decoder(memory, spatial_shapes, level_start_index)
         start = sum(h * w for h, w in shapes[: self.skip_levels])  # from the shapes: no device sync
-        mask_memory, mask_pos, mask_shapes = memory[:, start:], pos[:, start:], shapes[self.skip_levels :]
-        thing_layers = self.thing_decoder(things, thing_pos, mask_memory, mask_pos, mask_shapes, reference)
-        stuff_pos, stuff = self.stuff_queries.weight[None].expand(batch, -1, -1).to(memory.dtype).chunk(2, -1)
-        stuff_layers = self.stuff_decoder(stuff, stuff_pos, mask_memory, mask_pos, mask_shapes)
+        mask_memory, mask_shapes = memory[:, start:], shapes[self.skip_levels :]
+        # As the official heads: no positions on the memory or the thing queries (their
+        # location is in their content now); the stuff queries have learned ones.
+        thing_layers = self.thing_decoder(things, None, mask_memory, mask_shapes)
+        stuff, stuff_pos = self.stuff_queries.weight[None].expand(batch, -1, -1).to(memory.dtype).chunk(2, -1)
+        stuff_layers = self.stuff_decoder(stuff, stuff_pos, mask_memory, mask_shapes)
         out = {
-            "pred_thing_logits": thing_layers[-1]["logits"],
+            "pred_thing_logits": loc_outputs[-1]["pred_box_logits"],
             "pred_stuff_logits": stuff_layers[-1]["logits"][..., 0],
             "pred_masks": torch.cat((thing_layers[-1]["masks"], stuff_layers[-1]["masks"]), 1),
         }
         if self.training:
-            out["pred_boxes"] = thing_layers[-1]["boxes"]
             out["thing_aux_outputs"] = thing_layers[:-1]
             out["stuff_aux_outputs"] = stuff_layers[:-1]
             out["loc_outputs"] = loc_outputs
@@ -89,14 +92,14 @@ class PanopticSegFormerHead(nn.Module):
 
 
 class PanopticSegFormer(NormalizedInput):
-    """``forward(images: B×3×H×W, 0..255)`` -> ``{"pred_thing_logits": B×N×K_thing,
-    "pred_stuff_logits": B×K_stuff, "pred_masks": B×(N+K_stuff)×⌈H/8⌉×⌈W/8⌉ (logits; thing
-    queries first, then stuff query k = ``stuff_classes[k]``)}`` from the last layer of
-    each mask decoder; in training also ``"pred_boxes"`` (B×N×4, the last thing layer's),
-    ``"thing_aux_outputs"`` / ``"stuff_aux_outputs"`` (the earlier mask-decoder layers:
-    ``{"logits", "masks"[, "boxes"]}``) and ``"loc_outputs"`` (per location-decoder layer
-    ``{"pred_boxes": B×N×4 cxcywh in [0, 1], "pred_box_logits": B×N×K_thing}``, last
-    layer last).
+    """``forward(images: B×3×H×W, 0..255)`` -> ``{"pred_thing_logits": B×N×K_thing (the
+    location decoder's last class head, which scores the things as in the official
+    ``get_bboxes``), "pred_stuff_logits": B×K_stuff, "pred_masks": B×(N+K_stuff)×⌈H/8⌉×⌈W/8⌉
+    (logits; thing queries first, then stuff query k = ``stuff_classes[k]``)}`` from the
+    final output of each mask decoder; in training also ``"thing_aux_outputs"`` /
+    ``"stuff_aux_outputs"`` (each mask-decoder layer's own: ``{"masks"[, "logits"]}``)
+    and ``"loc_outputs"`` (per location-decoder layer ``{"pred_boxes": B×N×4 cxcywh in
+    [0, 1], "pred_box_logits": B×N×K_thing}``, last layer last).
 
     Class logits are sigmoid logits (focal loss); thing logit j is class ``thing_classes[j]``.
     The attribute name ``backbone`` is relied on by the optimizer (lower backbone lr).
@@ -129,8 +132,9 @@ class PanopticSegFormer(NormalizedInput):
 
     def forward(self, images: Tensor) -> dict:
         features = self.backbone(self.normalize(images))
-        memory, pos, shapes, spatial_shapes, level_start_index = self.pixel_decoder(features)
-        return self.predictor(memory, pos.to(memory.dtype), shapes, spatial_shapes, level_start_index)
+        memory, _, shapes, spatial_shapes, level_start_index = self.pixel_decoder(features)
+        # The encoder's positions stay inside it: the decoders attend without them.
+        return self.predictor(memory, shapes, spatial_shapes, level_start_index)
 
 
 def query_class_probs(outputs: dict, thing_classes: Sequence[int], stuff_classes: Sequence[int]) -> Tensor:

@@ -10,22 +10,25 @@ per image; a label is a thing or stuff class by the config's ``thing_classes``.
   masks) + 2·dice (the thing mask decoder's last masks). Stuff query k is always
   assigned to stuff class k (``stuff_classes[k]``): its target is that class's mask when
   the image has it (several segments of one stuff class are merged), else it is unmatched.
-- **Losses.** For every thing mask-decoder layer (one matching shared by all of them, as
-  in the official head): focal class loss on the thing logits (one-hot of the matched
-  class, 0 elsewhere), dice on the matched masks, L1 + GIoU on the matched boxes; for
-  every stuff mask-decoder layer: focal class loss ("class k present") and dice on the
-  present classes' masks. Focal losses are summed and divided by the number of thing /
+- **Losses** (the official ``loss_single_panoptic``). For every mask of the thing mask
+  decoder (each layer's and the final one; one matching shared by all of them): dice on
+  the matched masks; for every stuff mask: dice on the present classes' masks, and for
+  every stuff class head the focal class loss ("class k present", weight
+  ``stuff_class_weight`` = the official 2 × 2). Every location-decoder
+  layer: focal class loss on the thing logits (one-hot of the matched class, 0
+  elsewhere) and L1 + GIoU on the matched boxes; its last layer uses the shared
+  matching, each earlier one is matched on its own (class + L1 + GIoU costs, the
+  official ``loss_single``). Focal and box losses are divided by the number of thing /
   stuff masks (Deformable DETR's normalisation); unmatched queries weigh 0 in L_seg;
-  masks are compared at full resolution. The location decoder's last layer uses the
-  same matching; each earlier layer is matched on its own (class + L1 + GIoU costs, the
-  official ``loss_single``) for its focal class, L1 and GIoU losses.
+  masks are compared at full resolution. Then, as the official head, every thing term
+  is scaled by n_thing / (n_thing + n_stuff) and every stuff term by n_stuff / (n_thing
+  + n_stuff), so an image's loss balances its things against its stuff.
 - Mask counts are averaged over ranks and clamped to >= 1, as ``SetCriterion.num_masks``.
 
-Keys (already weighted; the caller sums them): ``loss_thing_cls``, ``loss_thing_dice``,
-``loss_thing_l1``, ``loss_thing_giou``, ``loss_stuff_cls``, ``loss_stuff_dice`` (``_0``,
-``_1``, ... for the earlier mask layers), ``loss_box_cls``, ``loss_box_l1``,
-``loss_giou`` (``_loc0``, ... for the earlier location layers). All math is fp32 with
-autocast off.
+Keys (already weighted; the caller sums them): ``loss_thing_dice``, ``loss_stuff_cls``,
+``loss_stuff_dice`` (``_0``, ``_1``, ... for the earlier mask layers), ``loss_thing_cls``,
+``loss_box_l1``, ``loss_giou`` (``_loc0``, ... for the earlier location layers). All
+math is fp32 with autocast off.
 """
 
 from __future__ import annotations
@@ -167,43 +170,42 @@ class PanopticSegFormerCriterion(nn.Module):
 
     def _thing_layer(self, layer: dict, targets: list[DecoupledTargets], indices, image_size, n_thing: float,
                      suffix: str) -> dict[str, Tensor]:  # fmt: skip
-        cfg, masks = self.cfg, layer["masks"]
+        masks = layer["masks"]
         selected = [masks[b, rows.to(masks.device)] for b, (rows, _) in enumerate(indices)]
         matched = [t.thing_masks[cols.to(t.thing_masks.device)].to(masks.device) for t, (_, cols) in
                    zip(targets, indices)]  # fmt: skip
-        losses = {
-            f"loss_thing_cls{suffix}": cfg.class_weight
-            * self._thing_class(layer["logits"], targets, indices, n_thing),
-            f"loss_thing_dice{suffix}": cfg.dice_weight * self._dice(selected, matched, image_size, n_thing),
+        return {
+            f"loss_thing_dice{suffix}": self.cfg.dice_weight
+            * self._dice(selected, matched, image_size, n_thing)
         }
-        if "boxes" in layer:
-            l1, giou = self._box_terms(layer["boxes"], targets, indices, n_thing)
-            losses[f"loss_thing_l1{suffix}"] = cfg.box_l1_weight * l1
-            losses[f"loss_thing_giou{suffix}"] = cfg.giou_weight * giou
-        return losses
 
     def _stuff_layer(self, layer: dict, targets: list[DecoupledTargets], image_size, n_stuff: float,
                      suffix: str) -> dict[str, Tensor]:  # fmt: skip
+        """Dice of the present classes' masks, and the focal class loss when the layer has
+        class logits (the last layer's are the final output's)."""
         cfg, masks = self.cfg, layer["masks"]
-        logits = layer["logits"].float()[..., 0]
         present = [t.stuff_present.bool().nonzero()[:, 0] for t in targets]
         selected = [masks[b, p.to(masks.device)] for b, p in enumerate(present)]
         wanted = [
             t.stuff_masks[p.to(t.stuff_masks.device)].to(masks.device) for t, p in zip(targets, present)
         ]
-        presence = torch.stack([t.stuff_present for t in targets]).to(logits.device)
-        return {
-            f"loss_stuff_cls{suffix}": cfg.class_weight
-            * focal_ce_loss(logits, presence, n_stuff, cfg.focal_alpha, cfg.focal_gamma),
-            f"loss_stuff_dice{suffix}": cfg.dice_weight * self._dice(selected, wanted, image_size, n_stuff),
+        losses = {
+            f"loss_stuff_dice{suffix}": cfg.dice_weight * self._dice(selected, wanted, image_size, n_stuff)
         }
+        if "logits" in layer:
+            logits = layer["logits"].float()[..., 0]
+            presence = torch.stack([t.stuff_present for t in targets]).to(logits.device)
+            losses[f"loss_stuff_cls{suffix}"] = cfg.stuff_class_weight * focal_ce_loss(
+                logits, presence, n_stuff, cfg.focal_alpha, cfg.focal_gamma
+            )
+        return losses
 
     def _location_layer(self, layer: dict, targets: list[DecoupledTargets], indices, n_thing: float,
                         suffix: str) -> dict[str, Tensor]:  # fmt: skip
         cfg = self.cfg
         l1, giou = self._box_terms(layer["pred_boxes"], targets, indices, n_thing)
         return {
-            f"loss_box_cls{suffix}": cfg.box_class_weight
+            f"loss_thing_cls{suffix}": cfg.class_weight
             * self._thing_class(layer["pred_box_logits"], targets, indices, n_thing),
             f"loss_box_l1{suffix}": cfg.box_l1_weight * l1,
             f"loss_giou{suffix}": cfg.giou_weight * giou,
@@ -229,12 +231,7 @@ class PanopticSegFormerCriterion(nn.Module):
             indices = self.match(final.get("pred_box_logits", outputs["pred_thing_logits"]), final.get("pred_boxes"),
                                  outputs["pred_masks"][:, : outputs["pred_thing_logits"].shape[1]], decoupled)  # fmt: skip
             num_things = outputs["pred_thing_logits"].shape[1]
-            last_things = {
-                "logits": outputs["pred_thing_logits"],
-                "masks": outputs["pred_masks"][:, :num_things],
-            }
-            if "pred_boxes" in outputs:
-                last_things["boxes"] = outputs["pred_boxes"]
+            last_things = {"masks": outputs["pred_masks"][:, :num_things]}
             last_stuff = {"logits": outputs["pred_stuff_logits"][..., None],
                           "masks": outputs["pred_masks"][:, num_things:]}  # fmt: skip
             losses = self._thing_layer(last_things, decoupled, indices, image_size, n_thing, "")
@@ -249,4 +246,8 @@ class PanopticSegFormerCriterion(nn.Module):
                 else:
                     own = self.match(layer["pred_box_logits"], layer["pred_boxes"], None, decoupled)
                     losses.update(self._location_layer(layer, decoupled, own, n_thing, f"_loc{i}"))
-        return losses
+            thing_ratio = n_thing / (n_thing + n_stuff)
+        return {
+            k: v * ((1 - thing_ratio) if k.startswith("loss_stuff") else thing_ratio)
+            for k, v in losses.items()
+        }

@@ -6,8 +6,8 @@ decoder and the thing / stuff mask decoders.
 deformable cross-attention into the encoder tokens around the query's reference (a
 learned point per query, then the previous layer's box), and an FFN; a box head and a
 class head per layer predict boxes (``cxcywh`` in [0, 1], offsets to the reference in
-logit space) and thing-class logits. The boxes refine the next layer's reference in
-inference too; the class logits and the boxes are supervised in training only.
+logit space) and thing-class logits. The boxes refine the next layer's reference; the
+last layer's class logits are the things' class scores in inference too.
 
 ``MaskDecoder``: queries of one kind attend to the encoder tokens (strides 8/16/32) with
 plain multi-head cross-attention, after a query self-attention when asked for (the
@@ -15,10 +15,9 @@ official stuff decoder has one, the thing decoder none). Each layer's pre-softma
 attention logits (B×heads×Q×S over the S tokens of all levels) are split by level,
 reshaped to each level's H×W, upsampled (bilinear) to the finest level (stride 8),
 concatenated over levels and heads and fused by a 1×1 conv into one mask logit per
-query (``fuse_attention_maps``). A linear head per layer gives the class logits (thing
-queries: every thing class; stuff query k: one logit, "stuff class k is present"), an
-optional box head per layer the thing boxes relative to the location decoder's.
-Every layer predicts (deep supervision); inference reads the last.
+query (``fuse_attention_maps``); stuff query k also gets one class logit per layer
+("stuff class k is present"). Every layer predicts (deep supervision); inference reads
+the last.
 """
 
 from __future__ import annotations
@@ -113,9 +112,9 @@ def refine_boxes(delta: Tensor, reference: Tensor) -> Tensor:
 
 class LocationDecoder(nn.Module):
     """``forward(memory B×S×C, spatial_shapes, level_start_index)`` -> ``(thing queries
-    B×N×C, their positional embeddings B×N×C, the last layer's boxes B×N×4 (detached),
-    [{"pred_boxes": B×N×4, "pred_box_logits": B×N×K_thing}] per layer, first to last —
-    empty unless training)``."""
+    B×N×C, [{"pred_boxes": B×N×4, "pred_box_logits": B×N×K_thing}] per layer, first to
+    last — only the last outside training)``. The last layer's class logits are the
+    things' class scores (the official ``get_bboxes``)."""
 
     def __init__(self, num_queries: int, d_model: int, nheads: int, d_ffn: int, dropout: float, layers: int,
                  levels: int, points: int, num_thing_classes: int, ops: OpsConfig) -> None:  # fmt: skip
@@ -137,19 +136,19 @@ class LocationDecoder(nn.Module):
 
     def forward(
         self, memory: Tensor, spatial_shapes: Tensor, level_start_index: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, list]:
+    ) -> tuple[Tensor, list]:
         batch, levels = memory.shape[0], spatial_shapes.shape[0]
         query_pos, tgt = self.query_embed.weight[None].expand(batch, -1, -1).chunk(2, -1)
         reference = self.reference_points(query_pos).float().sigmoid()  # B×N×2 (x, y)
         predictions = []
-        for layer, boxes_of, classes_of in zip(self.layers, self.box_heads, self.class_heads):
+        for i, (layer, boxes_of, classes_of) in enumerate(zip(self.layers, self.box_heads, self.class_heads)):
             per_level = reference[:, :, None].expand(-1, -1, levels, -1)
             tgt = layer(tgt, query_pos, per_level, memory, spatial_shapes, level_start_index)
             boxes = refine_boxes(boxes_of(tgt), reference)
-            if self.training:
+            if self.training or i == len(self.layers) - 1:  # the last class logits score the things
                 predictions.append({"pred_boxes": boxes, "pred_box_logits": classes_of(tgt)})
             reference = boxes.detach()  # gradients do not flow through the references
-        return tgt, query_pos, reference, predictions
+        return tgt, predictions
 
 
 def fuse_attention_maps(logits: Tensor, shapes: Sequence[tuple[int, int]]) -> Tensor:
@@ -192,15 +191,18 @@ class MaskDecoderLayer(nn.Module):
         return x.view(x.shape[0], x.shape[1], self.nheads, -1).transpose(1, 2)
 
     def forward(
-        self, tgt: Tensor, query_pos: Tensor, memory: Tensor, memory_pos: Tensor
+        self, tgt: Tensor, query_pos: Tensor | None, memory: Tensor, memory_pos: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        """-> (queries B×Q×C, attention logits B×heads×Q×S)."""
+        """-> (queries B×Q×C, attention logits B×heads×Q×S). Positions are optional: the
+        official heads give none to the memory, nor to the thing queries."""
+        query = tgt if query_pos is None else tgt + query_pos
         if self.self_attn is not None:
-            q = tgt + query_pos
-            tgt = self.norm0(tgt + self.self_attn(q, q, tgt, need_weights=False)[0])
+            tgt = self.norm0(tgt + self.self_attn(query, query, tgt, need_weights=False)[0])
+            query = tgt if query_pos is None else tgt + query_pos
+        key = memory if memory_pos is None else memory + memory_pos
         q, k, v = (
-            self._heads(self.q_proj(tgt + query_pos)),
-            self._heads(self.k_proj(memory + memory_pos)),
+            self._heads(self.q_proj(query)),
+            self._heads(self.k_proj(key)),
             self._heads(self.v_proj(memory)),
         )
         logits = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
@@ -211,42 +213,55 @@ class MaskDecoderLayer(nn.Module):
 
 
 class MaskDecoder(nn.Module):
-    """One query kind's mask decoder. ``forward(queries B×Q×C, query_pos B×Q×C, memory
-    B×S×C, memory_pos B×S×C, shapes, reference B×Q×4 | None)`` -> one ``{"logits":
-    B×Q×num_outputs, "masks": B×Q×H/8×W/8 (logits)}`` per layer (every layer in training,
-    else the last), plus ``"boxes"`` (B×Q×4 relative to ``reference``) in training when
-    built ``with_boxes``."""
+    """One query kind's mask decoder. ``forward(queries B×Q×C, query_pos B×Q×C | None,
+    memory B×S×C, shapes)`` -> ``{"masks": B×Q×H/8×W/8 (logits)[, "logits":
+    B×Q×num_outputs]}`` per layer and then the final one (every layer in training, else
+    only the final). The final masks come from one more attention map after the last
+    layer (the official ``AttentionTail``: query and key projections only), the final
+    class logits from the last layer's queries (so the last layer's own dict has masks
+    only: each head is supervised once). Class heads only when ``num_outputs`` is given:
+    the official thing-mask class heads are trained with weight 0 and unused in
+    inference (``model/panoptic_segformer.py``), so the thing decoder has none."""
 
-    def __init__(self, d_model: int, nheads: int, d_ffn: int, layers: int, num_levels: int, num_outputs: int,
-                 self_attention: bool, with_boxes: bool, ops: OpsConfig) -> None:  # fmt: skip
+    def __init__(self, d_model: int, nheads: int, d_ffn: int, layers: int, num_levels: int,
+                 num_outputs: int | None, self_attention: bool, ops: OpsConfig) -> None:  # fmt: skip
         super().__init__()
+        self.nheads = nheads
         self.layers = nn.ModuleList(
             MaskDecoderLayer(d_model, nheads, d_ffn, self_attention, ops) for _ in range(layers)
         )
-        # One 1×1 fusion conv per layer: each layer's attention maps mean something else.
-        self.mask_fusion = nn.ModuleList(nn.Conv2d(num_levels * nheads, 1, 1) for _ in range(layers))
-        self.class_heads = nn.ModuleList(nn.Linear(d_model, num_outputs) for _ in range(layers))
-        for head in self.class_heads:
-            _focal_prior_bias(head)
-        # The official head's reg_branches2: boxes from the thing mask layers too.
-        self.box_heads = nn.ModuleList(box_head(d_model) for _ in range(layers)) if with_boxes else None
+        self.tail_q_proj = nn.Linear(d_model, d_model)
+        self.tail_k_proj = nn.Linear(d_model, d_model)
+        # One 1×1 fusion conv per attention map (layers + tail): each means something else.
+        self.mask_fusion = nn.ModuleList(nn.Conv2d(num_levels * nheads, 1, 1) for _ in range(layers + 1))
+        self.class_heads = None
+        if num_outputs is not None:
+            self.class_heads = nn.ModuleList(nn.Linear(d_model, num_outputs) for _ in range(layers))
+            for head in self.class_heads:
+                _focal_prior_bias(head)
 
-    def forward(self, queries: Tensor, query_pos: Tensor, memory: Tensor, memory_pos: Tensor,
-                shapes: Sequence[tuple[int, int]], reference: Tensor | None = None) -> list[dict]:  # fmt: skip
-        batch, outputs = queries.shape[0], []
-        for i, (layer, fusion) in enumerate(zip(self.layers, self.mask_fusion)):
-            queries, logits = layer(queries, query_pos, memory, memory_pos)
-            if not self.training and i < len(self.layers) - 1:
-                continue
-            maps = fuse_attention_maps(logits, shapes)  # B×Q×(L·heads)×H×W
-            out = {
-                "logits": self.class_heads[i](queries),
-                "masks": fusion(maps.flatten(0, 1)).view(batch, queries.shape[1], *maps.shape[-2:]),
-            }
-            if self.training and self.box_heads is not None and reference is not None:
-                out["boxes"] = refine_boxes(self.box_heads[i](queries), reference)
-            outputs.append(out)
-        return outputs
+    def _masks(self, logits: Tensor, shapes: Sequence[tuple[int, int]], fusion: nn.Conv2d) -> Tensor:
+        maps = fuse_attention_maps(logits, shapes)  # B×Q×(L·heads)×H×W
+        return fusion(maps.flatten(0, 1)).view(*maps.shape[:2], *maps.shape[-2:])
+
+    def forward(self, queries: Tensor, query_pos: Tensor | None, memory: Tensor,
+                shapes: Sequence[tuple[int, int]]) -> list[dict]:  # fmt: skip
+        outputs = []
+        for i, layer in enumerate(self.layers):
+            queries, logits = layer(queries, query_pos, memory, None)
+            if self.training:
+                out = {"masks": self._masks(logits, shapes, self.mask_fusion[i])}
+                if self.class_heads is not None and i < len(self.layers) - 1:
+                    out["logits"] = self.class_heads[i](queries)  # the last layer's: in the final
+                outputs.append(out)
+        query = queries if query_pos is None else queries + query_pos
+        k = self.tail_k_proj(memory).view(*memory.shape[:2], self.nheads, -1).transpose(1, 2)
+        q = self.tail_q_proj(query).view(*query.shape[:2], self.nheads, -1).transpose(1, 2)
+        final = {"masks": self._masks((q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1]), shapes,
+                                      self.mask_fusion[-1])}  # fmt: skip
+        if self.class_heads is not None:
+            final["logits"] = self.class_heads[-1](queries)
+        return outputs + [final]
 
 
 def upsample_masks(pred_masks: Tensor, image_size: Sequence[int]) -> Tensor:

@@ -2,7 +2,6 @@
 checkpoints and metrics -> a resumed run continues the step count -> eval and predict."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -63,10 +62,12 @@ def test_train_checkpoint_resume_eval_predict(dataset, tmp_path):
 
     code, log = launcher("predict", "--checkpoint", latest, "--out", str(tmp_path / "pred"), "--num", "3")
     assert code == 0, log
-    pictures = sorted(os.listdir(tmp_path / "pred"))
+    pictures = sorted(p.name for p in (tmp_path / "pred").glob("*.png"))
     assert len(pictures) == 3
     with Image.open(tmp_path / "pred" / pictures[0]) as im:
         assert im.mode == "RGB" and im.width == 3 * im.height  # image | prediction | ground truth
+    # ... and beside them the predicted label maps, one per overlay, for eval-semantic.
+    assert sorted(p.name for p in (tmp_path / "pred" / "labels").glob("*.png")) == pictures
 
     # Export: the consolidated fp32 weights load strictly into a model built from the
     # config in the file's metadata.

@@ -29,7 +29,7 @@ def maskformer_terms(terms: set[str]) -> None:
 def panoptic_segformer_terms(terms: set[str]) -> None:
     # Decoupled thing/stuff terms and the location decoder's box losses, not MaskFormer's.
     assert {"loss_thing_cls", "loss_thing_dice", "loss_stuff_cls", "loss_stuff_dice"} <= terms, terms
-    assert {"loss_box_l1", "loss_giou", "loss_thing_l1", "loss_thing_giou"} <= terms, terms
+    assert {"loss_box_l1", "loss_giou"} <= terms, terms
     assert not {"loss_ce", "loss_mask", "loss_dice"} & terms, terms
 
 

@@ -5,7 +5,6 @@ import ops.torchvision_fix  # noqa: F401  (before timm)
 
 # isort: split
 import os
-import time
 import warnings
 
 import numpy as np
@@ -83,7 +82,6 @@ def test_dilated_r50_gives_three_stride_8_maps():
     torch.manual_seed(0)
     cfg = tiny_config("resnet50c")
     cfg.backbone.timm_kwargs = {"output_stride": 8}
-    start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # resnet50c *is* UN-EPT's V1c: no MaskFormer "c"-stem warning
         model = build_model(cfg)
@@ -105,7 +103,6 @@ def test_dilated_r50_gives_three_stride_8_maps():
     assert outputs["sem_logits"].shape == outputs["coarse_logits"].shape == (1, 4, 44, 60)
     assert outputs["edge_logits"].shape == (1, 2, 6, 8) and outputs["dir_logits"].shape == (1, 8, 6, 8)
     assert torch.isfinite(outputs["sem_logits"]).all()
-    assert time.perf_counter() - start < 10
 
 
 def test_only_unept_reads_equal_strides():
