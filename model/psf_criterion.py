@@ -1,4 +1,4 @@
-"""Panoptic SegFormer's criterion (seed 004): query decoupling, focal + dice, auxiliary boxes.
+"""Panoptic SegFormer's criterion (seed 004): query decoupling, focal + dice, location boxes.
 
 Targets are the shared ``{"labels": int64[n] (contiguous class ids), "masks": bool[n, H, W]}``
 per image; a label is a thing or stuff class by the config's ``thing_classes``.
@@ -26,7 +26,7 @@ per image; a label is a thing or stuff class by the config's ``thing_classes``.
 - Mask counts are averaged over ranks and clamped to >= 1, as ``SetCriterion.num_masks``.
 
 Keys (already weighted; the caller sums them): ``loss_thing_dice``, ``loss_stuff_cls``,
-``loss_stuff_dice`` (``_0``, ``_1``, ... for the earlier mask layers), ``loss_thing_cls``,
+``loss_stuff_dice`` (the final masks; ``_0``, ``_1``, ... for each layer's own), ``loss_thing_cls``,
 ``loss_box_l1``, ``loss_giou`` (``_loc0``, ... for the earlier location layers). All
 math is fp32 with autocast off.
 """
