@@ -54,6 +54,7 @@ def build_param_groups(model: nn.Module, cfg: TrainConfig, backbone_prefix: str 
     groups: dict[tuple[bool, bool, float], dict] = {}
     # Longest fragment first: the most specific key decides, as in mmcv.
     fragments = sorted(cfg.lr_multipliers.items(), key=lambda item: -len(item[0]))
+    matched: set[str | None] = set()
     seen: set[int] = set()
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
@@ -65,7 +66,9 @@ def build_param_groups(model: nn.Module, cfg: TrainConfig, backbone_prefix: str 
                 _NEW_BACKBONE_PREFIXES
             )
             decay = not _no_weight_decay(module, param_name)
-            extra = next((mult for fragment, mult in fragments if fragment in full_name), 1.0)
+            fragment = next((f for f, _ in fragments if f in full_name), None)
+            extra = cfg.lr_multipliers[fragment] if fragment is not None else 1.0
+            matched.add(fragment)
             key = (is_backbone, decay, extra)
             if key not in groups:
                 scale = (cfg.backbone_lr_multiplier if is_backbone else 1.0) * extra
@@ -78,14 +81,11 @@ def build_param_groups(model: nn.Module, cfg: TrainConfig, backbone_prefix: str 
                     + ("" if extra == 1.0 else f"_x{extra:g}"),
                 }
             groups[key]["params"].append(param)
-    unused = [f for f in cfg.lr_multipliers if not any(f in name for name in _names(model))]
+    unused = [f for f in cfg.lr_multipliers if f not in matched]
     if unused:
-        raise ValueError(f"train.lr_multipliers: {unused[0]!r} matches no trainable parameter name of the model")
+        raise ValueError(f"train.lr_multipliers: {unused[0]!r} matches no trainable parameter name of the model "
+                         "(or only names a longer fragment decides)")
     return [groups[k] for k in sorted(groups)]
-
-
-def _names(model: nn.Module) -> list[str]:
-    return [name for name, param in model.named_parameters() if param.requires_grad]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, apex_mode: str = "auto") -> torch.optim.Optimizer:

@@ -1,4 +1,5 @@
-"""A Deformable DETR encoder over a backbone pyramid, returning the tokens themselves.
+"""A Deformable DETR encoder over a backbone pyramid, returning the tokens themselves, and
+Deformable DETR's decoder layer (``DeformableDecoderLayer``).
 
 Each level is projected to ``dim`` channels (1×1 conv + GroupNorm), optionally a coarser
 level is added (``extra_level``: a 3×3 stride-2 conv + GroupNorm on the last map, mmdet's
@@ -14,12 +15,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.msdeform_pixel_decoder import MSDeformAttnEncoderLayer, encoder_reference_points
 from model.pixel_decoder import make_norm
 from model.position_encoding import PositionEmbeddingSine
+from ops.apex_optional import layer_norm
+from ops.attention import MultiheadAttention
 from ops.config import OpsConfig
+from ops.ms_deform_attn import MSDeformAttn
 
 
 class DeformableEncoder(nn.Module):
@@ -77,3 +82,60 @@ class DeformableEncoder(nn.Module):
         for layer in self.layers:
             src = layer(src, pos, reference, spatial_shapes, level_start_index)
         return src, pos, shapes, spatial_shapes, level_start_index
+
+
+class DeformableDecoderLayer(nn.Module):
+    """Deformable DETR's post-norm decoder layer: query self-attention (the ops entry point),
+    deformable cross-attention (``MSDeformAttn``) into the encoded pyramid around each
+    query's reference, ReLU FFN. UN-EPT's query decoder and Panoptic SegFormer's location
+    decoder. ``forward(tgt: B×Q×C, query_pos: B×Q×C, reference_points: B×Q×L×2 (or ×4
+    boxes), memory: B×S×C, spatial_shapes, level_start_index) -> B×Q×C``."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ffn: int,
+        dropout: float,
+        n_levels: int,
+        n_heads: int,
+        n_points: int,
+        ops: OpsConfig,
+    ) -> None:
+        super().__init__()
+        self.self_attn = MultiheadAttention(
+            d_model,
+            n_heads,
+            dropout,
+            backend=ops.attention_backend,
+            max_matrix_mib=ops.attention_max_matrix_mib,
+        )
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = layer_norm(d_model, ops.apex)
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, implementation=ops.deform_attn)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = layer_norm(d_model, ops.apex)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.dropout3 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout4 = nn.Dropout(dropout)
+        self.norm3 = layer_norm(d_model, ops.apex)
+        nn.init.xavier_uniform_(self.linear1.weight)
+        nn.init.xavier_uniform_(self.linear2.weight)
+
+    def forward(
+        self,
+        tgt: Tensor,
+        query_pos: Tensor,
+        reference_points: Tensor,
+        memory: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+    ) -> Tensor:
+        q = tgt + query_pos
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, q, tgt)))
+        attended = self.cross_attn(
+            tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index
+        )
+        tgt = self.norm2(tgt + self.dropout2(attended))
+        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
+        return self.norm3(tgt + self.dropout4(ffn))

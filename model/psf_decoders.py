@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.deformable_encoder import DeformableDecoderLayer
 from ops.apex_optional import layer_norm
+from ops.attention import MultiheadAttention
 from ops.config import OpsConfig
-from ops.ms_deform_attn import MSDeformAttn
 
 MASK_STRIDE = 8  # the masks come out at the finest encoder level
 
@@ -42,42 +43,18 @@ def _focal_prior_bias(linear: nn.Linear, prior: float = 0.01) -> None:
     nn.init.constant_(linear.bias, -math.log((1 - prior) / prior))
 
 
-class FFN(nn.Module):
-    """Post-norm feed-forward block with its residual (ReLU as mmcv's FFN, or GELU as the
-    official mask head's Mlp)."""
+class GeluFFN(nn.Module):
+    """The official mask head's post-norm GELU feed-forward block with its residual (no
+    dropout)."""
 
-    def __init__(self, d_model: int, d_ffn: int, dropout: float, ops: OpsConfig, activation=F.relu) -> None:
+    def __init__(self, d_model: int, d_ffn: int, ops: OpsConfig) -> None:
         super().__init__()
         self.linear1 = nn.Linear(d_model, d_ffn)
         self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout = nn.Dropout(dropout)
         self.norm = layer_norm(d_model, ops.apex)
-        self.activation = activation
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(x + self.dropout(self.linear2(self.dropout(self.activation(self.linear1(x))))))
-
-
-class LocationDecoderLayer(nn.Module):
-    def __init__(self, d_model: int, nheads: int, d_ffn: int, dropout: float, levels: int, points: int,
-                 ops: OpsConfig) -> None:  # fmt: skip
-        super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nheads, dropout=dropout, batch_first=True)
-        self.norm1 = layer_norm(d_model, ops.apex)
-        self.cross_attn = MSDeformAttn(d_model, levels, nheads, points, implementation=ops.deform_attn)
-        self.norm2 = layer_norm(d_model, ops.apex)
-        self.dropout = nn.Dropout(dropout)
-        self.ffn = FFN(d_model, d_ffn, dropout, ops)
-
-    def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
-                spatial_shapes: Tensor, level_start_index: Tensor) -> Tensor:  # fmt: skip
-        q = k = tgt + query_pos
-        tgt = self.norm1(tgt + self.dropout(self.self_attn(q, k, tgt, need_weights=False)[0]))
-        attended = self.cross_attn(
-            tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index
-        )
-        tgt = self.norm2(tgt + self.dropout(attended))
-        return self.ffn(tgt)
+        return self.norm(x + self.linear2(F.gelu(self.linear1(x))))
 
 
 class MLP(nn.Module):
@@ -124,7 +101,8 @@ class LocationDecoder(nn.Module):
         nn.init.xavier_uniform_(self.reference_points.weight)
         nn.init.zeros_(self.reference_points.bias)
         self.layers = nn.ModuleList(
-            LocationDecoderLayer(d_model, nheads, d_ffn, dropout, levels, points, ops) for _ in range(layers)
+            DeformableDecoderLayer(d_model, d_ffn, dropout, levels, nheads, points, ops)
+            for _ in range(layers)
         )
         # One box and one class head per layer (with_box_refine clones them).
         self.box_heads = nn.ModuleList(box_head(d_model) for _ in range(layers))
@@ -169,23 +147,24 @@ def fuse_attention_maps(logits: Tensor, shapes: Sequence[tuple[int, int]]) -> Te
 
 
 class MaskDecoderLayer(nn.Module):
-    """Optional query self-attention, cross-attention returning its pre-softmax logits, FFN
-    (post-norm, GELU: the official MaskHead's Block)."""
+    """Optional query self-attention, cross-attention returning its pre-softmax logits (which
+    the ops attention entry point does not give: computed here), GELU FFN (post-norm: the
+    official MaskHead's Block)."""
 
     def __init__(self, d_model: int, nheads: int, d_ffn: int, self_attention: bool, ops: OpsConfig) -> None:
         super().__init__()
         self.nheads = nheads
         self.self_attn = None
         if self_attention:
-            self.self_attn = nn.MultiheadAttention(d_model, nheads, batch_first=True)
+            self.self_attn = MultiheadAttention(d_model, nheads, 0.0, backend=ops.attention_backend,
+                                                max_matrix_mib=ops.attention_max_matrix_mib)  # fmt: skip
             self.norm0 = layer_norm(d_model, ops.apex)
         self.q_proj = nn.Linear(d_model, d_model)
         self.k_proj = nn.Linear(d_model, d_model)
         self.v_proj = nn.Linear(d_model, d_model)
         self.out_proj = nn.Linear(d_model, d_model)
         self.norm1 = layer_norm(d_model, ops.apex)
-        # The official mask heads use no dropout.
-        self.ffn = FFN(d_model, d_ffn, 0.0, ops, activation=F.gelu)
+        self.ffn = GeluFFN(d_model, d_ffn, ops)
 
     def _heads(self, x: Tensor) -> Tensor:
         return x.view(x.shape[0], x.shape[1], self.nheads, -1).transpose(1, 2)
@@ -197,7 +176,7 @@ class MaskDecoderLayer(nn.Module):
         official heads give none to the memory, nor to the thing queries."""
         query = tgt if query_pos is None else tgt + query_pos
         if self.self_attn is not None:
-            tgt = self.norm0(tgt + self.self_attn(query, query, tgt, need_weights=False)[0])
+            tgt = self.norm0(tgt + self.self_attn(query, query, tgt))
             query = tgt if query_pos is None else tgt + query_pos
         key = memory if memory_pos is None else memory + memory_pos
         q, k, v = (

@@ -38,12 +38,11 @@ from torch import Tensor, nn
 
 from model.backbone import Backbone
 from model.config import UNEPTConfig
-from model.deformable_encoder import DeformableEncoder
+from model.deformable_encoder import DeformableDecoderLayer, DeformableEncoder
 from model.msdeform_pixel_decoder import encoder_reference_points
 from model.unept_heads import (
     UNEPT_STRIDE,
     BoundaryHead,
-    QueryDecoderLayer,
     SpatialBranch,
     refine_logits,
     upsample_to_image,
@@ -116,7 +115,7 @@ class UNEPT(nn.Module):
         nn.init.normal_(self.query_embed)  # nn.Embedding's initialisation, as the official
         self.spatial_branch = SpatialBranch(d)
         self.decoder = nn.ModuleList(
-            QueryDecoderLayer(
+            DeformableDecoderLayer(
                 d, cfg.dim_feedforward, cfg.dropout, cfg.num_levels, cfg.nheads, cfg.num_points, ops
             )
             for _ in range(cfg.dec_layers)

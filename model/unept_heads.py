@@ -1,12 +1,10 @@
-"""UN-EPT's building blocks besides the backbone: the spatial branch, the deformable query
-decoder layer, the boundary heads and the boundary refinement (seed 001).
+"""UN-EPT's building blocks besides the backbone and the deformable layers
+(``model.deformable_encoder``): the spatial branch, the boundary heads and the boundary
+refinement (seed 001).
 
 - ``SpatialBranch``: three 3×3 stride-2 conv-BN blocks on the image (64, 128, 256
   channels; ReLU after the first two — the official code leaves the last one linear, as
   its output is added to the learned queries) -> stride 8.
-- ``QueryDecoderLayer``: post-norm DETR layer on the stride-8 query grid: self-attention
-  among the queries, deformable cross-attention (``MSDeformAttn``) into the encoded
-  pyramid around each query's own position, ReLU FFN.
 - ``BoundaryHead``: 1×1 conv-BN-ReLU-1×1 conv on the spatial-branch features (the edge head
   has 2 outputs, boundary / not, as the official 2-way softmax; the direction head 8).
 - ``refine_logits``: for pixels predicted as edge (p(edge) > 0.5), the logits are read at
@@ -23,10 +21,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data_pipeline.boundary_targets import DIRECTION_VECTORS, NUM_DIRECTIONS
-from ops.apex_optional import layer_norm
-from ops.attention import MultiheadAttention
-from ops.config import OpsConfig
-from ops.ms_deform_attn import MSDeformAttn
 
 # Every UN-EPT map (queries, logits before upsampling, boundary heads) is at stride 8.
 UNEPT_STRIDE = 8
@@ -58,60 +52,6 @@ class BoundaryHead(nn.Sequential):
         super().__init__(
             conv_bn(channels, channels, 1, 1, relu=True), nn.Conv2d(channels, outputs, 1, bias=False)
         )
-
-
-class QueryDecoderLayer(nn.Module):
-    """``forward(tgt: B×Q×C, query_pos: B×Q×C, reference_points: B×Q×L×2, memory: B×S×C,
-    spatial_shapes, level_start_index) -> B×Q×C``."""
-
-    def __init__(
-        self,
-        d_model: int,
-        d_ffn: int,
-        dropout: float,
-        n_levels: int,
-        n_heads: int,
-        n_points: int,
-        ops: OpsConfig,
-    ) -> None:
-        super().__init__()
-        self.self_attn = MultiheadAttention(
-            d_model,
-            n_heads,
-            dropout,
-            backend=ops.attention_backend,
-            max_matrix_mib=ops.attention_max_matrix_mib,
-        )
-        self.dropout1 = nn.Dropout(dropout)
-        self.norm1 = layer_norm(d_model, ops.apex)
-        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, implementation=ops.deform_attn)
-        self.dropout2 = nn.Dropout(dropout)
-        self.norm2 = layer_norm(d_model, ops.apex)
-        self.linear1 = nn.Linear(d_model, d_ffn)
-        self.dropout3 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout4 = nn.Dropout(dropout)
-        self.norm3 = layer_norm(d_model, ops.apex)
-        nn.init.xavier_uniform_(self.linear1.weight)
-        nn.init.xavier_uniform_(self.linear2.weight)
-
-    def forward(
-        self,
-        tgt: Tensor,
-        query_pos: Tensor,
-        reference_points: Tensor,
-        memory: Tensor,
-        spatial_shapes: Tensor,
-        level_start_index: Tensor,
-    ) -> Tensor:
-        q = tgt + query_pos
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, q, tgt)))
-        attended = self.cross_attn(
-            tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index
-        )
-        tgt = self.norm2(tgt + self.dropout2(attended))
-        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
-        return self.norm3(tgt + self.dropout4(ffn))
 
 
 def upsample_to_image(x: Tensor, image_size: tuple[int, int], stride: int = UNEPT_STRIDE) -> Tensor:
