@@ -23,8 +23,9 @@ Families (decided from the timm model name):
   every stage, whatever the feature size, as Swin's segmentation code does; timm would
   otherwise shrink the window and drop the shift when a stage is no larger than its
   window at the construction size). Each block pads its map to a multiple of the window
-  *before* the cyclic shift (``_PadFirstSwinBlock``), and a LayerNorm normalises each
-  output map, as MaskFormer's ``D2SwinTransformer`` does.
+  *before* the cyclic shift and projects only the map's tokens, not the padding
+  (``model.swin_block.SwinBlock``), and a LayerNorm normalises each output map, as
+  MaskFormer's ``D2SwinTransformer`` does.
 - Plain ViTs (``vit_*``, ``deit_*``): built with ``dynamic_img_size=True`` (position
   embeddings resampled to each input), one stride-16 map from the block in
   ``out_indices`` (e.g. ``[-1]``), turned into strides 4/8/16/32 by
@@ -52,12 +53,12 @@ import torch
 import torch.nn.functional as F
 from timm.layers import freeze_batch_norm_2d
 from timm.models import is_model_in_modules
-from timm.models.swin_transformer import SwinTransformerBlock
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from model.config import BackboneConfig
 from model.simple_feature_pyramid import SimpleFeaturePyramid
+from model.swin_block import use_segmentation_swin_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -103,28 +104,6 @@ def backbone_family(name: str) -> str:
     return "cnn"
 
 
-class _PadFirstSwinBlock(SwinTransformerBlock):
-    """timm's Swin block, padding the map to a multiple of the window *before* the shift.
-
-    timm shifts first and pads afterwards, yet builds the shifted-window mask for the
-    padded size; when the map is not a multiple of the window (every stage of a 512 crop
-    with window 7), the rows and columns that wrapped around from the top/left then share
-    windows with the bottom/right of the image. Padding first, as Swin's segmentation
-    code does, makes timm's own roll and mask line up. Swapped in by class assignment
-    (same parameters and state-dict keys), so pretrained weights load unchanged.
-    """
-
-    def _attn(self, x: Tensor) -> Tensor:
-        height, width = x.shape[1], x.shape[2]
-        pad_h = -height % self.window_size[0]
-        pad_w = -width % self.window_size[1]
-        if not (pad_h or pad_w):
-            return super()._attn(x)
-        # After norm1, as in Swin: the padding tokens are zeros (NHWC: pad W, then H).
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        return super()._attn(x)[:, :height, :width].contiguous()
-
-
 class _FrozenBatchNorm2d(FrozenBatchNorm2d):
     """torchvision's FrozenBN (what ``timm.layers.freeze_batch_norm_2d`` makes), keeping
     the input's dtype as detectron2's does: the fp32 scale and shift are folded in fp32,
@@ -142,12 +121,6 @@ def _freeze_batch_norm(body: nn.Module) -> None:
     for module in body.modules():
         if type(module) is FrozenBatchNorm2d:
             module.__class__ = _FrozenBatchNorm2d  # same buffers and state-dict keys
-
-
-def _pad_swin_windows_first(body: nn.Module) -> None:
-    for module in body.modules():
-        if type(module) is SwinTransformerBlock:
-            module.__class__ = _PadFirstSwinBlock
 
 
 class Backbone(nn.Module):
@@ -232,7 +205,7 @@ class Backbone(nn.Module):
         self.nhwc = getattr(self.body, "output_fmt", "NCHW") == "NHWC"
         self.output_norms: nn.ModuleList | None = None
         if self.family == "swin":
-            _pad_swin_windows_first(self.body)
+            use_segmentation_swin_blocks(self.body)
             # Swin is pre-norm: a stage's output is the raw residual stream.
             self.output_norms = nn.ModuleList(nn.LayerNorm(c) for c in info.channels())
         if freeze_bn and self.family == "cnn":

@@ -2,8 +2,11 @@
 
 NVIDIA apex is not on any package registry (PyPI's ``apex`` is an unrelated web toolkit),
 so it is never a dependency: a GPU image that built it from source gets its fused
-kernels; every other machine gets ``nn.LayerNorm`` and ``torch.optim.AdamW`` (fused on
-CUDA, foreach on CPU). The choice is made once per process and logged by the caller.
+kernels; every other machine gets ``nn.LayerNorm`` and ``torch.optim.AdamW`` with torch's fused
+kernel (CUDA and, since torch 2.4, CPU: one pass over each parameter instead of the
+for-loop's or foreach path's eight; 18 vs 78/84 ms per step for MaskFormer Swin-T's 42M
+parameters on the 2-core CPU machine). The choice is made once per process and logged by
+the caller.
 """
 
 from __future__ import annotations
@@ -59,12 +62,17 @@ def _first_parameter(params: list[Any]) -> torch.Tensor | None:
     return None
 
 
+# Devices with a fused AdamW kernel in torch 2.13 (``torch.optim.AdamW(fused=True)``).
+_TORCH_FUSED_ADAMW_DEVICES = ("cuda", "cpu", "xpu", "mps")
+
+
 def adamw_choice(mode: str, device_type: str) -> str:
-    """Which AdamW runs for parameters on ``device_type``: "apex" (FusedAdam), "fused"
-    (torch's fused CUDA kernel) or "foreach" (torch's multi-tensor path)."""
+    """Which AdamW runs for parameters on ``device_type``: "apex" (FusedAdam, CUDA only),
+    "fused" (torch's fused kernel, CUDA and CPU) or "foreach" (torch's multi-tensor path,
+    for devices torch has no fused kernel for)."""
     if device_type == "cuda":
         return "apex" if apex_usable(mode) else "fused"
-    return "foreach"
+    return "fused" if device_type in _TORCH_FUSED_ADAMW_DEVICES else "foreach"
 
 
 def adamw(params: Iterable[Any], mode: str = "auto", **kwargs: Any) -> torch.optim.Optimizer:

@@ -50,8 +50,9 @@ def test_without_apex_torch_parts_are_used():
     assert type(layer_norm(8)) is nn.LayerNorm
     model = nn.Linear(4, 4)
     optimizer = adamw(model.parameters(), lr=1e-3)
-    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["foreach"] is True
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["fused"] is True  # torch's fused kernel on CPU too
     assert adamw_choice("auto", "cuda") == "fused"  # torch's fused kernel on a GPU without apex
+    assert adamw_choice("auto", "hpu") == "foreach"  # no fused kernel in torch for this device
 
 
 def test_apex_on_cuda_is_chosen(fake_apex):
@@ -59,7 +60,7 @@ def test_apex_on_cuda_is_chosen(fake_apex):
     norm = layer_norm(8, eps=1e-6)
     assert type(norm) is FakeFusedLayerNorm and norm.eps == 1e-6
     assert adamw_choice("auto", "cuda") == "apex"
-    assert adamw_choice("auto", "cpu") == "foreach"  # CPU parameters never go to apex
+    assert adamw_choice("auto", "cpu") == "fused"  # CPU parameters never go to apex
 
 
 def test_apex_off_or_without_cuda_is_not_chosen(fake_apex, monkeypatch):

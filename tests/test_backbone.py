@@ -9,8 +9,9 @@ import timm
 import torch
 from torchvision.ops.misc import FrozenBatchNorm2d  # what timm.layers.freeze_batch_norm_2d makes
 
-from model.backbone import Backbone, _pad_swin_windows_first, _PadFirstSwinBlock, build_backbone
+from model.backbone import Backbone, build_backbone
 from model.config import BackboneConfig
+from model.swin_block import SwinBlock, use_segmentation_swin_blocks
 
 # A Swin small enough for CPU tests; NHWC outputs like the real ones, and the same
 # flattened module names (``layers_0``) as swin_tiny/small/base/large.
@@ -216,8 +217,8 @@ def test_swin_shifted_windows_do_not_wrap_around_the_image():
         return set(torch.nonzero(diff > 1e-6).flatten().tolist())
 
     assert changed_rows(block) & set(range(8, 16))  # timm alone: leaks to the bottom
-    _pad_swin_windows_first(block)  # what Backbone does to every Swin block
-    assert type(block) is _PadFirstSwinBlock
+    use_segmentation_swin_blocks(block)  # what Backbone does to every Swin block
+    assert type(block) is SwinBlock
     assert changed_rows(block) <= set(range(0, 7))  # only the window of row 0 and the MLP
 
 
