@@ -61,7 +61,7 @@ class SwinBlock(SwinTransformerBlock):
         qkv = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, -1, heads, tokens, head_dim)
         q, k, v = qkv.unbind(0)
 
-        if getattr(self, "dynamic_mask", False):
+        if self.dynamic_mask:
             # get_attn_mask reads only the size, device and dtype of its argument.
             mask = self.get_attn_mask(x.new_empty((1, padded_h, padded_w, 0)))
         else:

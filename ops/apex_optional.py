@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 
 @cache
@@ -62,17 +63,14 @@ def _first_parameter(params: list[Any]) -> torch.Tensor | None:
     return None
 
 
-# Devices with a fused AdamW kernel in torch 2.13 (``torch.optim.AdamW(fused=True)``).
-_TORCH_FUSED_ADAMW_DEVICES = ("cuda", "cpu", "xpu", "mps")
-
-
 def adamw_choice(mode: str, device_type: str) -> str:
     """Which AdamW runs for parameters on ``device_type``: "apex" (FusedAdam, CUDA only),
     "fused" (torch's fused kernel, CUDA and CPU) or "foreach" (torch's multi-tensor path,
     for devices torch has no fused kernel for)."""
     if device_type == "cuda":
         return "apex" if apex_usable(mode) else "fused"
-    return "fused" if device_type in _TORCH_FUSED_ADAMW_DEVICES else "foreach"
+    # torch's own list of devices its fused optimizer kernels run on.
+    return "fused" if device_type in _get_fused_kernels_supported_devices() else "foreach"
 
 
 def adamw(params: Iterable[Any], mode: str = "auto", **kwargs: Any) -> torch.optim.Optimizer:

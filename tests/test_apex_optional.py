@@ -52,7 +52,7 @@ def test_without_apex_torch_parts_are_used():
     optimizer = adamw(model.parameters(), lr=1e-3)
     assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["fused"] is True  # torch's fused kernel on CPU too
     assert adamw_choice("auto", "cuda") == "fused"  # torch's fused kernel on a GPU without apex
-    assert adamw_choice("auto", "hpu") == "foreach"  # no fused kernel in torch for this device
+    assert adamw_choice("auto", "meta") == "foreach"  # no fused kernel in torch for this device
 
 
 def test_apex_on_cuda_is_chosen(fake_apex):
