@@ -2,6 +2,8 @@
 launcher submit`` trains and follows the job; a raw ``ray job submit`` of the same run
 name resumes it; bad input and bad credentials are one-line errors."""
 
+import glob
+import json
 import os
 import shutil
 import signal
@@ -13,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from dataclasses import dataclass
 
 import pytest
 from e2e_helpers import REPO, tiny_run_args
@@ -51,9 +54,10 @@ def _submit_args(url: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "launcher", "submit", "--address", url, *args]
 
 
-def _assert_one_line_error(code: int, log: str, fragment: str) -> None:
+def _assert_one_line_error(code: int, log: str, fragment: str, explain=lambda: "") -> None:
     lines = log.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], log
+    ok = code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0]
+    assert ok, log + explain()
 
 
 def _run(args: list[str], env: dict[str, str], timeout: float = 270) -> tuple[int, str]:
@@ -79,6 +83,37 @@ def _kill_session(sid: int) -> None:
                 os.kill(int(pid), signal.SIGKILL)
             except OSError:
                 pass
+
+
+@dataclass
+class Head:
+    url: str
+    token: str
+    proc: subprocess.Popen
+    temp_dir: str
+
+    def explain(self) -> str:
+        """What an assertion message needs when a submit could not reach this head: is
+        `ray start` still running, does the dashboard answer now, and the ends of its logs."""
+        state = "running" if self.proc.poll() is None else f"exited {self.proc.returncode}"
+        parts = [f"\n--- head: `ray start` {state}"]
+        parts.append(f"dashboard now: {_dashboard_answer(self.url, self.token)}")
+        logs = [os.path.join(self.temp_dir, "head.log")]
+        logs += sorted(glob.glob(os.path.join(self.temp_dir, "session_latest", "logs", "dashboard*")))
+        for path in logs:
+            with open(path, errors="replace") as f:
+                parts.append(f"--- {os.path.basename(path)} (last 30 lines)\n" + "".join(f.readlines()[-30:]))
+        return "\n".join(parts)
+
+
+def _dashboard_answer(url: str, token: str) -> str:
+    """The Ray version that the dashboard at ``url`` reports with ``token``, or why none."""
+    request = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            return "ray " + json.load(answer)["ray_version"]
+    except (OSError, ValueError, KeyError) as err:  # HTTPError is an OSError
+        return f"no Ray dashboard ({err!r})"
 
 
 @pytest.fixture(scope="module")
@@ -112,19 +147,15 @@ def head():
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    url = f"http://127.0.0.1:{dashboard}"
+    started = Head(f"http://127.0.0.1:{dashboard}", token, proc, temp_dir)
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:  # 401: up, and asking for the token
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, open(log.name).read()
-                time.sleep(0.5)
-        yield url, token
+        # Up means this head's dashboard answers with the token: any answer on the port
+        # (a 401, another program's 404) is not enough.
+        deadline = time.time() + 120
+        while not _dashboard_answer(started.url, token).startswith("ray "):
+            assert proc.poll() is None and time.time() < deadline, started.explain()
+            time.sleep(0.5)
+        yield started
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -137,12 +168,12 @@ def head():
 
 
 def test_submit_follows_the_job_and_raw_ray_job_submit_resumes_it(head, dataset, tmp_path):
-    url, token = head
+    url, token = head.url, head.token
     # RAY_AUTH_MODE unset and a token at hand: submit finds out the head wants it.
     code, log = _run(
         _submit_args(url, *tiny_run_args(dataset, tmp_path, "job-test")), _env(RAY_AUTH_TOKEN=token)
     )
-    assert code == 0, log
+    assert code == 0, log + head.explain()
     assert "uses token authentication" in log and "step 4/4" in log, log
     job_line = [line for line in log.splitlines() if line.startswith("job job-test-")]
     assert job_line and job_line[-1].endswith(" SUCCEEDED"), log
@@ -170,20 +201,20 @@ def test_submit_follows_the_job_and_raw_ray_job_submit_resumes_it(head, dataset,
         ],
         _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token),
     )
-    assert code == 0, log
+    assert code == 0, log + head.explain()
     assert "at step 4" in log and "step 6/6" in log and "step 1/" not in log, log
     assert verify_checkpoint(find_latest_checkpoint(str(tmp_path / "job-test"))).step == 6
 
 
 def test_auth_errors_are_one_line(head, dataset, tmp_path):
-    url, token = head
+    url, token = head.url, head.token
     args = _submit_args(url, *tiny_run_args(dataset, tmp_path, "auth"))
     for env, fragment in (
         (_env(RAY_AUTH_MODE="disabled"), "RAY_AUTH_MODE=token"),
         (_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="not-" + token), "rejected"),
     ):
         code, log = _run(args, env, timeout=60)
-        _assert_one_line_error(code, log, fragment)
+        _assert_one_line_error(code, log, fragment, head.explain)
         assert url in log, log
 
 
