@@ -9,9 +9,12 @@ tokens × 8 heads × 4 scales per image — gigabytes. Here the choice is made e
 by device, dtype, mask and dropout, and the memory-bounded ``chunked`` path replaces the
 math backend whenever the matrix would exceed a budget:
 
-- CPU: torch's flash kernel (tiled, fp32/bf16/fp16, boolean and additive masks) when
-  there is no dropout — it has no dropout support on CPU; otherwise ``math`` for small
-  matrices and ``chunked`` for large ones.
+- CPU: bf16 without mask or dropout → ``blocked`` (``ops/blocked_attention.py``: exact
+  attention in cache-sized blocks, bf16 products, scores recomputed in backward; faster
+  in bf16 than both torch's CPU flash kernel and plain matmul-softmax); otherwise torch's
+  flash kernel (tiled, fp32/bf16/fp16, boolean and additive masks) when there is no
+  dropout — it has no dropout support on CPU; with dropout ``math`` for small matrices
+  and ``chunked`` for large ones.
 - CUDA: half precision → cuDNN (sm90+, no mask) / flash (no mask) / memory-efficient
   (masks); fp32 → memory-efficient; torch may fall through this list in order. fp64 →
   math / chunked.
@@ -39,7 +42,9 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-AttentionBackend = Literal["auto", "flash", "cudnn", "efficient", "math", "chunked"]
+from ops.blocked_attention import blocked_attention
+
+AttentionBackend = Literal["auto", "flash", "cudnn", "efficient", "math", "chunked", "blocked"]
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 
 # The math backend's matrix above which ``auto`` switches to ``chunked`` (scores + softmax
@@ -89,12 +94,18 @@ def choose_backends(
         if requested in _SDP_BACKENDS and requested != "math" and requested not in fused_here:
             raise ValueError(
                 f"attention backend {requested!r} does not run on {device_type}; "
-                f"choose one of auto, {', '.join(fused_here + ('math', 'chunked'))}"
+                f"choose one of auto, {', '.join(fused_here + ('math', 'chunked', 'blocked'))}"
+            )
+        if requested == "blocked" and (has_mask or dropout_p > 0.0):
+            raise ValueError(
+                "attention backend 'blocked' takes no mask and no dropout; use auto, flash, math or chunked here"
             )
         return [requested]
     small = matrix_size <= max_matrix_bytes
     fallback = ["math"] if small else ["chunked"]
     if device_type == "cpu":
+        if dtype == torch.bfloat16 and not has_mask and dropout_p == 0.0:
+            return ["blocked"]
         if dtype in (torch.float32, *_HALF) and dropout_p == 0.0:
             return ["flash"]
         return fallback
@@ -207,6 +218,8 @@ def scaled_dot_product_attention(
         return _chunked_attention(q, k, v, attn_mask, dropout_p, scale, max_bytes)
     if backends == ["math"]:
         return _math_attention(q, k, v, attn_mask, dropout_p, scale)
+    if backends == ["blocked"]:
+        return blocked_attention(q, k, v, scale)
     with sdpa_kernel([_SDP_BACKENDS[name] for name in backends], set_priority=True):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
 

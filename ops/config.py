@@ -10,8 +10,8 @@ from typing import Literal
 class OpsConfig:
     # Attention backend of every decoder attention (ops/attention.py): "auto" picks by
     # device, dtype, mask and dropout; the others force one ("flash" and "math" run on
-    # CPU, "cudnn" / "efficient" only on CUDA, "chunked" anywhere).
-    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math", "chunked"] = "auto"
+    # CPU, "cudnn" / "efficient" only on CUDA, "chunked" and "blocked" anywhere).
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math", "chunked", "blocked"] = "auto"
     # Largest attention matrix (MiB per call) the math path may materialise; above it
     # the query-chunked path runs instead.
     attention_max_matrix_mib: float = 256.0

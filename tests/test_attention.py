@@ -1,6 +1,6 @@
 """ops.attention: backend choice, every CPU backend against an fp64 reference (masks,
-fully-masked rows, bf16), the chunked path's memory bound and its dropout in backward,
-and the module's equivalence with nn.MultiheadAttention."""
+fully-masked rows, bf16), the chunked and blocked paths' memory bounds, the chunked
+path's dropout in backward, and the module's equivalence with nn.MultiheadAttention."""
 
 import pytest
 import torch
@@ -13,6 +13,7 @@ from ops.attention import (
     scaled_dot_product_attention,
     xavier_init_like_detr,
 )
+from ops.blocked_attention import blocked_attention
 
 CPU_BACKENDS = ["auto", "flash", "math", "chunked"]
 
@@ -144,7 +145,10 @@ def test_backend_rules():
     size, budget = 10, 100
     cpu = dict(has_mask=False, dropout_p=0.0, matrix_size=size, max_matrix_bytes=budget)
     assert choose_backends("cpu", torch.float32, **cpu) == ["flash"]
+    assert choose_backends("cpu", torch.bfloat16, **cpu) == ["blocked"]
     assert choose_backends("cpu", torch.bfloat16, **{**cpu, "has_mask": True}) == ["flash"]
+    assert choose_backends("cpu", torch.float16, **cpu) == ["flash"]
+    assert choose_backends("cpu", torch.bfloat16, **{**cpu, "dropout_p": 0.1}) == ["math"]
     assert choose_backends("cpu", torch.float32, **{**cpu, "dropout_p": 0.1}) == ["math"]
     assert choose_backends("cpu", torch.float32, **{**cpu, "dropout_p": 0.1, "matrix_size": 1000}) == [
         "chunked"
@@ -207,3 +211,79 @@ def test_detr_initialisation_draws_qkv_as_one_packed_matrix():
     assert packed_bound < layer["attn"].out_proj.weight.abs().max() <= out_bound
     assert layer["ffn"].weight.abs().max() <= (6 / (64 + 256)) ** 0.5
     assert all(p.abs().sum() == 0 for n, p in layer["attn"].named_parameters() if n.endswith("bias"))
+
+
+@pytest.mark.parametrize(
+    "block_bytes",
+    [2**30, 5 * 7 * 4, 1],  # heads grouped (the whole matrix at once), one head, one query row
+)
+def test_blocked_matches_reference(block_bytes):
+    q, k, v = _qkv()
+    out = blocked_attention(q, k, v, 8**-0.5, max_block_bytes=block_bytes)
+    expected = reference(q, k, v)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(_grads(out, (q, k, v)), _grads(expected, (q, k, v))):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # fp64 and a head dim of v unlike q's: exact gradients, across query-row blocks too.
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, 3, n, 4, generator=g, dtype=torch.float64, requires_grad=True) for n in (5, 7))
+    v = torch.randn(2, 3, 7, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *t: blocked_attention(*t, 0.3, max_block_bytes=block_bytes), (q, k, v)
+    )
+
+
+def test_blocked_broadcasts_leading_dims():
+    q, k, v = _qkv()
+    k1, v1 = (t.detach()[:1].requires_grad_(True) for t in (k, v))  # one batch entry for both
+    out = blocked_attention(q, k1, v1, 8**-0.5, max_block_bytes=1)
+    expected = reference(q, k1.expand_as(k), v1.expand_as(v))
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(_grads(out, (k1, v1)), _grads(expected, (k1, v1))):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_without_mask_runs_blocked_and_stays_close_to_fp64():
+    q, k, v = _qkv(torch.bfloat16, keys=300)
+    out = scaled_dot_product_attention(q, k, v)  # auto on CPU
+    assert out.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # off inside: no fp32 detour
+        assert scaled_dot_product_attention(q, k, v, backend="blocked").dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), reference(q, k, v), rtol=0.02, atol=0.02)
+    torch.testing.assert_close(out, blocked_attention(q, k, v, 8**-0.5), rtol=0, atol=0)  # the path auto took
+    expected = _grads(reference(q, k, v), (q, k, v))
+    for got, want in zip(_grads(out, (q, k, v)), expected):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), want.double(), rtol=0.05, atol=0.05)
+
+
+def test_blocked_path_never_materialises_the_matrix():
+    q, k, v = _qkv(queries=64, keys=512, heads=2)
+    full = 2 * 2 * 64 * 512
+    with LargestTensor() as spy:
+        out = blocked_attention(q, k, v, 8**-0.5, max_block_bytes=full * 4 // 8)  # an eighth
+        out.sum().backward()
+    assert spy.largest <= full // 8
+
+
+def test_blocked_refuses_masks_and_dropout():
+    q, k, v = _qkv()
+    for kwargs in ({"attn_mask": _bool_mask()}, {"dropout_p": 0.1}):
+        with pytest.raises(ValueError, match="'blocked' takes no mask and no dropout"):
+            scaled_dot_product_attention(q, k, v, backend="blocked", **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_softmax_and_its_backward_match_out_of_place(dtype):
+    # The blocked path runs both in place (ops/blocked_attention.py): valid only while
+    # torch's kernels read a whole row before writing it.
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.randn(2, 150, 3000, generator=g) * 4).to(dtype)
+    grad = torch.randn(scores.shape, generator=g).to(dtype)
+    weights = torch.softmax(scores, -1)
+    expected = torch._softmax_backward_data(grad, weights, -1, dtype)
+    buffer = scores.clone()
+    torch.ops.aten._softmax.out(buffer, -1, False, out=buffer)
+    assert torch.equal(buffer, weights)
+    torch.ops.aten._softmax_backward_data.out(grad, weights, -1, dtype, grad_input=grad)
+    assert torch.equal(grad, expected)

@@ -1,0 +1,156 @@
+"""Exact attention in cache-sized blocks, scores recomputed in backward: the ``blocked``
+backend of ``ops.attention`` and its choice for bf16 on CPU.
+
+Why a backend of our own: on CPU, torch 2.13's flash kernel is no faster in bf16 than in
+fp32 (its backward dominates), while plain matmul-softmax attention in bf16 uses the
+CPU's bf16 matrix units but materialises the whole B×H×Q×N matrix several times over
+(scores, softmax, their gradients) and streams each through main memory. Here each block
+of heads × query rows keeps its full key rows — so the softmax is exact, with no online
+rescaling — and is small enough (``GROUP_BYTES``, ``MAX_BLOCK_BYTES``) to stay in the
+CPU's cache through every step that touches it: bf16 matrix products with fp32 accumulation, torch's fused
+softmax and softmax-backward kernels (fp32 inside). Nothing of the matrix is saved for
+backward: only q (pre-scaled), k and v; backward recomputes each block's scores and
+softmax before its gradients. At PFT's query-pixel shapes (150 queries × 16,384 stride-4
+tokens, bf16) this runs in about half the time of plain bf16 attention and of torch's CPU
+flash kernel, in two blocks of scratch.
+
+Precision: the scores leave the bf16 product rounded to bf16 (torch has no CPU product
+of bf16 inputs with an fp32 output), as in plain attention under bf16 autocast; the
+softmax and its backward compute in fp32. A flash kernel keeps fp32 scores and is more
+exact for large logits (benchmarks/RESULTS.md); ``ops.attention`` picks this path only
+for bf16 on CPU, where it is the fast one.
+
+No masks and no dropout (``ops.attention`` routes those elsewhere).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Block sizes (bytes of one block's scores; backward holds two such matrices): heads are
+# grouped up to GROUP_BYTES, so small attentions are a few large products rather than
+# many tiny ones; a single head's matrix is split into query-row blocks only above
+# MAX_BLOCK_BYTES. Measured at PFT's stride-4 shape (one head 4.7 MiB): whole heads 157 ms,
+# 2 / 4 MiB row blocks 192 / 187 ms; at 600×600 (0.7 MiB a head) groups of 1 / 2 / 5 heads
+# took 29.8 / 21.1 / 26.2 ms (benchmarks/RESULTS.md).
+GROUP_BYTES = 2 * 2**20
+MAX_BLOCK_BYTES = 8 * 2**20
+
+
+def _blocks(heads: int, queries: int, keys: int, itemsize: int, max_block_bytes: int) -> tuple[int, int]:
+    """(heads per block, query rows per block)."""
+    per_head = queries * keys * itemsize
+    if per_head <= max_block_bytes:
+        return max(1, min(heads, GROUP_BYTES // per_head)), queries
+    return 1, max(1, min(queries, max_block_bytes // (keys * itemsize)))
+
+
+class _Scratch:
+    """Matrix buffers allocated once per call and reused by every block: one set of
+    allocations instead of several per block, which also keeps glibc from growing its
+    heap with freed multi-MiB blocks (CPU memory is measured as resident set size).
+
+    Softmax and its backward run in place (scores → weights, the weights' gradient → the
+    scores'): torch's softmax kernels finish reading a row before they write it, so one
+    buffer serves both; ``tests/test_attention.py`` checks the in-place calls bitwise
+    against out-of-place ones. Forward holds one block, backward two."""
+
+    def __init__(self, count: int, heads: int, rows: int, keys: int, like: Tensor):
+        self.keys = keys
+        self.buffers = [like.new_empty(heads * rows * keys) for _ in range(count)]
+
+    def __call__(self, index: int, heads: int, rows: int) -> Tensor:
+        """Buffer ``index`` as a contiguous heads × rows × keys block."""
+        return self.buffers[index][: heads * rows * self.keys].view(heads, rows, self.keys)
+
+
+def _ranges(total: int, step: int):
+    for start in range(0, total, step):
+        yield slice(start, min(start + step, total))
+
+
+class _BlockedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, max_block_bytes: int) -> Tensor:
+        q_shape = q.shape
+        q, k, v = (t.reshape(-1, *t.shape[-2:]) for t in (q, k, v))  # (batch·heads, length, dim)
+        q_scaled = q * scale  # folded into the small operand instead of a pass over the scores
+        heads, rows = _blocks(q.shape[0], q.shape[1], k.shape[1], q.element_size(), max_block_bytes)
+        scratch = _Scratch(1, heads, rows, k.shape[1], q)
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        for hs in _ranges(q.shape[0], heads):
+            keys_t = k[hs].transpose(1, 2)
+            for rs in _ranges(q.shape[1], rows):
+                n_heads, n_rows = hs.stop - hs.start, rs.stop - rs.start
+                weights = scratch(0, n_heads, n_rows)
+                torch.bmm(q_scaled[hs, rs], keys_t, out=weights)  # the scores, then in place:
+                torch.ops.aten._softmax.out(weights, -1, False, out=weights)  # fp32 inside
+                torch.bmm(weights, v[hs], out=out[hs, rs])
+        ctx.save_for_backward(q_scaled, k, v)
+        ctx.scale, ctx.blocks, ctx.q_shape = scale, (heads, rows), q_shape
+        return out.view(*q_shape[:-1], v.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q_scaled, k, v = ctx.saved_tensors
+        heads, rows = ctx.blocks
+        grad_out = grad_out.reshape(*q_scaled.shape[:-1], v.shape[-1])
+        grad_q = torch.empty_like(q_scaled)
+        grad_k, grad_v = torch.empty_like(k), torch.empty_like(v)
+        scratch = _Scratch(2, heads, rows, k.shape[1], q_scaled)
+        several_row_blocks = rows < q_scaled.shape[1]
+        accumulate = torch.promote_types(k.dtype, torch.float32)
+        for hs in _ranges(q_scaled.shape[0], heads):
+            keys_t, values_t = k[hs].transpose(1, 2), v[hs].transpose(1, 2)
+            # k's and v's gradients sum over query rows: across row blocks, in fp32 at least.
+            if several_row_blocks:
+                acc_k = torch.zeros(grad_k[hs].shape, dtype=accumulate, device=k.device)
+                acc_v = torch.zeros(grad_v[hs].shape, dtype=accumulate, device=v.device)
+            for rs in _ranges(q_scaled.shape[1], rows):
+                n_heads, n_rows = hs.stop - hs.start, rs.stop - rs.start
+                weights, grad_scores = scratch(0, n_heads, n_rows), scratch(1, n_heads, n_rows)
+                torch.bmm(q_scaled[hs, rs], keys_t, out=weights)
+                torch.ops.aten._softmax.out(weights, -1, False, out=weights)
+                torch.bmm(grad_out[hs, rs], values_t, out=grad_scores)  # the weights' gradient, then:
+                torch.ops.aten._softmax_backward_data.out(
+                    grad_scores, weights, -1, weights.dtype, grad_input=grad_scores
+                )
+                torch.bmm(grad_scores, k[hs], out=grad_q[hs, rs])
+                if several_row_blocks:
+                    acc_v += torch.bmm(weights.transpose(1, 2), grad_out[hs, rs])
+                    acc_k += torch.bmm(grad_scores.transpose(1, 2), q_scaled[hs, rs])
+                else:
+                    torch.bmm(weights.transpose(1, 2), grad_out[hs, rs], out=grad_v[hs])
+                    torch.bmm(grad_scores.transpose(1, 2), q_scaled[hs, rs], out=grad_k[hs])
+            if several_row_blocks:
+                grad_k[hs].copy_(acc_k)
+                grad_v[hs].copy_(acc_v)
+        grad_q.mul_(ctx.scale)  # d(q·scale)/dq
+        leading = ctx.q_shape[:-2]
+        return (
+            grad_q.view(ctx.q_shape),
+            grad_k.view(*leading, *k.shape[-2:]),
+            grad_v.view(*leading, *v.shape[-2:]),
+            None,
+            None,
+        )
+
+
+def blocked_attention(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, max_block_bytes: int = MAX_BLOCK_BYTES
+) -> Tensor:
+    """softmax(q·kᵀ·scale)·v for ``q`` …×Q×D and ``k``/``v`` …×N×D (leading dims
+    broadcast); output in q's dtype; scratch of four blocks of at most ``max_block_bytes``.
+    Runs without autocast: the inputs' dtype is the compute dtype (autocast would lift the
+    softmax to fp32 and add casts around every product)."""
+    if k.shape[:-1] != v.shape[:-1] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"blocked attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit "
+            "(k and v need the same length, q and k the same head dim)"
+        )
+    if q.shape[:-2] != k.shape[:-2]:  # broadcast leading dims; expand's backward sums the gradients
+        leading = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+        q, k, v = (t.expand(*leading, *t.shape[-2:]) for t in (q, k, v))
+    with torch.autocast(q.device.type, enabled=False):
+        return _BlockedAttention.apply(q, k, v, scale, max_block_bytes)
