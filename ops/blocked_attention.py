@@ -25,8 +25,11 @@ No masks and no dropout (``ops.attention`` routes those elsewhere).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 # Block sizes (bytes of one block's scores; backward holds two such matrices): heads are
 # grouped up to GROUP_BYTES, so small attentions are a few large products rather than
@@ -40,10 +43,10 @@ MAX_BLOCK_BYTES = 8 * 2**20
 
 def _blocks(heads: int, queries: int, keys: int, itemsize: int, max_block_bytes: int) -> tuple[int, int]:
     """(heads per block, query rows per block)."""
-    per_head = queries * keys * itemsize
+    per_head = max(1, queries * keys * itemsize)  # empty inputs: one block
     if per_head <= max_block_bytes:
-        return max(1, min(heads, GROUP_BYTES // per_head)), queries
-    return 1, max(1, min(queries, max_block_bytes // (keys * itemsize)))
+        return max(1, min(heads, GROUP_BYTES // per_head)), max(1, queries)
+    return 1, max(1, min(queries, max_block_bytes // max(1, keys * itemsize)))
 
 
 class _Scratch:
@@ -74,7 +77,7 @@ class _BlockedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, max_block_bytes: int) -> Tensor:
         q_shape = q.shape
-        q, k, v = (t.reshape(-1, *t.shape[-2:]) for t in (q, k, v))  # (batch·heads, length, dim)
+        q, k, v = (t.reshape(math.prod(t.shape[:-2]), *t.shape[-2:]) for t in (q, k, v))  # (batch·heads, …)
         q_scaled = q * scale  # folded into the small operand instead of a pass over the scores
         heads, rows = _blocks(q.shape[0], q.shape[1], k.shape[1], q.element_size(), max_block_bytes)
         scratch = _Scratch(1, heads, rows, k.shape[1], q)
@@ -92,6 +95,7 @@ class _BlockedAttention(torch.autograd.Function):
         return out.view(*q_shape[:-1], v.shape[-1])
 
     @staticmethod
+    @once_differentiable  # backward writes into buffers: no graph of its own
     def backward(ctx, grad_out: Tensor):
         q_scaled, k, v = ctx.saved_tensors
         heads, rows = ctx.blocks

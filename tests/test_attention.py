@@ -233,6 +233,14 @@ def test_blocked_matches_reference(block_bytes):
     )
 
 
+@pytest.mark.parametrize("queries,keys", [(0, 7), (5, 0)])
+def test_blocked_takes_empty_queries_and_keys(queries, keys):
+    q, k, v = _qkv(queries=queries, keys=keys)
+    out = blocked_attention(q, k, v, 8**-0.5)
+    assert out.shape == (2, 3, queries, 8) and not out.any()  # no keys: a sum over nothing
+    assert all(g.shape == t.shape for g, t in zip(torch.autograd.grad(out.sum(), (q, k, v)), (q, k, v)))
+
+
 def test_blocked_broadcasts_leading_dims():
     q, k, v = _qkv()
     k1, v1 = (t.detach()[:1].requires_grad_(True) for t in (k, v))  # one batch entry for both
