@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from ops.blocked_attention import blocked_attention
+from ops.blocked_attention import blocked_attention, compute_dtypes
 
 AttentionBackend = Literal["auto", "flash", "cudnn", "efficient", "math", "chunked", "blocked"]
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
@@ -204,9 +204,12 @@ def scaled_dot_product_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     max_bytes = max_matrix_mib * 2**20
     capability = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
+    # The dtype the kernel will see: autocast lowers fp32 inputs; mixed dtypes go by q's
+    # (the fused kernels refuse them, with torch's own error).
+    dtypes = set(compute_dtypes(q, k, v))
     backends = choose_backends(
         q.device.type,
-        q.dtype,
+        dtypes.pop() if len(dtypes) == 1 else q.dtype,
         has_mask=attn_mask is not None,
         dropout_p=dropout_p,
         matrix_size=matrix_bytes(math.prod(q.shape[:-2]), q.shape[-2], k.shape[-2], dropout_p),

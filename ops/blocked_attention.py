@@ -1,5 +1,5 @@
 """Exact attention in cache-sized blocks, scores recomputed in backward: the ``blocked``
-backend of ``ops.attention`` and its choice for bf16 on CPU.
+backend of ``ops.attention``, and why that module picks it for bf16 on CPU.
 
 Why a backend of our own: on CPU, torch 2.13's flash kernel is no faster in bf16 than in
 fp32 (its backward dominates), while plain matmul-softmax attention in bf16 uses the
@@ -31,21 +31,24 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-# Block sizes (bytes of one block's scores; backward holds two such matrices): heads are
-# grouped up to GROUP_BYTES, so small attentions are a few large products rather than
-# many tiny ones; a single head's matrix is split into query-row blocks only above
-# MAX_BLOCK_BYTES. Measured at PFT's stride-4 shape (one head 4.7 MiB): whole heads 157 ms,
-# 2 / 4 MiB row blocks 192 / 187 ms; at 600×600 (0.7 MiB a head) groups of 1 / 2 / 5 heads
-# took 29.8 / 21.1 / 26.2 ms (benchmarks/RESULTS.md).
+# Block sizes (bytes of one block's scores; forward holds one such matrix, backward two):
+# heads are grouped up to GROUP_BYTES (or the block budget, if smaller), so small
+# attentions are a few large products rather than many tiny ones; a head whose matrix is
+# above the budget (MAX_BLOCK_BYTES by default) is split into query-row blocks, one
+# between the two runs alone. Measured at PFT's stride-4 shape (one head: 4.7 MiB) and
+# at 600×600 (0.7 MiB a head): see the block-size table in benchmarks/RESULTS.md.
 GROUP_BYTES = 2 * 2**20
 MAX_BLOCK_BYTES = 8 * 2**20
+# What autocast lowers (fp64 stays fp64).
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _blocks(heads: int, queries: int, keys: int, itemsize: int, max_block_bytes: int) -> tuple[int, int]:
-    """(heads per block, query rows per block)."""
+    """(heads per block, query rows per block); a block's scores never exceed
+    ``max_block_bytes`` unless a single query row does."""
     per_head = max(1, queries * keys * itemsize)  # empty inputs: one block
     if per_head <= max_block_bytes:
-        return max(1, min(heads, GROUP_BYTES // per_head)), max(1, queries)
+        return max(1, min(heads, min(GROUP_BYTES, max_block_bytes) // per_head)), max(1, queries)
     return 1, max(1, min(queries, max_block_bytes // max(1, keys * itemsize)))
 
 
@@ -63,8 +66,9 @@ class _Scratch:
         self.keys = keys
         self.buffers = [like.new_empty(heads * rows * keys) for _ in range(count)]
 
-    def __call__(self, index: int, heads: int, rows: int) -> Tensor:
-        """Buffer ``index`` as a contiguous heads × rows × keys block."""
+    def block(self, index: int, heads: int, rows: int) -> Tensor:
+        """Buffer ``index`` as a contiguous heads × rows × keys block (the last block of a
+        call may be smaller than the first)."""
         return self.buffers[index][: heads * rows * self.keys].view(heads, rows, self.keys)
 
 
@@ -86,7 +90,7 @@ class _BlockedAttention(torch.autograd.Function):
             keys_t = k[hs].transpose(1, 2)
             for rs in _ranges(q.shape[1], rows):
                 n_heads, n_rows = hs.stop - hs.start, rs.stop - rs.start
-                weights = scratch(0, n_heads, n_rows)
+                weights = scratch.block(0, n_heads, n_rows)
                 torch.bmm(q_scaled[hs, rs], keys_t, out=weights)  # the scores, then in place:
                 torch.ops.aten._softmax.out(weights, -1, False, out=weights)  # fp32 inside
                 torch.bmm(weights, v[hs], out=out[hs, rs])
@@ -97,6 +101,13 @@ class _BlockedAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # backward writes into buffers: no graph of its own
     def backward(ctx, grad_out: Tensor):
+        # A backward called inside an autocast region would otherwise run the products
+        # below in its dtype.
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _BlockedAttention._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: Tensor):
         q_scaled, k, v = ctx.saved_tensors
         heads, rows = ctx.blocks
         grad_out = grad_out.reshape(*q_scaled.shape[:-1], v.shape[-1])
@@ -104,16 +115,16 @@ class _BlockedAttention(torch.autograd.Function):
         grad_k, grad_v = torch.empty_like(k), torch.empty_like(v)
         scratch = _Scratch(2, heads, rows, k.shape[1], q_scaled)
         several_row_blocks = rows < q_scaled.shape[1]
-        accumulate = torch.promote_types(k.dtype, torch.float32)
+        accumulate_dtype = torch.promote_types(k.dtype, torch.float32)
         for hs in _ranges(q_scaled.shape[0], heads):
             keys_t, values_t = k[hs].transpose(1, 2), v[hs].transpose(1, 2)
             # k's and v's gradients sum over query rows: across row blocks, in fp32 at least.
             if several_row_blocks:
-                acc_k = torch.zeros(grad_k[hs].shape, dtype=accumulate, device=k.device)
-                acc_v = torch.zeros(grad_v[hs].shape, dtype=accumulate, device=v.device)
+                acc_k = torch.zeros(grad_k[hs].shape, dtype=accumulate_dtype, device=k.device)
+                acc_v = torch.zeros(grad_v[hs].shape, dtype=accumulate_dtype, device=v.device)
             for rs in _ranges(q_scaled.shape[1], rows):
                 n_heads, n_rows = hs.stop - hs.start, rs.stop - rs.start
-                weights, grad_scores = scratch(0, n_heads, n_rows), scratch(1, n_heads, n_rows)
+                weights, grad_scores = scratch.block(0, n_heads, n_rows), scratch.block(1, n_heads, n_rows)
                 torch.bmm(q_scaled[hs, rs], keys_t, out=weights)
                 torch.ops.aten._softmax.out(weights, -1, False, out=weights)
                 torch.bmm(grad_out[hs, rs], values_t, out=grad_scores)  # the weights' gradient, then:
@@ -141,20 +152,36 @@ class _BlockedAttention(torch.autograd.Function):
         )
 
 
+def compute_dtypes(*tensors: Tensor) -> list[torch.dtype]:
+    """The dtype each tensor is computed in by an op that autocast lowers: autocast's
+    dtype for fp32/fp16/bf16 tensors while it is on for their device, else their own."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return [t.dtype for t in tensors]
+    lowered = torch.get_autocast_dtype(device)
+    return [lowered if t.dtype in _AUTOCAST_CASTS else t.dtype for t in tensors]
+
+
 def blocked_attention(
     q: Tensor, k: Tensor, v: Tensor, scale: float, max_block_bytes: int = MAX_BLOCK_BYTES
 ) -> Tensor:
     """softmax(q·kᵀ·scale)·v for ``q`` …×Q×D and ``k``/``v`` …×N×D (leading dims
-    broadcast); output in q's dtype; scratch of four blocks of at most ``max_block_bytes``.
-    Runs without autocast: the inputs' dtype is the compute dtype (autocast would lift the
-    softmax to fp32 and add casts around every product)."""
+    broadcast); output in the compute dtype; scratch of one block of at most
+    ``max_block_bytes`` in forward and two in backward. Under autocast the inputs are
+    cast to its dtype, as autocast casts them for attention, and the blocks then run
+    without it (autocast would lift the softmax to fp32 and add casts around every
+    product)."""
     if k.shape[:-1] != v.shape[:-1] or q.shape[-1] != k.shape[-1]:
         raise ValueError(
             f"blocked attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit "
             "(k and v need the same length, q and k the same head dim)"
         )
+    device = q.device.type
+    q, k, v = (t.to(dtype) for t, dtype in zip((q, k, v), compute_dtypes(q, k, v)))
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"blocked attention: q, k and v need one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[:-2] != k.shape[:-2]:  # broadcast leading dims; expand's backward sums the gradients
         leading = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
         q, k, v = (t.expand(*leading, *t.shape[-2:]) for t in (q, k, v))
-    with torch.autocast(q.device.type, enabled=False):
+    with torch.autocast(device, enabled=False):
         return _BlockedAttention.apply(q, k, v, scale, max_block_bytes)

@@ -10,7 +10,8 @@ from typing import Literal
 class OpsConfig:
     # Attention backend of every decoder attention (ops/attention.py): "auto" picks by
     # device, dtype, mask and dropout; the others force one ("flash" and "math" run on
-    # CPU, "cudnn" / "efficient" only on CUDA, "chunked" and "blocked" anywhere).
+    # CPU, "cudnn" / "efficient" only on CUDA, "chunked" anywhere, "blocked" — no masks,
+    # no dropout — is tested on CPU).
     attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math", "chunked", "blocked"] = "auto"
     # Largest attention matrix (MiB per call) the math path may materialise; above it
     # the query-chunked path runs instead.

@@ -7,6 +7,7 @@ import torch
 from dispatch_spy import LargestTensor  # tests/ is on sys.path under pytest
 from torch import nn
 
+import ops.blocked_attention as blocked_module
 from ops.attention import (
     MultiheadAttention,
     choose_backends,
@@ -213,10 +214,10 @@ def test_detr_initialisation_draws_qkv_as_one_packed_matrix():
     assert all(p.abs().sum() == 0 for n, p in layer["attn"].named_parameters() if n.endswith("bias"))
 
 
-@pytest.mark.parametrize(
-    "block_bytes",
-    [2**30, 5 * 7 * 4, 1],  # heads grouped (the whole matrix at once), one head, one query row
-)
+# Budgets for 5 queries × 7 keys: all heads in one block, one head per block (fp32),
+# blocks of 2 query rows (2, 2 and a partial 1; fp64 gets these at the one-head budget),
+# one row per block.
+@pytest.mark.parametrize("block_bytes", [2**30, 5 * 7 * 4, 2 * 7 * 4, 1])
 def test_blocked_matches_reference(block_bytes):
     q, k, v = _qkv()
     out = blocked_attention(q, k, v, 8**-0.5, max_block_bytes=block_bytes)
@@ -230,6 +231,72 @@ def test_blocked_matches_reference(block_bytes):
     v = torch.randn(2, 3, 7, 6, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda *t: blocked_attention(*t, 0.3, max_block_bytes=block_bytes), (q, k, v)
+    )
+
+
+def test_blocked_partial_head_groups(monkeypatch):
+    # 7 heads of 5 × 7 fp64 scores in groups of 3 (3, 3 and a partial 1).
+    monkeypatch.setattr(blocked_module, "GROUP_BYTES", 3 * 5 * 7 * 8)
+    assert blocked_module._blocks(7, 5, 7, 8, 2**20) == (3, 5)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (
+        torch.randn(1, 7, n, 4, generator=g, dtype=torch.float64, requires_grad=True) for n in (5, 7, 7)
+    )
+    assert torch.autograd.gradcheck(lambda *t: blocked_attention(*t, 0.3), (q, k, v))
+
+
+def test_blocked_blocks_stay_within_a_budget_below_the_group_size():
+    q, k, v = _qkv(batch=4, heads=16, queries=32, keys=64)  # the scores outsize q, k and v
+    one_head = 32 * 64  # elements of one head's scores
+    with LargestTensor() as spy:
+        blocked_attention(q, k, v, 8**-0.5, max_block_bytes=one_head * 4).sum().backward()
+    assert spy.largest <= max(one_head, q.numel(), k.numel())  # blocks, or the inputs' own size
+
+
+def test_blocked_bf16_row_blocks_accumulate_in_fp32():
+    # k's and v's gradients summed over 64 one-row blocks: in fp32 they stay as close to
+    # exact as the single-block product (which rounds once); summed in bf16 they drift.
+    q, k, v = _qkv(torch.bfloat16, queries=64, keys=16, heads=2)
+    expected = _grads(reference(q, k, v), (q, k, v))
+    errors = {}
+    for name, budget in (("one block", 2**30), ("row blocks", 1)):
+        grads = _grads(blocked_attention(q, k, v, 8**-0.5, max_block_bytes=budget), (q, k, v))
+        errors[name] = [
+            ((g.double() - w.double()).abs().max() / w.double().abs().max()).item()
+            for g, w in zip(grads, expected)
+        ]
+    assert all(rows <= 2 * one + 4e-3 for rows, one in zip(errors["row blocks"], errors["one block"])), errors
+
+
+def test_blocked_backward_inside_autocast_stays_fp32():
+    q, k, v = _qkv(queries=6, keys=9)
+    out = blocked_attention(q, k, v, 8**-0.5, max_block_bytes=1)  # fp32 row blocks, autocast off
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+    expected = torch.autograd.grad(reference(q, k, v).sum(), (q, k, v))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_auto_under_autocast_takes_mixed_dtypes_and_runs_blocked():
+    q, k, v = _qkv(keys=40)
+    k16 = k.detach().bfloat16().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = scaled_dot_product_attention(q, k16, v)  # fp32, bf16, fp32: autocast lowers all
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        out, blocked_attention(q.bfloat16(), k16, v.bfloat16(), 8**-0.5), rtol=0, atol=0
+    )
+
+
+def test_multihead_attention_in_bf16_runs_blocked_on_transposed_heads():
+    torch.manual_seed(0)
+    attention = MultiheadAttention(64, 8).bfloat16()  # heads are transposed views of the projections
+    flash = MultiheadAttention(64, 8, backend="flash").bfloat16()
+    flash.load_state_dict(attention.state_dict())
+    query, memory = torch.randn(2, 30, 64).bfloat16(), torch.randn(2, 50, 64).bfloat16()
+    torch.testing.assert_close(
+        attention(query, memory, memory), flash(query, memory, memory), rtol=0.03, atol=0.03
     )
 
 
