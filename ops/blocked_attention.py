@@ -7,12 +7,12 @@ CPU's bf16 matrix units but materialises the whole B×H×Q×N matrix several tim
 (scores, softmax, their gradients) and streams each through main memory. Here each block
 of heads × query rows keeps its full key rows — so the softmax is exact, with no online
 rescaling — and is small enough (``GROUP_BYTES``, ``MAX_BLOCK_BYTES``) to stay in the
-CPU's cache through every step that touches it: bf16 matrix products with fp32 accumulation, torch's fused
-softmax and softmax-backward kernels (fp32 inside). Nothing of the matrix is saved for
-backward: only q (pre-scaled), k and v; backward recomputes each block's scores and
-softmax before its gradients. At PFT's query-pixel shapes (150 queries × 16,384 stride-4
-tokens, bf16) this runs in about half the time of plain bf16 attention and of torch's CPU
-flash kernel, in two blocks of scratch.
+CPU's cache through every step that touches it: bf16 matrix products with fp32
+accumulation, torch's fused softmax and softmax-backward kernels (fp32 inside). Nothing
+of the matrix is saved for backward: only q (pre-scaled), k and v; backward recomputes
+each block's scores and softmax before its gradients. At PFT's query-pixel shapes (150
+queries × 16,384 stride-4 tokens, bf16) this runs in about half the time of plain bf16
+attention and of torch's CPU flash kernel, in two blocks of scratch.
 
 Precision: the scores leave the bf16 product rounded to bf16 (torch has no CPU product
 of bf16 inputs with an fp32 output), as in plain attention under bf16 autocast; the
