@@ -45,11 +45,8 @@ import ops.torchvision_fix  # noqa: F401
 
 # isort: split
 import torch
-from measure import peak_rss_bytes  # benchmarks/ is on sys.path when run as a script
+from measure import peak_rss_bytes, rss_bytes, synthetic_batch  # benchmarks/ is on sys.path
 
-from data_pipeline.config import SyntheticConfig
-from data_pipeline.synthetic import generate_sample
-from data_pipeline.transforms import semantic_to_targets
 from launcher.describe import MASKS_PER_IMAGE, measure_activations, measure_loss_activations
 from model.backbone import build_backbone
 from model.build import build_criterion, build_model
@@ -75,15 +72,6 @@ def describe_config(args: argparse.Namespace) -> str:
             f"{NUM_CLASSES} classes; {args.size}x{args.size}, batch {args.batch}, {args.precision}, AdamW; "
             f"CPU x{args.threads} threads, torch {torch.__version__}")
 
-
-def make_batch(size: int, batch: int) -> tuple[torch.Tensor, list[dict]]:
-    cfg = SyntheticConfig(num_classes=NUM_CLASSES, image_size=size, seed=0)
-    images, targets = [], []
-    for i in range(batch):
-        sample = generate_sample(i, cfg)
-        images.append(torch.from_numpy(sample.image).permute(2, 0, 1))
-        targets.append(semantic_to_targets(torch.from_numpy(sample.semantic).long()))
-    return torch.stack(images).float(), targets
 
 
 class Trainer:
@@ -112,14 +100,6 @@ class Trainer:
         after("optimizer")
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
 def _reset_peak() -> None:
     """Sets VmHWM back to the current RSS (Linux >= 4.0), to take each phase's peak."""
     with open("/proc/self/clear_refs", "w") as f:
@@ -130,7 +110,7 @@ def memory_child(args: argparse.Namespace, checkpointing: bool, steps: int = 3) 
     """Runs in a fresh process: peak RSS of building and training, above the baseline
     after imports and data creation; and for the last step, the RSS at its start and
     the peak of each phase (forward, loss, backward, optimizer step)."""
-    images, targets = make_batch(args.size, args.batch)
+    images, targets = synthetic_batch(NUM_CLASSES, args.size, args.batch)
     baseline = peak_rss_bytes()
     trainer = Trainer(model_config(args.embed_dim, args.size), args.precision)
     for _ in range(steps - 1):  # from the second step on, the AdamW states exist
@@ -140,7 +120,7 @@ def memory_child(args: argparse.Namespace, checkpointing: bool, steps: int = 3) 
 
     def probe(phase: str) -> None:
         nonlocal peak
-        value = _rss_bytes() if phase == "start" else peak_rss_bytes()
+        value = rss_bytes() if phase == "start" else peak_rss_bytes()
         peak = max(peak, peak_rss_bytes())
         phases[phase] = value - baseline
         _reset_peak()
@@ -167,7 +147,7 @@ def measure_memory(args: argparse.Namespace, checkpointing: bool, extra_env: dic
 
 
 def measure_time(args: argparse.Namespace) -> dict[bool, list[float]]:
-    images, targets = make_batch(args.size, args.batch)
+    images, targets = synthetic_batch(NUM_CLASSES, args.size, args.batch)
     trainer = Trainer(model_config(args.embed_dim, args.size), args.precision)
     times: dict[bool, list[float]] = {False: [], True: []}
     for i in range(args.warmup + args.steps):

@@ -38,11 +38,8 @@ import ops.torchvision_fix  # noqa: F401
 
 # isort: split
 import torch
-from measure import peak_rss_bytes  # benchmarks/ is on sys.path when run as a script
+from measure import peak_rss_bytes, synthetic_batch  # benchmarks/ is on sys.path when run as a script
 
-from data_pipeline.config import SyntheticConfig
-from data_pipeline.synthetic import generate_sample
-from data_pipeline.transforms import semantic_to_targets
 from model.build import build_criterion, build_model
 from model.config import ModelConfig
 from ops.apex_optional import adamw
@@ -55,15 +52,6 @@ BATCH = 2
 DROP_PATH = 0.1
 TARGETS = {"bf16": (0.6, 0.75), "fp32": (0.85, 0.75)}  # (time ratio, memory ratio) at most
 
-
-def make_batch(seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
-    cfg = SyntheticConfig(num_classes=NUM_CLASSES, image_size=SIZE, seed=seed)
-    images, targets = [], []
-    for i in range(BATCH):
-        sample = generate_sample(i, cfg)
-        images.append(torch.from_numpy(sample.image).permute(2, 0, 1))
-        targets.append(semantic_to_targets(torch.from_numpy(sample.semantic).long()))
-    return torch.stack(images).float(), targets
 
 
 class Ours:
@@ -141,7 +129,7 @@ IMPLEMENTATIONS = {"ours": Ours, "hf": HuggingFace, "hf-loop-adamw": HuggingFace
 def memory_child(impl: str, dtype: str, steps: int) -> None:
     """Runs in a fresh process: peak RSS of building and training ``impl`` above the
     baseline after imports and data creation."""
-    images, targets = make_batch()
+    images, targets = synthetic_batch(NUM_CLASSES, SIZE, BATCH)
     baseline = peak_rss_bytes()
     runner = IMPLEMENTATIONS[impl]()
     for _ in range(steps):
@@ -158,7 +146,7 @@ def measure_memory(impl: str, dtype: str, threads: int, steps: int = 2) -> int:
 
 def measure_time(dtype: str, steps: int, warmup: int) -> dict[str, list[float]]:
     """Seconds per step of every implementation (keys of IMPLEMENTATIONS), steps alternating."""
-    images, targets = make_batch()
+    images, targets = synthetic_batch(NUM_CLASSES, SIZE, BATCH)
     torch.manual_seed(0)
     runners = {key: implementation() for key, implementation in IMPLEMENTATIONS.items()}
     times: dict[str, list[float]] = {key: [] for key in runners}

@@ -20,15 +20,40 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from data_pipeline.config import SyntheticConfig
+from data_pipeline.synthetic import generate_sample
+from data_pipeline.transforms import semantic_to_targets
+
+
+def synthetic_batch(num_classes: int, size: int, batch: int, seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
+    """``batch`` generated ``size``x``size`` images (float, NCHW) and their MaskFormer
+    targets (one binary mask per class present)."""
+    cfg = SyntheticConfig(num_classes=num_classes, image_size=size, seed=seed)
+    images, targets = [], []
+    for i in range(batch):
+        sample = generate_sample(i, cfg)
+        images.append(torch.from_numpy(sample.image).permute(2, 0, 1))
+        targets.append(semantic_to_targets(torch.from_numpy(sample.semantic).long()))
+    return torch.stack(images).float(), targets
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
 
 def peak_rss_bytes() -> int:
     """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that over from the
     parent across fork+exec, so a child would start at the parent's peak."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    return _status_bytes("VmHWM")
+
+
+def rss_bytes() -> int:
+    """This process's current RSS (VmRSS)."""
+    return _status_bytes("VmRSS")
 
 
 def synchronize(device: torch.device) -> None:

@@ -54,6 +54,13 @@ class TrainConfig:
     grad_clip: float = 0.01
     grad_accum_steps: int = 1
     zero_stage: int = 1
+    # Elements in one of DeepSpeed's gradient-reduction buckets at ZeRO >= 1 (its
+    # reduce_bucket_size), capped at the model's trainable parameter count. The default
+    # is 25 MiB of fp32 gradients, PyTorch DDP's bucket (bucket_cap_mb=25): well past
+    # where NCCL and gloo reach their bandwidth. DeepSpeed's own default, 5e8, is sized
+    # for billion-parameter models: ZeRO-3 allocates it up front (1.9 GiB of fp32 on
+    # every worker, more than all of Swin-T's partitioned state), ZeRO-1/2 in each backward.
+    zero_bucket_elements: int = 6_553_600
     # bf16 autocast keeps fp32 master weights; fp16 needs a GPU.
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     seed: int = 0

@@ -9,9 +9,10 @@ The memory estimate per worker is the sum of
   divided as DeepSpeed's ZeRO stage partitions them over ``cluster.num_workers``
   (stage >= 1: optimizer states, >= 2: gradients, 3: parameters). bf16 autocast keeps
   fp32 weights and gradients; fp16 keeps 16-bit weights and gradients plus an fp32
-  master copy. A ZeRO optimizer keeps its own fp32 copy of its partition even of an
-  fp32 model (``single_partition_of_fp32_groups``), so stages >= 1 hold 12 bytes per
-  parameter (copy + two moments) where plain AdamW (stage 0) holds 8. Frozen weights
+  master copy. DeepSpeed's ZeRO-1/2 optimizer keeps its own fp32 copy of its partition
+  even of an fp32 model (``single_partition_of_fp32_groups``), so stages 1 and 2 hold
+  12 bytes per parameter (copy + two moments) where plain AdamW holds 8; at stage 3 the
+  fp32 partitions serve as the master weights (``launcher.engine``). Frozen weights
   (FrozenBN's affine, kept as buffers) count in the total and as weights, whole on every
   worker, with no gradient or optimizer state;
 - activations: *measured*. One training forward runs at the config's crop and per-worker
@@ -31,7 +32,7 @@ The memory estimate per worker is the sum of
 
 Not included: the transient peak inside the backward pass (one op's temporaries and
 activation gradients), the matcher's no-grad cost matrices, allocator fragmentation, the
-CUDA context, and DeepSpeed's communication buckets (``reduce_bucket_size``).
+CUDA context, and DeepSpeed's communication buckets (``train.zero_bucket_elements``).
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def state_bytes(params: int, trainable: int, zero_stage: int, num_workers: int, 
         raise ValueError(f"cluster.num_workers must be >= 1, got {num_workers}")
     low = precision == "fp16"
     weight_size = 2 if low else 4
-    optimizer_size = 12 if (low or zero_stage >= 1) else 8
+    optimizer_size = 12 if (low or zero_stage in (1, 2)) else 8
     # Frozen weights (FrozenBN's affine are buffers) stay whole on every worker: ZeRO-3
     # partitions parameters, not buffers.
     return {
@@ -394,7 +395,7 @@ def format_description(desc: dict) -> str:
         f"  parameters        {_gib(m['parameters'])}  exact",
         f"  gradients         {_gib(m['gradients'])}  exact",
         f"  optimizer states  {_gib(m['optimizer'])}  exact (AdamW moments"
-        + (" + fp32 master copy)" if m["zero_stage"] or m["precision"] == "fp16" else ")"),
+        + (" + fp32 master copy)" if m["zero_stage"] in (1, 2) or m["precision"] == "fp16" else ")"),
         f"  activations       {_gib(m['activations'])}  measured: saved for backward by one forward (fake tensors)",
         f"  recompute         {_gib(m['recompute'])}  "
         + ("measured: largest checkpointed segment, rebuilt in backward" if m["recompute"]

@@ -31,7 +31,6 @@ from cluster.metrics import WorkerMetrics, live_targets_file, write_file_sd
 from data_pipeline.device_batch import prepare_batch
 from data_pipeline.loader import build_eval_loader, build_train_loader
 from data_pipeline.train_stream import LoaderPosition, StreamTracker, batches_to_skip
-from launcher.build_lock import stale_build_lock_watchdog
 from launcher.checkpoint import (
     DEEPSPEED_DIR,
     DEEPSPEED_TAG,
@@ -43,11 +42,11 @@ from launcher.checkpoint import (
     verify_checkpoint,
 )
 from launcher.config import RunConfig, config_from_dict, to_dict
-from launcher.deepspeed_config import autocast_dtype, build_deepspeed_config
+from launcher.deepspeed_config import autocast_dtype
+from launcher.engine import create_engine
 from launcher.evaluate import evaluate
 from launcher.fault_injection import fault_point
 from launcher.mfu import count_forward_flops, peak_flops, training_flops_per_sample
-from launcher.optim import build_optimizer, build_scheduler
 from launcher.panoptic_eval import panoptic_validation, summary_line
 from launcher.progress import StepLogger, StepRecords
 from launcher.rng import derive_seed, restore_rng_state, seed_everything
@@ -131,8 +130,6 @@ def train_worker(loop_config: dict) -> None:
             write_file_sd(live_targets_file(run_dir), live)  # what cluster/prometheus/prometheus.yml globs
         print("metrics: " + ", ".join(e.url for e in endpoints if e), flush=True)
 
-    import deepspeed  # imported here: it initialises an accelerator at import time
-
     model = build_model(cfg.model)
     if torch.cuda.is_available():
         # On the worker's GPU before the optimizer exists, so a fused (apex or torch)
@@ -147,12 +144,7 @@ def train_worker(loop_config: dict) -> None:
     universal = meta is not None and needs_universal(meta, world_size)
 
     criterion = build_criterion(cfg.model)
-    optimizer = build_optimizer(model, cfg.train, cfg.model.ops.apex)
-    scheduler = build_scheduler(optimizer, cfg.train)
-    ds_config = build_deepspeed_config(cfg.train, cfg.data.batch_size, load_universal=universal)
-    with stale_build_lock_watchdog():  # DeepSpeed loads its JIT-built ops here
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=ds_config)
+    engine = create_engine(cfg, model, load_universal=universal)
     criterion.to(engine.device)
     eval_dtype = autocast_dtype(cfg.train)
 
