@@ -39,6 +39,7 @@ def test_valid_config_passes(manifests):
         ("train.eval_every=-5", "train.eval_every"),
         ("train.lr_schedule=step", r"train.lr_steps: train.lr_schedule=step needs at least one step"),
         ("train.zero_stage=5", "train.zero_stage: expected 0, 1, 2 or 3, got 5"),
+        ("train.zero_bucket_elements=0", "train.zero_bucket_elements: expected a positive element count, got 0"),
         ("train.precision=fp16", "train.precision: fp16 needs a CUDA device"),
         ("model.num_classes=7", "model.num_classes: 7, but data.train_manifest"),
         ("data.ignore_index=0", "data.train_manifest: .* labels ignore as 255 but data.ignore_index is 0"),
