@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,9 +29,10 @@ from ops.config import OpsConfig
 SUPPORTED_PIXEL_DECODERS = ("fpn", "msdeformattn")
 
 
-@dataclass
-class PixelDecoderOutput:
-    """What every pixel decoder returns.
+class PixelDecoderOutput(NamedTuple):
+    """What every pixel decoder returns (a NamedTuple, not a dataclass: DeepSpeed ZeRO-3
+    finds the tensors of tuples, lists and dicts a module returns to hook its backward
+    pass, and warns about any other type).
 
     ``mask_features``: B×mask_dim×H/4×W/4, the per-pixel embeddings mask embeddings are
     dotted with. ``multi_scale_features``: one B×conv_dim map per backbone level, finest
