@@ -4,9 +4,11 @@ time and size, with the trainer's own parts on real gloo process groups.
 For each stage a fresh group of ``--world-size`` processes (2 by default) builds the
 config's model and DeepSpeed engine as ``launcher/train_loop.py`` does (``build_model``,
 ``launcher.engine.create_engine``: AdamW groups, schedule, DeepSpeed config), runs ``--steps`` training steps on
-a synthetic batch with the real criterion and measures, on every rank, after the last
-step's backward pass (AdamW's moments exist from the earlier steps, the gradients are
-all there, the autograd graph is gone):
+a synthetic batch with the real criterion and measures, on every rank, during the last
+step's backward pass (AdamW's moments exist from the earlier steps), at two points: when
+autograd has produced every gradient and DeepSpeed is about to reduce them (where
+ZeRO-0/1 hold whole gradients), and after the backward pass (where ZeRO-1 keeps only its
+partition); the larger counts:
 
 - **state bytes**: the bytes of every tensor storage alive in the process (found through
   the garbage collector, each storage counted once: at stages 1-3 the parameters are
@@ -93,13 +95,25 @@ def rank_main(rank: int, args: argparse.Namespace, stage: int, port: int, out_di
     engine = create_engine(cfg, model)
     del model  # the engine holds what it uses
     engine.train()
+    # ZeRO-0/1 hold every whole gradient between autograd's end and DeepSpeed's reduction
+    # inside engine.backward; ZeRO-1 then keeps only its partition. Measure there too.
+    reduce_gradients, before_reduction = engine.allreduce_gradients, []
+
+    def measured_reduction(*args, **kwargs):
+        if measuring:
+            before_reduction.append(live_tensor_bytes())
+        return reduce_gradients(*args, **kwargs)
+
+    engine.allreduce_gradients = measured_reduction
     for step in range(args.steps):
+        measuring = step == args.steps - 1
         outputs = engine(images)
         loss = sum(criterion(outputs, targets).values())
         engine.backward(loss)
         del outputs, loss  # the graph is gone: what is alive now is state, gradients included
-        if step == args.steps - 1:
-            state, rss = live_tensor_bytes() - tensors_before, rss_bytes() - rss_before
+        if measuring:
+            state = max([live_tensor_bytes(), *before_reduction]) - tensors_before
+            rss = rss_bytes() - rss_before
         engine.step()
 
     checkpoint_dir = os.path.join(out_dir, f"checkpoint_stage{stage}", f"rank{rank}")

@@ -50,7 +50,7 @@ from launcher.mfu import count_forward_flops, peak_flops, training_flops_per_sam
 from launcher.panoptic_eval import panoptic_validation, summary_line
 from launcher.progress import StepLogger, StepRecords
 from launcher.rng import derive_seed, restore_rng_state, seed_everything
-from launcher.universal_checkpoint import needs_universal, universal_for_load
+from launcher.universal_checkpoint import load_universal_checkpoint, needs_universal
 from model.build import build_criterion, build_model
 
 
@@ -153,8 +153,10 @@ def train_worker(loop_config: dict) -> None:
     start_batches, start_positions = 0, ()
     if meta is not None:
         start_step, resumes = meta.step, meta.resumes + 1
-        load_dir = universal_for_load(resume_dir) if universal else os.path.join(resume_dir, DEEPSPEED_DIR)
-        engine.load_checkpoint(load_dir, tag=DEEPSPEED_TAG)
+        if universal:
+            load_universal_checkpoint(engine, resume_dir)
+        else:
+            engine.load_checkpoint(os.path.join(resume_dir, DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
         saved = _saved_position(resume_dir, meta, rank)
         current = replace(layout, batches=start_step * cfg.train.grad_accum_steps)
         if saved is None:  # written before exact loader resume: count steps

@@ -18,6 +18,8 @@ import shutil
 import sys
 import time
 
+import torch
+
 from launcher.checkpoint import DEEPSPEED_DIR, DEEPSPEED_TAG, CheckpointError, CheckpointMeta
 
 UNIVERSAL_DIR = "deepspeed_universal"
@@ -72,3 +74,32 @@ def universal_for_load(checkpoint: str) -> str:
                               f"({UNIVERSAL_DIR}/ missing); start the run through `python -m launcher train`, "
                               "which converts it")
     return target
+
+
+def load_universal_checkpoint(engine, checkpoint: str) -> None:
+    """Load ``checkpoint``'s universal form into ``engine`` (built with ``load_universal``).
+
+    At ZeRO-3, DeepSpeed 0.19's universal load
+    (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``) gives every parameter group
+    the hyperparameters of the checkpoint's *first* group — its weight decay (0 when that
+    group holds the norms and biases), its name, its learning rate until the scheduler's
+    next step — and one AdamW ``step`` tensor shared by every group, which torch's fused
+    and foreach AdamW then advance once per group per step, so bias correction goes wrong.
+    The groups' own hyperparameters are restored from the engine as this run built them,
+    their learning rates from the loaded scheduler, and each group gets its own step.
+    ZeRO-1/2 load per group and need none of this.
+    """
+    stage3 = engine.zero_optimization_stage() == 3
+    groups = engine.optimizer.optimizer.param_groups if stage3 else []
+    built = [{key: value for key, value in group.items() if key != "params"} for group in groups]
+    engine.load_checkpoint(universal_for_load(checkpoint), tag=DEEPSPEED_TAG)
+    if not stage3:
+        return
+    learning_rates = engine.lr_scheduler.get_last_lr() if engine.lr_scheduler is not None else None
+    for index, (group, hyperparameters) in enumerate(zip(groups, built)):
+        group.update(hyperparameters)
+        if learning_rates is not None:
+            group["lr"] = learning_rates[index]
+    for state in engine.optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()

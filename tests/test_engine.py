@@ -64,3 +64,27 @@ def test_zero3_training_is_unchanged_by_sharing_the_master_weights(zero3_runs):
     assert zero3_runs["weights_moved"]
     assert zero3_runs["shared_losses"] == zero3_runs["copied_losses"]
     assert zero3_runs["weights_equal"] and zero3_runs["masters_equal"]
+
+
+@pytest.fixture(scope="module")
+def zero3_universal_resume():
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "zero3_universal_probe.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(HERE),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_zero3_universal_resume_continues_exactly(zero3_universal_resume):
+    """Resuming a ZeRO-3 checkpoint through its universal form (how a run resumes on
+    another number of workers) continues as the run that was never interrupted: same
+    losses, each group's weight decay and lr, one AdamW step per step."""
+    result = zero3_universal_resume
+    assert result["weight_decays_after_load"] == [0.0, 0.5]
+    assert result["groups_match"]
+    assert result["steps_resumed"] == result["steps_first"] == [4.0] * len(result["steps_first"])
+    assert result["resumed"] == result["continued"]
