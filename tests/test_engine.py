@@ -38,13 +38,10 @@ def test_bf16_gradients_are_reduced_in_fp32():
     assert autocast["lower_precision_safe_modules"] == []
 
 
-@pytest.fixture(scope="module")
-def zero3_runs():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def _probe(script: str, *args: str) -> dict:
+    """Runs ``tests/<script>`` in a fresh process; the JSON line it prints last."""
     proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "zero3_master_probe.py"), str(port)],
+        [sys.executable, os.path.join(HERE, script), *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -52,6 +49,14 @@ def zero3_runs():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def zero3_runs():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return _probe("zero3_master_probe.py", str(port))
 
 
 def test_zero3_master_weights_share_the_parameter_partitions(zero3_runs):
@@ -68,15 +73,7 @@ def test_zero3_training_is_unchanged_by_sharing_the_master_weights(zero3_runs):
 
 @pytest.fixture(scope="module")
 def zero3_universal_resume():
-    proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "zero3_universal_probe.py")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=os.path.dirname(HERE),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _probe("zero3_universal_probe.py")
 
 
 def test_zero3_universal_resume_continues_exactly(zero3_universal_resume):
