@@ -45,8 +45,9 @@ import ops.torchvision_fix  # noqa: F401
 
 # isort: split
 import torch
-from measure import peak_rss_bytes, rss_bytes, synthetic_batch  # benchmarks/ is on sys.path
+from measure import peak_rss_bytes, rss_bytes  # benchmarks/ is on sys.path
 
+from data_pipeline.synthetic import synthetic_batch
 from launcher.describe import MASKS_PER_IMAGE, measure_activations, measure_loss_activations
 from model.backbone import build_backbone
 from model.build import build_criterion, build_model

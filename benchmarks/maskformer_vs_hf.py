@@ -38,8 +38,9 @@ import ops.torchvision_fix  # noqa: F401
 
 # isort: split
 import torch
-from measure import peak_rss_bytes, synthetic_batch  # benchmarks/ is on sys.path when run as a script
+from measure import peak_rss_bytes  # benchmarks/ is on sys.path when run as a script
 
+from data_pipeline.synthetic import synthetic_batch
 from model.build import build_criterion, build_model
 from model.config import ModelConfig
 from ops.apex_optional import adamw

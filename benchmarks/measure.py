@@ -20,22 +20,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from data_pipeline.config import SyntheticConfig
-from data_pipeline.synthetic import generate_sample
-from data_pipeline.transforms import semantic_to_targets
-
-
-def synthetic_batch(num_classes: int, size: int, batch: int, seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
-    """``batch`` generated ``size``x``size`` images (float, NCHW) and their MaskFormer
-    targets (one binary mask per class present)."""
-    cfg = SyntheticConfig(num_classes=num_classes, image_size=size, seed=seed)
-    images, targets = [], []
-    for i in range(batch):
-        sample = generate_sample(i, cfg)
-        images.append(torch.from_numpy(sample.image).permute(2, 0, 1))
-        targets.append(semantic_to_targets(torch.from_numpy(sample.semantic).long()))
-    return torch.stack(images).float(), targets
-
 
 def _status_bytes(field: str) -> int:
     with open("/proc/self/status") as f:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import threading
@@ -37,12 +36,12 @@ import ops.torchvision_fix  # noqa: F401  (before anything imports timm)
 # isort: split
 import torch
 import torch.distributed as dist
-from measure import synthetic_batch  # benchmarks/ is on sys.path when run as a script
 
 from cluster.metrics import WorkerMetrics
+from data_pipeline.synthetic import synthetic_batch
 from launcher.config import load_config
 from launcher.engine import create_engine
-from launcher.environment import setup_process_environment
+from launcher.environment import free_loopback_port, join_loopback_gloo_group
 from model.build import build_criterion, build_model
 
 TARGET_OVERHEAD = 0.01  # at most, as a share of the step time
@@ -79,12 +78,6 @@ class Scraper(threading.Thread):
             raise RuntimeError(self.error)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml")
@@ -97,12 +90,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.rounds < 5:
         parser.error("--rounds must be >= 5")
-    setup_process_environment()
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-
     cfg = load_config(args.config, args.set)
+    join_loopback_gloo_group(0, 1, free_loopback_port(), zero_stage=cfg.train.zero_stage)
+    torch.set_num_threads(args.threads)
+
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
     criterion = build_criterion(cfg.model)
@@ -172,7 +163,14 @@ def main() -> int:
     off, on = statistics.mean(times["off"]), statistics.mean(times["on"])
     off_median, on_median = statistics.median(times["off"]), statistics.median(times["on"])
     overhead = on / off - 1
-    scrape_share = (sum(scrapes) / len(scrapes) / args.scrape_interval) if scrapes else 0.0
+    if not scrapes:
+        print(
+            f"error: no scrape landed in the on blocks ({args.block} steps each); use a longer --block or a "
+            "shorter --scrape-interval",
+            file=sys.stderr,
+        )
+        return 2
+    scrape_share = sum(scrapes) / len(scrapes) / args.scrape_interval
     recording_share = statistics.median(recording) / off
     met = overhead < TARGET_OVERHEAD
     print(

@@ -34,7 +34,6 @@ import argparse
 import gc
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -45,13 +44,14 @@ import ops.torchvision_fix  # noqa: F401  (before anything imports timm)
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from measure import rss_bytes, synthetic_batch  # benchmarks/ is on sys.path when run as a script
+from measure import rss_bytes  # benchmarks/ is on sys.path when run as a script
 
+from data_pipeline.synthetic import synthetic_batch
 from launcher.checkpoint import save_checkpoint
 from launcher.config import load_config, to_dict
 from launcher.describe import count_parameters, state_bytes
 from launcher.engine import create_engine
-from launcher.environment import runtime_env_vars, setup_process_environment
+from launcher.environment import free_loopback_port, join_loopback_gloo_group
 from model.build import build_criterion, build_model
 
 TARGET_STAGE3_RATIO = 0.55  # stage 3's state bytes per rank over stage 0's, at most
@@ -76,14 +76,8 @@ def live_tensor_bytes() -> int:
 
 def rank_main(rank: int, args: argparse.Namespace, stage: int, port: int, out_dir: str) -> None:
     """One rank of one stage's group: build, train ``args.steps`` steps, measure, save."""
-    os.environ.update(runtime_env_vars(zero_stage=stage))
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.world_size)
-    )  # DeepSpeed reads these
+    join_loopback_gloo_group(rank, args.world_size, port, zero_stage=stage)
     torch.set_num_threads(args.threads)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.world_size
-    )
     cfg = load_config(args.config, [*args.set, f"train.zero_stage={stage}", f"data.batch_size={args.batch}"])
     images, targets = synthetic_batch(cfg.model.num_classes, args.crop, args.batch, seed=rank)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank, as the trainer
@@ -138,15 +132,12 @@ def rank_main(rank: int, args: argparse.Namespace, stage: int, port: int, out_di
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_stage(args: argparse.Namespace, stage: int, out_dir: str) -> list[dict]:
     mp.start_processes(
-        rank_main, args=(args, stage, free_port(), out_dir), nprocs=args.world_size, start_method="spawn"
+        rank_main,
+        args=(args, stage, free_loopback_port(), out_dir),
+        nprocs=args.world_size,
+        start_method="spawn",
     )
     ranks = []
     for rank in range(args.world_size):
@@ -179,7 +170,6 @@ def main() -> int:
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps must be >= 2: AdamW's moments appear at the first step's end")
-    setup_process_environment()
 
     print(
         f"{args.config} {' '.join(args.set)}: {args.world_size} gloo ranks x {args.threads} threads, "

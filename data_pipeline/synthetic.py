@@ -276,3 +276,20 @@ def synthetic_source(cfg: SyntheticConfig, split: str, num_samples: int) -> Sour
             "index_offset": offset,
         },
     )
+
+
+def synthetic_batch(num_classes: int, size: int, batch: int, seed: int = 0, first: int = 0):
+    """Samples ``first`` .. ``first + batch - 1`` as a training batch for benchmarks and
+    tests: ``size``x``size`` images (float, NCHW) and their MaskFormer targets (one
+    binary mask per class present)."""
+    import torch  # here: generating and sharding the dataset needs no torch
+
+    from data_pipeline.transforms import semantic_to_targets
+
+    cfg = SyntheticConfig(num_classes=num_classes, image_size=size, seed=seed)
+    images, targets = [], []
+    for index in range(first, first + batch):
+        sample = generate_sample(index, cfg)
+        images.append(torch.from_numpy(sample.image).permute(2, 0, 1))
+        targets.append(semantic_to_targets(torch.from_numpy(sample.semantic).long()))
+    return torch.stack(images).float(), targets

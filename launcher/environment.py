@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import sys
 
 
@@ -58,6 +59,25 @@ def setup_process_environment() -> None:
     # Ray Train V2 is the default in Ray 2.60, and resume-by-run-name relies on it: V1
     # would restart a re-run from step 0. Pin it whatever the environment says.
     os.environ["RAY_TRAIN_V2_ENABLED"] = "1"
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_loopback_gloo_group(rank: int, world_size: int, port: int, zero_stage: int = 0) -> None:
+    """Join a gloo process group on 127.0.0.1:``port`` with what a Ray Train worker of a
+    run has: its environment (``runtime_env_vars``) and the rank variables DeepSpeed
+    reads. For benchmarks and tests that run the trainer's engine without Ray."""
+    import torch.distributed as dist
+
+    setup_process_environment()
+    os.environ.update(runtime_env_vars(zero_stage=zero_stage))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
 
 
 def build_deepspeed_ops() -> list[str]:

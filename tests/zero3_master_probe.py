@@ -5,7 +5,6 @@ copy), and prints one JSON line comparing them."""
 
 import json
 import os
-import sys
 
 import ops.torchvision_fix  # noqa: F401  (before anything imports timm)
 
@@ -13,13 +12,11 @@ import ops.torchvision_fix  # noqa: F401  (before anything imports timm)
 import torch
 import torch.distributed as dist
 
-from data_pipeline.config import SyntheticConfig
-from data_pipeline.synthetic import generate_sample
-from data_pipeline.transforms import semantic_to_targets
+from data_pipeline.synthetic import synthetic_batch
 from launcher.config import load_config
 from launcher.deepspeed_config import build_deepspeed_config
 from launcher.engine import create_engine
-from launcher.environment import runtime_env_vars, setup_process_environment
+from launcher.environment import free_loopback_port, join_loopback_gloo_group
 from launcher.optim import build_optimizer, build_scheduler
 from model.build import build_criterion, build_model
 
@@ -27,12 +24,8 @@ STEPS = 3
 
 
 def batch(num_classes: int, step: int) -> tuple[torch.Tensor, list[dict]]:
-    samples = [
-        generate_sample(2 * step + i, SyntheticConfig(num_classes=num_classes, image_size=32, seed=1))
-        for i in range(2)
-    ]
-    images = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1) for s in samples]).float()
-    return images, [semantic_to_targets(torch.from_numpy(s.semantic).long()) for s in samples]
+    """Step ``step``'s two 32x32 samples."""
+    return synthetic_batch(num_classes, 32, 2, seed=1, first=2 * step)
 
 
 def train(engine, criterion, num_classes: int) -> list[float]:
@@ -64,10 +57,7 @@ def shares_storage(engine) -> list[bool]:
 
 
 def main() -> None:
-    setup_process_environment()
-    os.environ.update(runtime_env_vars(zero_stage=3))
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[1]}", rank=0, world_size=1)
+    join_loopback_gloo_group(0, 1, free_loopback_port(), zero_stage=3)
     import deepspeed
 
     cfg = load_config(

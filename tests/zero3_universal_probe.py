@@ -6,7 +6,6 @@ prints one JSON line comparing the two."""
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 
@@ -21,7 +20,7 @@ from zero3_master_probe import batch  # tests/ is on sys.path when run as a scri
 from launcher.checkpoint import read_meta, save_checkpoint
 from launcher.config import load_config
 from launcher.engine import create_engine
-from launcher.environment import runtime_env_vars, setup_process_environment
+from launcher.environment import free_loopback_port, join_loopback_gloo_group
 from launcher.universal_checkpoint import ensure_universal, load_universal_checkpoint
 from model.build import build_criterion, build_model
 
@@ -48,11 +47,8 @@ def steps(engine) -> list[float]:
 
 
 def rank_main(rank: int, port: int, work: str) -> None:
-    setup_process_environment()
-    os.environ.update(runtime_env_vars(zero_stage=3))
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+    join_loopback_gloo_group(rank, WORLD, port, zero_stage=3)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     config = os.path.join(os.path.dirname(__file__), "..", "configs", "test_tiny.yaml")
     # Weight decay and a warm-up: both visible in the next steps if a group loses them.
     cfg = load_config(
@@ -102,9 +98,6 @@ def rank_main(rank: int, port: int, work: str) -> None:
 
 
 if __name__ == "__main__":
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
     with tempfile.TemporaryDirectory(prefix="zero3-universal-") as work:
-        mp.start_processes(rank_main, args=(free, work), nprocs=WORLD, start_method="spawn")
+        mp.start_processes(rank_main, args=(free_loopback_port(), work), nprocs=WORLD, start_method="spawn")
     sys.exit(0)
