@@ -155,7 +155,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         )
 
         self.lateral_conv = ConvNormAct(in_channels[0], conv_dim, 1, norm, relu=False)
-        self.output_conv = ConvNormAct(conv_dim, conv_dim, 3, norm, relu=True)
+        self.output_conv = ConvNormAct(conv_dim, conv_dim, 3, norm, relu=True, conv3x3=ops.conv3x3)
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=1)
         c2_xavier_fill(self.mask_features)
 

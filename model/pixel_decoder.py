@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from model.config import PixelDecoderConfig
 from ops.config import OpsConfig
+from ops.winograd_conv import Conv3x3
 
 SUPPORTED_PIXEL_DECODERS = ("fpn", "msdeformattn")
 
@@ -64,16 +65,17 @@ def make_norm(norm: str, channels: int) -> nn.Module:
 
 
 class ConvNormAct(nn.Sequential):
-    """detectron2's ``Conv2d(..., norm=, activation=)``: conv -> norm -> optional ReLU."""
+    """detectron2's ``Conv2d(..., norm=, activation=)``: conv -> norm -> optional ReLU.
+    3×3 convs are ``Conv3x3`` (``conv3x3`` names its algorithm: ``model.ops.conv3x3``)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, norm: str, relu: bool) -> None:
-        conv = nn.Conv2d(
-            in_channels,
-            out_channels,
-            kernel_size,
-            padding=kernel_size // 2,
-            bias=norm == "",  # norm has its own bias
-        )
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, norm: str, relu: bool, conv3x3: str = "auto"
+    ) -> None:
+        bias = norm == ""  # norm has its own bias
+        if kernel_size == 3:
+            conv: nn.Conv2d = Conv3x3(in_channels, out_channels, bias=bias, algorithm=conv3x3)
+        else:
+            conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
         c2_xavier_fill(conv)
         layers: list[nn.Module] = [conv, make_norm(norm, out_channels)]
         if relu:
@@ -91,7 +93,12 @@ class BasePixelDecoder(nn.Module):
     """
 
     def __init__(
-        self, in_channels: Sequence[int], conv_dim: int = 256, mask_dim: int = 256, norm: str = "GN"
+        self,
+        in_channels: Sequence[int],
+        conv_dim: int = 256,
+        mask_dim: int = 256,
+        norm: str = "GN",
+        conv3x3: str = "auto",
     ) -> None:
         super().__init__()
         if len(in_channels) < 1:
@@ -104,11 +111,11 @@ class BasePixelDecoder(nn.Module):
         for idx, channels in enumerate(coarse_to_fine):
             if idx == 0:
                 self.lateral_convs.append(nn.Identity())
-                self.output_convs.append(ConvNormAct(channels, conv_dim, 3, norm, relu=True))
+                self.output_convs.append(ConvNormAct(channels, conv_dim, 3, norm, relu=True, conv3x3=conv3x3))
             else:
                 self.lateral_convs.append(ConvNormAct(channels, conv_dim, 1, norm, relu=False))
-                self.output_convs.append(ConvNormAct(conv_dim, conv_dim, 3, norm, relu=True))
-        self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=3, padding=1)
+                self.output_convs.append(ConvNormAct(conv_dim, conv_dim, 3, norm, relu=True, conv3x3=conv3x3))
+        self.mask_features = Conv3x3(conv_dim, mask_dim, algorithm=conv3x3)
         c2_xavier_fill(self.mask_features)
         self.mask_dim = mask_dim
         self.conv_dim = conv_dim
@@ -133,8 +140,11 @@ def build_pixel_decoder(
 ) -> nn.Module:
     """The pixel decoder named by ``cfg.name``; it has ``mask_dim``, ``conv_dim`` and
     ``transformer_channels`` attributes and returns a ``PixelDecoderOutput``."""
+    ops = ops or OpsConfig()
     if cfg.name == "fpn":
-        return BasePixelDecoder(in_channels, conv_dim=cfg.conv_dim, mask_dim=cfg.mask_dim, norm=cfg.norm)
+        return BasePixelDecoder(
+            in_channels, conv_dim=cfg.conv_dim, mask_dim=cfg.mask_dim, norm=cfg.norm, conv3x3=ops.conv3x3
+        )
     if cfg.name == "msdeformattn":
         # Imported here: msdeform_pixel_decoder reuses this file's conv blocks and output type.
         from model.msdeform_pixel_decoder import MSDeformAttnPixelDecoder

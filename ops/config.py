@@ -22,3 +22,8 @@ class OpsConfig:
     # NVIDIA apex's FusedLayerNorm / FusedAdam: "auto" uses them when apex is importable
     # and CUDA is available; "off" always uses torch's LayerNorm / AdamW.
     apex: Literal["auto", "off"] = "auto"
+    # The pixel decoders' 3×3 convolutions (ops/winograd_conv.py): "auto" runs Winograd
+    # F(4×4, 3×3) for fp32 on CPU outside autocast on maps of 32×32 and more (a third
+    # less time at 64×64 in training; ~1e-5 relative difference from the direct kernel),
+    # the direct kernel elsewhere; "winograd" forces it for fp32/fp64; "direct" never.
+    conv3x3: Literal["auto", "winograd", "direct"] = "auto"
