@@ -23,6 +23,8 @@ column matrix.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -87,8 +89,8 @@ def _bands(n: int, tiles_h: int, tiles_w: int) -> list[tuple[int, int, int]]:
     return [(i, r0, min(r0 + rows, tiles_h)) for i in range(n) for r0 in range(0, tiles_h, rows)]
 
 
-def _band_tiles(x: Tensor, image: int, r0: int, r1: int, tiles_w: int) -> Tensor:
-    """(36, tiles·C): the overlapping 6×6 tiles (stride 4) of tile rows r0..r1 of one
+def _band_tiles(x: Tensor, image: int, r0: int, r1: int, tiles_w: int, out: Tensor) -> Tensor:
+    """``out`` (36, tiles·C) filled with the overlapping 6×6 tiles (stride 4) of tile rows r0..r1 of one
     image under the convolution's zero padding (widened to whole tiles at the bottom and
     right), one row per position in the tile, channels innermost so each position is a
     (tiles, C) GEMM operand. Only the band is padded: no padded copy of the whole input."""
@@ -98,7 +100,8 @@ def _band_tiles(x: Tensor, image: int, r0: int, r1: int, tiles_w: int) -> Tensor
     pad_rows = (max(-top, 0), max(bottom - height, 0))
     band = F.pad(band, (1, 1 + _OUT * tiles_w - width, *pad_rows))
     tiles = band.unfold(2, _TILE, _OUT).unfold(3, _TILE, _OUT)  # 1 C rows tw 6 6 (a view)
-    return tiles.permute(4, 5, 0, 2, 3, 1).reshape(_TILE * _TILE, -1)
+    out.view(_TILE, _TILE, 1, r1 - r0, tiles_w, x.shape[1]).copy_(tiles.permute(4, 5, 0, 2, 3, 1))
+    return out
 
 
 def _fold_band(grad_tiles: Tensor, grad_padded: Tensor, image: int, r0: int, r1: int) -> None:
@@ -113,6 +116,23 @@ def _fold_band(grad_tiles: Tensor, grad_padded: Tensor, image: int, r0: int, r1:
     out[:, :, 1:, :2, :-1, :] += g[:, :, :, 4:, :, :4]
     out[:, :, :-1, :, 1:, :2] += g[:, :, :, :4, :, 4:]
     out[:, :, 1:, :2, 1:, :2] += g[:, :, :, 4:, :, 4:]
+
+
+class _Scratch:
+    """Flat buffers reused by every band of one call, handed out as views of their first
+    elements: a handful of allocations per call instead of several per band, which keeps
+    glibc from trimming and re-faulting the same pages band after band."""
+
+    def __init__(self, like: Tensor) -> None:
+        self.like = like
+        self.buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, *shape: int) -> Tensor:
+        numel = math.prod(shape)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.buffers[name] = self.like.new_empty(numel)
+        return buffer[:numel].view(shape)
 
 
 def _tile_counts(x: Tensor) -> tuple[int, int]:
@@ -137,11 +157,21 @@ class _WinogradConv3x3(torch.autograd.Function):
         kron_b, kron_g, kron_a = _transforms(x.dtype, x.device)
         u = _filters(weight, kron_g, channels_first=True)
         out = torch.empty((n, k, height, width), dtype=x.dtype, device=x.device)
+        scratch = _Scratch(x)
         for image, r0, r1 in _bands(n, tiles_h, tiles_w):
-            v = (kron_b @ _band_tiles(x, image, r0, r1, tiles_w)).view(36, -1, c)
-            m = torch.bmm(v, u)  # 36 × tiles × K
-            y = (kron_a @ m.view(36, -1)).view(_OUT, _OUT, 1, r1 - r0, tiles_w, k)
-            y = y.permute(2, 5, 3, 0, 4, 1).reshape(1, k, _OUT * (r1 - r0), _OUT * tiles_w)
+            tiles = (r1 - r0) * tiles_w
+            d = _band_tiles(x, image, r0, r1, tiles_w, scratch.get("tiles", 36, tiles * c))
+            v = scratch.get("v", 36, tiles, c)
+            torch.mm(kron_b, d, out=v.view(36, -1))
+            m = scratch.get("m", 36, tiles, k)
+            torch.bmm(v, u, out=m)
+            y = scratch.get("y", 16, tiles * k)
+            torch.mm(kron_a, m.view(36, -1), out=y)
+            y = (
+                y.view(_OUT, _OUT, 1, r1 - r0, tiles_w, k)
+                .permute(2, 5, 3, 0, 4, 1)
+                .reshape(1, k, _OUT * (r1 - r0), _OUT * tiles_w)
+            )
             rows = min(_OUT * r1, height) - _OUT * r0
             target = out[image : image + 1, :, _OUT * r0 : _OUT * r0 + rows]
             if bias is None:
@@ -170,19 +200,30 @@ class _WinogradConv3x3(torch.autograd.Function):
             grad_padded = x.new_zeros(n, c, _OUT * (tiles_h + 1), _OUT * (tiles_w + 1))
         if need_weight:
             grad_u = x.new_zeros(36, k, c)
+        # Buffers are shared where one use ends before the next begins (the gradient of
+        # the tiles is folded before the weight path rebuilds the tiles).
+        scratch = _Scratch(x)
         for image, r0, r1 in _bands(n, tiles_h, tiles_w):
+            tiles = (r1 - r0) * tiles_w
             band = grad_padded_out[image : image + 1, :, _OUT * r0 : _OUT * r1]
-            grad_tiles = (
-                band.view(1, k, r1 - r0, _OUT, tiles_w, _OUT).permute(3, 5, 0, 2, 4, 1).reshape(16, -1)
+            grad_tiles = scratch.get("y", 16, tiles * k)
+            grad_tiles.view(_OUT, _OUT, 1, r1 - r0, tiles_w, k).copy_(
+                band.view(1, k, r1 - r0, _OUT, tiles_w, _OUT).permute(3, 5, 0, 2, 4, 1)
             )
-            grad_m = (kron_a.t() @ grad_tiles).view(36, -1, k)  # 36 × tiles × K
+            grad_m = scratch.get("m", 36, tiles, k)
+            torch.mm(kron_a.t(), grad_tiles, out=grad_m.view(36, -1))
             if need_x:
-                grad_v = torch.bmm(grad_m, u)  # 36 × tiles × C
-                _fold_band(kron_b.t() @ grad_v.view(36, -1), grad_padded, image, r0, r1)
+                grad_v = scratch.get("v", 36, tiles, c)
+                torch.bmm(grad_m, u, out=grad_v)
+                grad_d = scratch.get("tiles", 36, tiles * c)
+                torch.mm(kron_b.t(), grad_v.view(36, -1), out=grad_d)
+                _fold_band(grad_d, grad_padded, image, r0, r1)
             if need_weight:
                 # The transformed input is rebuilt here rather than saved, as an im2col
                 # convolution rebuilds its columns: it is 2.25× the input's size.
-                v = (kron_b @ _band_tiles(x, image, r0, r1, tiles_w)).view(36, -1, c)
+                d = _band_tiles(x, image, r0, r1, tiles_w, scratch.get("tiles", 36, tiles * c))
+                v = scratch.get("v", 36, tiles, c)
+                torch.mm(kron_b, d, out=v.view(36, -1))
                 grad_u.baddbmm_(grad_m.transpose(1, 2), v)
         grad_x = grad_padded[:, :, 1 : height + 1, 1 : width + 1] if need_x else None
         grad_weight = (kron_g.t() @ grad_u.view(36, -1)).t().reshape(k, c, 3, 3) if need_weight else None
