@@ -20,6 +20,8 @@ from contextlib import contextmanager
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ops.winograd_conv import direct_convolutions
+
 # Dense (no sparsity) peak TFLOP/s per GPU, (bf16/fp16 tensor cores, fp32 without TF32),
 # from the vendors' datasheets; SXM parts where a PCIe variant differs.
 _GPU_PEAK_TFLOPS = (
@@ -76,9 +78,10 @@ def peak_flops(device: torch.device, precision: str, override_tflops: float = 0.
 
 @contextmanager
 def count_forward_flops():
-    """``with count_forward_flops() as counted: model(x)``; then ``counted()`` is the FLOPs."""
+    """``with count_forward_flops() as counted: model(x)``; then ``counted()`` is the FLOPs
+    (the model's: 3×3 convolutions count as direct ones, not as Winograd's products)."""
     mode = FlopCounterMode(display=False)
-    with mode:
+    with mode, direct_convolutions():
         yield mode.get_total_flops
 
 

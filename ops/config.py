@@ -23,7 +23,8 @@ class OpsConfig:
     # and CUDA is available; "off" always uses torch's LayerNorm / AdamW.
     apex: Literal["auto", "off"] = "auto"
     # The pixel decoders' 3×3 convolutions (ops/winograd_conv.py): "auto" runs Winograd
-    # F(4×4, 3×3) for fp32 on CPU outside autocast on maps of 32×32 and more (a third
-    # less time at 64×64 in training; ~1e-5 relative difference from the direct kernel),
-    # the direct kernel elsewhere; "winograd" forces it for fp32/fp64; "direct" never.
+    # F(4×4, 3×3) for fp32 on CPU outside autocast on maps of at least 64 4×4 tiles
+    # (32×32; about a third less training time at 64×64; ~1e-5 relative difference from
+    # the direct kernel), the direct kernel elsewhere; "winograd" forces it for
+    # fp32/fp64 outside autocast; "direct" never.
     conv3x3: Literal["auto", "winograd", "direct"] = "auto"

@@ -24,10 +24,13 @@ column matrix.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 # F(4×4, 3×3) transform matrices (Lavin & Gray, 2016, interpolation points 0, ±1, ±2, ∞).
 _BT = [
@@ -183,6 +186,7 @@ class _WinogradConv3x3(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the backward writes into reused buffers; no double backward
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         x, weight = ctx.saved_tensors
         n, c, height, width = x.shape
@@ -238,7 +242,25 @@ def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
         raise ValueError(
             f"winograd_conv3x3 needs an N×C×H×W input and a K×C×3×3 weight, got {tuple(x.shape)} and {tuple(weight.shape)}"
         )
+    if x.numel() == 0:
+        return F.conv2d(x, weight, bias, padding=1)
     return _WinogradConv3x3.apply(x.contiguous(), weight, bias)
+
+
+_direct_only = 0
+
+
+@contextmanager
+def direct_convolutions() -> Iterator[None]:
+    """Every ``Conv3x3`` runs the direct kernel inside. For FLOP counting
+    (``launcher/mfu.py``): MFU counts the model's FLOPs, those of the convolution, not
+    the 4× fewer products Winograd computes them with."""
+    global _direct_only
+    _direct_only += 1
+    try:
+        yield
+    finally:
+        _direct_only -= 1
 
 
 class Conv3x3(nn.Conv2d):
@@ -246,7 +268,8 @@ class Conv3x3(nn.Conv2d):
     Winograd F(4×4, 3×3) where it pays: ``algorithm="auto"`` picks it for fp32 CPU
     inputs, outside autocast, with at least ``MIN_TILES`` output tiles per image, and
     the direct kernel otherwise (GPUs: cuDNN chooses its own algorithm, Winograd
-    included); ``"winograd"`` forces it for fp32/fp64 inputs; ``"direct"`` never uses it."""
+    included); ``"winograd"`` forces it for fp32/fp64 inputs on any device, outside
+    autocast; ``"direct"`` never uses it."""
 
     def __init__(
         self, in_channels: int, out_channels: int, bias: bool = True, algorithm: str = "auto"
@@ -257,7 +280,12 @@ class Conv3x3(nn.Conv2d):
         self.algorithm = algorithm
 
     def _use_winograd(self, x: Tensor) -> bool:
-        if self.algorithm == "direct" or x.dim() != 4 or torch.is_autocast_enabled(x.device.type):
+        if (
+            self.algorithm == "direct"
+            or _direct_only
+            or x.dim() != 4
+            or torch.is_autocast_enabled(x.device.type)
+        ):
             return False
         if self.algorithm == "winograd":
             return x.dtype in (torch.float32, torch.float64)

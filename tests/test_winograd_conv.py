@@ -122,3 +122,24 @@ def test_pixel_decoders_take_the_algorithm_from_model_ops(monkeypatch):
         direct(features).mask_features, decoder(features).mask_features, rtol=1e-4, atol=1e-4
     )
     assert len(calls) == 4
+
+
+def test_flop_counting_sees_the_direct_convolution():
+    """MFU counts model FLOPs: the Winograd path's 4× fewer products must not lower it."""
+    from launcher.mfu import count_forward_flops
+
+    conv = Conv3x3(16, 8)
+    x = torch.randn(2, 16, 32, 32)
+    with count_forward_flops() as counted:
+        conv(x)
+    assert counted() == 2 * 2 * 8 * 16 * 9 * 32 * 32
+
+
+def test_no_double_backward_and_empty_inputs():
+    x = torch.randn(1, 2, 8, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(winograd_conv3x3(x, weight).sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        grad_x.sum().backward()
+    empty = winograd_conv3x3(torch.randn(0, 2, 8, 8), torch.randn(3, 2, 3, 3))
+    assert empty.shape == (0, 3, 8, 8)
