@@ -31,6 +31,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ops.scratch import ScratchBuffers
+
 # Block sizes (bytes of one block's scores; forward holds one such matrix, backward two):
 # heads are grouped up to GROUP_BYTES (or the block budget, if smaller), so small
 # attentions are a few large products rather than many tiny ones; a head whose matrix is
@@ -52,45 +54,31 @@ def _blocks(heads: int, queries: int, keys: int, itemsize: int, max_block_bytes:
     return 1, max(1, min(queries, max_block_bytes // max(1, keys * itemsize)))
 
 
-class _Scratch:
-    """Matrix buffers allocated once per call and reused by every block: one set of
-    allocations instead of several per block, which also keeps glibc from growing its
-    heap with freed multi-MiB blocks (CPU memory is measured as resident set size).
-
-    Softmax and its backward run in place (scores → weights, the weights' gradient → the
-    scores'): torch's softmax kernels finish reading a row before they write it, so one
-    buffer serves both; ``tests/test_attention.py`` checks the in-place calls bitwise
-    against out-of-place ones. Forward holds one block, backward two."""
-
-    def __init__(self, count: int, heads: int, rows: int, keys: int, like: Tensor):
-        self.keys = keys
-        self.buffers = [like.new_empty(heads * rows * keys) for _ in range(count)]
-
-    def block(self, index: int, heads: int, rows: int) -> Tensor:
-        """Buffer ``index`` as a contiguous heads × rows × keys block (the last block of a
-        call may be smaller than the first)."""
-        return self.buffers[index][: heads * rows * self.keys].view(heads, rows, self.keys)
-
-
 def _ranges(total: int, step: int):
     for start in range(0, total, step):
         yield slice(start, min(start + step, total))
 
 
 class _BlockedAttention(torch.autograd.Function):
+    """Forward holds one block of scratch, backward two. Softmax and its backward run in
+    place (scores → weights, the weights' gradient → the scores'): torch's softmax
+    kernels finish reading a row before they write it, so one buffer serves both;
+    ``tests/test_attention.py`` checks the in-place calls bitwise against out-of-place
+    ones."""
+
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, max_block_bytes: int) -> Tensor:
         q_shape = q.shape
         q, k, v = (t.reshape(math.prod(t.shape[:-2]), *t.shape[-2:]) for t in (q, k, v))  # (batch·heads, …)
         q_scaled = q * scale  # folded into the small operand instead of a pass over the scores
         heads, rows = _blocks(q.shape[0], q.shape[1], k.shape[1], q.element_size(), max_block_bytes)
-        scratch = _Scratch(1, heads, rows, k.shape[1], q)
+        scratch = ScratchBuffers(q)
         out = q.new_empty(*q.shape[:-1], v.shape[-1])
         for hs in _ranges(q.shape[0], heads):
             keys_t = k[hs].transpose(1, 2)
             for rs in _ranges(q.shape[1], rows):
                 n_heads, n_rows = hs.stop - hs.start, rs.stop - rs.start
-                weights = scratch.block(0, n_heads, n_rows)
+                weights = scratch.get("weights", n_heads, n_rows, k.shape[1])
                 torch.bmm(q_scaled[hs, rs], keys_t, out=weights)  # the scores, then in place:
                 torch.ops.aten._softmax.out(weights, -1, False, out=weights)  # fp32 inside
                 torch.bmm(weights, v[hs], out=out[hs, rs])
@@ -113,7 +101,7 @@ class _BlockedAttention(torch.autograd.Function):
         grad_out = grad_out.reshape(*q_scaled.shape[:-1], v.shape[-1])
         grad_q = torch.empty_like(q_scaled)
         grad_k, grad_v = torch.empty_like(k), torch.empty_like(v)
-        scratch = _Scratch(2, heads, rows, k.shape[1], q_scaled)
+        scratch = ScratchBuffers(q_scaled)
         several_row_blocks = rows < q_scaled.shape[1]
         accumulate_dtype = torch.promote_types(k.dtype, torch.float32)
         for hs in _ranges(q_scaled.shape[0], heads):
@@ -124,7 +112,8 @@ class _BlockedAttention(torch.autograd.Function):
                 acc_v = torch.zeros(grad_v[hs].shape, dtype=accumulate_dtype, device=v.device)
             for rs in _ranges(q_scaled.shape[1], rows):
                 n_heads, n_rows = hs.stop - hs.start, rs.stop - rs.start
-                weights, grad_scores = scratch.block(0, n_heads, n_rows), scratch.block(1, n_heads, n_rows)
+                weights = scratch.get("weights", n_heads, n_rows, k.shape[1])
+                grad_scores = scratch.get("grad_scores", n_heads, n_rows, k.shape[1])
                 torch.bmm(q_scaled[hs, rs], keys_t, out=weights)
                 torch.ops.aten._softmax.out(weights, -1, False, out=weights)
                 torch.bmm(grad_out[hs, rs], values_t, out=grad_scores)  # the weights' gradient, then:

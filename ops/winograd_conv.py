@@ -23,7 +23,6 @@ column matrix.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -31,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+
+from ops.scratch import ScratchBuffers
 
 # F(4×4, 3×3) transform matrices (Lavin & Gray, 2016, interpolation points 0, ±1, ±2, ∞).
 _BT = [
@@ -121,23 +122,6 @@ def _fold_band(grad_tiles: Tensor, grad_padded: Tensor, image: int, r0: int, r1:
     out[:, :, 1:, :2, 1:, :2] += g[:, :, :, 4:, :, 4:]
 
 
-class _Scratch:
-    """Flat buffers reused by every band of one call, handed out as views of their first
-    elements: a handful of allocations per call instead of several per band, which keeps
-    glibc from trimming and re-faulting the same pages band after band."""
-
-    def __init__(self, like: Tensor) -> None:
-        self.like = like
-        self.buffers: dict[str, Tensor] = {}
-
-    def get(self, name: str, *shape: int) -> Tensor:
-        numel = math.prod(shape)
-        buffer = self.buffers.get(name)
-        if buffer is None or buffer.numel() < numel:
-            buffer = self.buffers[name] = self.like.new_empty(numel)
-        return buffer[:numel].view(shape)
-
-
 def _tile_counts(x: Tensor) -> tuple[int, int]:
     return -(-x.shape[-2] // _OUT), -(-x.shape[-1] // _OUT)
 
@@ -159,8 +143,10 @@ class _WinogradConv3x3(torch.autograd.Function):
         tiles_h, tiles_w = _tile_counts(x)
         kron_b, kron_g, kron_a = _transforms(x.dtype, x.device)
         u = _filters(weight, kron_g, channels_first=True)
-        out = torch.empty((n, k, height, width), dtype=x.dtype, device=x.device)
-        scratch = _Scratch(x)
+        # The output in whole tiles, so each band's tiles land in it with one strided
+        # write; cropped (copied) only when the map is not a whole number of tiles.
+        out = torch.empty((n, k, _OUT * tiles_h, _OUT * tiles_w), dtype=x.dtype, device=x.device)
+        scratch = ScratchBuffers(x)
         for image, r0, r1 in _bands(n, tiles_h, tiles_w):
             tiles = (r1 - r0) * tiles_w
             d = _band_tiles(x, image, r0, r1, tiles_w, scratch.get("tiles", 36, tiles * c))
@@ -170,17 +156,14 @@ class _WinogradConv3x3(torch.autograd.Function):
             torch.bmm(v, u, out=m)
             y = scratch.get("y", 16, tiles * k)
             torch.mm(kron_a, m.view(36, -1), out=y)
-            y = (
-                y.view(_OUT, _OUT, 1, r1 - r0, tiles_w, k)
-                .permute(2, 5, 3, 0, 4, 1)
-                .reshape(1, k, _OUT * (r1 - r0), _OUT * tiles_w)
-            )
-            rows = min(_OUT * r1, height) - _OUT * r0
-            target = out[image : image + 1, :, _OUT * r0 : _OUT * r0 + rows]
+            y = y.view(_OUT, _OUT, 1, r1 - r0, tiles_w, k).permute(2, 5, 3, 0, 4, 1)  # 1 K rows 4 tw 4
+            target = out[image : image + 1, :, _OUT * r0 : _OUT * r1].view(1, k, r1 - r0, _OUT, tiles_w, _OUT)
             if bias is None:
-                target.copy_(y[:, :, :rows, :width])
+                target.copy_(y)
             else:
-                torch.add(y[:, :, :rows, :width], bias.view(1, k, 1, 1), out=target)
+                torch.add(y, bias.view(1, k, 1, 1, 1, 1), out=target)
+        if out.shape[-2:] != (height, width):
+            out = out[:, :, :height, :width].contiguous()
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         return out
@@ -206,7 +189,7 @@ class _WinogradConv3x3(torch.autograd.Function):
             grad_u = x.new_zeros(36, k, c)
         # Buffers are shared where one use ends before the next begins (the gradient of
         # the tiles is folded before the weight path rebuilds the tiles).
-        scratch = _Scratch(x)
+        scratch = ScratchBuffers(x)
         for image, r0, r1 in _bands(n, tiles_h, tiles_w):
             tiles = (r1 - r0) * tiles_w
             band = grad_padded_out[image : image + 1, :, _OUT * r0 : _OUT * r1]
