@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from model.inference import upsample_mask_logits
 from model.matcher import FixedMatcher, HungarianMatcher, Indices
-from ops.fused_losses import fused_dice_loss, fused_sigmoid_focal_loss
+from ops.fused_losses import fused_dice_loss, fused_mask_losses, fused_sigmoid_focal_loss
 from ops.losses import binary_ce_loss, focal_ce_loss
 from ops.point_sampling import calculate_uncertainty, get_uncertain_point_coords_with_randomness, point_sample
 
@@ -170,13 +170,16 @@ class SetCriterion(nn.Module):
         height, width = sizes.pop()
         tgt = torch.cat([t["masks"].to(device)[j.to(device)] for t, (_, j) in zip(targets, indices)])
         src = src.float()
-        if self.num_points:
-            src, tgt = self._sample_points(src[:, None], tgt[:, None].float())
-        else:
-            # Aligned exactly as inference aligns masks (stride-4 map -> image, cropped).
-            src = upsample_mask_logits(src[:, None], (height, width))[:, 0]
         # The fused losses keep only logits and (boolean) targets for backward: over 6
         # deep-supervision layers of full-resolution masks that is most of the loss memory.
+        if not self.num_points:
+            # Aligned exactly as inference aligns masks (stride-4 map -> image, cropped);
+            # the upsampled logits are recomputed in backward rather than saved.
+            def upsample(logits: Tensor) -> Tensor:
+                return upsample_mask_logits(logits[:, None], (height, width))[:, 0]
+
+            return fused_mask_losses(src, tgt, num_masks, upsample, alpha=self.focal_alpha, gamma=self.focal_gamma)
+        src, tgt = self._sample_points(src[:, None], tgt[:, None].float())
         focal = fused_sigmoid_focal_loss(src, tgt, num_masks, alpha=self.focal_alpha, gamma=self.focal_gamma)
         dice = fused_dice_loss(src, tgt, num_masks)
         return focal, dice

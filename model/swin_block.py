@@ -18,7 +18,10 @@ buffers and state-dict keys, so pretrained weights load unchanged. Two changes:
    about a fifth of Swin-T's linear-layer work at 256x256.
 
 Windows and heads are split in one copy (qkv -> 3 x windows x heads x tokens x head dim)
-and merged back in one, where timm makes one copy per step.
+and merged back in one, where timm makes one copy per step. The block saves less for
+backward than timm's: ``norm1`` is fused into the qkv projection and ``norm2`` into the
+MLP, whose GELU is recomputed in backward (``ops.lean_linear``), so neither norm's output
+nor the GELU's is kept.
 """
 
 from __future__ import annotations
@@ -31,12 +34,34 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformerBlock
 from torch import Tensor, nn
 
+from ops.lean_linear import is_plain_gelu_mlp, layer_norm_linear, norm_gelu_mlp
+from ops.window_attention import window_attention
+
 
 class SwinBlock(SwinTransformerBlock):
-    """timm's Swin block with pad-first windows and no projections of padding (see the
-    module docstring). ``_attn`` takes and returns B x H x W x C maps, as timm's."""
+    """timm's Swin block with pad-first windows, no projections of padding and lean
+    norms and MLP (see the module docstring). Takes and returns B x H x W x C maps, as
+    timm's."""
 
-    def _attn(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
+        batch, height, width, channels = x.shape
+        x = x + self.drop_path1(self._norm_attn(x))
+        x = x.reshape(batch, -1, channels)
+        if type(self.norm2) is nn.LayerNorm and is_plain_gelu_mlp(self.mlp):
+            x = x + self.drop_path2(norm_gelu_mlp(x, self.norm2, self.mlp))
+        else:
+            x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x.reshape(batch, height, width, channels)
+
+    def _qkv(self, x: Tensor, bias: bool) -> Tensor:
+        """``attn.qkv(norm1(x))``, with or without the projection's bias."""
+        qkv = self.attn.qkv
+        bias = qkv.bias if bias else None
+        if type(self.norm1) is nn.LayerNorm:
+            return layer_norm_linear(x, self.norm1, qkv.weight, bias)
+        return F.linear(self.norm1(x), qkv.weight, bias)
+
+    def _norm_attn(self, x: Tensor) -> Tensor:
         attn = self.attn
         batch, height, width, _ = x.shape
         win_h, win_w = self.window_size
@@ -45,11 +70,11 @@ class SwinBlock(SwinTransformerBlock):
         if pad_h or pad_w:
             # Padding tokens project to the bias alone (they are zeros after norm1). The
             # bias in the product's dtype, as autocast's linear would add it.
-            qkv = F.pad(F.linear(x, attn.qkv.weight), (0, 0, 0, pad_w, 0, pad_h))
+            qkv = F.pad(self._qkv(x, bias=False), (0, 0, 0, pad_w, 0, pad_h))
             if attn.qkv.bias is not None:
                 qkv = qkv + attn.qkv.bias.to(qkv.dtype)
         else:
-            qkv = attn.qkv(x)
+            qkv = self._qkv(x, bias=True)
         shift = tuple(self.shift_size)
         if any(shift):
             qkv = torch.roll(qkv, shifts=(-shift[0], -shift[1]), dims=(1, 2))
@@ -81,8 +106,11 @@ class SwinBlock(SwinTransformerBlock):
 def _window_attention(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """timm ``WindowAttention.forward``'s attention (both of its paths) on split q/k/v:
     relative position bias, the shifted-window mask (0 / -100 per window), softmax,
-    attention dropout."""
+    attention dropout. Without dropout, timm's default path runs as
+    ``ops.window_attention``, which saves only q, k and v for backward."""
     windows, heads, tokens, _ = q.shape
+    if not attn.fused_attn and (attn.attn_drop.p == 0 or not attn.training):
+        return window_attention(q, k, v, attn.scale, attn._get_rel_pos_bias().squeeze(0), mask)
     if attn.fused_attn:
         bias = attn._get_rel_pos_bias()
         if mask is not None:

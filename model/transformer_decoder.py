@@ -29,6 +29,7 @@ from model.position_encoding import PositionEmbeddingSine
 from ops.apex_optional import layer_norm
 from ops.attention import MultiheadAttention, xavier_init_like_detr
 from ops.config import OpsConfig
+from ops.lean_linear import relu_dropout_linear
 
 
 class DecoderLayer(nn.Module):
@@ -63,7 +64,8 @@ class DecoderLayer(nn.Module):
         return self.dropout2(self.cross_attn(tgt + query_pos, memory + pos, memory))
 
     def _ffn(self, tgt: Tensor) -> Tensor:
-        return self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(tgt)))))
+        # = linear2(dropout(relu(linear1(tgt)))), saving only the dropout's output.
+        return self.dropout3(relu_dropout_linear(self.linear1(tgt), self.dropout, self.linear2))
 
     def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor) -> Tensor:
         """``tgt``/``query_pos``: B×Q×C; ``memory``/``pos``: B×HW×C."""

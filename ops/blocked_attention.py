@@ -25,6 +25,7 @@ No masks and no dropout (``ops.attention`` routes those elsewhere).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -141,11 +142,19 @@ class _BlockedAttention(torch.autograd.Function):
         )
 
 
+def autocast_off(device_type: str):
+    """A context with autocast off for ``device_type`` (nothing to turn off on devices
+    autocast does not know, such as meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def compute_dtypes(*tensors: Tensor) -> list[torch.dtype]:
     """The dtype each tensor is computed in by an op that autocast lowers: autocast's
     dtype for fp32/fp16/bf16 tensors while it is on for their device, else their own."""
     device = tensors[0].device.type
-    if not torch.is_autocast_enabled(device):
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
         return [t.dtype for t in tensors]
     lowered = torch.get_autocast_dtype(device)
     return [lowered if t.dtype in _AUTOCAST_CASTS else t.dtype for t in tensors]

@@ -61,7 +61,7 @@ def test_classification_loss_uses_the_no_object_weight():
 def test_mask_losses_are_at_target_resolution_and_normalised():
     torch.manual_seed(0)
     logits = torch.randn(2, 4, 4)
-    pred_masks = torch.randn(2, 4, 3, 3)  # stride 4 predictions of 12×12 images
+    pred_masks = torch.randn(2, 4, 3, 3, requires_grad=True)  # stride 4 predictions of 12×12 images
     targets = []
     for n in (2, 1):
         masks = torch.zeros(n, 12, 12, dtype=torch.bool)
@@ -76,8 +76,13 @@ def test_mask_losses_are_at_target_resolution_and_normalised():
     src = torch.cat([pred_masks[b, i] for b, (i, _) in enumerate(indices)])
     src = F.interpolate(src[:, None], size=(12, 12), mode="bilinear", align_corners=False)[:, 0]
     tgt = torch.cat([t["masks"][j] for t, (_, j) in zip(targets, indices)])
-    torch.testing.assert_close(losses["loss_focal"], 20.0 * sigmoid_focal_loss(src, tgt, 3))
-    torch.testing.assert_close(losses["loss_dice"], 3.0 * dice_loss(src, tgt, 3))
+    expected_focal, expected_dice = 20.0 * sigmoid_focal_loss(src, tgt, 3), 3.0 * dice_loss(src, tgt, 3)
+    torch.testing.assert_close(losses["loss_focal"], expected_focal)
+    torch.testing.assert_close(losses["loss_dice"], expected_dice)
+    # The fused loss recomputes the upsampling in backward: same gradients as autograd's.
+    (grad,) = torch.autograd.grad(losses["loss_focal"] + 2 * losses["loss_dice"], pred_masks)
+    (expected_grad,) = torch.autograd.grad(expected_focal + 2 * expected_dice, pred_masks)
+    torch.testing.assert_close(grad, expected_grad)
 
 
 def _tiny_model_cfg(**decoder) -> ModelConfig:

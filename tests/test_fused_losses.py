@@ -2,8 +2,16 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from ops.fused_losses import _DiceLoss, _SigmoidFocalLoss, fused_dice_loss, fused_sigmoid_focal_loss
+import ops.fused_losses
+from ops.fused_losses import (
+    _DiceLoss,
+    _SigmoidFocalLoss,
+    fused_dice_loss,
+    fused_mask_losses,
+    fused_sigmoid_focal_loss,
+)
 from ops.losses import dice_loss, sigmoid_focal_loss
 
 
@@ -65,3 +73,43 @@ def test_saves_only_inputs():
         sigmoid_focal_loss(logits, targets.float(), 1.0)
     assert fused_bytes <= 4000 * 4 + 4000  # fp32 logits + bool targets
     assert sum(saved) > 3 * fused_bytes
+
+
+def _upsample(logits):
+    return F.interpolate(logits[:, None], scale_factor=4, mode="bilinear", align_corners=False)[:, 0]
+
+
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("chunk_elements", [2**18, 40])  # one chunk; a chunk per mask and less
+def test_upsampled_mask_losses_match_the_plain_formulas(soft, chunk_elements, monkeypatch):
+    monkeypatch.setattr(ops.fused_losses, "CHUNK_ELEMENTS", chunk_elements)
+    g = torch.Generator().manual_seed(1)
+    low = (torch.randn(5, 6, 7, generator=g) * 3).requires_grad_()
+    targets = torch.rand(5, 24, 28, generator=g)
+    targets = targets if soft else targets > 0.6
+    focal, dice = fused_mask_losses(low, targets, 3.0, _upsample, alpha=0.25, gamma=2.0)
+    (grad,) = torch.autograd.grad(focal + 0.5 * dice, low)
+    full = _upsample(low)
+    ref_focal = sigmoid_focal_loss(full.flatten(1), targets.flatten(1).float(), 3.0)
+    ref_dice = dice_loss(full.flatten(1), targets.flatten(1).float(), 3.0)
+    (ref_grad,) = torch.autograd.grad(ref_focal + 0.5 * ref_dice, low)
+    assert focal.item() == pytest.approx(ref_focal.item(), rel=1e-5)
+    assert dice.item() == pytest.approx(ref_dice.item(), rel=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_upsampled_mask_losses_gradcheck_and_save_the_low_resolution_logits():
+    low = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
+    targets = torch.rand(2, 12, 12, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda x: ops.fused_losses._UpsampledMaskLosses.apply(x, targets.flatten(1), _upsample, 0.25, 2.0), (low,)
+    )
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((tuple(t.shape), t.dtype)) or t,
+                                                  lambda t: t):
+        fused_mask_losses(low.float(), targets > 0.5, 1.0, _upsample)
+    # The low-resolution logits, the boolean targets and two per-mask sums; no
+    # full-resolution float tensor.
+    assert sorted(saved, key=str) == sorted(
+        [((2, 3, 3), torch.float32), ((2, 144), torch.bool), ((2,), torch.float32), ((2,), torch.float32)], key=str
+    )
