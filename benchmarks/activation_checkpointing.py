@@ -4,8 +4,9 @@ Configuration (printed with the results): Swin-L's depths (2, 2, 18, 2), heads
 (6, 12, 24, 48) and window 12 (timm's ``swin_large_patch4_window12_384``), with the
 embedding width shrunk from 192 to ``--embed-dim`` (default 48) and ``--size`` square
 inputs (default 256; Swin-L trains at 640) so that a step takes seconds on a 2-core CPU.
-Keeping the heads keeps the per-window attention maps (the bulk of Swin's activations)
-Swin-L's per pixel; only the token-wise tensors shrink. MaskFormer's heads at their paper
+Keeping the heads keeps Swin-L's per-window attention maps per pixel (the bulk of what
+autograd would save; segscale's window attention recomputes them instead, so its saved
+activations are token-wise tensors, which shrink with the width). MaskFormer's heads at their paper
 sizes: FPN pixel decoder 256, 100 queries, hidden 256, 6 DETR decoder layers with deep
 supervision, 150 classes, CE (no-object 0.1) + 20 focal + 1 dice on full-resolution
 masks; drop-path 0.3 (the Swin presets'); AdamW; fp32 (``--precision bf16``: CPU bf16

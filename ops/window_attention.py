@@ -25,14 +25,15 @@ from ops.blocked_attention import MAX_BLOCK_BYTES, _blocks, _ranges, autocast_of
 from ops.scratch import ScratchBuffers
 
 
-def _scores(scratch, q, k, bias, mask, scale, images, windows, accumulate_dtype):
-    """softmax(q·kᵀ·scale + bias + mask) of one block: (fp32 weights, the same in q's
-    dtype)."""
+def _scores(scratch, scratch_fp32, q, k, bias, mask, scale, images, windows):
+    """softmax(q·kᵀ·scale + bias + mask) of one block: (weights in the bias's dtype — fp32
+    at least —, the same in q's dtype). ``scratch`` hands out buffers in q's dtype,
+    ``scratch_fp32`` in the bias's."""
     heads, tokens = q.shape[-3], q.shape[-2]
     shape = (images, windows, heads, tokens, tokens)
     low = scratch.get("low", images * windows * heads, tokens, tokens)
     torch.bmm(q.reshape(-1, tokens, q.shape[-1]), k.reshape(-1, tokens, k.shape[-1]).transpose(1, 2), out=low)
-    weights = low if low.dtype == accumulate_dtype else scratch.get("weights", *low.shape)
+    weights = low if low.dtype == bias.dtype else scratch_fp32.get("weights", *low.shape)
     torch.add(bias, low.view(shape), alpha=scale, out=weights.view(shape))
     if mask is not None:
         weights.view(shape).add_(mask)
@@ -51,23 +52,22 @@ class _WindowAttention(torch.autograd.Function):
         ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, scale: float
     ) -> Tensor:
         images, windows = q.shape[:2]
-        accumulate_dtype = bias.dtype
-        per_window = math.prod(q.shape[2:-1]) * q.shape[-2] * torch.finfo(accumulate_dtype).bits // 8
+        per_window = math.prod(q.shape[2:-1]) * q.shape[-2] * bias.element_size()
         blocks = _blocks(images, windows, per_window, 1, MAX_BLOCK_BYTES)
-        scratch = ScratchBuffers(q)
+        scratch, scratch_fp32 = ScratchBuffers(q), ScratchBuffers(bias)
         out = v.new_empty(v.shape)
         for ims in _ranges(images, blocks[0]):
             for ws in _ranges(windows, blocks[1]):
                 count = (ims.stop - ims.start, ws.stop - ws.start)
                 _, weights_low = _scores(
                     scratch,
+                    scratch_fp32,
                     q[ims, ws],
                     k[ims, ws],
                     bias,
                     None if mask is None else mask[ws],
                     scale,
                     *count,
-                    accumulate_dtype,
                 )
                 torch.bmm(
                     weights_low,
@@ -92,13 +92,13 @@ class _WindowAttention(torch.autograd.Function):
         accumulate_dtype = bias.dtype
         grad_q, grad_k, grad_v = (t.new_empty(t.shape) for t in (q, k, v))
         grad_bias = torch.zeros_like(bias) if ctx.needs_input_grad[3] else None
-        scratch = ScratchBuffers(q)
+        scratch, scratch_fp32 = ScratchBuffers(q), ScratchBuffers(bias)
         for ims in _ranges(images, ctx.blocks[0]):
             for ws in _ranges(windows, ctx.blocks[1]):
                 count = (ims.stop - ims.start, ws.stop - ws.start)
                 block_mask = None if mask is None else mask[ws]
                 weights, weights_low = _scores(
-                    scratch, q[ims, ws], k[ims, ws], bias, block_mask, ctx.scale, *count, accumulate_dtype
+                    scratch, scratch_fp32, q[ims, ws], k[ims, ws], bias, block_mask, ctx.scale, *count
                 )
                 # Blocks are contiguous: whole images, or windows of one image.
                 q_b, k_b, v_b, grad_out_b, grad_q_b, grad_k_b, grad_v_b = (
@@ -110,7 +110,9 @@ class _WindowAttention(torch.autograd.Function):
                 grad_low = scratch.get("grad_low", *weights.shape)
                 torch.bmm(grad_out_b, v_b.transpose(1, 2), out=grad_low)
                 grad_scores = (
-                    grad_low if grad_low.dtype == accumulate_dtype else scratch.get("grad", *weights.shape)
+                    grad_low
+                    if grad_low.dtype == accumulate_dtype
+                    else scratch_fp32.get("grad", *weights.shape)
                 )
                 if grad_scores is not grad_low:
                     grad_scores.copy_(grad_low)

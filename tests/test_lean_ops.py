@@ -18,6 +18,7 @@ from ops.lean_linear import (
     norm_gelu_mlp,
     relu_dropout_linear,
 )
+from ops.scratch import ScratchBuffers
 from ops.window_attention import window_attention
 
 
@@ -186,3 +187,29 @@ def test_window_attention_rejects_shapes_that_do_not_fit():
     q, k, v, bias, mask = _windows()
     with pytest.raises(ValueError, match="window attention"):
         window_attention(q, k, v, 0.35, bias, mask[:3])
+
+
+def test_window_attention_softmax_runs_in_fp32_for_bf16_inputs():
+    q, k, v, bias, mask = _windows(dtype=torch.float32)
+    q, k = q.detach().bfloat16(), k.detach().bfloat16()
+    images, windows, heads, tokens, dim = 2, 4, 3, 9, 8
+    scratch, scratch_fp32 = ScratchBuffers(q), ScratchBuffers(bias)
+    weights, weights_low = ops.window_attention._scores(
+        scratch,
+        scratch_fp32,
+        q.view(images, windows, heads, tokens, dim),
+        k.view(images, windows, heads, tokens, dim),
+        bias.detach(),
+        mask.unsqueeze(1),
+        0.35,
+        images,
+        windows,
+    )
+    assert weights.dtype == torch.float32 and weights_low.dtype == torch.bfloat16
+    expected = (
+        ((q.float() @ k.float().transpose(-2, -1)).bfloat16().float() * 0.35 + bias).view(
+            images, windows, heads, tokens, tokens
+        )
+        + mask[None, :, None]
+    ).softmax(-1)
+    torch.testing.assert_close(weights.view_as(expected), expected, atol=1e-6, rtol=1e-5)
