@@ -1,7 +1,8 @@
 """Swin's window attention as segmentation needs it: pad-first, and no work on padding.
 
-``SwinBlock`` is timm's ``SwinTransformerBlock`` with one method replaced, ``_attn``, and
-is swapped in by class assignment (``use_segmentation_swin_blocks``): same parameters,
+``SwinBlock`` is timm's ``SwinTransformerBlock`` with its ``forward`` replaced (attention
+in ``_norm_attn`` instead of timm's ``_attn``), and is swapped in by class assignment
+(``use_segmentation_swin_blocks``): same parameters,
 buffers and state-dict keys, so pretrained weights load unchanged. Two changes:
 
 1. **Pad before the shift.** timm shifts first and pads afterwards, yet builds the
