@@ -28,13 +28,14 @@ from torch.autograd.function import once_differentiable
 from ops.blocked_attention import autocast_off, compute_dtypes
 
 
-def _sum_rows(grad: Tensor) -> Tensor:
-    return grad.reshape(-1, grad.shape[-1]).sum(0)
-
-
-def _weight_grad(grad: Tensor, inputs: Tensor) -> Tensor:
-    """∂L/∂W of ``y = inputs · Wᵀ`` from ∂L/∂y."""
-    return grad.reshape(-1, grad.shape[-1]).t().mm(inputs.reshape(-1, inputs.shape[-1]))
+def _linear_backward(grad_out: Tensor, inputs: Tensor | None, weight: Tensor, has_bias: bool, needs) -> tuple:
+    """(∂L/∂inputs, ∂L/∂W, ∂L/∂b) of ``y = inputs · Wᵀ + b`` from ∂L/∂y, each None where
+    ``needs`` (three flags) says it is not needed; ``inputs`` is read only for ∂L/∂W."""
+    rows = grad_out.reshape(-1, grad_out.shape[-1])
+    grad_inputs = grad_out.matmul(weight) if needs[0] else None
+    grad_weight = rows.t().mm(inputs.reshape(-1, inputs.shape[-1])) if needs[1] else None
+    grad_bias = rows.sum(0) if has_bias and needs[2] else None
+    return grad_inputs, grad_weight, grad_bias
 
 
 class _LayerNormLinear(torch.autograd.Function):
@@ -52,13 +53,13 @@ class _LayerNormLinear(torch.autograd.Function):
         needs = ctx.needs_input_grad
         with autocast_off(grad_out.device.type):
             normed, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], norm_weight, norm_bias, ctx.eps)
-            grad_weight = _weight_grad(grad_out, normed.to(weight.dtype)) if needs[4] else None
-            grad_bias = _sum_rows(grad_out) if ctx.has_bias and needs[5] else None
+            grad_normed, grad_weight, grad_bias = _linear_backward(
+                grad_out, normed.to(weight.dtype), weight, ctx.has_bias, (any(needs[:3]), needs[4], needs[5])
+            )
             grad_x = grad_norm_weight = grad_norm_bias = None
-            if needs[0] or needs[1] or needs[2]:
-                grad_normed = grad_out.matmul(weight).to(x.dtype)
+            if grad_normed is not None:
                 grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
-                    grad_normed,
+                    grad_normed.to(x.dtype),
                     x,
                     x.shape[-1:],
                     mean,
@@ -83,12 +84,13 @@ class _GeluLinear(torch.autograd.Function):
         hidden, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
         with autocast_off(grad_out.device.type):
-            grad_weight = _weight_grad(grad_out, F.gelu(hidden)) if needs[1] else None
-            grad_bias = _sum_rows(grad_out) if ctx.has_bias and needs[2] else None
-            grad_hidden = None
-            if needs[0]:
-                grad_hidden = torch.ops.aten.gelu_backward(grad_out.matmul(weight), hidden)
-        return grad_hidden, grad_weight, grad_bias
+            activated = F.gelu(hidden) if needs[1] else None
+            grad_activated, grad_weight, grad_bias = _linear_backward(
+                grad_out, activated, weight, ctx.has_bias, needs
+            )
+            if grad_activated is not None:
+                grad_activated = torch.ops.aten.gelu_backward(grad_activated, hidden)
+        return grad_activated, grad_weight, grad_bias
 
 
 class _ReluDropoutLinear(torch.autograd.Function):
@@ -105,13 +107,13 @@ class _ReluDropoutLinear(torch.autograd.Function):
         activated, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
         with autocast_off(grad_out.device.type):
-            grad_weight = _weight_grad(grad_out, activated) if needs[1] else None
-            grad_bias = _sum_rows(grad_out) if ctx.has_bias and needs[2] else None
-            grad_hidden = None
-            if needs[0]:
+            grad_hidden, grad_weight, grad_bias = _linear_backward(
+                grad_out, activated, weight, ctx.has_bias, needs
+            )
+            if grad_hidden is not None:
                 # relu(h)·mask·scale > 0 exactly where both ReLU and dropout pass h's
                 # gradient, and dropout scales it: no need for h or the mask.
-                grad_hidden = grad_out.matmul(weight).mul_(activated > 0)
+                grad_hidden.mul_(activated > 0)
                 if ctx.scale != 1.0:
                     grad_hidden.mul_(ctx.scale)
         return grad_hidden, grad_weight, grad_bias, None, None
