@@ -1,9 +1,11 @@
-"""Backbone activation checkpointing on a Swin-L-depth MaskFormer: peak memory and step time.
+"""Activation checkpointing on a Swin-L-depth MaskFormer: peak memory and step time.
 
 Configuration (printed with the results): Swin-L's depths (2, 2, 18, 2), heads
 (6, 12, 24, 48) and window 12 (timm's ``swin_large_patch4_window12_384``), with the
-embedding width shrunk from 192 to ``--embed-dim`` (default 48) and ``--size`` square
-inputs (default 256; Swin-L trains at 640) so that a step takes seconds on a 2-core CPU.
+embedding width shrunk from 192 to ``--embed-dim`` (default 48) so that a step takes
+seconds on a 2-core CPU (~7 s), and ``--size`` square inputs (default 640, the crop Swin-L
+trains at on ADE20K). At ``--size 256`` the weights, gradients and AdamW states (392 MiB)
+are more than half the peak without checkpointing, so no checkpointing can halve it.
 Keeping the heads keeps Swin-L's per-window attention maps per pixel (the bulk of what
 autograd would save; segscale's window attention recomputes them instead, so its saved
 activations are token-wise tensors, which shrink with the width). MaskFormer's heads at their paper
@@ -11,7 +13,10 @@ sizes: FPN pixel decoder 256, 100 queries, hidden 256, 6 DETR decoder layers wit
 supervision, 150 classes, CE (no-object 0.1) + 20 focal + 1 dice on full-resolution
 masks; drop-path 0.3 (the Swin presets'); AdamW; fp32 (``--precision bf16``: CPU bf16
 autocast); synthetic images, batch ``--batch`` (2, the papers' per-GPU batch). A step =
-zero_grad, forward, loss, backward, optimizer step; checkpointing = timm's, block by block.
+zero_grad, forward, loss, backward, optimizer step. Checkpointing on (``--checkpoint all``,
+the default) = every part that can: the backbone block by block (timm's), the FPN pixel
+decoder level by level and the DETR decoder layer by layer (``model.pixel_decoder`` /
+``model.decoder.grad_checkpointing``); ``--checkpoint backbone``: the backbone alone.
 
 Memory: each setting (checkpointing off / on) runs alone in a fresh child process, three
 steps; the peak resident set (VmHWM) above the baseline after imports and data creation,
@@ -25,10 +30,11 @@ the median of the measured steps after warm-up. Ratios are against checkpointing
 the same run. Targets (issue 3): peak memory <= 0.5x, step time <= 1.35x.
 
 The ``describe`` breakdown (fake tensors, no computation) of the same configuration comes
-first: what checkpointing can remove (the backbone's saved activations) and what it
-cannot (weights and optimizer states, the decoders' and the loss's activations).
+first: what checkpointing can remove (the saved activations of the parts it covers) and
+what it cannot (weights, gradients and optimizer states, the loss's activations).
 
-    python benchmarks/activation_checkpointing.py [--steps 5] [--warmup 1] [--size 256] [--embed-dim 48]
+    python benchmarks/activation_checkpointing.py [--steps 5] [--warmup 1] [--size 640] [--embed-dim 48]
+        [--checkpoint all|backbone]
 """
 
 from __future__ import annotations
@@ -46,13 +52,14 @@ import ops.torchvision_fix  # noqa: F401
 
 # isort: split
 import torch
-from measure import peak_rss_bytes, rss_bytes  # benchmarks/ is on sys.path
+from measure import LIVE_ALLOCATOR_ENV, peak_rss_bytes, rss_bytes  # benchmarks/ is on sys.path
 
 from data_pipeline.synthetic import synthetic_batch
 from launcher.describe import MASKS_PER_IMAGE, measure_activations, measure_loss_activations
 from model.backbone import build_backbone
 from model.build import build_criterion, build_model
 from model.config import ModelConfig
+from ops.weight_recast import recast_saved_weights
 
 SWIN_L = "swin_large_patch4_window12_384"
 NUM_CLASSES = 150
@@ -68,16 +75,40 @@ def model_config(embed_dim: int, size: int) -> ModelConfig:
     return cfg
 
 
+# What "checkpointing on" checkpoints (--checkpoint): every part of MaskFormer that can
+# (the backbone block by block, the FPN level by level, the decoder layer by layer), or the
+# backbone alone, as ``model.backbone.grad_checkpointing`` alone does.
+CHECKPOINTED_PARTS = {"all": ("backbone", "pixel_decoder", "decoder"), "backbone": ("backbone",)}
+
+
+def set_checkpointing(model: torch.nn.Module, parts: tuple[str, ...] | bool) -> None:
+    """Switches activation checkpointing of MaskFormer's ``parts`` on and of the others off."""
+    parts = parts or ()
+    model.backbone.set_grad_checkpointing("backbone" in parts)
+    model.pixel_decoder.grad_checkpointing = "pixel_decoder" in parts
+    model.predictor.decoder.grad_checkpointing = "decoder" in parts
+
+
+def configure_checkpointing(cfg: ModelConfig, parts: tuple[str, ...] | bool) -> None:
+    """The same switches in the config (what ``describe`` reads)."""
+    parts = parts or ()
+    cfg.backbone.grad_checkpointing = "backbone" in parts
+    cfg.pixel_decoder.grad_checkpointing = "pixel_decoder" in parts
+    cfg.decoder.grad_checkpointing = "decoder" in parts
+
+
 def describe_config(args: argparse.Namespace) -> str:
     return (f"MaskFormer on {SWIN_L} depths (2, 2, 18, 2), heads (6, 12, 24, 48), window 12, embed_dim "
             f"{args.embed_dim} (Swin-L: 192), drop_path 0.3; FPN 256, 100 queries, 6 decoder layers, "
             f"{NUM_CLASSES} classes; {args.size}x{args.size}, batch {args.batch}, {args.precision}, AdamW; "
+            f"checkpointing on = {', '.join(CHECKPOINTED_PARTS[args.checkpoint])}; "
             f"CPU x{args.threads} threads, torch {torch.__version__}")
 
 
 
 class Trainer:
-    def __init__(self, cfg: ModelConfig, precision: str) -> None:
+    def __init__(self, cfg: ModelConfig, precision: str, parts: tuple[str, ...]) -> None:
+        self.parts = parts
         torch.manual_seed(0)
         self.model = build_model(cfg).train()
         self.criterion = build_criterion(cfg)
@@ -87,16 +118,18 @@ class Trainer:
     def step(self, images: torch.Tensor, targets: list[dict], checkpointing: bool,
              after: Callable[[str], None] = lambda phase: None) -> None:
         """One training step; ``after(phase)`` runs after each phase (memory probes)."""
-        self.model.backbone.set_grad_checkpointing(checkpointing)
+        set_checkpointing(self.model, checkpointing and self.parts)
         self.optimizer.zero_grad(set_to_none=True)
         after("start")
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        # As launcher/train_loop.py runs bf16 (ops/weight_recast.py).
+        with recast_saved_weights(self.bf16), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             outputs = self.model(images)
         after("forward")
         loss = sum(self.criterion(outputs, targets).values())
+        del outputs  # as launcher/train_loop.py does: backward needs only what autograd saved
         after("loss")
         loss.backward()
-        del outputs, loss
+        del loss
         after("backward")
         self.optimizer.step()
         after("optimizer")
@@ -114,7 +147,7 @@ def memory_child(args: argparse.Namespace, checkpointing: bool, steps: int = 3) 
     the peak of each phase (forward, loss, backward, optimizer step)."""
     images, targets = synthetic_batch(NUM_CLASSES, args.size, args.batch)
     baseline = peak_rss_bytes()
-    trainer = Trainer(model_config(args.embed_dim, args.size), args.precision)
+    trainer = Trainer(model_config(args.embed_dim, args.size), args.precision, CHECKPOINTED_PARTS[args.checkpoint])
     for _ in range(steps - 1):  # from the second step on, the AdamW states exist
         trainer.step(images, targets, checkpointing)
     phases: dict[str, int] = {}
@@ -132,17 +165,10 @@ def memory_child(args: argparse.Namespace, checkpointing: bool, steps: int = 3) 
     print(json.dumps({"peak_bytes": max(peak, peak_rss_bytes()) - baseline, "phases": phases}))
 
 
-# Fixed (not glibc's self-raising) mmap threshold: every tensor above 128 KiB is its own
-# mapping and goes back to the OS when freed, so RSS follows the live tensors, as a GPU
-# allocator's max_memory_allocated does. With glibc's defaults, freed activations stay
-# resident in the heap and are reused (or not) as fragmentation allows.
-LIVE_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-
-
 def measure_memory(args: argparse.Namespace, checkpointing: bool, extra_env: dict[str, str]) -> dict:
     command = [sys.executable, __file__, "--memory-child", "on" if checkpointing else "off",
                "--embed-dim", str(args.embed_dim), "--size", str(args.size), "--batch", str(args.batch),
-               "--precision", args.precision, "--threads", str(args.threads)]
+               "--precision", args.precision, "--threads", str(args.threads), "--checkpoint", args.checkpoint]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), **extra_env}
     out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -150,7 +176,7 @@ def measure_memory(args: argparse.Namespace, checkpointing: bool, extra_env: dic
 
 def measure_time(args: argparse.Namespace) -> dict[bool, list[float]]:
     images, targets = synthetic_batch(NUM_CLASSES, args.size, args.batch)
-    trainer = Trainer(model_config(args.embed_dim, args.size), args.precision)
+    trainer = Trainer(model_config(args.embed_dim, args.size), args.precision, CHECKPOINTED_PARTS[args.checkpoint])
     times: dict[bool, list[float]] = {False: [], True: []}
     for i in range(args.warmup + args.steps):
         for checkpointing in (False, True):  # alternate: noise hits both settings alike
@@ -169,7 +195,7 @@ def breakdown(args: argparse.Namespace) -> dict[str, int]:
     cfg = model_config(args.embed_dim, args.size)
     result: dict[str, int] = {}
     for checkpointing in (False, True):
-        cfg.backbone.grad_checkpointing = checkpointing
+        configure_checkpointing(cfg, checkpointing and CHECKPOINTED_PARTS[args.checkpoint])
         key = "on" if checkpointing else "off"
         with torch.device("meta"):
             model, backbone = build_model(cfg), build_backbone(cfg.backbone)
@@ -220,10 +246,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5, help="measured steps per setting (>= 5)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--embed-dim", type=int, default=48, help="Swin-L's is 192; a multiple of 6")
-    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--size", type=int, default=640, help="Swin-L's ADE20K crop")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--checkpoint", choices=sorted(CHECKPOINTED_PARTS), default="all",
+                        help="what 'on' checkpoints: every part that can (default), or the backbone alone")
     parser.add_argument("--memory-child", choices=["off", "on"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -20,6 +20,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+# Fixed (not glibc's self-raising) mmap threshold: every tensor above 128 KiB is its own
+# mapping and goes back to the OS when freed, so RSS follows the live tensors, as a GPU
+# allocator's max_memory_allocated does. With glibc's defaults, freed activations stay
+# resident in the heap and are reused (or not) as fragmentation allows.
+LIVE_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
 
 def _status_bytes(field: str) -> int:
     with open("/proc/self/status") as f:

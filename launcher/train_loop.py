@@ -52,6 +52,7 @@ from launcher.progress import StepLogger, StepRecords
 from launcher.rng import derive_seed, restore_rng_state, seed_everything
 from launcher.universal_checkpoint import load_universal_checkpoint, needs_universal
 from model.build import build_criterion, build_model
+from ops.weight_recast import recast_saved_weights
 
 
 def is_logged_term(name: str) -> bool:
@@ -222,6 +223,9 @@ def train_worker(loop_config: dict) -> None:
         seed_everything(derive_seed(cfg.train.seed, rank, start_step))
     engine.train()
     step = start_step
+    # bf16: keep the parameters, not their bf16 copies, for backward (ops/weight_recast.py);
+    # not under ZeRO-3, whose partitioned parameters are freed between forward and backward.
+    recast_weights = cfg.train.precision == "bf16" and engine.zero_optimization_stage() < 3
     while step < cfg.train.max_steps:
         step_started = time.perf_counter()
         loader_wait = 0.0
@@ -235,7 +239,8 @@ def train_worker(loop_config: dict) -> None:
                 metrics.observe_skipped(newly_skipped)
             loader_wait += time.perf_counter() - wait_started
             images, targets = prepare_batch(batch, engine.device)  # augmentation + targets, on the device
-            with count_forward_flops() if flops_per_sample is None else nullcontext() as counted:
+            with (count_forward_flops() if flops_per_sample is None else nullcontext()) as counted, \
+                    recast_saved_weights(recast_weights):
                 outputs = engine(images)  # DeepSpeed runs forward under its torch_autocast block
             if flops_per_sample is None:
                 flops_per_sample = training_flops_per_sample(counted(), images.shape[0])
@@ -243,6 +248,9 @@ def train_worker(loop_config: dict) -> None:
                              f"{peak / 1e12:.2f} TFLOP/s ({peak_source})")
             losses = criterion(outputs, targets)  # fp32 inside, whatever the autocast
             loss = sum(losses.values())
+            # Backward needs only what autograd saved; the outputs themselves (every
+            # decoder layer's full set of stride-4 mask logits) would stay alive through it.
+            del outputs
             engine.backward(loss)
             if engine.zero_optimization_stage() == 0 and micro_step == cfg.train.grad_accum_steps - 1:
                 grad_norm = _gradient_norm(engine.module)  # before engine.step clips it

@@ -47,6 +47,11 @@ class PixelDecoderConfig:
     encoder_dim_feedforward: int = 1024
     encoder_dropout: float = 0.0
     encoder_num_points: int = 4
+    # Activation checkpointing (reentrant, so ZeRO-3 works): the FPN recomputes each
+    # level's lateral + output convs in backward, the msdeformattn decoder each encoder
+    # layer and its FPN step. At stride 4 these are the largest maps a MaskFormer saves
+    # outside the backbone.
+    grad_checkpointing: bool = False
 
 
 @dataclass

@@ -26,6 +26,7 @@ from model.position_encoding import PositionEmbeddingSine
 from ops.apex_optional import layer_norm
 from ops.config import OpsConfig
 from ops.ms_deform_attn import MSDeformAttn
+from ops.recompute import checkpointed
 
 
 class MSDeformAttnEncoderLayer(nn.Module):
@@ -105,6 +106,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         encoder_dropout: float = 0.0,
         encoder_num_points: int = 4,
         ops: OpsConfig | None = None,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         ops = ops or OpsConfig()
@@ -158,6 +160,15 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.output_conv = ConvNormAct(conv_dim, conv_dim, 3, norm, relu=True, conv3x3=ops.conv3x3)
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=1)
         c2_xavier_fill(self.mask_features)
+        self.grad_checkpointing = grad_checkpointing
+
+    def _fpn_step(self, finest_input: Tensor, encoded_finest: Tensor) -> Tensor:
+        """The stride-4 output: lateral conv of the backbone's finest map + the encoder's
+        finest level upsampled, through the 3×3 output conv."""
+        lateral = self.lateral_conv(finest_input)
+        # Bilinear, as the official code (its comment says nearest, its call is bilinear).
+        upsampled = F.interpolate(encoded_finest, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+        return self.output_conv(lateral + upsampled)
 
     def forward(self, features: Sequence[Tensor]) -> PixelDecoderOutput:
         if len(features) != self.num_levels + 1:
@@ -181,17 +192,15 @@ class MSDeformAttnPixelDecoder(nn.Module):
             src.shape[0], -1, self.num_levels, -1
         )
         for layer in self.encoder:
-            src = layer(src, pos, reference_points, spatial_shapes, level_start_index)
+            src = checkpointed(self.grad_checkpointing, layer, src, pos, reference_points, spatial_shapes,
+                               level_start_index)
 
         batch = src.shape[0]
         encoded = [
             z.transpose(1, 2).reshape(batch, self.conv_dim, h, w)
             for z, (h, w) in zip(src.split(sizes, 1), shapes)
         ]  # coarse to fine
-        lateral = self.lateral_conv(features[0])
-        # Bilinear, as the official code (its comment says nearest, its call is bilinear).
-        upsampled = F.interpolate(encoded[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
-        finest = self.output_conv(lateral + upsampled)
+        finest = checkpointed(self.grad_checkpointing, self._fpn_step, features[0], encoded[-1])
         return PixelDecoderOutput(
             mask_features=self.mask_features(finest),
             multi_scale_features=[finest, *encoded[::-1]],

@@ -48,7 +48,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint  # called through the module attribute, so spies that patch it see PFT
 from torch import Tensor, nn
 
 from model.config import PFTDecoderConfig
@@ -58,6 +57,7 @@ from model.transformer_decoder import MLP
 from ops.apex_optional import layer_norm
 from ops.attention import MultiheadAttention, xavier_init_like_detr
 from ops.config import OpsConfig
+from ops.recompute import checkpointed
 
 # The strides of the pyramid PFT decodes (the pixel decoder's ``multi_scale_features``).
 PFT_STRIDES = (4, 8, 16, 32)
@@ -255,11 +255,7 @@ class PFTPredictor(nn.Module):
         predictions = []
         for i, layer in enumerate(self.layers):
             args = (*queries, *query_pos, *keys, *values)
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                # Reentrant: ZeRO-3 fails with the non-reentrant variant (DESIGN.md §4).
-                queries = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=True)
-            else:
-                queries = layer(*args)
+            queries = checkpointed(self.grad_checkpointing, layer, *args)
             if every_layer or i == len(self.layers) - 1:
                 predictions.append(self.predict(queries, mask_features))
         out = dict(predictions[-1])

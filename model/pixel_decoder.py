@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from model.config import PixelDecoderConfig
 from ops.config import OpsConfig
+from ops.recompute import checkpointed
 from ops.winograd_conv import Conv3x3
 
 SUPPORTED_PIXEL_DECODERS = ("fpn", "msdeformattn")
@@ -99,6 +100,7 @@ class BasePixelDecoder(nn.Module):
         mask_dim: int = 256,
         norm: str = "GN",
         conv3x3: str = "auto",
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if len(in_channels) < 1:
@@ -120,17 +122,22 @@ class BasePixelDecoder(nn.Module):
         self.mask_dim = mask_dim
         self.conv_dim = conv_dim
         self.transformer_channels = in_channels[-1]
+        self.grad_checkpointing = grad_checkpointing
+
+    def _top_down_step(self, level: int, x: Tensor, coarser: Tensor) -> Tensor:
+        """Level ``level`` (coarse-to-fine index >= 1) of the top-down path."""
+        lateral = self.lateral_convs[level](x)
+        # Nearest upsampling as in FPN; ``size=`` (not scale 2) copes with odd sizes.
+        return self.output_convs[level](lateral + F.interpolate(coarser, size=lateral.shape[-2:], mode="nearest"))
 
     def forward(self, features: Sequence[Tensor]) -> PixelDecoderOutput:
         coarse_to_fine = list(features)[::-1]
+        # The coarsest level stays outside checkpointing: it reads only the backbone map
+        # (no input of its own requiring grad, see ops/recompute.py) and is the smallest.
         y = self.output_convs[0](coarse_to_fine[0])
         outputs = [y]
-        for x, lateral_conv, output_conv in zip(
-            coarse_to_fine[1:], self.lateral_convs[1:], self.output_convs[1:]
-        ):
-            lateral = lateral_conv(x)
-            # Nearest upsampling as in FPN; ``size=`` (not scale 2) copes with odd sizes.
-            y = output_conv(lateral + F.interpolate(y, size=lateral.shape[-2:], mode="nearest"))
+        for level, x in enumerate(coarse_to_fine[1:], start=1):
+            y = checkpointed(self.grad_checkpointing, self._top_down_step, level, x, y)
             outputs.append(y)
         return PixelDecoderOutput(self.mask_features(y), outputs[::-1], features[-1])
 
@@ -143,7 +150,12 @@ def build_pixel_decoder(
     ops = ops or OpsConfig()
     if cfg.name == "fpn":
         return BasePixelDecoder(
-            in_channels, conv_dim=cfg.conv_dim, mask_dim=cfg.mask_dim, norm=cfg.norm, conv3x3=ops.conv3x3
+            in_channels,
+            conv_dim=cfg.conv_dim,
+            mask_dim=cfg.mask_dim,
+            norm=cfg.norm,
+            conv3x3=ops.conv3x3,
+            grad_checkpointing=cfg.grad_checkpointing,
         )
     if cfg.name == "msdeformattn":
         # Imported here: msdeform_pixel_decoder reuses this file's conv blocks and output type.
@@ -160,6 +172,7 @@ def build_pixel_decoder(
             encoder_dropout=cfg.encoder_dropout,
             encoder_num_points=cfg.encoder_num_points,
             ops=ops,
+            grad_checkpointing=cfg.grad_checkpointing,
         )
     supported = ", ".join(SUPPORTED_PIXEL_DECODERS)
     raise ValueError(f"model.pixel_decoder.name={cfg.name!r} is not supported; supported values: {supported}")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint  # called through the module attribute, so spies that patch it see it
 from torch import Tensor, nn
 
 from model.config import TransformerDecoderConfig
@@ -30,6 +29,7 @@ from ops.apex_optional import layer_norm
 from ops.attention import MultiheadAttention, xavier_init_like_detr
 from ops.config import OpsConfig
 from ops.lean_linear import relu_dropout_linear
+from ops.recompute import checkpointed
 
 
 class DecoderLayer(nn.Module):
@@ -112,11 +112,7 @@ class StandardTransformerDecoder(nn.Module):
         memory = self.memory_norm(memory)
         hidden = []
         for layer in self.layers:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                # Reentrant: ZeRO-3 fails with the non-reentrant variant (DESIGN.md §4).
-                tgt = torch.utils.checkpoint.checkpoint(layer, tgt, memory, pos, query_pos, use_reentrant=True)
-            else:
-                tgt = layer(tgt, memory, pos, query_pos)
+            tgt = checkpointed(self.grad_checkpointing, layer, tgt, memory, pos, query_pos)
             hidden.append(self.norm(tgt))
         return torch.stack(hidden)
 
@@ -192,7 +188,10 @@ class TransformerPredictor(nn.Module):
         if not (self.training and self.deep_supervision):
             hidden = hidden[-1:]  # heads for the auxiliary losses only when training
         logits = self.class_embed(hidden)
-        masks = torch.einsum("lbqc,bchw->lbqhw", self.mask_embed(hidden), mask_features)
+        # One product per layer rather than one L×B×Q×H×W tensor sliced into layers: the
+        # backward of slicing a stacked output materialises full-size zero-filled gradients
+        # of it (at 640² crops, 6 layers, 100 queries: ~120 MiB apiece).
+        masks = [torch.einsum("bqc,bchw->bqhw", embed, mask_features) for embed in self.mask_embed(hidden)]
         aux = [{"pred_logits": a, "pred_masks": b} for a, b in zip(logits[:-1], masks[:-1])]
         return {"pred_logits": logits[-1], "pred_masks": masks[-1], "aux_outputs": aux}
 

@@ -122,6 +122,13 @@ def test_pft_decoder_checkpointing_is_measured():
     assert ckpt["activations"] < plain["activations"]
 
 
+def test_pixel_decoder_checkpointing_is_measured():
+    plain = describe_model(_tiny())["memory"]
+    ckpt = describe_model(_tiny("model.pixel_decoder.grad_checkpointing=true"))["memory"]
+    assert plain["recompute"] == 0 < ckpt["recompute"]
+    assert ckpt["activations"] < plain["activations"]
+
+
 def test_spy_sees_checkpoints_imported_by_name(monkeypatch):
     # A module that did ``from torch.utils.checkpoint import checkpoint`` (timm's features
     # wrapper does so with timm's helper) is measured too, and timm's helper calling

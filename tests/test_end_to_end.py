@@ -111,6 +111,7 @@ def test_zero3_fp32_with_uneven_validation(dataset, tmp_path):
                          "--set", f"train.output_dir={tmp_path}", "--set", "train.run_name=z3",
                          "--set", "train.zero_stage=3", "--set", "train.precision=fp32",
                          "--set", "train.max_steps=2", "--set", "model.backbone.grad_checkpointing=true",
+                         "--set", "model.pixel_decoder.grad_checkpointing=true",
                          "--set", "model.decoder.grad_checkpointing=true", timeout=300)
     assert code == 0, log
     meta = verify_checkpoint(find_latest_checkpoint(str(tmp_path / "z3")))

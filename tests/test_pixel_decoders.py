@@ -1,6 +1,8 @@
 import ops.torchvision_fix  # noqa: F401  (before timm)
 
 # isort: split
+import dataclasses
+
 import pytest
 import torch
 
@@ -75,6 +77,39 @@ def test_gradients_reach_every_parameter(name):
     for pname, param in decoder.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), pname
         assert param.grad.abs().sum() > 0, pname
+
+
+@pytest.mark.parametrize("name, segments", [("fpn", 3), ("msdeformattn", 3)])
+@pytest.mark.parametrize("features_require_grad", [True, False])
+def test_grad_checkpointing_recomputes_segments_with_the_same_grads(name, segments, features_require_grad,
+                                                                     monkeypatch):
+    """FPN: the 3 levels below the coarsest; msdeformattn: 2 encoder layers + the FPN step.
+    With features that do not require grad (a frozen backbone) the decoder's own
+    parameters still get their gradients."""
+    calls = []
+    original = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda fn, *a, **kw: calls.append(kw.get("use_reentrant")) or original(fn, *a, **kw))
+    results = {}
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        decoder = as_if_trained(build_pixel_decoder(
+            dataclasses.replace(tiny_cfg(name), grad_checkpointing=enabled), CHANNELS))
+        features = [f.requires_grad_(features_require_grad) for f in random_features()]
+        out = decoder(features)
+        maps = [out.mask_features, *out.multi_scale_features]
+        torch.manual_seed(1)
+        sum((m * torch.randn_like(m)).sum() for m in maps).backward()
+        grads = {n: p.grad for n, p in decoder.named_parameters()}
+        if features_require_grad:
+            grads.update({f"feature{i}": f.grad for i, f in enumerate(features)})
+        results[enabled] = (maps, grads)
+    assert calls == [True] * segments  # reentrant (ZeRO-3), one call per segment
+    for plain, recomputed in zip(results[False][0], results[True][0]):
+        torch.testing.assert_close(recomputed, plain)
+    for key, grad in results[False][1].items():
+        assert grad is not None and results[True][1][key] is not None, key
+        torch.testing.assert_close(results[True][1][key], grad, msg=key)
 
 
 def test_msdeformattn_mixes_scales():
