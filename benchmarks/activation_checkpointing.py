@@ -200,9 +200,10 @@ def breakdown(args: argparse.Namespace) -> dict[str, int]:
         with torch.device("meta"):
             model, backbone = build_model(cfg), build_backbone(cfg.backbone)
         result["params"] = sum(p.numel() for p in model.parameters())
-        result[f"backbone_{key}"], _, _ = measure_activations(backbone, args.batch, args.size, args.precision)
+        recast = args.precision == "bf16"  # as Trainer.step
+        result[f"backbone_{key}"], _, _ = measure_activations(backbone, args.batch, args.size, args.precision, recast)
         result[f"model_{key}"], result[f"recompute_{key}"], outputs = measure_activations(
-            model, args.batch, args.size, args.precision)
+            model, args.batch, args.size, args.precision, recast)
     result["loss"] = measure_loss_activations(cfg, outputs, args.size)
     return result
 

@@ -56,6 +56,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from launcher.config import RunConfig, load_config
 from model.build import build_criterion, build_model
 from model.config import ModelConfig
+from ops.weight_recast import parameter_cast_source, recast_applies
 
 # Ground-truth masks (classes present) per training crop assumed for the loss estimate;
 # ADE20K images hold about 8-9 classes on average, crops fewer.
@@ -132,13 +133,18 @@ def _autocast_dtype(precision: str) -> torch.dtype | None:
 
 
 class _SavedTensors:
-    """Adds up the storages autograd saves for backward, each once, minus ``exclude``."""
+    """Adds up the storages autograd saves for backward, each once, minus ``exclude``;
+    with ``recast_weights``, minus low-precision copies of parameters too (the train loop
+    recasts those in backward instead of saving them: ops/weight_recast.py)."""
 
-    def __init__(self, exclude: Sequence[torch.Tensor] = ()) -> None:
+    def __init__(self, exclude: Sequence[torch.Tensor] = (), recast_weights: bool = False) -> None:
         self.sizes: dict[int, int] = {}
         self.exclude = {t.untyped_storage()._cdata for t in exclude}
+        self.recast_weights = recast_weights
 
     def add(self, tensor: torch.Tensor) -> None:
+        if self.recast_weights and parameter_cast_source(tensor) is not None:
+            return
         storage = tensor.untyped_storage()
         if storage._cdata not in self.exclude:  # _cdata: the storage's identity, shared by views
             self.sizes[storage._cdata] = storage.nbytes()
@@ -245,18 +251,20 @@ def _deform_attn_stand_in(value: torch.Tensor, spatial_shapes: torch.Tensor, lev
 
 
 def measure_activations(
-    model: nn.Module, batch_size: int, crop_size: int, precision: str
+    model: nn.Module, batch_size: int, crop_size: int, precision: str, recast_weights: bool = False
 ) -> tuple[int, int, dict]:
     """Bytes saved for backward by one training forward of the meta-built ``model``, the
     largest checkpointed segment's bytes (recomputed during backward; 0 without
-    checkpointing), and the outputs (fake tensors). Moves ``model`` to fake tensors."""
+    checkpointing), and the outputs (fake tensors). Moves ``model`` to fake tensors.
+    ``recast_weights``: the forward runs as the train loop's does in bf16 below ZeRO-3,
+    saving no bf16 copies of the weights."""
     dtype = _autocast_dtype(precision)
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")  # fake CPU tensors, so CPU autocast applies to them
         model.train()
         # Buffers too: FrozenBN's statistics and affine are weights, not activations.
         params = [*model.parameters(), *model.buffers()]
-        saved = _SavedTensors(exclude=params)
+        saved = _SavedTensors(exclude=params, recast_weights=recast_weights)
         images = torch.zeros(batch_size, 3, crop_size, crop_size)
         autocast = torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
         stand_in = mock.patch("ops.ms_deform_attn.ms_deform_attn", _deform_attn_stand_in)
@@ -354,7 +362,9 @@ def describe_model(cfg: RunConfig) -> dict:
     memory: dict[str, Any] = state_bytes(
         counts["total"], counts["trainable"], cfg.train.zero_stage, cfg.cluster.num_workers, cfg.train.precision
     )
-    memory["activations"], memory["recompute"], outputs = measure_activations(model, batch, crop, cfg.train.precision)
+    memory["activations"], memory["recompute"], outputs = measure_activations(
+        model, batch, crop, cfg.train.precision, recast_weights=recast_applies(cfg.train.precision, cfg.train.zero_stage)
+    )
     memory["loss_activations"] = measure_loss_activations(cfg.model, outputs, crop)
     memory["total"] = sum(memory.values())
     memory.update(

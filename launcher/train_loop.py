@@ -52,7 +52,7 @@ from launcher.progress import StepLogger, StepRecords
 from launcher.rng import derive_seed, restore_rng_state, seed_everything
 from launcher.universal_checkpoint import load_universal_checkpoint, needs_universal
 from model.build import build_criterion, build_model
-from ops.weight_recast import recast_saved_weights
+from ops.weight_recast import recast_applies, recast_saved_weights
 
 
 def is_logged_term(name: str) -> bool:
@@ -225,7 +225,7 @@ def train_worker(loop_config: dict) -> None:
     step = start_step
     # bf16: keep the parameters, not their bf16 copies, for backward (ops/weight_recast.py);
     # not under ZeRO-3, whose partitioned parameters are freed between forward and backward.
-    recast_weights = cfg.train.precision == "bf16" and engine.zero_optimization_stage() < 3
+    recast_weights = recast_applies(cfg.train.precision, engine.zero_optimization_stage())
     while step < cfg.train.max_steps:
         step_started = time.perf_counter()
         loader_wait = 0.0

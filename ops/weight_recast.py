@@ -65,6 +65,12 @@ def _unpack(saved: Tensor | _ParameterCast) -> Tensor:
     return saved
 
 
+def recast_applies(precision: str, zero_stage: int) -> bool:
+    """Whether a run recasts (the train loop's and ``describe``'s rule): under bf16
+    autocast, below ZeRO-3."""
+    return precision == "bf16" and zero_stage < 3
+
+
 @contextlib.contextmanager
 def recast_saved_weights(enabled: bool = True) -> Iterator[None]:
     """Within this block (the forward pass), low-precision copies of parameters are not

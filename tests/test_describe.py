@@ -188,3 +188,12 @@ def test_models_with_other_outputs_are_described(preset, capsys):
     out = capsys.readouterr().out
     loss = re.search(r"^  loss +([\d.]+) GiB", out, re.M)
     assert loss is not None and float(loss.group(1)) > 0, out
+
+
+def test_bf16_activations_leave_out_the_weight_copies_the_train_loop_recasts():
+    """Below ZeRO-3 the train loop saves parameters, not their bf16 copies (ops/weight_recast.py):
+    describe leaves those copies out, at most 2 bytes a parameter; under ZeRO-3 it counts them."""
+    recast = describe_model(_tiny("train.precision=bf16", "train.zero_stage=1"))
+    saved = describe_model(_tiny("train.precision=bf16", "train.zero_stage=3"))
+    difference = saved["memory"]["activations"] - recast["memory"]["activations"]
+    assert 0 < difference <= 2 * recast["total"]
