@@ -42,51 +42,59 @@ def _focal_parts(logits: Tensor, targets: Tensor, alpha: float, gamma: float):
     return prob, ce, p_t, alpha_t
 
 
-def _focal_rows(logits: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:
-    """Per-mask focal loss (mean over pixels) of N×P logits and targets."""
-    out = logits.new_empty(logits.shape[0])
-    for rows in _row_chunks(*logits.shape):
-        _, ce, p_t, alpha_t = _focal_parts(logits[rows], targets[rows].float(), alpha, gamma)
-        out[rows] = (alpha_t * ce * (1 - p_t).pow(gamma)).mean(dim=1)
-    return out
-
-
-def _focal_grad(logits: Tensor, targets: Tensor, alpha: float, gamma: float, scale: Tensor, out: Tensor) -> Tensor:
-    """Adds ``scale`` × ∂(Σ per-mask focal loss)/∂logits to ``out``."""
-    scale = scale / logits.shape[1]
+def _loss_rows(
+    logits: Tensor, targets: Tensor, alpha: float, gamma: float, focal: bool, dice: bool
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Per-mask terms of N×P logits and targets, in one pass over each chunk of masks (one
+    sigmoid however many losses): the focal loss (mean over pixels) if ``focal``, and the
+    dice numerator 2|p·t| + 1 and denominator |p| + |t| + 1 if ``dice``; None otherwise."""
+    focal_rows, numerator, denominator = (
+        logits.new_empty(logits.shape[0]) if wanted else None for wanted in (focal, dice, dice)
+    )
     for rows in _row_chunks(*logits.shape):
         targets_f = targets[rows].float()
-        prob, ce, p_t, alpha_t = _focal_parts(logits[rows], targets_f, alpha, gamma)
-        one_minus_pt = 1 - p_t
-        # d/dx [alpha_t * ce * (1 - p_t)^gamma], with d ce/dx = p - t and
-        # d (1 - p_t)/dx = -(2t - 1) p (1 - p).
-        grad = (prob - targets_f) * one_minus_pt.pow(gamma)
-        if gamma != 0:
-            grad -= ce * gamma * one_minus_pt.pow(gamma - 1) * (2 * targets_f - 1) * prob * (1 - prob)
-        out[rows] += grad * alpha_t * scale
-    return out
+        if focal:
+            prob, ce, p_t, alpha_t = _focal_parts(logits[rows], targets_f, alpha, gamma)
+            focal_rows[rows] = (alpha_t * ce * (1 - p_t).pow(gamma)).mean(dim=1)
+        else:
+            prob = torch.sigmoid(logits[rows])
+        if dice:
+            numerator[rows] = 2 * (prob * targets_f).sum(1) + 1
+            denominator[rows] = prob.sum(1) + targets_f.sum(1) + 1
+    return focal_rows, numerator, denominator
 
 
-def _dice_terms(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-mask numerator 2|p·t| + 1 and denominator |p| + |t| + 1."""
-    numerator, denominator = logits.new_empty(logits.shape[0]), logits.new_empty(logits.shape[0])
+def _loss_grad(
+    logits: Tensor,
+    targets: Tensor,
+    alpha: float,
+    gamma: float,
+    grad_focal: Tensor | None,
+    grad_dice: Tensor | None,
+    numerator: Tensor | None = None,
+    denominator: Tensor | None = None,
+) -> Tensor:
+    """∂/∂logits of ``grad_focal`` × Σ per-mask focal loss + ``grad_dice`` × Σ per-mask
+    dice loss (either scale None: that loss is left out), a chunk of masks at a time."""
+    grad = torch.zeros_like(logits)
     for rows in _row_chunks(*logits.shape):
-        prob, targets_f = torch.sigmoid(logits[rows]), targets[rows].float()
-        numerator[rows] = 2 * (prob * targets_f).sum(1) + 1
-        denominator[rows] = prob.sum(1) + targets_f.sum(1) + 1
-    return numerator, denominator
-
-
-def _dice_grad(logits: Tensor, targets: Tensor, numerator: Tensor, denominator: Tensor, scale: Tensor,
-               out: Tensor) -> Tensor:
-    """Adds ``scale`` × ∂(Σ per-mask dice loss)/∂logits to ``out``."""
-    for rows in _row_chunks(*logits.shape):
-        prob = torch.sigmoid(logits[rows])
-        num, den = numerator[rows, None], denominator[rows, None]
-        # loss_i = 1 - N_i / D_i;  dN/dp = 2t, dD/dp = 1  ->  dloss/dp = (N - 2t D) / D^2
-        grad_prob = (num - 2 * targets[rows].float() * den) / den.pow(2)
-        out[rows] += scale * grad_prob * prob * (1 - prob)
-    return out
+        targets_f = targets[rows].float()
+        if grad_focal is not None:
+            prob, ce, p_t, alpha_t = _focal_parts(logits[rows], targets_f, alpha, gamma)
+            one_minus_pt = 1 - p_t
+            # d/dx [alpha_t * ce * (1 - p_t)^gamma], with d ce/dx = p - t and
+            # d (1 - p_t)/dx = -(2t - 1) p (1 - p).
+            focal = (prob - targets_f) * one_minus_pt.pow(gamma)
+            if gamma != 0:
+                focal -= ce * gamma * one_minus_pt.pow(gamma - 1) * (2 * targets_f - 1) * prob * (1 - prob)
+            grad[rows] += focal * alpha_t * (grad_focal / logits.shape[1])
+        else:
+            prob = torch.sigmoid(logits[rows])
+        if grad_dice is not None:
+            num, den = numerator[rows, None], denominator[rows, None]
+            # loss_i = 1 - N_i / D_i;  dN/dp = 2t, dD/dp = 1  ->  dloss/dp = (N - 2t D) / D^2
+            grad[rows] += grad_dice * (num - 2 * targets_f * den) / den.pow(2) * prob * (1 - prob)
+    return grad
 
 
 class _SigmoidFocalLoss(torch.autograd.Function):
@@ -94,26 +102,25 @@ class _SigmoidFocalLoss(torch.autograd.Function):
     def forward(ctx, logits: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:
         ctx.save_for_backward(logits, targets)
         ctx.alpha, ctx.gamma = alpha, gamma
-        return _focal_rows(logits, targets, alpha, gamma).sum()
+        return _loss_rows(logits, targets, alpha, gamma, focal=True, dice=False)[0].sum()
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         logits, targets = ctx.saved_tensors
-        grad = _focal_grad(logits, targets, ctx.alpha, ctx.gamma, grad_output, torch.zeros_like(logits))
-        return grad, None, None, None
+        return _loss_grad(logits, targets, ctx.alpha, ctx.gamma, grad_output, None), None, None, None
 
 
 class _DiceLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
-        numerator, denominator = _dice_terms(logits, targets)
+        _, numerator, denominator = _loss_rows(logits, targets, 0.0, 0.0, focal=False, dice=True)
         ctx.save_for_backward(logits, targets, numerator, denominator)
         return (1 - numerator / denominator).sum()
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         logits, targets, numerator, denominator = ctx.saved_tensors
-        return _dice_grad(logits, targets, numerator, denominator, grad_output, torch.zeros_like(logits)), None
+        return _loss_grad(logits, targets, 0.0, 0.0, None, grad_output, numerator, denominator), None
 
 
 class _UpsampledMaskLosses(torch.autograd.Function):
@@ -125,10 +132,10 @@ class _UpsampledMaskLosses(torch.autograd.Function):
     def forward(ctx, logits: Tensor, targets: Tensor, upsample, alpha: float, gamma: float):
         full = upsample(logits).flatten(1)
         targets = targets.flatten(1)
-        numerator, denominator = _dice_terms(full, targets)
+        focal_rows, numerator, denominator = _loss_rows(full, targets, alpha, gamma, focal=True, dice=True)
         ctx.save_for_backward(logits, targets, numerator, denominator)
         ctx.upsample, ctx.alpha, ctx.gamma = upsample, alpha, gamma
-        return _focal_rows(full, targets, alpha, gamma).sum(), (1 - numerator / denominator).sum()
+        return focal_rows.sum(), (1 - numerator / denominator).sum()
 
     @staticmethod
     def backward(ctx, grad_focal: Tensor, grad_dice: Tensor):
@@ -136,9 +143,9 @@ class _UpsampledMaskLosses(torch.autograd.Function):
         with torch.enable_grad():
             leaf = logits.detach().requires_grad_()
             full = ctx.upsample(leaf)
-        flat = full.detach().flatten(1)
-        grad = _focal_grad(flat, targets, ctx.alpha, ctx.gamma, grad_focal, torch.zeros_like(flat))
-        grad = _dice_grad(flat, targets, numerator, denominator, grad_dice, grad)
+        grad = _loss_grad(
+            full.detach().flatten(1), targets, ctx.alpha, ctx.gamma, grad_focal, grad_dice, numerator, denominator
+        )
         (grad_logits,) = torch.autograd.grad(full, leaf, grad.view_as(full))
         return grad_logits, None, None, None, None
 

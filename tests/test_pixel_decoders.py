@@ -12,6 +12,7 @@ from model.maskformer import MaskFormer
 from model.msdeform_pixel_decoder import MSDeformAttnPixelDecoder
 from model.pixel_decoder import BasePixelDecoder, PixelDecoderOutput, build_pixel_decoder
 from model.transformer_decoder import build_transformer_predictor
+from tests.test_recompute import spy_checkpoint_calls
 
 CHANNELS = [32, 48, 192, 96]  # timm's test_resnet at strides 4/8/16/32
 STRIDES = [4, 8, 16, 32]
@@ -86,10 +87,7 @@ def test_grad_checkpointing_recomputes_segments_with_the_same_grads(name, segmen
     """FPN: the 3 levels below the coarsest; msdeformattn: 2 encoder layers + the FPN step.
     With features that do not require grad (a frozen backbone) the decoder's own
     parameters still get their gradients."""
-    calls = []
-    original = torch.utils.checkpoint.checkpoint
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
-                        lambda fn, *a, **kw: calls.append(kw.get("use_reentrant")) or original(fn, *a, **kw))
+    calls = spy_checkpoint_calls(monkeypatch)
     results = {}
     for enabled in (False, True):
         torch.manual_seed(0)

@@ -3,7 +3,8 @@ import torch
 from ops.recompute import checkpointed
 
 
-def _spy(monkeypatch) -> list:
+def spy_checkpoint_calls(monkeypatch) -> list:
+    """Records ``use_reentrant`` of every torch checkpoint call from here on."""
     calls = []
     original = torch.utils.checkpoint.checkpoint
     monkeypatch.setattr(
@@ -15,7 +16,7 @@ def _spy(monkeypatch) -> list:
 
 
 def test_checkpoints_reentrantly_and_keeps_gradients(monkeypatch):
-    calls = _spy(monkeypatch)
+    calls = spy_checkpoint_calls(monkeypatch)
     torch.manual_seed(0)
     layer = torch.nn.Linear(4, 3)
     x = torch.randn(2, 4, requires_grad=True)
@@ -30,7 +31,7 @@ def test_checkpoints_reentrantly_and_keeps_gradients(monkeypatch):
 def test_runs_plainly_when_no_input_requires_grad_or_autograd_is_off(monkeypatch):
     """Reentrant checkpointing would give a segment fed only by frozen inputs no parameter
     gradients; and there is nothing to save under no_grad."""
-    calls = _spy(monkeypatch)
+    calls = spy_checkpoint_calls(monkeypatch)
     layer = torch.nn.Linear(4, 3)
     checkpointed(True, layer, torch.randn(2, 4)).sum().backward()
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
