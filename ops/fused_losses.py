@@ -93,7 +93,8 @@ def _loss_grad(
         if grad_dice is not None:
             num, den = numerator[rows, None], denominator[rows, None]
             # loss_i = 1 - N_i / D_i;  dN/dp = 2t, dD/dp = 1  ->  dloss/dp = (N - 2t D) / D^2
-            grad[rows] += grad_dice * (num - 2 * targets_f * den) / den.pow(2) * prob * (1 - prob)
+            grad_prob = (num - 2 * targets_f * den) / den.pow(2)
+            grad[rows] += grad_dice * grad_prob * prob * (1 - prob)
     return grad
 
 
