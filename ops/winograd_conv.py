@@ -190,7 +190,9 @@ class _WinogradConv3x3(torch.autograd.Function):
         # Buffers are shared where one use ends before the next begins (the gradient of
         # the tiles is folded before the weight path rebuilds the tiles).
         scratch = ScratchBuffers(x)
-        for image, r0, r1 in _bands(n, tiles_h, tiles_w):
+        # No band work when only the bias needs a gradient (e.g. a frozen conv's bias).
+        bands = _bands(n, tiles_h, tiles_w) if need_x or need_weight else []
+        for image, r0, r1 in bands:
             tiles = (r1 - r0) * tiles_w
             band = grad_padded_out[image : image + 1, :, _OUT * r0 : _OUT * r1]
             grad_tiles = scratch.get("y", 16, tiles * k)

@@ -42,6 +42,10 @@ def test_gradcheck_and_partial_gradients(monkeypatch):
     frozen = weight.detach()
     (grad_x,) = torch.autograd.grad(winograd_conv3x3(x, frozen).sum(), [x])
     torch.testing.assert_close(grad_x, torch.autograd.grad(F.conv2d(x, frozen, padding=1).sum(), [x])[0])
+    # Only the bias: no band is transformed, and the bias gradient is still the sum.
+    grad_out = torch.randn(2, 4, 10, 9, dtype=torch.float64)
+    (grad_bias,) = torch.autograd.grad(winograd_conv3x3(x.detach(), frozen, bias), [bias], grad_out)
+    torch.testing.assert_close(grad_bias, grad_out.sum((0, 2, 3)))
 
 
 def test_fp32_error_is_a_few_ulps_of_the_output_scale():
