@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     describe = sub.add_parser("describe", help="parameter counts per component and training memory per worker")
     _add_config_args(describe, required=True)
+    describe.add_argument("--masks-per-image", type=int, default=None,
+                          help="ground-truth masks (classes present) per training crop that the loss estimate "
+                               "assumes (default: launcher.describe.MASKS_PER_IMAGE, 10; ADE20K images hold 8-9)")
 
     demo = sub.add_parser("demo", help="generate data, train on 2 workers, evaluate, draw overlays")
     _add_config_args(demo, required=False)
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "describe":
             from launcher.describe import describe_command
 
-            return describe_command(args.config, args.overrides)
+            return describe_command(args.config, args.overrides, args.masks_per_image)
         if args.command == "demo":
             from launcher.demo import run_demo
 

@@ -28,7 +28,8 @@ The memory estimate per worker is the sum of
   a time;
 - loss activations: *measured* by running the real criterion on stand-in predictions at
   two small sizes and extrapolating linearly in pixels (the full-resolution mask losses
-  grow with H×W), assuming ``MASKS_PER_IMAGE`` ground-truth masks per image.
+  grow with H×W), assuming ``MASKS_PER_IMAGE`` ground-truth masks per image unless told
+  otherwise (``describe --masks-per-image N``: the loss's saved tensors grow with it).
 
 Not included: the transient peak inside the backward pass (one op's temporaries and
 activation gradients), the matcher's no-grad cost matrices, allocator fragmentation, the
@@ -289,12 +290,13 @@ def _stand_ins(value, key: str, side: int, generator: torch.Generator, leaves: l
     return leaf
 
 
-def _loss_bytes_at(cfg: ModelConfig, outputs: dict, side: int, ratio: int, generator: torch.Generator) -> int:
+def _loss_bytes_at(cfg: ModelConfig, outputs: dict, side: int, ratio: int, generator: torch.Generator,
+                   masks_per_image: int) -> int:
     """Saved bytes of the criterion on stand-ins of ``outputs`` with ``side``² masks."""
     leaves: list[torch.Tensor] = []
     structured = _stand_ins(outputs, "", side, generator, leaves)
     batch, num_queries = structured["pred_masks"].shape[:2]
-    targets = _stand_in_targets(cfg, batch, min(MASKS_PER_IMAGE, num_queries), side * ratio, generator)
+    targets = _stand_in_targets(cfg, batch, min(masks_per_image, num_queries), side * ratio, generator)
     saved = _SavedTensors()
     for leaf in leaves:  # the outputs stay alive until the backward pass
         saved.add(leaf)
@@ -315,7 +317,7 @@ def _stand_in_targets(cfg: ModelConfig, batch: int, masks: int, height: int,
     return targets
 
 
-def _dense_loss_bytes(cfg: ModelConfig, outputs: dict, crop_size: int) -> int:
+def _dense_loss_bytes(cfg: ModelConfig, outputs: dict, crop_size: int, masks_per_image: int) -> int:
     """Per-pixel models (UN-EPT: logit maps at the image size and at stride 8): criterion
     bytes measured on stand-ins for 64² and 128² images, extrapolated linearly in pixels."""
     generator = torch.Generator().manual_seed(0)
@@ -329,7 +331,7 @@ def _dense_loss_bytes(cfg: ModelConfig, outputs: dict, crop_size: int) -> int:
         saved = _SavedTensors()
         for out in stand_ins.values():  # the outputs stay alive until the backward pass
             saved.add(out)
-        targets = _stand_in_targets(cfg, out.shape[0], MASKS_PER_IMAGE, side, generator)
+        targets = _stand_in_targets(cfg, out.shape[0], masks_per_image, side, generator)
         with saved.hooks():
             build_criterion(cfg)(stand_ins, targets)
         sizes.append(saved.total)
@@ -337,23 +339,28 @@ def _dense_loss_bytes(cfg: ModelConfig, outputs: dict, crop_size: int) -> int:
     return int(sizes[0] - per_pixel * 64**2 + per_pixel * crop_size**2)
 
 
-def measure_loss_activations(cfg: ModelConfig, outputs: dict, crop_size: int) -> int:
-    """Criterion bytes at the crop size, extrapolated from two small sizes (linear in pixels)."""
+def measure_loss_activations(cfg: ModelConfig, outputs: dict, crop_size: int,
+                             masks_per_image: int = MASKS_PER_IMAGE) -> int:
+    """Criterion bytes at the crop size, extrapolated from two small sizes (linear in
+    pixels), with ``masks_per_image`` ground-truth masks per image."""
     if "pred_masks" not in outputs:
-        return _dense_loss_bytes(cfg, outputs, crop_size)
+        return _dense_loss_bytes(cfg, outputs, crop_size, masks_per_image)
     mask_side = outputs["pred_masks"].shape[-1]
     ratio = max(1, round(crop_size / mask_side))  # the masks' stride (4 for MaskFormer/PFT)
     generator = torch.Generator().manual_seed(0)
     small, large = _LOSS_SIDES
-    sizes = [_loss_bytes_at(cfg, outputs, side, ratio, generator) for side in _LOSS_SIDES]
+    sizes = [_loss_bytes_at(cfg, outputs, side, ratio, generator, masks_per_image) for side in _LOSS_SIDES]
     per_pixel = (sizes[1] - sizes[0]) / ((large * ratio) ** 2 - (small * ratio) ** 2)
     fixed = sizes[0] - per_pixel * (small * ratio) ** 2
     return int(fixed + per_pixel * crop_size**2)
 
 
-def describe_model(cfg: RunConfig) -> dict:
+def describe_model(cfg: RunConfig, masks_per_image: int = MASKS_PER_IMAGE) -> dict:
     """Parameter counts (``total``, ``trainable``, ``components``, ``details``) and the
-    per-worker training memory estimate in bytes (``memory``) of ``cfg``."""
+    per-worker training memory estimate in bytes (``memory``) of ``cfg``, the loss's share
+    for ``masks_per_image`` ground-truth masks per image."""
+    if masks_per_image < 1:
+        raise ValueError(f"--masks-per-image: expected a positive number of masks, got {masks_per_image}")
     model = _meta_model(cfg.model)
     counts = count_parameters(model)
     batch, crop = cfg.data.batch_size, cfg.data.crop_size
@@ -365,7 +372,7 @@ def describe_model(cfg: RunConfig) -> dict:
     memory["activations"], memory["recompute"], outputs = measure_activations(
         model, batch, crop, cfg.train.precision, recast_weights=recast_applies(cfg.train.precision, cfg.train.zero_stage)
     )
-    memory["loss_activations"] = measure_loss_activations(cfg.model, outputs, crop)
+    memory["loss_activations"] = measure_loss_activations(cfg.model, outputs, crop, masks_per_image)
     memory["total"] = sum(memory.values())
     memory.update(
         batch_size=batch,
@@ -373,7 +380,7 @@ def describe_model(cfg: RunConfig) -> dict:
         zero_stage=cfg.train.zero_stage,
         num_workers=cfg.cluster.num_workers,
         precision=cfg.train.precision,
-        masks_per_image=MASKS_PER_IMAGE,
+        masks_per_image=masks_per_image,
     )
     return {"model": cfg.model.name, "backbone": cfg.model.backbone.name, "num_classes": cfg.model.num_classes,
             **counts, "memory": memory}
@@ -418,8 +425,8 @@ def format_description(desc: dict) -> str:
     return "\n".join(lines)
 
 
-def describe_command(config_path: str, overrides: list[str]) -> int:
+def describe_command(config_path: str, overrides: list[str], masks_per_image: int | None = None) -> int:
     cfg = load_config(config_path, overrides)
     print(f"config: {config_path}")
-    print(format_description(describe_model(cfg)))
+    print(format_description(describe_model(cfg, MASKS_PER_IMAGE if masks_per_image is None else masks_per_image)))
     return 0

@@ -69,6 +69,18 @@ def test_memory_grows_with_batch_size():
     assert four["parameters"] == one["parameters"]
 
 
+def test_loss_estimate_follows_the_masks_per_image(capsys):
+    """The tiny config has 5 classes and 16 queries: 2 and 5 masks per image differ;
+    beyond the classes it stops growing (an image cannot hold more masks than classes)."""
+    two, five, nine = (describe_model(_tiny(), masks_per_image=n)["memory"] for n in (2, 5, 9))
+    assert two["loss_activations"] < five["loss_activations"] == nine["loss_activations"]
+    assert two["activations"] == five["activations"]
+    assert main(["describe", "--config", TINY, "--masks-per-image", "3"]) == 0
+    assert "assumes 3 masks per image" in capsys.readouterr().out
+    assert main(["describe", "--config", TINY, "--masks-per-image", "0"]) == 2
+    assert "--masks-per-image: expected a positive number of masks, got 0" in capsys.readouterr().err
+
+
 def test_memory_shrinks_with_zero_stage():
     totals = [describe_model(_tiny(f"train.zero_stage={s}", "cluster.num_workers=4", FROZEN))["memory"]
               for s in range(4)]
