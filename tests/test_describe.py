@@ -14,6 +14,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d  # what timm.layers.freeze_ba
 from launcher.cli import main
 from launcher.config import load_config
 from launcher.describe import (
+    MASKS_PER_IMAGE,
     _loss_bytes_at,
     _meta_model,
     _SavedTensors,
@@ -114,7 +115,8 @@ def test_loss_extrapolation_matches_a_direct_measurement():
     cfg = _tiny()
     _, _, outputs = measure_activations(_meta_model(cfg.model), 2, 96, "bf16")
     assert outputs["pred_masks"].shape[-1] == 24  # stride 4
-    direct = _loss_bytes_at(cfg.model, outputs, side=24, ratio=4, generator=torch.Generator().manual_seed(0))
+    direct = _loss_bytes_at(cfg.model, outputs, side=24, ratio=4, generator=torch.Generator().manual_seed(0),
+                            masks_per_image=MASKS_PER_IMAGE)
     assert measure_loss_activations(cfg.model, outputs, 96) == pytest.approx(direct, rel=1e-6)
 
 
