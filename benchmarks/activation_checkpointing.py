@@ -59,7 +59,7 @@ from launcher.describe import MASKS_PER_IMAGE, measure_activations, measure_loss
 from model.backbone import build_backbone
 from model.build import build_criterion, build_model
 from model.config import ModelConfig
-from ops.weight_recast import recast_saved_weights
+from ops.weight_recast import recast_applies, recast_saved_weights
 
 SWIN_L = "swin_large_patch4_window12_384"
 NUM_CLASSES = 150
@@ -114,6 +114,7 @@ class Trainer:
         self.criterion = build_criterion(cfg)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=1e-4)
         self.bf16 = precision == "bf16"
+        self.recast_weights = recast_applies(precision, zero_stage=0)  # the train loop's rule; no DeepSpeed here
 
     def step(self, images: torch.Tensor, targets: list[dict], checkpointing: bool,
              after: Callable[[str], None] = lambda phase: None) -> None:
@@ -122,7 +123,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         after("start")
         # As launcher/train_loop.py runs bf16 (ops/weight_recast.py).
-        with recast_saved_weights(self.bf16), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with recast_saved_weights(self.recast_weights), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             outputs = self.model(images)
         after("forward")
         loss = sum(self.criterion(outputs, targets).values())
@@ -200,7 +201,7 @@ def breakdown(args: argparse.Namespace) -> dict[str, int]:
         with torch.device("meta"):
             model, backbone = build_model(cfg), build_backbone(cfg.backbone)
         result["params"] = sum(p.numel() for p in model.parameters())
-        recast = args.precision == "bf16"  # as Trainer.step
+        recast = recast_applies(args.precision, zero_stage=0)  # as Trainer.step
         result[f"backbone_{key}"], _, _ = measure_activations(backbone, args.batch, args.size, args.precision, recast)
         result[f"model_{key}"], result[f"recompute_{key}"], outputs = measure_activations(
             model, args.batch, args.size, args.precision, recast)

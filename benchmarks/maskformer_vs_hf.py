@@ -49,7 +49,7 @@ from data_pipeline.synthetic import synthetic_batch
 from model.build import build_criterion, build_model
 from model.config import ModelConfig
 from ops.apex_optional import adamw
-from ops.weight_recast import recast_saved_weights
+from ops.weight_recast import recast_applies, recast_saved_weights
 
 NUM_CLASSES = 150
 SIZE = 256
@@ -75,9 +75,9 @@ class Ours:
 
     def step(self, images, targets, dtype):
         self.optimizer.zero_grad(set_to_none=True)
-        # As launcher/train_loop.py runs bf16 (ops/weight_recast.py).
-        with recast_saved_weights(dtype == "bf16"), torch.autocast("cpu", dtype=torch.bfloat16,
-                                                                  enabled=dtype == "bf16"):
+        # As launcher/train_loop.py runs bf16 (ops/weight_recast.py; no DeepSpeed here).
+        recast = recast_applies(dtype, zero_stage=0)
+        with recast_saved_weights(recast), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
             outputs = self.model(images)
         loss = sum(self.criterion(outputs, targets).values())
         del outputs  # as launcher/train_loop.py does before backward
