@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from ops.losses import batch_dice_loss, batch_sigmoid_focal_loss
+from ops.losses import batch_mask_costs
 from ops.point_sampling import point_sample
 
 Indices = list[tuple[Tensor, Tensor]]
@@ -77,12 +77,13 @@ class HungarianMatcher(nn.Module):
                 out_masks = point_sample(out_masks[:, None], points.expand(out_masks.shape[0], -1, -1))[:, 0]
             else:
                 tgt = F.interpolate(tgt, size=out_masks.shape[-2:], mode="nearest")[:, 0]
-            if self.cost_focal:
-                cost = cost + self.cost_focal * batch_sigmoid_focal_loss(
-                    out_masks, tgt, alpha=self.focal_alpha, gamma=self.focal_gamma
-                )
-            if self.cost_dice:
-                cost = cost + self.cost_dice * batch_dice_loss(out_masks, tgt)
+            focal, dice = batch_mask_costs(
+                out_masks, tgt, self.focal_alpha, self.focal_gamma, focal=bool(self.cost_focal), dice=bool(self.cost_dice)
+            )
+            if focal is not None:
+                cost = cost + self.cost_focal * focal
+            if dice is not None:
+                cost = cost + self.cost_dice * dice
             return cost
 
     @torch.no_grad()

@@ -56,7 +56,9 @@ from model.position_encoding import PositionEmbeddingSine
 from model.transformer_decoder import MLP
 from ops.apex_optional import layer_norm
 from ops.attention import MultiheadAttention, xavier_init_like_detr
+from ops.bilinear_upsample import upsample_bilinear
 from ops.config import OpsConfig
+from ops.mask_product import mask_logits
 from ops.recompute import checkpointed
 
 # The strides of the pyramid PFT decodes (the pixel decoder's ``multi_scale_features``).
@@ -222,9 +224,9 @@ class PFTPredictor(nn.Module):
         for s, (q, m) in enumerate(zip(queries, mask_features)):
             q = self.decoder_norm[s](q)
             scale_logits = self.class_embed[s](q).squeeze(-1)  # B×K
-            scale_masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed[s](q), m)
+            scale_masks = mask_logits(self.mask_embed[s](q), m)
             if scale_masks.shape[-2:] != size:
-                scale_masks = F.interpolate(scale_masks, size=size, mode="bilinear", align_corners=False)
+                scale_masks = upsample_bilinear(scale_masks, size)  # ATen's CPU backward is slow
             # Running sums: no stack of 4 B×K×H/4×W/4 maps (the largest tensors here).
             logits = scale_logits if logits is None else logits + scale_logits
             masks = scale_masks if masks is None else masks + scale_masks

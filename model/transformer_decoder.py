@@ -29,6 +29,7 @@ from ops.apex_optional import layer_norm
 from ops.attention import MultiheadAttention, xavier_init_like_detr
 from ops.config import OpsConfig
 from ops.lean_linear import relu_dropout_linear
+from ops.mask_product import mask_logits
 from ops.recompute import checkpointed
 
 
@@ -191,7 +192,7 @@ class TransformerPredictor(nn.Module):
         # One product per layer rather than one L×B×Q×H×W tensor sliced into layers: the
         # backward of slicing a stacked output materialises full-size zero-filled gradients
         # of it (at 640² crops, 6 layers, 100 queries: ~120 MiB apiece).
-        masks = [torch.einsum("bqc,bchw->bqhw", embed, mask_features) for embed in self.mask_embed(hidden)]
+        masks = [mask_logits(embed, mask_features) for embed in self.mask_embed(hidden)]
         aux = [{"pred_logits": a, "pred_masks": b} for a, b in zip(logits[:-1], masks[:-1])]
         return {"pred_logits": logits[-1], "pred_masks": masks[-1], "aux_outputs": aux}
 

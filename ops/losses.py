@@ -8,7 +8,8 @@ Two forms of each mask loss:
   references: the criterion uses ``ops.fused_losses``, which computes the same values
   and gradients but keeps only logits and targets for backward (tests compare the two).
 - ``batch_sigmoid_focal_loss`` / ``batch_dice_loss``: every prediction against every
-  target, an N×M cost matrix — the Hungarian matcher's costs.
+  target, an N×M cost matrix — the Hungarian matcher's costs (``batch_mask_costs``: both
+  from one sigmoid).
 
 PFT's class losses score one sigmoid logit per category query against "this class is in
 the image": ``binary_ce_loss`` (L_ce) and ``focal_ce_loss`` (L_focal-ce, the sigmoid focal
@@ -76,35 +77,57 @@ def dice_loss(inputs: Tensor, targets: Tensor, num_masks: float | Tensor) -> Ten
         return loss.sum() / num_masks
 
 
+def _pairwise_focal(inputs: Tensor, prob: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:
+    # BCE(x, 0) = softplus(x) and BCE(x, 1) = softplus(-x) = softplus(x) - x: one softplus
+    # serves both terms. In place where a temporary ends, and as one product:
+    # Σ_p pos·t + neg·(1 − t) = (pos − neg)·t + Σ_p neg, with no (1 − targets) matrix.
+    # The matcher runs this on every decoder layer's Q×(h·w) masks, per image.
+    bce_neg = F.softplus(inputs)
+    focal_neg = prob**gamma
+    focal_neg.mul_(bce_neg)
+    focal_pos = torch.sub(1, prob).pow_(gamma).mul_(bce_neg.sub_(inputs))
+    if alpha >= 0:
+        focal_pos.mul_(alpha).sub_(focal_neg, alpha=1 - alpha)
+        negatives = focal_neg.sum(-1, keepdim=True).mul_(1 - alpha)
+    else:
+        focal_pos.sub_(focal_neg)
+        negatives = focal_neg.sum(-1, keepdim=True)
+    return torch.addmm(negatives, focal_pos, targets.T).div_(inputs.shape[1])
+
+
+def _pairwise_dice(prob: Tensor, targets: Tensor) -> Tensor:
+    numerator = 2 * (prob @ targets.T)
+    denominator = prob.sum(-1)[:, None] + targets.sum(-1)[None, :]
+    return 1 - (numerator + 1) / (denominator + 1)
+
+
 def batch_sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
     """Pairwise focal loss: ``out[i, j] = focal(inputs[i], targets[j])`` averaged over pixels.
 
-    Computed as two matrix products (positive and negative pixel terms) instead of an
-    N×M×P tensor, so the matcher's memory stays O((N + M)·P).
+    Computed as a matrix product instead of an N×M×P tensor, so the matcher's memory stays
+    O((N + M)·P).
     """
-    with torch.autocast(device_type=inputs.device.type, enabled=False):
-        inputs = _fp32_flat(inputs)
-        targets = _fp32_flat(targets)
-        hw = inputs.shape[1]
-        prob = inputs.sigmoid()
-        # BCE(x, 1) = softplus(-x) and BCE(x, 0) = softplus(x), computed stably.
-        focal_pos = ((1 - prob) ** gamma) * F.softplus(-inputs)
-        focal_neg = (prob**gamma) * F.softplus(inputs)
-        if alpha >= 0:
-            focal_pos = focal_pos * alpha
-            focal_neg = focal_neg * (1 - alpha)
-        loss = focal_pos @ targets.T + focal_neg @ (1 - targets).T
-        return loss / hw
+    return batch_mask_costs(inputs, targets, alpha, gamma, dice=False)[0]
 
 
 def batch_dice_loss(inputs: Tensor, targets: Tensor) -> Tensor:
     """Pairwise dice loss: ``out[i, j] = dice(inputs[i], targets[j])`` (N×M)."""
+    return batch_mask_costs(inputs, targets, focal=False)[1]
+
+
+def batch_mask_costs(
+    inputs: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0, focal: bool = True, dice: bool = True
+) -> tuple[Tensor | None, Tensor | None]:
+    """(``batch_sigmoid_focal_loss``, ``batch_dice_loss``) sharing one sigmoid; a loss not
+    asked for is None."""
     with torch.autocast(device_type=inputs.device.type, enabled=False):
-        inputs = _fp32_flat(inputs).sigmoid()
+        inputs = _fp32_flat(inputs)
         targets = _fp32_flat(targets)
-        numerator = 2 * (inputs @ targets.T)
-        denominator = inputs.sum(-1)[:, None] + targets.sum(-1)[None, :]
-        return 1 - (numerator + 1) / (denominator + 1)
+        prob = inputs.sigmoid()
+        return (
+            _pairwise_focal(inputs, prob, targets, alpha, gamma) if focal else None,
+            _pairwise_dice(prob, targets) if dice else None,
+        )
 
 
 def _check_class_targets(logits: Tensor, targets: Tensor) -> None:

@@ -185,8 +185,9 @@ class _WinogradConv3x3(torch.autograd.Function):
         if need_x:
             u = _filters(weight, kron_g, channels_first=False)
             grad_padded = x.new_zeros(n, c, _OUT * (tiles_h + 1), _OUT * (tiles_w + 1))
-        if need_weight:
-            grad_u = x.new_zeros(36, k, c)
+        # The filters' gradient is allocated by the first band's product (not zero-filled
+        # and accumulated into: a 9 MiB fill per 256-channel conv) and summed into after.
+        grad_u = None
         # Buffers are shared where one use ends before the next begins (the gradient of
         # the tiles is folded before the weight path rebuilds the tiles).
         scratch = ScratchBuffers(x)
@@ -213,7 +214,10 @@ class _WinogradConv3x3(torch.autograd.Function):
                 d = _band_tiles(x, image, r0, r1, tiles_w, scratch.get("tiles", 36, tiles * c))
                 v = scratch.get("v", 36, tiles, c)
                 torch.mm(kron_b, d, out=v.view(36, -1))
-                grad_u.baddbmm_(grad_m.transpose(1, 2), v)
+                if grad_u is None:
+                    grad_u = torch.bmm(grad_m.transpose(1, 2), v)
+                else:
+                    grad_u.baddbmm_(grad_m.transpose(1, 2), v)
         grad_x = grad_padded[:, :, 1 : height + 1, 1 : width + 1] if need_x else None
         grad_weight = (kron_g.t() @ grad_u.view(36, -1)).t().reshape(k, c, 3, 3) if need_weight else None
         grad_bias = grad_out.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None

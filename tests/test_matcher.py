@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from model.matcher import HungarianMatcher
-from ops.losses import batch_dice_loss, batch_sigmoid_focal_loss, dice_loss, sigmoid_focal_loss
+from ops.losses import (
+    batch_dice_loss,
+    batch_mask_costs,
+    batch_sigmoid_focal_loss,
+    dice_loss,
+    sigmoid_focal_loss,
+)
 from ops.point_sampling import point_sample
 
 
@@ -25,15 +31,19 @@ def test_batch_losses_hand_values():
     torch.testing.assert_close(dice, torch.tensor([[1 - 5 / 7, 1 - 1 / 3]]))
 
 
-def test_batch_losses_equal_the_per_pair_losses():
+@pytest.mark.parametrize("alpha, gamma", [(0.3, 1.5), (0.25, 2.0), (-1.0, 2.0)])
+def test_batch_losses_equal_the_per_pair_losses(alpha, gamma):
     torch.manual_seed(0)
     inputs = torch.randn(5, 3, 4) * 3
+    inputs[0, 0] = torch.tensor([30.0, -30.0, 0.0, 12.0])  # saturated logits: softplus(x) - x
     targets = (torch.rand(4, 3, 4) > 0.5).float()
-    focal = batch_sigmoid_focal_loss(inputs, targets, alpha=0.3, gamma=1.5)
+    focal = batch_sigmoid_focal_loss(inputs, targets, alpha=alpha, gamma=gamma)
     dice = batch_dice_loss(inputs, targets)
+    both = batch_mask_costs(inputs, targets, alpha=alpha, gamma=gamma)
+    assert torch.equal(both[0], focal) and torch.equal(both[1], dice)
     for i, j in itertools.product(range(5), range(4)):
         torch.testing.assert_close(
-            focal[i, j], sigmoid_focal_loss(inputs[i : i + 1], targets[j : j + 1], 1, alpha=0.3, gamma=1.5)
+            focal[i, j], sigmoid_focal_loss(inputs[i : i + 1], targets[j : j + 1], 1, alpha=alpha, gamma=gamma)
         )
         torch.testing.assert_close(dice[i, j], dice_loss(inputs[i : i + 1], targets[j : j + 1], 1))
 

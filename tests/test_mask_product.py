@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from ops.mask_product import mask_logits
+
+
+def test_values_and_gradients_match_einsum():
+    torch.manual_seed(0)
+    embed = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    features = torch.randn(2, 4, 3, 6, dtype=torch.float64, requires_grad=True)
+    out = mask_logits(embed, features)
+    ref = torch.einsum("bqc,bchw->bqhw", embed, features)
+    torch.testing.assert_close(out, ref, rtol=1e-13, atol=1e-13)
+    grad = torch.randn_like(ref)
+    mine = torch.autograd.grad(out, (embed, features), grad)
+    theirs = torch.autograd.grad(ref, (embed, features), grad)
+    for a, b in zip(mine, theirs):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+    assert torch.autograd.gradcheck(mask_logits, (embed[:, :2, :3].detach().requires_grad_(),
+                                                  features[:, :3, :2, :2].detach().requires_grad_()))
+
+
+def test_only_the_needed_gradient_is_computed():
+    embed = torch.randn(1, 3, 4)
+    features = torch.randn(1, 4, 2, 2, requires_grad=True)
+    (grad,) = torch.autograd.grad(mask_logits(embed, features).sum(), features)
+    torch.testing.assert_close(grad, embed.sum(1)[:, :, None, None].expand(1, 4, 2, 2))
+
+
+def test_bf16_autocast_computes_in_bf16_and_returns_fp32_gradients():
+    embed = torch.randn(2, 3, 4, requires_grad=True)
+    features = torch.randn(2, 4, 2, 2, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mask_logits(embed, features)
+        assert out.dtype == torch.einsum("bqc,bchw->bqhw", embed, features).dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert embed.grad.dtype == torch.float32 and features.grad.dtype == torch.float32
+
+
+def test_mismatched_channels_are_rejected():
+    with pytest.raises(ValueError, match="B×Q×C embeddings"):
+        mask_logits(torch.randn(2, 3, 4), torch.randn(2, 5, 2, 2))
