@@ -176,7 +176,8 @@ class SetCriterion(nn.Module):
             # Aligned exactly as inference aligns masks (stride-4 map -> image, cropped);
             # the upsampled logits are recomputed in backward rather than saved.
             def upsample(logits: Tensor) -> Tensor:
-                return upsample_mask_logits(logits[:, None], (height, width))[:, 0]
+                # squeeze(1), not [:, 0]: its backward is a view, not a zero-filled copy.
+                return upsample_mask_logits(logits[:, None], (height, width)).squeeze(1)
 
             return fused_mask_losses(src, tgt, num_masks, upsample, alpha=self.focal_alpha, gamma=self.focal_gamma)
         src, tgt = self._sample_points(src[:, None], tgt[:, None].float())

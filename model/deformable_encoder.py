@@ -24,6 +24,7 @@ from model.position_encoding import PositionEmbeddingSine
 from ops.apex_optional import layer_norm
 from ops.attention import MultiheadAttention
 from ops.config import OpsConfig
+from ops.dropout import Dropout
 from ops.ms_deform_attn import MSDeformAttn
 
 
@@ -109,15 +110,15 @@ class DeformableDecoderLayer(nn.Module):
             backend=ops.attention_backend,
             max_matrix_mib=ops.attention_max_matrix_mib,
         )
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
         self.norm1 = layer_norm(d_model, ops.apex)
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, implementation=ops.deform_attn)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.norm2 = layer_norm(d_model, ops.apex)
         self.linear1 = nn.Linear(d_model, d_ffn)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout4 = nn.Dropout(dropout)
+        self.dropout4 = Dropout(dropout)
         self.norm3 = layer_norm(d_model, ops.apex)
         nn.init.xavier_uniform_(self.linear1.weight)
         nn.init.xavier_uniform_(self.linear2.weight)

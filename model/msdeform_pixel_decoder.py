@@ -25,6 +25,7 @@ from model.pixel_decoder import ConvNormAct, PixelDecoderOutput, c2_xavier_fill,
 from model.position_encoding import PositionEmbeddingSine
 from ops.apex_optional import layer_norm
 from ops.config import OpsConfig
+from ops.dropout import Dropout
 from ops.ms_deform_attn import MSDeformAttn
 from ops.recompute import checkpointed
 
@@ -44,12 +45,12 @@ class MSDeformAttnEncoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, implementation=ops.deform_attn)
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
         self.norm1 = layer_norm(d_model, ops.apex)
         self.linear1 = nn.Linear(d_model, d_ffn)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
         self.norm2 = layer_norm(d_model, ops.apex)
         # Mask2Former xavier-initialises every matrix of the encoder (biases keep torch's
         # default); MSDeformAttn re-applies its own scheme afterwards.

@@ -58,6 +58,7 @@ from ops.apex_optional import layer_norm
 from ops.attention import MultiheadAttention, xavier_init_like_detr
 from ops.bilinear_upsample import upsample_bilinear
 from ops.config import OpsConfig
+from ops.dropout import Dropout
 from ops.mask_product import mask_logits
 from ops.recompute import checkpointed
 
@@ -105,7 +106,7 @@ class PFTDecoderLayer(nn.Module):
         self.norm2 = per_scale(lambda: layer_norm(d_model, ops.apex))
         self.norm3 = per_scale(lambda: layer_norm(d_model, ops.apex))
         self.norm4 = per_scale(lambda: layer_norm(d_model, ops.apex))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def _ffn(self, s: int, x: Tensor) -> Tensor:
         return self.linear2[s](self.dropout(F.relu(self.linear1[s](x))))

@@ -28,6 +28,7 @@ from model.position_encoding import PositionEmbeddingSine
 from ops.apex_optional import layer_norm
 from ops.attention import MultiheadAttention, xavier_init_like_detr
 from ops.config import OpsConfig
+from ops.dropout import Dropout
 from ops.lean_linear import relu_dropout_linear
 from ops.mask_product import mask_logits
 from ops.recompute import checkpointed
@@ -51,10 +52,10 @@ class DecoderLayer(nn.Module):
         self.norm1 = layer_norm(d_model, ops.apex)
         self.norm2 = layer_norm(d_model, ops.apex)
         self.norm3 = layer_norm(d_model, ops.apex)
-        self.dropout = nn.Dropout(dropout)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
         self.pre_norm = pre_norm
 
     def _self_attn(self, tgt: Tensor, query_pos: Tensor) -> Tensor:

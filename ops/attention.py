@@ -43,12 +43,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from ops.blocked_attention import blocked_attention, compute_dtypes
+from ops.dropout import dropout
 
 AttentionBackend = Literal["auto", "flash", "cudnn", "efficient", "math", "chunked", "blocked"]
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 
 # The math backend's matrix above which ``auto`` switches to ``chunked`` (scores + softmax
-# + dropout mask, fp32), and the target size of one chunk's matrix.
+# + dropped-out copy, fp32), and the target size of one chunk's matrix.
 DEFAULT_MAX_MATRIX_MIB = 256.0
 
 _SDP_BACKENDS = {
@@ -69,7 +70,8 @@ def check_backend(name: str) -> str:
 
 def matrix_bytes(batch_heads: int, queries: int, keys: int, dropout_p: float) -> int:
     """Bytes the math backend allocates for one attention: fp32 scores and softmax, plus
-    the dropout mask when there is dropout."""
+    the dropped-out copy when there is dropout (``ops.dropout``'s boolean mask adds a
+    quarter of an entry more)."""
     per_entry = 4 + 4 + (4 if dropout_p > 0 else 0)
     return batch_heads * queries * keys * per_entry
 
@@ -145,7 +147,7 @@ def _math_attention(
             )
         weights = scores.softmax(-1)
         if dropout_p > 0.0:
-            weights = F.dropout(weights, dropout_p)
+            weights = dropout(weights, dropout_p)
         return torch.matmul(weights, v.float()).to(q.dtype)
 
 

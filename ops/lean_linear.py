@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ops.blocked_attention import autocast_off, compute_dtypes
+from ops.dropout import dropout
 
 
 def _linear_backward(grad_out: Tensor, inputs: Tensor | None, weight: Tensor, has_bias: bool, needs) -> tuple:
@@ -96,7 +97,7 @@ class _GeluLinear(torch.autograd.Function):
 class _ReluDropoutLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, p, training):
-        activated = F.dropout(F.relu(hidden), p, training)
+        activated = dropout(F.relu(hidden), p, training)
         ctx.save_for_backward(activated, weight)
         ctx.has_bias, ctx.scale = bias is not None, 1 / (1 - p) if training and p > 0 else 1.0
         return F.linear(activated, weight, bias)

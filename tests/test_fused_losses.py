@@ -51,6 +51,31 @@ def test_gradcheck_float64_soft_targets():
     assert torch.autograd.gradcheck(lambda v: _DiceLoss.apply(v, t), (x,))
 
 
+@pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (-1.0, 0.0), (0.4, 1.5)])
+def test_gradcheck_float64_boolean_targets(alpha, gamma):
+    # Boolean targets take their own (wrong-label logit) path in forward and backward.
+    logits, targets = make(n=5, pixels=9, seed=3)
+    x = logits.detach().double().requires_grad_()
+    with torch.no_grad():
+        x[0, :3] = torch.tensor([25.0, -25.0, 0.0], dtype=torch.float64)  # saturated and zero
+    assert targets.dtype == torch.bool and targets.any() and not targets.all()
+    assert torch.autograd.gradcheck(lambda v: _SigmoidFocalLoss.apply(v, targets, alpha, gamma), (x,))
+    assert torch.autograd.gradcheck(lambda v: _DiceLoss.apply(v, targets), (x,))
+    both = ops.fused_losses._UpsampledMaskLosses.apply(x, targets, lambda v: v, alpha, gamma)  # fp64 throughout
+    t, prob = targets.double(), x.sigmoid()  # the plain formulas, in fp64 (ops.losses' run in fp32)
+    p_t = prob * t + (1 - prob) * (1 - t)
+    focal = F.binary_cross_entropy_with_logits(x, t, reduction="none") * (1 - p_t) ** gamma
+    if alpha >= 0:
+        focal = focal * (alpha * t + (1 - alpha) * (1 - t))
+    dice = 1 - (2 * (prob * t).sum(1) + 1) / (prob.sum(1) + t.sum(1) + 1)
+    reference = (focal.mean(1).sum(), dice.sum())
+    for ours, ref in zip(both, reference):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+        (grad_ours,) = torch.autograd.grad(ours, x, retain_graph=True)
+        (grad_ref,) = torch.autograd.grad(ref, x, retain_graph=True)
+        torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-10, atol=1e-12)
+
+
 def test_fp32_under_bf16_autocast():
     logits, targets = make()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ops.window_attention
+from ops.dropout import Dropout
 from ops.lean_linear import (
     gelu_linear,
     is_plain_gelu_mlp,
@@ -117,12 +118,12 @@ def test_layer_norm_linear_without_bias_and_gelu_linear_alone():
 @pytest.mark.parametrize("training", [True, False])
 def test_relu_dropout_linear_matches_the_modules_with_the_same_dropout_mask(training):
     torch.manual_seed(2)
-    dropout, linear = nn.Dropout(0.3).train(training), nn.Linear(16, 5).double()
+    dropout, linear = Dropout(0.3).train(training), nn.Linear(16, 5).double()
     hidden = torch.randn(4, 10, 16, dtype=torch.float64, requires_grad=True)
     params = [hidden, *linear.parameters()]
     torch.manual_seed(3)
     expected = linear(dropout(F.relu(hidden)))
-    torch.manual_seed(3)  # the same random mask: both draw it from one bernoulli over relu(h)
+    torch.manual_seed(3)  # the same random mask: both draw it with ops.dropout over relu(h)
     actual = relu_dropout_linear(hidden, dropout, linear)
     torch.testing.assert_close(actual, expected)
     for got, want in zip(_grads(actual, params), _grads(expected, params)):
