@@ -49,7 +49,7 @@ AttentionBackend = Literal["auto", "flash", "cudnn", "efficient", "math", "chunk
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 
 # The math backend's matrix above which ``auto`` switches to ``chunked`` (scores + softmax
-# + dropped-out copy, fp32), and the target size of one chunk's matrix.
+# + dropout mask, fp32), and the target size of one chunk's matrix.
 DEFAULT_MAX_MATRIX_MIB = 256.0
 
 _SDP_BACKENDS = {
@@ -70,8 +70,7 @@ def check_backend(name: str) -> str:
 
 def matrix_bytes(batch_heads: int, queries: int, keys: int, dropout_p: float) -> int:
     """Bytes the math backend allocates for one attention: fp32 scores and softmax, plus
-    the dropped-out copy when there is dropout (``ops.dropout``'s boolean mask adds a
-    quarter of an entry more)."""
+    the dropout mask when there is dropout."""
     per_entry = 4 + 4 + (4 if dropout_p > 0 else 0)
     return batch_heads * queries * keys * per_entry
 

@@ -42,18 +42,14 @@ def _focal_parts(logits: Tensor, targets: Tensor, alpha: float, gamma: float):
     return prob, ce, p_t, alpha_t
 
 
-def _wrong_label_logits(logits: Tensor, targets: Tensor) -> Tensor:
-    """For 0/1 (boolean) targets: the logit of the label a pixel does *not* have, -x where
-    t = 1 and x where t = 0. Then 1 - p_t = sigmoid(it) and BCE = softplus(it), so the
-    focal loss and its gradient need two elementwise functions of one tensor instead of
-    the soft-target form's dozen passes (p_t, alpha_t and BCE built from t and 1 - t)."""
-    return torch.where(targets, logits.neg(), logits)
-
-
-def _label_weights(targets: Tensor, on: float, off: float, like: Tensor) -> Tensor:
-    """``on`` where a boolean target is set, ``off`` elsewhere, in ``like``'s dtype (a
-    Python float in ``torch.where`` would be rounded to the default dtype, fp32)."""
-    return torch.where(targets, like.new_tensor(on), like.new_tensor(off))
+def _label_signs(targets: Tensor) -> Tensor:
+    """For 0/1 targets (as floats): s = 1 - 2t, -1 where the target is set and +1 elsewhere.
+    ``logits · s`` is the logit of the label a pixel does *not* have, so 1 - p_t =
+    sigmoid(x·s) and BCE = softplus(x·s): the focal loss and its gradient need two
+    elementwise functions of one tensor instead of the soft-target form's dozen passes,
+    and alpha_t = 1/2 + (1/2 - alpha)·s is linear in s. Float arithmetic throughout:
+    ``torch.where`` on a boolean mask runs ~15x slower than a multiply on this CPU."""
+    return targets.mul(-2).add_(1)
 
 
 def _loss_rows(
@@ -67,21 +63,22 @@ def _loss_rows(
     )
     binary = targets.dtype == torch.bool
     for rows in _row_chunks(*logits.shape):
-        targets_rows = targets[rows] if binary else targets[rows].float()
+        targets_f = targets[rows].to(logits.dtype)
         if focal and binary:
-            wrong = _wrong_label_logits(logits[rows], targets_rows)
+            signs = _label_signs(targets_f)
+            wrong = logits[rows] * signs
             terms = torch.nn.functional.softplus(wrong).mul_(torch.sigmoid(wrong).pow_(gamma))
             if alpha >= 0:
-                terms.mul_(_label_weights(targets_rows, alpha, 1 - alpha, terms))
+                terms.mul_(signs.mul_(0.5 - alpha).add_(0.5))  # alpha_t
             focal_rows[rows] = terms.mean(dim=1)
         elif focal:
-            prob, ce, p_t, alpha_t = _focal_parts(logits[rows], targets_rows, alpha, gamma)
+            prob, ce, p_t, alpha_t = _focal_parts(logits[rows], targets_f, alpha, gamma)
             focal_rows[rows] = (alpha_t * ce * (1 - p_t).pow(gamma)).mean(dim=1)
         if dice:
             if binary or not focal:
                 prob = torch.sigmoid(logits[rows])
-            numerator[rows] = 2 * (prob * targets_rows).sum(1) + 1
-            denominator[rows] = prob.sum(1) + targets_rows.sum(1) + 1
+            numerator[rows] = 2 * (prob * targets_f).sum(1) + 1
+            denominator[rows] = prob.sum(1) + targets_f.sum(1) + 1
     return focal_rows, numerator, denominator
 
 
@@ -126,14 +123,15 @@ def _loss_grad(
 def _binary_chunk_grad(logits: Tensor, targets: Tensor, alpha: float, gamma: float, scales: tuple,
                        dice_terms: tuple, rows: slice, grad: Tensor) -> None:
     """``_loss_grad`` of one chunk of rows for boolean targets, written into ``grad[rows]``
-    (``scales`` = (grad_focal, grad_dice), ``dice_terms`` = (numerator, denominator)),
-    through ``_wrong_label_logits``: with w = ∓x and q = sigmoid(w) = 1 - p_t, a pixel's
+    (``scales`` = (grad_focal, grad_dice), ``dice_terms`` = (numerator, denominator)).
+    With s = 1 - 2t (``_label_signs``), w = x·s and q = sigmoid(w) = 1 - p_t, a pixel's
     focal term is alpha_t·softplus(w)·q^γ and its derivative in x is
-    -alpha_t·(2t - 1)·q^γ·(q + γ·softplus(w)·(1 - q)); the dice gradient needs p(1 - p),
-    which is q(1 - q) for either label."""
+    alpha_t·s·q^γ·(q + γ·softplus(w)·(1 - q)), where alpha_t·s = s/2 + 1/2 - alpha
+    (s² = 1); the dice gradient needs p(1 - p), which is q(1 - q) for either label."""
     (grad_focal, grad_dice), (numerator, denominator) = scales, dice_terms
-    targets, out = targets[rows], grad[rows]
-    wrong = _wrong_label_logits(logits[rows], targets)
+    targets, out = targets[rows].to(logits.dtype), grad[rows]
+    signs = _label_signs(targets)
+    wrong = logits[rows] * signs
     q = torch.sigmoid(wrong)
     one_minus_q = 1 - q
     if grad_focal is None:
@@ -142,12 +140,11 @@ def _binary_chunk_grad(logits: Tensor, targets: Tensor, alpha: float, gamma: flo
         torch.addcmul(q, torch.nn.functional.softplus(wrong), one_minus_q, value=gamma, out=out)
         if gamma != 0:
             out.mul_(q.pow(gamma))
-        weight_on, weight_off = (-alpha, 1 - alpha) if alpha >= 0 else (-1.0, 1.0)
-        out.mul_(_label_weights(targets, weight_on, weight_off, out)).mul_(grad_focal / logits.shape[1])
+        out.mul_(signs.mul_(0.5).add_(0.5 - alpha) if alpha >= 0 else signs).mul_(grad_focal / logits.shape[1])
     if grad_dice is not None:
         num, den = numerator[rows, None], denominator[rows, None]
         # loss_i = 1 - N_i / D_i;  dN/dp = 2t, dD/dp = 1  ->  dloss/dp = (N - 2t D) / D^2
-        grad_prob = torch.where(targets, (num - 2 * den) / den.pow(2), num / den.pow(2))
+        grad_prob = torch.addcmul(num / den.pow(2), targets, -2 / den)
         out.addcmul_(grad_prob.mul_(q).mul_(one_minus_q), grad_dice)
 
 
