@@ -159,7 +159,11 @@ class SetCriterion(nn.Module):
         self, pred_masks: Tensor, targets: list[dict], indices: Indices, num_masks: float
     ) -> tuple[Tensor, Tensor]:
         device = pred_masks.device
-        src = torch.cat([pred_masks[b, i.to(device)] for b, (i, _) in enumerate(indices)])
+        # One gather from the B·Q masks: its backward scatters into one zero-filled tensor,
+        # where a per-image pred_masks[b, i] costs two full-size zero fills and a sum per image.
+        queries = pred_masks.shape[1]
+        flat = torch.cat([b * queries + i.to(device) for b, (i, _) in enumerate(indices)])
+        src = pred_masks.flatten(0, 1)[flat]
         if src.shape[0] == 0:
             zero = pred_masks.float().sum() * 0.0  # keeps the graph: every rank must backward
             return zero, zero.clone()

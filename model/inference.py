@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ops.bilinear_upsample import upsample_bilinear
+from ops.upsample import upsample_bilinear
 
 Rule = Literal["maskformer", "pft", "unept"]
 # The pixel decoders' mask features (and so every model's ``pred_masks``) are at stride 4.
@@ -102,7 +102,7 @@ def upsample_mask_logits(pred_masks: Tensor, image_size: Sequence[int],
                     f"pred_masks are {h}×{w}, neither the {height}×{width} image size nor its stride-{stride} "
                     f"map {-(-height // stride)}×{-(-width // stride)}"
                 )
-            # The training losses backpropagate through this: ops.bilinear_upsample's
+            # The training losses backpropagate through this: ops.upsample's
             # backward is matrix products, several times faster than ATen's on CPU.
             masks = upsample_bilinear(masks, (h * stride, w * stride), crop=(height, width))
         if tuple(masks.shape[-2:]) != out:

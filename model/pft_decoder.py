@@ -56,11 +56,11 @@ from model.position_encoding import PositionEmbeddingSine
 from model.transformer_decoder import MLP
 from ops.apex_optional import layer_norm
 from ops.attention import MultiheadAttention, xavier_init_like_detr
-from ops.bilinear_upsample import upsample_bilinear
 from ops.config import OpsConfig
 from ops.dropout import Dropout
 from ops.mask_product import mask_logits
 from ops.recompute import checkpointed
+from ops.upsample import upsample_bilinear
 
 # The strides of the pyramid PFT decodes (the pixel decoder's ``multi_scale_features``).
 PFT_STRIDES = (4, 8, 16, 32)

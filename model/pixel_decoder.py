@@ -20,12 +20,12 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import PixelDecoderConfig
 from ops.config import OpsConfig
 from ops.recompute import checkpointed
+from ops.upsample import add_nearest_upsampled
 from ops.winograd_conv import Conv3x3
 
 SUPPORTED_PIXEL_DECODERS = ("fpn", "msdeformattn")
@@ -127,8 +127,8 @@ class BasePixelDecoder(nn.Module):
     def _top_down_step(self, level: int, x: Tensor, coarser: Tensor) -> Tensor:
         """Level ``level`` (coarse-to-fine index >= 1) of the top-down path."""
         lateral = self.lateral_convs[level](x)
-        # Nearest upsampling as in FPN; ``size=`` (not scale 2) copes with odd sizes.
-        return self.output_convs[level](lateral + F.interpolate(coarser, size=lateral.shape[-2:], mode="nearest"))
+        # Nearest upsampling as in FPN, to the lateral's size (odd sizes included).
+        return self.output_convs[level](add_nearest_upsampled(lateral, coarser))
 
     def forward(self, features: Sequence[Tensor]) -> PixelDecoderOutput:
         coarse_to_fine = list(features)[::-1]

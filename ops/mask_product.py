@@ -38,7 +38,11 @@ class _MaskProduct(torch.autograd.Function):
             grad_embed = torch.bmm(rows, features.reshape(b, c, -1).transpose(1, 2)) if ctx.needs_input_grad[0] else None
             grad_features = None
             if ctx.needs_input_grad[1]:
-                grad_features = torch.bmm(embed.transpose(1, 2).contiguous(), rows).view(features.shape)
+                # Allocated in the features' shape and filled through a view, not returned
+                # as a view: autograd sums the gradients from every layer in place into a
+                # buffer only when it is a plain tensor (else one new tensor per layer).
+                grad_features = features.new_empty(features.shape)
+                torch.bmm(embed.transpose(1, 2).contiguous(), rows, out=grad_features.view(b, c, -1))
         return grad_embed, grad_features
 
 

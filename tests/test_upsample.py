@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ops.bilinear_upsample import interpolation_matrix, upsample_bilinear
+from ops.upsample import add_nearest_upsampled, interpolation_matrix, upsample_bilinear
 
 
 def _reference(x, size, crop):
@@ -51,3 +51,23 @@ def test_without_grad_it_returns_the_interpolation():
 def test_bad_crop_is_rejected(crop):
     with pytest.raises(ValueError, match="crop"):
         upsample_bilinear(torch.randn(1, 1, 4, 4), (16, 16), crop)
+
+
+@pytest.mark.parametrize("coarse_size, fine_size", [((4, 6), (8, 12)), ((5, 5), (9, 10))])
+def test_add_nearest_upsampled_matches_interpolate(coarse_size, fine_size):
+    torch.manual_seed(3)
+    fine = torch.randn(2, 3, *fine_size, dtype=torch.float64, requires_grad=True)
+    coarse = torch.randn(2, 3, *coarse_size, dtype=torch.float64, requires_grad=True)
+    out = add_nearest_upsampled(fine, coarse)
+    ref = fine + F.interpolate(coarse, size=fine_size, mode="nearest")
+    assert torch.equal(out, ref)  # 2x: the broadcast path; (9, 10): F.interpolate itself
+    grad = torch.randn_like(ref)
+    for mine, theirs in zip(torch.autograd.grad(out, (fine, coarse), grad), torch.autograd.grad(ref, (fine, coarse), grad)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-13, atol=1e-13)
+    assert torch.autograd.gradcheck(add_nearest_upsampled, (fine[:1, :2, :4, :4], coarse[:1, :2, :2, :2]))
+
+
+def test_add_nearest_upsampled_takes_the_broadcast_path_at_exactly_twice_the_size():
+    fine, coarse = torch.randn(1, 2, 8, 8, requires_grad=True), torch.randn(1, 2, 4, 4, requires_grad=True)
+    assert type(add_nearest_upsampled(fine, coarse).grad_fn).__name__ == "_AddNearestUpsampled2xBackward"
+    assert type(add_nearest_upsampled(fine, coarse[..., :3]).grad_fn).__name__ == "AddBackward0"
