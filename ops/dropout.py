@@ -19,27 +19,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 
 def _scaled_mask(x: Tensor, p: float) -> Tensor:
     # fp32 uniforms whatever x's dtype (bf16 ones would quantise p to 1/256), then 0 or
     # 1/(1 - p) in place; cast to x's dtype so the multiply does not promote.
     return torch.rand(x.shape, dtype=torch.float32, device=x.device).ge_(p).mul_(1.0 / (1.0 - p)).to(x.dtype)
-
-
-class _Dropout(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, p: float) -> Tensor:
-        mask = _scaled_mask(x, p)
-        ctx.save_for_backward(mask)
-        return x * mask
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None
 
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
@@ -50,9 +35,9 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
         return x
     if p == 1.0 or x.device.type != "cpu":
         return F.dropout(x, p, training)
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return x * _scaled_mask(x, p)
-    return _Dropout.apply(x, p)
+    # A plain product: autograd saves only the mask (x's gradient is grad·mask), as
+    # F.dropout's noise.
+    return x * _scaled_mask(x, p)
 
 
 class Dropout(nn.Dropout):

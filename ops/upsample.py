@@ -63,9 +63,6 @@ def upsample_bilinear(x: Tensor, size: tuple[int, int], crop: tuple[int, int] | 
             f"upsample_bilinear needs an N×C×h×w input and 0 < crop <= size, got {tuple(x.shape)}, "
             f"size {size}, crop {crop}"
         )
-    if not x.requires_grad:
-        full = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        return full if crop == size else full[..., : crop[0], : crop[1]]
     return _UpsampleBilinear.apply(x, size, crop)
 
 
