@@ -34,16 +34,52 @@ class _MaskProduct(torch.autograd.Function):
         embed, features = ctx.saved_tensors
         b, q, c = embed.shape
         rows = grad.reshape(b, q, -1)
+        feats = features.reshape(b, c, -1)
+        need_embed, need_features = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with autocast_off(grad.device.type):
-            grad_embed = torch.bmm(rows, features.reshape(b, c, -1).transpose(1, 2)) if ctx.needs_input_grad[0] else None
-            grad_features = None
-            if ctx.needs_input_grad[1]:
-                # Allocated in the features' shape and filled through a view, not returned
-                # as a view: autograd sums the gradients from every layer in place into a
-                # buffer only when it is a plain tensor (else one new tensor per layer).
-                grad_features = features.new_empty(features.shape)
-                torch.bmm(embed.transpose(1, 2).contiguous(), rows, out=grad_features.view(b, c, -1))
-        return grad_embed, grad_features
+            # Queries whose mask gets any gradient. ``ne(0)`` after ``amax``, not ``> 0``,
+            # so a NaN row counts as live and still propagates.
+            live = rows.abs().amax(-1).ne(0)
+            if int(live.sum()) * SPARSE_FRACTION > live.numel():
+                grad_embed = torch.bmm(rows, feats.transpose(1, 2)) if need_embed else None
+                grad_features = None
+                if need_features:
+                    # Allocated in the features' shape and filled through a view, not returned
+                    # as a view: autograd sums the gradients from every layer in place into a
+                    # buffer only when it is a plain tensor (else one new tensor per layer).
+                    grad_features = features.new_empty(features.shape)
+                    torch.bmm(embed.transpose(1, 2).contiguous(), rows, out=grad_features.view(b, c, -1))
+                return grad_embed, grad_features
+            return _sparse_backward(embed, feats, rows, live, need_embed, need_features, features.shape)
+
+
+# The mask loss reaches only the matched queries' masks (a few of Q = 100 in MaskFormer,
+# the classes present in PFT), so in training most rows of the incoming gradient are
+# exactly zero. Below 1/SPARSE_FRACTION live rows the backward multiplies only those:
+# the zero rows add exactly nothing to either gradient. 2-core CPU, fp32, B=2, Q=100,
+# C=256, 64×64, 5 live rows per image: forward + backward 17.8 → 9.3 ms a layer (the
+# check costs 0.06 ms). MaskFormer runs it once per supervised layer, six a step.
+SPARSE_FRACTION = 2
+
+
+def _sparse_backward(
+    embed: Tensor, feats: Tensor, rows: Tensor, live: Tensor, need_embed: bool, need_features: bool,
+    features_shape: torch.Size,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The two gradients of ``bmm(embed, feats)`` from the ``live`` rows of ``rows`` only."""
+    b, c = feats.shape[:2]
+    grad_embed = torch.zeros_like(embed) if need_embed else None
+    grad_features = feats.new_empty(features_shape) if need_features else None
+    for image in range(b):
+        index = live[image].nonzero().squeeze(1)
+        grad_rows = rows[image].index_select(0, index)  # n×HW
+        if need_embed:
+            grad_embed[image].index_copy_(0, index, torch.mm(grad_rows, feats[image].t()))
+        if need_features:
+            # n = 0 gives a zero-filled C×HW product, as the dense path would.
+            picked = embed[image].index_select(0, index).t().contiguous()
+            torch.mm(picked, grad_rows, out=grad_features[image].view(c, -1))
+    return grad_embed, grad_features
 
 
 def mask_logits(embed: Tensor, features: Tensor) -> Tensor:

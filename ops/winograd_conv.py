@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from ops import winograd_native
 from ops.scratch import ScratchBuffers
 
 # F(4×4, 3×3) transform matrices (Lavin & Gray, 2016, interpolation points 0, ±1, ±2, ∞).
@@ -143,16 +144,25 @@ class _WinogradConv3x3(torch.autograd.Function):
         tiles_h, tiles_w = _tile_counts(x)
         kron_b, kron_g, kron_a = _transforms(x.dtype, x.device)
         u = _filters(weight, kron_g, channels_first=True)
-        # The output in whole tiles, so each band's tiles land in it with one strided
-        # write; cropped (copied) only when the map is not a whole number of tiles.
-        out = torch.empty((n, k, _OUT * tiles_h, _OUT * tiles_w), dtype=x.dtype, device=x.device)
+        fused = winograd_native.usable(x, weight)
+        if fused:  # the fused output transform writes the image's pixels only
+            out = torch.empty((n, k, height, width), dtype=x.dtype, device=x.device)
+        else:
+            # The output in whole tiles, so each band's tiles land in it with one strided
+            # write; cropped (copied) only when the map is not a whole number of tiles.
+            out = torch.empty((n, k, _OUT * tiles_h, _OUT * tiles_w), dtype=x.dtype, device=x.device)
         scratch = ScratchBuffers(x)
         for image, r0, r1 in _bands(n, tiles_h, tiles_w):
             tiles = (r1 - r0) * tiles_w
-            d = _band_tiles(x, image, r0, r1, tiles_w, scratch.get("tiles", 36, tiles * c))
             v = scratch.get("v", 36, tiles, c)
-            torch.mm(kron_b, d, out=v.view(36, -1))
             m = scratch.get("m", 36, tiles, k)
+            if fused:
+                winograd_native.input_tiles(x[image], r0, r1, tiles_w, v)
+                torch.bmm(v, u, out=m)
+                winograd_native.output_tiles(m, bias, r0, r1, tiles_w, out[image])
+                continue
+            d = _band_tiles(x, image, r0, r1, tiles_w, scratch.get("tiles", 36, tiles * c))
+            torch.mm(kron_b, d, out=v.view(36, -1))
             torch.bmm(v, u, out=m)
             y = scratch.get("y", 16, tiles * k)
             torch.mm(kron_a, m.view(36, -1), out=y)
@@ -177,14 +187,19 @@ class _WinogradConv3x3(torch.autograd.Function):
         tiles_h, tiles_w = _tile_counts(x)
         kron_b, kron_g, kron_a = _transforms(x.dtype, x.device)
         need_x, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        fused = winograd_native.usable(x, weight)
+        grad_out = grad_out.contiguous()
         # Output tiles do not overlap: pad the gradient to whole tiles (a no-op view when
-        # the map is a whole number of tiles).
-        grad_padded_out = grad_out.contiguous()
-        if (_OUT * tiles_h, _OUT * tiles_w) != (height, width):
-            grad_padded_out = F.pad(grad_padded_out, (0, _OUT * tiles_w - width, 0, _OUT * tiles_h - height))
+        # the map is a whole number of tiles; the fused kernels read the image's pixels only).
+        grad_padded_out = grad_out
+        if not fused and (_OUT * tiles_h, _OUT * tiles_w) != (height, width):
+            grad_padded_out = F.pad(grad_out, (0, _OUT * tiles_w - width, 0, _OUT * tiles_h - height))
         if need_x:
             u = _filters(weight, kron_g, channels_first=False)
-            grad_padded = x.new_zeros(n, c, _OUT * (tiles_h + 1), _OUT * (tiles_w + 1))
+            if fused:  # every pixel is written by the fold of the bands, in order
+                grad_x = torch.empty_like(x)
+            else:
+                grad_padded = x.new_zeros(n, c, _OUT * (tiles_h + 1), _OUT * (tiles_w + 1))
         # The filters' gradient is allocated by the first band's product (not zero-filled
         # and accumulated into: a 9 MiB fill per 256-channel conv) and summed into after.
         grad_u = None
@@ -195,33 +210,43 @@ class _WinogradConv3x3(torch.autograd.Function):
         bands = _bands(n, tiles_h, tiles_w) if need_x or need_weight else []
         for image, r0, r1 in bands:
             tiles = (r1 - r0) * tiles_w
-            band = grad_padded_out[image : image + 1, :, _OUT * r0 : _OUT * r1]
-            grad_tiles = scratch.get("y", 16, tiles * k)
-            grad_tiles.view(_OUT, _OUT, 1, r1 - r0, tiles_w, k).copy_(
-                band.view(1, k, r1 - r0, _OUT, tiles_w, _OUT).permute(3, 5, 0, 2, 4, 1)
-            )
             grad_m = scratch.get("m", 36, tiles, k)
-            torch.mm(kron_a.t(), grad_tiles, out=grad_m.view(36, -1))
+            if fused:
+                winograd_native.grad_output_tiles(grad_out[image], r0, r1, tiles_w, grad_m)
+            else:
+                band = grad_padded_out[image : image + 1, :, _OUT * r0 : _OUT * r1]
+                grad_tiles = scratch.get("y", 16, tiles * k)
+                grad_tiles.view(_OUT, _OUT, 1, r1 - r0, tiles_w, k).copy_(
+                    band.view(1, k, r1 - r0, _OUT, tiles_w, _OUT).permute(3, 5, 0, 2, 4, 1)
+                )
+                torch.mm(kron_a.t(), grad_tiles, out=grad_m.view(36, -1))
             if need_x:
                 grad_v = scratch.get("v", 36, tiles, c)
                 torch.bmm(grad_m, u, out=grad_v)
-                grad_d = scratch.get("tiles", 36, tiles * c)
-                torch.mm(kron_b.t(), grad_v.view(36, -1), out=grad_d)
-                _fold_band(grad_d, grad_padded, image, r0, r1)
+                if fused:
+                    winograd_native.grad_input_fold(grad_v, r0, r1, tiles_w, grad_x[image])
+                else:
+                    grad_d = scratch.get("tiles", 36, tiles * c)
+                    torch.mm(kron_b.t(), grad_v.view(36, -1), out=grad_d)
+                    _fold_band(grad_d, grad_padded, image, r0, r1)
             if need_weight:
                 # The transformed input is rebuilt here rather than saved, as an im2col
                 # convolution rebuilds its columns: it is 2.25× the input's size.
-                d = _band_tiles(x, image, r0, r1, tiles_w, scratch.get("tiles", 36, tiles * c))
                 v = scratch.get("v", 36, tiles, c)
-                torch.mm(kron_b, d, out=v.view(36, -1))
+                if fused:
+                    winograd_native.input_tiles(x[image], r0, r1, tiles_w, v)
+                else:
+                    d = _band_tiles(x, image, r0, r1, tiles_w, scratch.get("tiles", 36, tiles * c))
+                    torch.mm(kron_b, d, out=v.view(36, -1))
                 if grad_u is None:
                     grad_u = torch.bmm(grad_m.transpose(1, 2), v)
                 else:
                     grad_u.baddbmm_(grad_m.transpose(1, 2), v)
-        grad_x = grad_padded[:, :, 1 : height + 1, 1 : width + 1] if need_x else None
+        if need_x and not fused:
+            grad_x = grad_padded[:, :, 1 : height + 1, 1 : width + 1]
         grad_weight = (kron_g.t() @ grad_u.view(36, -1)).t().reshape(k, c, 3, 3) if need_weight else None
         grad_bias = grad_out.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias
+        return grad_x if need_x else None, grad_weight, grad_bias
 
 
 def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

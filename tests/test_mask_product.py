@@ -41,3 +41,31 @@ def test_bf16_autocast_computes_in_bf16_and_returns_fp32_gradients():
 def test_mismatched_channels_are_rejected():
     with pytest.raises(ValueError, match="B×Q×C embeddings"):
         mask_logits(torch.randn(2, 3, 4), torch.randn(2, 5, 2, 2))
+
+
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)])
+def test_sparse_gradient_rows_give_the_dense_gradients(needs):
+    # As in training: only a few queries' masks get a gradient (image 1: none at all).
+    torch.manual_seed(1)
+    embed = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=needs[0])
+    features = torch.randn(2, 4, 3, 5, dtype=torch.float64, requires_grad=needs[1])
+    grad = torch.zeros(2, 6, 3, 5, dtype=torch.float64)
+    grad[0, 1] = torch.randn(3, 5, dtype=torch.float64)
+    grad[0, 4, 2, 3] = -2.0
+    inputs = [t for t in (embed, features) if t.requires_grad]
+    mine = torch.autograd.grad(mask_logits(embed, features), inputs, grad)
+    theirs = torch.autograd.grad(torch.einsum("bqc,bchw->bqhw", embed, features), inputs, grad)
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+    if needs[1]:
+        assert mine[-1][1].abs().max() == 0  # the image without live rows: zeros, not garbage
+
+
+def test_a_nan_gradient_row_still_propagates():
+    embed = torch.randn(1, 4, 3, requires_grad=True)
+    features = torch.randn(1, 3, 2, 2, requires_grad=True)
+    grad = torch.zeros(1, 4, 2, 2)
+    grad[0, 2, 0, 0] = float("nan")
+    grad_embed, grad_features = torch.autograd.grad(mask_logits(embed, features), (embed, features), grad)
+    assert grad_embed[0, 2].isnan().all() and grad_features.isnan().any()
+    assert not grad_embed[0, [0, 1, 3]].isnan().any()
