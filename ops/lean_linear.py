@@ -29,13 +29,21 @@ from ops.blocked_attention import autocast_off, compute_dtypes
 from ops.dropout import dropout
 
 
-def _linear_backward(grad_out: Tensor, inputs: Tensor | None, weight: Tensor, has_bias: bool, needs) -> tuple:
+def _linear_backward(
+    grad_out: Tensor, inputs: Tensor | None, weight: Tensor, has_bias: bool, needs, recomputed: bool = False
+) -> tuple:
     """(∂L/∂inputs, ∂L/∂W, ∂L/∂b) of ``y = inputs · Wᵀ + b`` from ∂L/∂y, each None where
-    ``needs`` (three flags) says it is not needed; ``inputs`` is read only for ∂L/∂W."""
+    ``needs`` (three flags) says it is not needed; ``inputs`` is read only for ∂L/∂W.
+    ``recomputed``: ``inputs`` was rebuilt for this backward alone, so ∂L/∂inputs (its
+    shape) is written over it once ∂L/∂W is done — one activation-sized buffer fewer at
+    the moment these layers' backward sets the step's memory peak (Swin's first stage)."""
     rows = grad_out.reshape(-1, grad_out.shape[-1])
-    grad_inputs = grad_out.matmul(weight) if needs[0] else None
     grad_weight = rows.t().mm(inputs.reshape(-1, inputs.shape[-1])) if needs[1] else None
     grad_bias = rows.sum(0) if has_bias and needs[2] else None
+    grad_inputs = None
+    if needs[0]:
+        reuse = recomputed and inputs is not None and inputs.dtype == grad_out.dtype and inputs.is_contiguous()
+        grad_inputs = torch.matmul(grad_out, weight, out=inputs if reuse else None)
     return grad_inputs, grad_weight, grad_bias
 
 
@@ -54,9 +62,11 @@ class _LayerNormLinear(torch.autograd.Function):
         needs = ctx.needs_input_grad
         with autocast_off(grad_out.device.type):
             normed, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], norm_weight, norm_bias, ctx.eps)
+            normed = normed.to(weight.dtype)
             grad_normed, grad_weight, grad_bias = _linear_backward(
-                grad_out, normed.to(weight.dtype), weight, ctx.has_bias, (any(needs[:3]), needs[4], needs[5])
+                grad_out, normed, weight, ctx.has_bias, (any(needs[:3]), needs[4], needs[5]), recomputed=True
             )
+            del normed
             grad_x = grad_norm_weight = grad_norm_bias = None
             if grad_normed is not None:
                 grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
@@ -87,10 +97,12 @@ class _GeluLinear(torch.autograd.Function):
         with autocast_off(grad_out.device.type):
             activated = F.gelu(hidden) if needs[1] else None
             grad_activated, grad_weight, grad_bias = _linear_backward(
-                grad_out, activated, weight, ctx.has_bias, needs
+                grad_out, activated, weight, ctx.has_bias, needs, recomputed=True
             )
+            del activated
             if grad_activated is not None:
-                grad_activated = torch.ops.aten.gelu_backward(grad_activated, hidden)
+                # In place: an elementwise kernel may write over its own input.
+                torch.ops.aten.gelu_backward.grad_input(grad_activated, hidden, grad_input=grad_activated)
         return grad_activated, grad_weight, grad_bias
 
 
