@@ -9,7 +9,7 @@
     export     a checkpoint's consolidated fp32 weights as one safetensors file
     describe   parameter counts and training memory of a config
     demo       the whole loop on generated data (what ``make demo`` runs)
-    build-ops  compile DeepSpeed's CPU ops into the cache ahead of a run
+    build-ops  compile DeepSpeed's CPU ops and segscale's C kernels into their caches ahead of a run
 
 Bad input (a config key, a path, a checkpoint) ends with one line naming it and exit
 code 2; a failed training run ends with exit code 1.
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True,
                         help="checkpoint folder, or a run folder (its latest verified checkpoint)")
     export.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
-    sub.add_parser("build-ops", help="compile DeepSpeed's CPU ops into TORCH_EXTENSIONS_DIR")
+    sub.add_parser("build-ops", help="compile DeepSpeed's CPU ops (TORCH_EXTENSIONS_DIR) and segscale's C kernels (SEGSCALE_NATIVE_DIR)")
     return parser
 
 
@@ -162,9 +162,12 @@ def main(argv: list[str] | None = None) -> int:
             return export_command(args.checkpoint, args.out)
         if args.command == "build-ops":
             from launcher.environment import build_deepspeed_ops, torch_extensions_dir
+            from ops import cpu_native
 
             built = build_deepspeed_ops()
             print(f"DeepSpeed ops ready in {torch_extensions_dir()}: {', '.join(built) or 'none needed'}")
+            state = "ready" if cpu_native.load("winograd_cpu") is not None else "unavailable (the PyTorch path runs)"
+            print(f"segscale C kernels (ops/winograd_cpu.c) {state} in {cpu_native.cache_dir()}")
             return 0
     except (ConfigError, CheckpointError, ShardReadError, OSError, ValueError) as err:
         if os.environ.get("SEGSCALE_DEBUG"):

@@ -19,6 +19,12 @@ to ~1e-13 (the tests check values and gradients there).
 Memory: like the direct kernel it saves only its input and weight for backward; the
 transformed tiles are rebuilt from them there, as an im2col convolution rebuilds its
 column matrix.
+
+The tile transforms: for fp32 CPU tensors, C kernels (``ops/winograd_cpu.c`` through
+``ops.winograd_native``) that read and write each band once; elsewhere (fp64, other
+devices, no C compiler) the PyTorch path below — a layout copy and one Kronecker-form
+matrix product per transform, bound by memory bandwidth on CPU, and the reference the
+kernels are tested against.
 """
 
 from __future__ import annotations
