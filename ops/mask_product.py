@@ -1,5 +1,6 @@
 """Per-query mask logits, ``einsum("bqc,bchw->bqhw", embed, features)``, whose backward
-hands the GEMM library a contiguous operand.
+hands the GEMM library a contiguous operand and, on CPU, multiplies only the rows of the
+incoming gradient that are not all zero (see ``SPARSE_FRACTION``).
 
 Why: autograd's backward of that product computes ∂L/∂features as ``bmm(embedᵀ, grad)``
 with ``embedᵀ`` a transposed view, and oneDNN's batched GEMM runs ~30 % slower on it
@@ -38,9 +39,10 @@ class _MaskProduct(torch.autograd.Function):
         need_embed, need_features = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with autocast_off(grad.device.type):
             # Queries whose mask gets any gradient. ``ne(0)`` after ``amax``, not ``> 0``,
-            # so a NaN row counts as live and still propagates.
-            live = rows.abs().amax(-1).ne(0)
-            if int(live.sum()) * SPARSE_FRACTION > live.numel():
+            # so a NaN row counts as live and still propagates. CPU only: counting them
+            # would stall a GPU's stream every layer.
+            live = rows.abs().amax(-1).ne(0) if grad.device.type == "cpu" else None
+            if live is None or int(live.sum()) * SPARSE_FRACTION > live.numel():
                 grad_embed = torch.bmm(rows, feats.transpose(1, 2)) if need_embed else None
                 grad_features = None
                 if need_features:
