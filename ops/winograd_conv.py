@@ -129,6 +129,21 @@ def _fold_band(grad_tiles: Tensor, grad_padded: Tensor, image: int, r0: int, r1:
     out[:, :, 1:, :2, 1:, :2] += g[:, :, :, 4:, :, 4:]
 
 
+def _input_tiles(
+    x: Tensor, image: int, r0: int, r1: int, tiles_w: int, kron_b: Tensor, scratch: ScratchBuffers, fused: bool
+) -> Tensor:
+    """The band's transformed input tiles Bᵀ d B, 36×tiles×C in ``scratch``'s "v" (forward,
+    and rebuilt for the weight gradient): one pass of the C kernel, or the tile copy and
+    one Kronecker-form product."""
+    c, tiles = x.shape[1], (r1 - r0) * tiles_w
+    v = scratch.get("v", 36, tiles, c)
+    if fused:
+        return winograd_native.input_tiles(x[image], r0, r1, tiles_w, v)
+    d = _band_tiles(x, image, r0, r1, tiles_w, scratch.get("tiles", 36, tiles * c))
+    torch.mm(kron_b, d, out=v.view(36, -1))
+    return v
+
+
 def _tile_counts(x: Tensor) -> tuple[int, int]:
     return -(-x.shape[-2] // _OUT), -(-x.shape[-1] // _OUT)
 
@@ -160,16 +175,11 @@ class _WinogradConv3x3(torch.autograd.Function):
         scratch = ScratchBuffers(x)
         for image, r0, r1 in _bands(n, tiles_h, tiles_w):
             tiles = (r1 - r0) * tiles_w
-            v = scratch.get("v", 36, tiles, c)
-            m = scratch.get("m", 36, tiles, k)
+            v = _input_tiles(x, image, r0, r1, tiles_w, kron_b, scratch, fused)
+            m = torch.bmm(v, u, out=scratch.get("m", 36, tiles, k))
             if fused:
-                winograd_native.input_tiles(x[image], r0, r1, tiles_w, v)
-                torch.bmm(v, u, out=m)
                 winograd_native.output_tiles(m, bias, r0, r1, tiles_w, out[image])
                 continue
-            d = _band_tiles(x, image, r0, r1, tiles_w, scratch.get("tiles", 36, tiles * c))
-            torch.mm(kron_b, d, out=v.view(36, -1))
-            torch.bmm(v, u, out=m)
             y = scratch.get("y", 16, tiles * k)
             torch.mm(kron_a, m.view(36, -1), out=y)
             y = y.view(_OUT, _OUT, 1, r1 - r0, tiles_w, k).permute(2, 5, 3, 0, 4, 1)  # 1 K rows 4 tw 4
@@ -238,12 +248,7 @@ class _WinogradConv3x3(torch.autograd.Function):
             if need_weight:
                 # The transformed input is rebuilt here rather than saved, as an im2col
                 # convolution rebuilds its columns: it is 2.25× the input's size.
-                v = scratch.get("v", 36, tiles, c)
-                if fused:
-                    winograd_native.input_tiles(x[image], r0, r1, tiles_w, v)
-                else:
-                    d = _band_tiles(x, image, r0, r1, tiles_w, scratch.get("tiles", 36, tiles * c))
-                    torch.mm(kron_b, d, out=v.view(36, -1))
+                v = _input_tiles(x, image, r0, r1, tiles_w, kron_b, scratch, fused)
                 if grad_u is None:
                     grad_u = torch.bmm(grad_m.transpose(1, 2), v)
                 else:
