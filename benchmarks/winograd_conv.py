@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ops.winograd_conv import MIN_TILES, winograd_conv3x3
+from ops.winograd_conv import auto_min_tiles, winograd_conv3x3
 
 
 def train_step_seconds(conv, x, weight, bias) -> float:
@@ -59,7 +59,7 @@ def main() -> int:
                     times[name].append(seconds)
         median = {name: statistics.median(t) for name, t in times.items()}
         tiles = math.ceil(size / 4) ** 2
-        picked = "winograd" if tiles >= MIN_TILES else "direct"
+        picked = "winograd" if tiles >= auto_min_tiles() else "direct"
         print(
             f"{size:4d}x{size:<4d} direct {1000 * median['direct']:7.1f} ms  winograd "
             f"{1000 * median['winograd']:7.1f} ms  ratio {median['winograd'] / median['direct']:.2f}  "

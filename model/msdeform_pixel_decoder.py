@@ -27,7 +27,7 @@ from ops.apex_optional import layer_norm
 from ops.config import OpsConfig
 from ops.dropout import Dropout
 from ops.ms_deform_attn import MSDeformAttn
-from ops.recompute import checkpointed
+from ops.recompute import checkpointed, checkpointed_per_sample
 
 
 class MSDeformAttnEncoderLayer(nn.Module):
@@ -201,7 +201,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             z.transpose(1, 2).reshape(batch, self.conv_dim, h, w)
             for z, (h, w) in zip(src.split(sizes, 1), shapes)
         ]  # coarse to fine
-        finest = checkpointed(self.grad_checkpointing, self._fpn_step, features[0], encoded[-1])
+        # Per sample: GroupNorm normalises each image alone (see ops/recompute.py).
+        finest = checkpointed_per_sample(self.grad_checkpointing, self._fpn_step, features[0], encoded[-1])
         return PixelDecoderOutput(
             mask_features=self.mask_features(finest),
             multi_scale_features=[finest, *encoded[::-1]],

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from model.config import PixelDecoderConfig
 from ops.config import OpsConfig
-from ops.recompute import checkpointed
+from ops.recompute import checkpointed_per_sample
 from ops.upsample import add_nearest_upsampled
 from ops.winograd_conv import Conv3x3
 
@@ -137,7 +137,8 @@ class BasePixelDecoder(nn.Module):
         y = self.output_convs[0](coarse_to_fine[0])
         outputs = [y]
         for level, x in enumerate(coarse_to_fine[1:], start=1):
-            y = checkpointed(self.grad_checkpointing, self._top_down_step, level, x, y)
+            # Per sample: GroupNorm normalises each image alone (see ops/recompute.py).
+            y = checkpointed_per_sample(self.grad_checkpointing, self._top_down_step, level, x, y)
             outputs.append(y)
         return PixelDecoderOutput(self.mask_features(y), outputs[::-1], features[-1])
 

@@ -27,3 +27,25 @@ def checkpointed(enabled: bool, function: Callable[..., Any], *args: Any) -> Any
     if enabled and torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
         return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=True)
     return function(*args)
+
+
+def checkpointed_per_sample(enabled: bool, function: Callable[..., Tensor], *args: Any) -> Tensor:
+    """``checkpointed`` for a ``function`` that treats every sample on its own (convolutions,
+    GroupNorm, elementwise ops; not BatchNorm), each tensor argument batch-first: one
+    checkpointed segment per sample, so backward rebuilds one sample's activations at a
+    time. For the stride-4 pyramid levels, whose rebuilt activations and their gradients
+    (256 channels at a quarter of the crop) are the checkpointed step's peak, this halves
+    that part at two images per worker. Returns the samples' outputs concatenated."""
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    batch = tensors[0].shape[0] if tensors else 0
+    if batch < 2 or not (enabled and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return checkpointed(enabled, function, *args)
+    if any(t.dim() == 0 or t.shape[0] != batch for t in tensors):
+        raise ValueError(
+            f"checkpointed_per_sample: tensor arguments of batch sizes {[tuple(t.shape[:1]) for t in tensors]}; "
+            f"expected every one batch-first with {batch} samples"
+        )
+    # split (not indexing): its backward waits for every sample's gradient and concatenates
+    # them once, where per-sample slicing would give each sample a whole zero-filled copy.
+    per_sample = [a.split(1) if isinstance(a, Tensor) else [a] * batch for a in args]
+    return torch.cat([checkpointed(True, function, *sample) for sample in zip(*per_sample)])

@@ -66,9 +66,18 @@ _AT = [
 _TILE, _OUT = 6, 4  # input tile, output tile
 # Below this many output tiles per image ``auto`` keeps the direct kernel: the transforms'
 # fixed cost outweighs the saved multiplications. Measured forward+backward, 256→256
-# channels, batch 2, 2-core AVX-512 CPU: 32×32 maps (64 tiles) 25 ms against 35 ms,
-# 16×16 (16 tiles) 11.5 ms against 8.6 ms.
+# channels, batch 2, 2-core AVX-512 CPU (benchmarks/winograd_conv.py), Winograd against
+# direct: with the fused C transforms, 32×32 maps (64 tiles) 19.9 against 34.8 ms and
+# 16×16 (16 tiles) 8.8 against 9.0 ms; with the PyTorch transforms (no C compiler, or
+# SEGSCALE_NATIVE_OPS=0), 64×64 (256 tiles) 124 against 142 ms but 32×32 41.3 against
+# 34.8 ms.
 MIN_TILES = 64
+MIN_TILES_PYTORCH_TRANSFORMS = 256
+
+
+def auto_min_tiles() -> int:
+    """Output tiles per image from which ``algorithm="auto"`` runs Winograd on CPU."""
+    return MIN_TILES if winograd_native.library() is not None else MIN_TILES_PYTORCH_TRANSFORMS
 
 
 def _kron(matrix: list[list[float]]) -> Tensor:
@@ -291,7 +300,7 @@ def direct_convolutions() -> Iterator[None]:
 class Conv3x3(nn.Conv2d):
     """``nn.Conv2d(in, out, 3, padding=1)`` (same parameters and state dict) that runs
     Winograd F(4×4, 3×3) where it pays: ``algorithm="auto"`` picks it for fp32 CPU
-    inputs, outside autocast, with at least ``MIN_TILES`` output tiles per image, and
+    inputs, outside autocast, with at least ``auto_min_tiles()`` output tiles per image, and
     the direct kernel otherwise (GPUs: cuDNN chooses its own algorithm, Winograd
     included); ``"winograd"`` forces it for fp32/fp64 inputs on any device, outside
     autocast; ``"direct"`` never uses it."""
@@ -315,7 +324,7 @@ class Conv3x3(nn.Conv2d):
         if self.algorithm == "winograd":
             return x.dtype in (torch.float32, torch.float64)
         tiles_h, tiles_w = _tile_counts(x)
-        return x.device.type == "cpu" and x.dtype == torch.float32 and tiles_h * tiles_w >= MIN_TILES
+        return x.device.type == "cpu" and x.dtype == torch.float32 and tiles_h * tiles_w >= auto_min_tiles()
 
     def forward(self, x: Tensor) -> Tensor:
         if self._use_winograd(x):

@@ -85,7 +85,21 @@ def _winograd_calls(monkeypatch) -> list:
     return calls
 
 
+def test_auto_threshold_is_higher_without_the_fused_transforms(monkeypatch):
+    monkeypatch.setattr(winograd.winograd_native, "library", lambda: None)
+    assert winograd.auto_min_tiles() == winograd.MIN_TILES_PYTORCH_TRANSFORMS > winograd.MIN_TILES
+    calls = _winograd_calls(monkeypatch)
+    conv = Conv3x3(8, 8, algorithm="auto")
+    conv(torch.randn(1, 8, 32, 32))  # 64 tiles: direct with the PyTorch transforms
+    assert calls == []
+    conv(torch.randn(1, 8, 64, 64))  # 256 tiles
+    assert calls == [torch.Size([1, 8, 64, 64])]
+    monkeypatch.setattr(winograd.winograd_native, "library", lambda: object())
+    assert winograd.auto_min_tiles() == winograd.MIN_TILES
+
+
 def test_auto_picks_winograd_for_fp32_cpu_maps_of_64_tiles_outside_autocast(monkeypatch):
+    monkeypatch.setattr(winograd, "auto_min_tiles", lambda: winograd.MIN_TILES)  # as with the C transforms
     calls = _winograd_calls(monkeypatch)
     conv = Conv3x3(8, 8, algorithm="auto")
     conv(torch.randn(1, 8, 32, 32))  # 64 tiles
@@ -112,6 +126,7 @@ def test_conv3x3_is_a_drop_in_conv2d(monkeypatch):
 
 
 def test_pixel_decoders_take_the_algorithm_from_model_ops(monkeypatch):
+    monkeypatch.setattr(winograd, "auto_min_tiles", lambda: winograd.MIN_TILES)  # as with the C transforms
     calls = _winograd_calls(monkeypatch)
     features = [torch.randn(1, c, 128 // s, 128 // s) for c, s in [(16, 4), (32, 8), (64, 16), (64, 32)]]
     cfg = ModelConfig(num_classes=3).pixel_decoder
