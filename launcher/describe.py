@@ -57,6 +57,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from launcher.config import RunConfig, load_config
 from model.build import build_criterion, build_model
 from model.config import ModelConfig
+from ops.recompute import checkpointed_per_sample
 from ops.weight_recast import parameter_cast_source, recast_applies
 
 # Ground-truth masks (classes present) per training crop assumed for the loss estimate;
@@ -177,7 +178,7 @@ def _checkpoint_aliases() -> list[tuple[Any, str, Callable]]:
     one attribute would miss those. Finding every alias keeps the spy right whatever a
     module (timm's, ours, or a future one) imported.
     """
-    functions = (torch.utils.checkpoint.checkpoint, timm_checkpoint)
+    functions = (torch.utils.checkpoint.checkpoint, timm_checkpoint, checkpointed_per_sample)
     aliases = []
     for module in list(sys.modules.values()):
         namespace = getattr(module, "__dict__", None)
@@ -197,30 +198,37 @@ def _largest_checkpointed_segment(exclude: Sequence[torch.Tensor]) -> Iterator[l
     A checkpointed segment keeps only its inputs (torch saves them through the hooks, so
     the caller's count includes them); the backward pass rebuilds its activations one
     segment at a time. The yielded list's one element becomes the largest segment's
-    saved bytes. Every alias of torch's and timm's checkpoint function is patched (see
-    ``_checkpoint_aliases``), so backbone and decoder segments are both seen; a checkpoint
-    called while one is being measured (timm's wrapper calling torch's) passes straight
-    through, so a segment is counted once.
+    saved bytes. Every alias of torch's and timm's checkpoint function and of
+    ``checkpointed_per_sample`` (whose segments are rebuilt one sample at a time, so one
+    sample's is measured) is patched (see ``_checkpoint_aliases``), so backbone and decoder
+    segments are all seen; a checkpoint called while one is being measured (timm's
+    wrapper calling torch's) passes straight through, so a segment is counted once.
     """
     largest = [0]
     inside = [False]
 
+    def measure(function: Callable, *args: Any, **kwargs: Any) -> None:
+        inside[0] = True
+        try:
+            segment = _SavedTensors(exclude)
+            with segment.hooks():  # innermost hooks win: they see the whole segment
+                function(*args, **kwargs)  # fake tensors: a trace, not a computation
+            largest[0] = max(largest[0], segment.total)
+        finally:
+            inside[0] = False
+
     def spy(original: Callable) -> Callable:
         def checkpoint(function: Callable, *args: Any, **kwargs: Any) -> Any:
-            if inside[0]:
-                return original(function, *args, **kwargs)
-            inside[0] = True
-            try:
-                segment = _SavedTensors(exclude)
-                forwarded = {k: v for k, v in kwargs.items() if k not in _CHECKPOINT_OPTIONS}
-                with segment.hooks():  # innermost hooks win: they see the whole segment
-                    function(*args, **forwarded)  # fake tensors: a trace, not a computation
-                largest[0] = max(largest[0], segment.total)
-                return original(function, *args, **kwargs)
-            finally:
-                inside[0] = False
+            if not inside[0]:
+                measure(function, *args, **{k: v for k, v in kwargs.items() if k not in _CHECKPOINT_OPTIONS})
+            return original(function, *args, **kwargs)
 
-        return checkpoint
+        def per_sample(enabled: bool, function: Callable, *args: Any, parameters: Sequence[torch.Tensor]) -> Any:
+            if enabled and torch.is_grad_enabled() and not inside[0]:
+                measure(function, *(a[:1] if isinstance(a, torch.Tensor) else a for a in args))
+            return original(enabled, function, *args, parameters=parameters)
+
+        return per_sample if original is checkpointed_per_sample else checkpoint
 
     spies: dict[int, Callable] = {}
     with contextlib.ExitStack() as stack:
@@ -283,8 +291,10 @@ def _stand_ins(value, key: str, side: int, generator: torch.Generator, leaves: l
         return [_stand_ins(v, key, side, generator, leaves) for v in value]
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
         return value
-    # Mask logits (Panoptic SegFormer's per-layer ones are "masks") become side×side.
-    shape = (*value.shape[:2], side, side) if key in ("pred_masks", "masks") else tuple(value.shape)
+    # Mask logits (Panoptic SegFormer's per-layer ones are "masks") and the mask features
+    # they are a product of become side×side.
+    resized = key in ("pred_masks", "masks", "mask_features")
+    shape = (*value.shape[:2], side, side) if resized else tuple(value.shape)
     leaf = torch.randn(shape, generator=generator).to(value.dtype).requires_grad_()
     leaves.append(leaf)
     return leaf
@@ -297,7 +307,8 @@ def _loss_bytes_at(cfg: ModelConfig, outputs: dict, side: int, ratio: int, gener
     structured = _stand_ins(outputs, "", side, generator, leaves)
     batch, num_queries = structured["pred_masks"].shape[:2]
     targets = _stand_in_targets(cfg, batch, min(masks_per_image, num_queries), side * ratio, generator)
-    saved = _SavedTensors()
+    # The mask features are the model's, saved by its mask products: counted with the decoders.
+    saved = _SavedTensors(exclude=[structured["mask_features"]] if "mask_features" in structured else [])
     for leaf in leaves:  # the outputs stay alive until the backward pass
         saved.add(leaf)
     with saved.hooks():

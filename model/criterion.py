@@ -41,6 +41,7 @@ from model.inference import upsample_mask_logits
 from model.matcher import FixedMatcher, HungarianMatcher, Indices
 from ops.fused_losses import fused_dice_loss, fused_mask_losses, fused_sigmoid_focal_loss
 from ops.losses import binary_ce_loss, focal_ce_loss
+from ops.mask_product import matched_mask_logits
 from ops.point_sampling import calculate_uncertainty, get_uncertain_point_coords_with_randomness, point_sample
 
 ClassLoss = Literal["softmax", "sigmoid"]
@@ -52,6 +53,9 @@ class SetCriterion(nn.Module):
     ``targets``: one ``{"labels": int64[n] in [0, K), "masks": bool[n, H, W]}`` per image,
     H×W the input image size (ignored pixels simply belong to no mask; n may be 0).
     ``outputs["pred_logits"]``: B×Q×(K+1) for ``class_loss="softmax"``, B×Q for "sigmoid".
+    Optional: ``outputs["mask_features"]`` and, per layer, ``"mask_embed"``, when
+    ``pred_masks = mask_logits(mask_embed, mask_features)`` (MaskFormer in training): the
+    mask losses then take the matched rows of that product again (``loss_masks``).
     """
 
     def __init__(
@@ -156,14 +160,21 @@ class SetCriterion(nn.Module):
         return losses
 
     def loss_masks(
-        self, pred_masks: Tensor, targets: list[dict], indices: Indices, num_masks: float
+        self, pred_masks: Tensor, targets: list[dict], indices: Indices, num_masks: float,
+        mask_embed: Tensor | None = None, mask_features: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
+        """With ``mask_embed`` and ``mask_features`` (``pred_masks`` is their product), the
+        matched masks are that product's matched rows, taken again (``matched_mask_logits``
+        says why); else gathered from ``pred_masks``."""
         device = pred_masks.device
-        # One gather from the B·Q masks: its backward scatters into one zero-filled tensor,
-        # where a per-image pred_masks[b, i] costs two full-size zero fills and a sum per image.
-        queries = pred_masks.shape[1]
-        flat = torch.cat([b * queries + i.to(device) for b, (i, _) in enumerate(indices)])
-        src = pred_masks.flatten(0, 1)[flat]
+        if mask_embed is not None and mask_features is not None:
+            src = matched_mask_logits(mask_embed, mask_features, [i for i, _ in indices], pred_masks.dtype)
+        else:
+            # One gather from the B·Q masks: its backward scatters into one zero-filled tensor,
+            # where a per-image pred_masks[b, i] costs two full-size zero fills and a sum per image.
+            queries = pred_masks.shape[1]
+            flat = torch.cat([b * queries + i.to(device) for b, (i, _) in enumerate(indices)])
+            src = pred_masks.flatten(0, 1)[flat]
         if src.shape[0] == 0:
             zero = pred_masks.float().sum() * 0.0  # keeps the graph: every rank must backward
             return zero, zero.clone()
@@ -201,10 +212,12 @@ class SetCriterion(nn.Module):
             point_labels = point_sample(tgt, points)[:, 0]
         return point_sample(src, points)[:, 0], point_labels
 
-    def _losses(self, outputs: dict, targets: list[dict], num_masks: float, suffix: str) -> dict[str, Tensor]:
+    def _losses(self, outputs: dict, targets: list[dict], num_masks: float, suffix: str,
+                mask_features: Tensor | None) -> dict[str, Tensor]:
         indices = self.matcher(outputs, targets)
         losses = self.class_losses(outputs["pred_logits"].float(), targets, indices, num_masks, suffix)
-        focal, dice = self.loss_masks(outputs["pred_masks"], targets, indices, num_masks)
+        focal, dice = self.loss_masks(outputs["pred_masks"], targets, indices, num_masks,
+                                      outputs.get("mask_embed"), mask_features)
         losses[f"loss_focal{suffix}"] = self.focal_weight * focal
         losses[f"loss_dice{suffix}"] = self.dice_weight * dice
         return losses
@@ -213,7 +226,9 @@ class SetCriterion(nn.Module):
         device = outputs["pred_logits"].device
         with torch.autocast(device_type=device.type, enabled=False):
             num_masks = self.num_masks(targets, device)
-            losses = self._losses(outputs, targets, num_masks, "")
+            # Shared by every layer's masks: only at the top level of ``outputs``.
+            mask_features = outputs.get("mask_features")
+            losses = self._losses(outputs, targets, num_masks, "", mask_features)
             for i, aux in enumerate(outputs.get("aux_outputs", [])):
-                losses.update(self._losses(aux, targets, num_masks, f"_{i}"))
+                losses.update(self._losses(aux, targets, num_masks, f"_{i}", mask_features))
         return losses

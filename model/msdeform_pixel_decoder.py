@@ -201,8 +201,10 @@ class MSDeformAttnPixelDecoder(nn.Module):
             z.transpose(1, 2).reshape(batch, self.conv_dim, h, w)
             for z, (h, w) in zip(src.split(sizes, 1), shapes)
         ]  # coarse to fine
-        # Per sample: GroupNorm normalises each image alone (see ops/recompute.py).
-        finest = checkpointed_per_sample(self.grad_checkpointing, self._fpn_step, features[0], encoded[-1])
+        # One image at a time in backward: GroupNorm normalises each image alone.
+        parameters = [*self.lateral_conv.parameters(), *self.output_conv.parameters()]
+        finest = checkpointed_per_sample(self.grad_checkpointing, self._fpn_step, features[0], encoded[-1],
+                                         parameters=parameters)
         return PixelDecoderOutput(
             mask_features=self.mask_features(finest),
             multi_scale_features=[finest, *encoded[::-1]],

@@ -132,13 +132,14 @@ class BasePixelDecoder(nn.Module):
 
     def forward(self, features: Sequence[Tensor]) -> PixelDecoderOutput:
         coarse_to_fine = list(features)[::-1]
-        # The coarsest level stays outside checkpointing: it reads only the backbone map
-        # (no input of its own requiring grad, see ops/recompute.py) and is the smallest.
+        # The coarsest level stays outside checkpointing: its map is the smallest.
         y = self.output_convs[0](coarse_to_fine[0])
         outputs = [y]
         for level, x in enumerate(coarse_to_fine[1:], start=1):
-            # Per sample: GroupNorm normalises each image alone (see ops/recompute.py).
-            y = checkpointed_per_sample(self.grad_checkpointing, self._top_down_step, level, x, y)
+            # One image at a time in backward: GroupNorm normalises each image alone.
+            parameters = [*self.lateral_convs[level].parameters(), *self.output_convs[level].parameters()]
+            y = checkpointed_per_sample(self.grad_checkpointing, self._top_down_step, level, x, y,
+                                        parameters=parameters)
             outputs.append(y)
         return PixelDecoderOutput(self.mask_features(y), outputs[::-1], features[-1])
 

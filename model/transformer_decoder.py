@@ -140,7 +140,9 @@ class MLP(nn.Module):
 class TransformerPredictor(nn.Module):
     """``forward(x: B×C_in×h×w stride-32 map, mask_features: B×D×H×W)`` ->
     ``{"pred_logits": B×Q×(K+1), "pred_masks": B×Q×H×W, "aux_outputs": [...]}``;
-    ``aux_outputs`` (earlier layers, same keys) only in training with deep supervision."""
+    ``aux_outputs`` (earlier layers, same keys) only in training with deep supervision.
+    In training also ``"mask_embed"`` (B×Q×C, per layer) and ``"mask_features"`` (top
+    level), of which ``pred_masks`` is the product, for the criterion."""
 
     def __init__(
         self,
@@ -193,9 +195,16 @@ class TransformerPredictor(nn.Module):
         # One product per layer rather than one L×B×Q×H×W tensor sliced into layers: the
         # backward of slicing a stacked output materialises full-size zero-filled gradients
         # of it (at 640² crops, 6 layers, 100 queries: ~120 MiB apiece).
-        masks = [mask_logits(embed, mask_features) for embed in self.mask_embed(hidden)]
-        aux = [{"pred_logits": a, "pred_masks": b} for a, b in zip(logits[:-1], masks[:-1])]
-        return {"pred_logits": logits[-1], "pred_masks": masks[-1], "aux_outputs": aux}
+        embeds = self.mask_embed(hidden)
+        masks = [mask_logits(embed, mask_features) for embed in embeds]
+        outputs = [{"pred_logits": a, "pred_masks": b} for a, b in zip(logits, masks)]
+        if self.training:
+            # For the criterion: it takes the matched masks' rows of the product again
+            # rather than gathering them from pred_masks (ops/mask_product.py says why).
+            for layer, embed in zip(outputs, embeds):
+                layer["mask_embed"] = embed
+        return {**outputs[-1], "aux_outputs": outputs[:-1],
+                **({"mask_features": mask_features} if self.training else {})}
 
 
 def build_transformer_predictor(

@@ -94,3 +94,28 @@ def mask_logits(embed: Tensor, features: Tensor) -> Tensor:
     dtype = torch.promote_types(*compute_dtypes(embed, features))
     with autocast_off(embed.device.type):
         return _MaskProduct.apply(embed.to(dtype), features.to(dtype))
+
+
+def matched_mask_logits(embed: Tensor, features: Tensor, queries: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """The mask logits of the listed queries only, ``cat_b mask_logits(embed, features)[b, queries[b]]``
+    (N×H×W, N = the queries listed over all images), computed in ``dtype`` (that of the
+    full product the model returned, so the values are the ones it holds).
+
+    Why: a loss on the matched masks, gathered from the full B×Q×H×W product, gets from
+    the gather's backward a zero-filled gradient of that whole product — one per decoder
+    layer, all of them allocated before any layer's product runs its backward (autograd
+    runs the loss's nodes first), ~20 MiB apiece at a 640 crop with 100 queries. Here the
+    product is taken again for a few rows: B×n_max queries, n_max the most listed in one
+    image (the others repeat query 0, their logits dropped), and the gradients are those
+    rows' only."""
+    batch, _, channels = embed.shape
+    most = max((len(q) for q in queries), default=0)
+    index = torch.zeros(batch, most, dtype=torch.long, device=embed.device)
+    keep = []
+    for image, rows in enumerate(queries):
+        index[image, : len(rows)] = rows.to(embed.device)
+        keep.append(image * most + torch.arange(len(rows), device=embed.device))
+    rows = embed.gather(1, index[..., None].expand(-1, -1, channels))
+    with autocast_off(embed.device.type):
+        logits = _MaskProduct.apply(rows.to(dtype), features.to(dtype))
+    return logits.flatten(0, 1)[torch.cat(keep)]

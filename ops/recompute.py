@@ -13,7 +13,7 @@ parameters no gradient. Such a segment runs plainly instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -29,23 +29,79 @@ def checkpointed(enabled: bool, function: Callable[..., Any], *args: Any) -> Any
     return function(*args)
 
 
-def checkpointed_per_sample(enabled: bool, function: Callable[..., Tensor], *args: Any) -> Tensor:
-    """``checkpointed`` for a ``function`` that treats every sample on its own (convolutions,
-    GroupNorm, elementwise ops; not BatchNorm), each tensor argument batch-first: one
-    checkpointed segment per sample, so backward rebuilds one sample's activations at a
-    time. For the stride-4 pyramid levels, whose rebuilt activations and their gradients
-    (256 channels at a quarter of the crop) are the checkpointed step's peak, this halves
-    that part at two images per worker. Returns the samples' outputs concatenated."""
-    tensors = [a for a in args if isinstance(a, Tensor)]
-    batch = tensors[0].shape[0] if tensors else 0
-    if batch < 2 or not (enabled and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+def checkpointed_per_sample(
+    enabled: bool, function: Callable[..., Tensor], *args: Any, parameters: Sequence[Tensor]
+) -> Tensor:
+    """``checkpointed`` for a deterministic ``function`` that treats every sample on its own
+    (convolutions, GroupNorm, elementwise ops; not BatchNorm, not dropout), its tensor
+    arguments batch-first, its output one batch-first tensor: backward rebuilds and
+    differentiates one sample at a time. For the pixel decoders' stride-4 level, whose
+    rebuilt maps and their gradients (256 channels at a quarter of the crop) are the
+    checkpointed step's peak, that halves this part at two images per worker.
+
+    ``parameters`` must list every parameter ``function`` uses: their gradients, summed
+    over the samples, are this segment's outputs to autograd, so each parameter's gradient
+    accumulates once a step. (One reentrant checkpoint per sample would accumulate it once
+    per sample, and DeepSpeed ZeRO reduces a gradient each time one accumulates.) Under
+    ZeRO-3 the segment is checkpointed whole, as ``checkpointed`` does."""
+    if any(hasattr(p, "ds_id") for p in parameters):
+        # DeepSpeed ZeRO-3's partitioned parameters: it gathers them in module hooks for a
+        # backward pass, not for a gradient asked of them directly; whole-batch reentrant.
         return checkpointed(enabled, function, *args)
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    # Unlike reentrant checkpointing, the parameters are inputs here: a segment fed only by
+    # frozen inputs still gives them gradients.
+    if not (enabled and torch.is_grad_enabled() and any(t.requires_grad for t in [*tensors, *parameters])):
+        return function(*args)
+    batch = tensors[0].shape[0]
     if any(t.dim() == 0 or t.shape[0] != batch for t in tensors):
         raise ValueError(
             f"checkpointed_per_sample: tensor arguments of batch sizes {[tuple(t.shape[:1]) for t in tensors]}; "
             f"expected every one batch-first with {batch} samples"
         )
-    # split (not indexing): its backward waits for every sample's gradient and concatenates
-    # them once, where per-sample slicing would give each sample a whole zero-filled copy.
-    per_sample = [a.split(1) if isinstance(a, Tensor) else [a] * batch for a in args]
-    return torch.cat([checkpointed(True, function, *sample) for sample in zip(*per_sample)])
+    return _PerSampleCheckpoint.apply(function, args, len(tensors), *tensors, *parameters)
+
+
+_TENSOR = object()
+
+
+class _PerSampleCheckpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, function: Callable, args: tuple, count: int, *tensors: Tensor) -> Tensor:
+        # Tensor arguments only through save_for_backward (_TENSOR marks their places).
+        ctx.function, ctx.count = function, count
+        ctx.args = tuple(_TENSOR if isinstance(a, Tensor) else a for a in args)
+        ctx.parameters = tensors[count:]
+        ctx.save_for_backward(*tensors[:count])
+        device = tensors[0].device.type
+        # The rebuild runs in backward, outside the forward's autocast: it re-enters it.
+        ctx.autocast = {"device_type": device, "enabled": torch.is_autocast_enabled(device),
+                        "dtype": torch.get_autocast_dtype(device)}
+        with torch.no_grad():
+            return function(*args)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        inputs = ctx.saved_tensors
+        wanted = [t.requires_grad for t in inputs]
+        params = [p for p in ctx.parameters if p.requires_grad]
+        input_grads = [torch.empty_like(t) if w else None for t, w in zip(inputs, wanted)]
+        param_grads: list[Tensor | None] = [None] * len(params)
+        for sample in range(grad.shape[0]):
+            pieces = iter([t[sample : sample + 1].detach().requires_grad_(w) for t, w in zip(inputs, wanted)])
+            sample_args = [next(pieces) if a is _TENSOR else a for a in ctx.args]
+            with torch.enable_grad(), torch.autocast(**ctx.autocast):
+                out = ctx.function(*sample_args)
+            leaves = [a for a in sample_args if isinstance(a, Tensor) and a.requires_grad]
+            grads = torch.autograd.grad(out, [*leaves, *params], grad[sample : sample + 1], allow_unused=True)
+            leaf_grads = iter(grads[: len(leaves)])
+            for buffer in input_grads:
+                if buffer is not None:
+                    piece, rows = next(leaf_grads), buffer[sample : sample + 1]
+                    rows.zero_() if piece is None else rows.copy_(piece)
+            for i, g in enumerate(grads[len(leaves):]):
+                if g is not None:
+                    param_grads[i] = g if param_grads[i] is None else param_grads[i].add_(g)
+        param_iter = iter(param_grads)
+        all_param_grads = [next(param_iter) if p.requires_grad else None for p in ctx.parameters]
+        return None, None, None, *input_grads, *all_param_grads

@@ -126,6 +126,40 @@ def test_bf16_autocast_gives_fp32_losses_with_gradients_and_deep_supervision_key
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
 
+def test_matched_masks_from_the_factors_give_the_losses_and_gradients_of_the_gather():
+    """MaskFormer hands the criterion the factors of pred_masks in training: the mask losses
+    take the matched rows of their product again, and the full product's gradient is never
+    formed (its backward does not run)."""
+    torch.manual_seed(0)
+    cfg = _tiny_model_cfg()
+    model, criterion = build_model(cfg).double(), build_criterion(cfg)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    targets = _targets(2)
+    results = []
+    for factors in (True, False):
+        torch.manual_seed(1)  # the same drop-path and dropout draws
+        outputs = model(images)
+        assert ("mask_features" in outputs) and all("mask_embed" in o for o in outputs["aux_outputs"])
+        if not factors:
+            outputs.pop("mask_features")
+        full_product_grads = []
+        for layer in (outputs, *outputs["aux_outputs"]):
+            layer["pred_masks"].register_hook(full_product_grads.append)
+        losses = criterion(outputs, targets)
+        model.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        assert len(full_product_grads) == (0 if factors else 3)
+        results.append((losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (losses, grads), (losses_ref, grads_ref) = results
+    assert losses.keys() == losses_ref.keys() and grads.keys() == grads_ref.keys()
+    for name in losses:
+        torch.testing.assert_close(losses[name], losses_ref[name], rtol=1e-12, atol=1e-12)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-10, atol=1e-12, msg=name)
+    model.eval()
+    assert "mask_features" not in model(images) and "mask_embed" not in model(images)
+
+
 def test_no_aux_losses_without_deep_supervision():
     cfg = _tiny_model_cfg(deep_supervision=False)
     outputs = build_model(cfg)(torch.zeros(1, 3, 64, 64))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ops.mask_product import mask_logits
+from ops.mask_product import mask_logits, matched_mask_logits
 
 
 def test_values_and_gradients_match_einsum():
@@ -69,3 +69,29 @@ def test_a_nan_gradient_row_still_propagates():
     grad_embed, grad_features = torch.autograd.grad(mask_logits(embed, features), (embed, features), grad)
     assert grad_embed[0, 2].isnan().all() and grad_features.isnan().any()
     assert not grad_embed[0, [0, 1, 3]].isnan().any()
+
+
+@pytest.mark.parametrize("rows", [[[3, 0], [4]], [[], [1, 2, 0]], [[], []]])
+def test_matched_rows_are_the_gathered_rows_of_the_product(rows):
+    torch.manual_seed(0)
+    embed = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    features = torch.randn(2, 4, 3, 6, dtype=torch.float64, requires_grad=True)
+    queries = [torch.tensor(r, dtype=torch.long) for r in rows]
+    picked = matched_mask_logits(embed, features, queries, torch.float64)
+    full = torch.einsum("bqc,bchw->bqhw", embed, features)
+    ref = torch.cat([full[b, q] for b, q in enumerate(queries)])
+    assert picked.shape == ref.shape == (sum(map(len, rows)), 3, 6)
+    torch.testing.assert_close(picked, ref, rtol=1e-13, atol=1e-13)
+    if picked.numel():
+        grad = torch.randn_like(ref)
+        mine = torch.autograd.grad(picked, (embed, features), grad)
+        theirs = torch.autograd.grad(ref, (embed, features), grad)
+        for a, b in zip(mine, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+def test_matched_rows_take_the_dtype_of_the_full_product():
+    embed, features = torch.randn(1, 3, 4), torch.randn(1, 4, 2, 2)
+    picked = matched_mask_logits(embed, features, [torch.tensor([2])], torch.bfloat16)
+    assert picked.dtype == torch.bfloat16
+    torch.testing.assert_close(picked, mask_logits(embed.bfloat16(), features.bfloat16())[0, 2:])

@@ -12,6 +12,7 @@ from model.maskformer import MaskFormer
 from model.msdeform_pixel_decoder import MSDeformAttnPixelDecoder
 from model.pixel_decoder import BasePixelDecoder, PixelDecoderOutput, build_pixel_decoder
 from model.transformer_decoder import build_transformer_predictor
+from ops import recompute
 from tests.test_recompute import spy_checkpoint_calls
 
 CHANNELS = [32, 48, 192, 96]  # timm's test_resnet at strides 4/8/16/32
@@ -80,16 +81,19 @@ def test_gradients_reach_every_parameter(name):
         assert param.grad.abs().sum() > 0, pname
 
 
-# One segment per sample (batch 2) for the per-sample pyramid steps (ops/recompute.py).
-@pytest.mark.parametrize("name, segments", [("fpn", 3 * 2), ("msdeformattn", 2 + 1 * 2)])
+# (torch checkpoint segments, per-sample segments): the pyramid levels are per sample.
+@pytest.mark.parametrize("name, segments", [("fpn", (0, 3)), ("msdeformattn", (2, 1))])
 @pytest.mark.parametrize("features_require_grad", [True, False])
 def test_grad_checkpointing_recomputes_segments_with_the_same_grads(name, segments, features_require_grad,
                                                                      monkeypatch):
-    """FPN: the 3 levels below the coarsest, each image on its own; msdeformattn: 2 encoder
-    layers + the FPN step, each image on its own.
+    """FPN: the 3 levels below the coarsest, one image at a time; msdeformattn: 2 encoder
+    layers + the FPN step (one image at a time).
     With features that do not require grad (a frozen backbone) the decoder's own
     parameters still get their gradients."""
     calls = spy_checkpoint_calls(monkeypatch)
+    per_sample = []
+    original = recompute._PerSampleCheckpoint.apply
+    monkeypatch.setattr(recompute._PerSampleCheckpoint, "apply", lambda *a: per_sample.append(1) or original(*a))
     results = {}
     for enabled in (False, True):
         torch.manual_seed(0)
@@ -104,7 +108,8 @@ def test_grad_checkpointing_recomputes_segments_with_the_same_grads(name, segmen
         if features_require_grad:
             grads.update({f"feature{i}": f.grad for i, f in enumerate(features)})
         results[enabled] = (maps, grads)
-    assert calls == [True] * segments  # reentrant (ZeRO-3), one call per segment
+    assert calls == [True] * segments[0]  # reentrant (ZeRO-3), one call per segment
+    assert len(per_sample) == segments[1]
     for plain, recomputed in zip(results[False][0], results[True][0]):
         torch.testing.assert_close(recomputed, plain)
     # Per-sample segments sum each weight gradient over the images in another order: fp32
