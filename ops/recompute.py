@@ -83,8 +83,8 @@ class _PerSampleCheckpoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         inputs = ctx.saved_tensors
-        wanted = [t.requires_grad for t in inputs]
-        params = [p for p in ctx.parameters if p.requires_grad]
+        needs = ctx.needs_input_grad[3:]  # after (function, args, count)
+        wanted, params = needs[: ctx.count], [p for p, n in zip(ctx.parameters, needs[ctx.count :]) if n]
         input_grads = [torch.empty_like(t) if w else None for t, w in zip(inputs, wanted)]
         param_grads: list[Tensor | None] = [None] * len(params)
         for sample in range(grad.shape[0]):
@@ -96,12 +96,15 @@ class _PerSampleCheckpoint(torch.autograd.Function):
             grads = torch.autograd.grad(out, [*leaves, *params], grad[sample : sample + 1], allow_unused=True)
             leaf_grads = iter(grads[: len(leaves)])
             for buffer in input_grads:
-                if buffer is not None:
-                    piece, rows = next(leaf_grads), buffer[sample : sample + 1]
-                    rows.zero_() if piece is None else rows.copy_(piece)
-            for i, g in enumerate(grads[len(leaves):]):
+                if buffer is None:
+                    continue
+                piece = next(leaf_grads)
+                if piece is None:  # the output does not depend on this input
+                    buffer[sample : sample + 1].zero_()
+                else:
+                    buffer[sample : sample + 1].copy_(piece)
+            for i, g in enumerate(grads[len(leaves) :]):
                 if g is not None:
                     param_grads[i] = g if param_grads[i] is None else param_grads[i].add_(g)
-        param_iter = iter(param_grads)
-        all_param_grads = [next(param_iter) if p.requires_grad else None for p in ctx.parameters]
-        return None, None, None, *input_grads, *all_param_grads
+        summed = iter(param_grads)
+        return None, None, None, *input_grads, *(next(summed) if n else None for n in needs[ctx.count :])
