@@ -176,7 +176,7 @@ class SetCriterion(nn.Module):
             flat = torch.cat([b * queries + i.to(device) for b, (i, _) in enumerate(indices)])
             src = pred_masks.flatten(0, 1)[flat]
         if src.shape[0] == 0:
-            zero = pred_masks.float().sum() * 0.0  # keeps the graph: every rank must backward
+            zero = src.float().sum() * 0.0  # keeps the graph: every rank must backward
             return zero, zero.clone()
         sizes = {tuple(t["masks"].shape[-2:]) for t in targets}
         if len(sizes) != 1:

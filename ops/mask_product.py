@@ -15,6 +15,8 @@ Under autocast both operands are cast as autocast casts ``einsum``'s (ops.blocke
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -34,8 +36,9 @@ class _MaskProduct(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         embed, features = ctx.saved_tensors
         b, q, c = embed.shape
-        rows = grad.reshape(b, q, -1)
-        feats = features.reshape(b, c, -1)
+        pixels = math.prod(features.shape[2:])  # not -1: q may be 0 (no matched query in the batch)
+        rows = grad.reshape(b, q, pixels)
+        feats = features.reshape(b, c, pixels)
         need_embed, need_features = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with autocast_off(grad.device.type):
             # Queries whose mask gets any gradient. ``ne(0)`` after ``amax``, not ``> 0``,

@@ -177,6 +177,15 @@ def test_images_without_masks_still_backpropagate():
     torch.testing.assert_close(losses["loss_ce"], -logits.log_softmax(-1)[..., 3].mean())
     sum(losses.values()).backward()
     assert masks.grad is not None and logits.grad is not None
+    # From the factors of the masks (MaskFormer in training), the same: zero mask losses
+    # whose gradients still reach both factors.
+    embed, features = torch.randn(2, 3, 5, requires_grad=True), torch.randn(2, 5, 2, 2, requires_grad=True)
+    outputs = {"pred_logits": logits, "pred_masks": torch.einsum("bqc,bchw->bqhw", embed, features),
+               "mask_embed": embed, "mask_features": features}
+    losses = _criterion(3)(outputs, [empty, empty])
+    assert losses["loss_focal"].item() == 0 and losses["loss_dice"].item() == 0
+    sum(losses.values()).backward()
+    assert embed.grad is not None and features.grad is not None
 
 
 def test_num_masks_is_averaged_over_ranks(monkeypatch):
