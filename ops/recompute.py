@@ -44,6 +44,8 @@ def checkpointed_per_sample(
     accumulates once a step. (One reentrant checkpoint per sample would accumulate it once
     per sample, and DeepSpeed ZeRO reduces a gradient each time one accumulates.) Under
     ZeRO-3 the segment is checkpointed whole, as ``checkpointed`` does."""
+    if not (enabled and torch.is_grad_enabled()):
+        return function(*args)
     if any(hasattr(p, "ds_id") for p in parameters):
         # DeepSpeed ZeRO-3's partitioned parameters: it gathers them in module hooks for a
         # backward pass, not for a gradient asked of them directly; whole-batch reentrant.
@@ -51,7 +53,7 @@ def checkpointed_per_sample(
     tensors = [a for a in args if isinstance(a, Tensor)]
     # Unlike reentrant checkpointing, the parameters are inputs here: a segment fed only by
     # frozen inputs still gives them gradients.
-    if not (enabled and torch.is_grad_enabled() and any(t.requires_grad for t in [*tensors, *parameters])):
+    if not any(t.requires_grad for t in [*tensors, *parameters]):
         return function(*args)
     batch = tensors[0].shape[0]
     if any(t.dim() == 0 or t.shape[0] != batch for t in tensors):
