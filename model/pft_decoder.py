@@ -44,6 +44,7 @@ query-pixel attention over stride-4 tokens never materialises the K×HW weights)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -58,9 +59,8 @@ from ops.apex_optional import layer_norm
 from ops.attention import MultiheadAttention, xavier_init_like_detr
 from ops.config import OpsConfig
 from ops.dropout import Dropout
-from ops.mask_product import mask_logits
+from ops.mask_product import average_over_scales, mask_logits
 from ops.recompute import checkpointed
-from ops.upsample import upsample_bilinear
 
 # The strides of the pyramid PFT decodes (the pixel decoder's ``multi_scale_features``).
 PFT_STRIDES = (4, 8, 16, 32)
@@ -158,6 +158,10 @@ class PFTPredictor(nn.Module):
     embeddings). h0×w0 is the finest mask map's size. Query i is class i: its class
     probability is ``sigmoid(pred_logits[:, i])`` and its mask ``sigmoid(pred_masks[:, i])``.
     ``aux_outputs`` (earlier layers, same keys) only in training with deep supervision.
+    In training also, per layer, ``"mask_embed"`` (the S per-scale B×K×D_s embeddings)
+    and, at the top level, ``"mask_features"`` (the S maps): ``pred_masks`` is
+    ``average_over_scales`` of their products, which the criterion takes again for the
+    matched classes only.
     """
 
     def __init__(
@@ -218,21 +222,18 @@ class PFTPredictor(nn.Module):
         )
 
     def predict(self, queries: Sequence[Tensor], mask_features: Sequence[Tensor]) -> dict[str, Tensor]:
-        """Per-scale heads, averaged in logit space; masks upsampled to the finest map first."""
-        size = mask_features[0].shape[-2:]
-        logits: Tensor | None = None
-        masks: Tensor | None = None
-        for s, (q, m) in enumerate(zip(queries, mask_features)):
-            q = self.decoder_norm[s](q)
-            scale_logits = self.class_embed[s](q).squeeze(-1)  # B×K
-            scale_masks = mask_logits(self.mask_embed[s](q), m)
-            if scale_masks.shape[-2:] != size:
-                scale_masks = upsample_bilinear(scale_masks, size)  # ATen's CPU backward is slow
-            # Running sums: no stack of 4 B×K×H/4×W/4 maps (the largest tensors here).
-            logits = scale_logits if logits is None else logits + scale_logits
-            masks = scale_masks if masks is None else masks + scale_masks
-        assert logits is not None and masks is not None
-        return {"pred_logits": logits / len(queries), "pred_masks": masks / len(queries)}
+        """Per-scale heads, averaged in logit space; masks upsampled to the finest map first.
+        In training also the per-scale mask embeddings (``"mask_embed"``), for the criterion."""
+        normed = [norm(q) for norm, q in zip(self.decoder_norm, queries)]
+        logits = functools.reduce(torch.add, (head(q).squeeze(-1) for head, q in zip(self.class_embed, normed)))
+        embeds = [mlp(q) for mlp, q in zip(self.mask_embed, normed)]
+        masks = average_over_scales(map(mask_logits, embeds, mask_features), mask_features[0].shape[-2:])
+        out = {"pred_logits": logits / len(queries), "pred_masks": masks}
+        if self.training:
+            # The criterion takes the matched classes' rows of these products again rather
+            # than gathering them from pred_masks (ops/mask_product.py says why).
+            out["mask_embed"] = embeds
+        return out
 
     def forward(self, pixel_features: Sequence[Tensor], mask_features: Sequence[Tensor]) -> dict:
         if len(pixel_features) != self.num_scales or len(mask_features) != self.num_scales:
@@ -263,6 +264,8 @@ class PFTPredictor(nn.Module):
                 predictions.append(self.predict(queries, mask_features))
         out = dict(predictions[-1])
         out["aux_outputs"] = predictions[:-1]
+        if self.training:
+            out["mask_features"] = list(mask_features)  # shared by every layer's masks
         return out
 
 

@@ -16,12 +16,14 @@ Under autocast both operands are cast as autocast casts ``einsum``'s (ops.blocke
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ops.blocked_attention import autocast_off, compute_dtypes
+from ops.upsample import upsample_bilinear
 
 
 class _MaskProduct(torch.autograd.Function):
@@ -63,7 +65,8 @@ class _MaskProduct(torch.autograd.Function):
 # exactly zero. Below 1/SPARSE_FRACTION live rows the backward multiplies only those:
 # the zero rows add exactly nothing to either gradient. 2-core CPU, fp32, B=2, Q=100,
 # C=256, 64×64, 5 live rows per image: forward + backward 17.8 → 9.3 ms a layer (the
-# check costs 0.06 ms). MaskFormer's criterion avoids the gather (matched_mask_logits).
+# check costs 0.06 ms). The criteria of MaskFormer and PFT avoid the gather in training
+# (matched_mask_logits); it remains for outputs given without their factors.
 SPARSE_FRACTION = 2
 
 
@@ -99,26 +102,54 @@ def mask_logits(embed: Tensor, features: Tensor) -> Tensor:
         return _MaskProduct.apply(embed.to(dtype), features.to(dtype))
 
 
-def matched_mask_logits(embed: Tensor, features: Tensor, queries: list[Tensor], dtype: torch.dtype) -> Tensor:
-    """The mask logits of the listed queries only, ``cat_b mask_logits(embed, features)[b, queries[b]]``
-    (N×H×W, N = the queries listed over all images), computed in ``dtype`` (that of the
-    full product the model returned, so the values are the ones it holds).
+def average_over_scales(scale_logits: Iterable[Tensor], size: Sequence[int]) -> Tensor:
+    """PFT's masks from several scales: each scale's mask logits upsampled (bilinear) to
+    ``size`` and averaged in logit space; one scale (MaskFormer) is returned as it is. A
+    running sum, so the S full-size maps (the largest tensors here) are never stacked."""
+    total: Tensor | None = None
+    count = 0
+    for logits in scale_logits:
+        if logits.shape[-2:] != tuple(size):
+            logits = upsample_bilinear(logits, size)  # ATen's CPU backward is slow
+        total = logits if total is None else total + logits
+        count += 1
+    if total is None:
+        raise ValueError("average_over_scales needs at least one scale")
+    return total / count if count > 1 else total
+
+
+def matched_mask_logits(
+    embeds: Sequence[Tensor], features: Sequence[Tensor], queries: list[Tensor], dtype: torch.dtype
+) -> Tensor:
+    """The mask logits of the listed queries only (N×H×W, N = the queries listed over all
+    images): ``cat_b average_over_scales(mask_logits(embeds[s], features[s]))[b, queries[b]]``
+    with one B×Q×C embedding and one B×C×H×W feature map per scale (MaskFormer: one scale;
+    PFT: its four, H×W the first's), each product computed in ``dtype`` (that of the full
+    product the model returned, so the values are the ones it holds).
 
     Why: a loss on the matched masks, gathered from the full B×Q×H×W product, gets from
     the gather's backward a zero-filled gradient of that whole product — one per decoder
     layer, all of them allocated before any layer's product runs its backward (autograd
-    runs the loss's nodes first), ~20 MiB apiece at a 640 crop with 100 queries. Here the
-    product is taken again for a few rows: B×n_max queries, n_max the most listed in one
-    image (the others repeat query 0, their logits dropped), and the gradients are those
-    rows' only."""
-    batch, _, channels = embed.shape
+    runs the loss's nodes first), ~20 MiB apiece at a 640 crop with 100 queries; in PFT
+    each scale's upsampling then runs its backward over all K class rows, where only the
+    classes in the image get a gradient. Here the products are taken again for a few rows:
+    B×n_max queries, n_max the most listed in one image (the others repeat query 0, their
+    logits dropped), and the gradients are those rows' only."""
+    if len(embeds) != len(features) or not embeds:
+        raise ValueError(f"matched_mask_logits needs one embedding per feature map, got {len(embeds)} and {len(features)}")
+    batch = embeds[0].shape[0]
+    device = embeds[0].device
     most = max((len(q) for q in queries), default=0)
-    index = torch.zeros(batch, most, dtype=torch.long, device=embed.device)
+    index = torch.zeros(batch, most, dtype=torch.long, device=device)
     keep = []
     for image, rows in enumerate(queries):
-        index[image, : len(rows)] = rows.to(embed.device)
-        keep.append(image * most + torch.arange(len(rows), device=embed.device))
-    rows = embed.gather(1, index[..., None].expand(-1, -1, channels))
-    with autocast_off(embed.device.type):  # both operands in ``dtype``, whatever the caller's autocast
-        logits = mask_logits(rows.to(dtype), features.to(dtype))
+        index[image, : len(rows)] = rows.to(device)
+        keep.append(image * most + torch.arange(len(rows), device=device))
+
+    def scale_rows(embed: Tensor, feats: Tensor) -> Tensor:
+        rows = embed.gather(1, index[..., None].expand(-1, -1, embed.shape[-1]))
+        return mask_logits(rows.to(dtype), feats.to(dtype))
+
+    with autocast_off(device.type):  # every operand in ``dtype``, whatever the caller's autocast
+        logits = average_over_scales(map(scale_rows, embeds, features), features[0].shape[-2:])
     return logits.flatten(0, 1)[torch.cat(keep)]

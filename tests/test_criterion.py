@@ -8,10 +8,18 @@ import torch
 import torch.nn.functional as F
 
 from model.build import build_criterion, build_model
-from model.config import BackboneConfig, ModelConfig, PixelDecoderConfig, TransformerDecoderConfig
+from model.config import (
+    BackboneConfig,
+    LossConfig,
+    ModelConfig,
+    PFTDecoderConfig,
+    PixelDecoderConfig,
+    TransformerDecoderConfig,
+)
 from model.criterion import SetCriterion
 from model.matcher import FixedMatcher, HungarianMatcher
 from ops.losses import binary_ce_loss, dice_loss, focal_ce_loss, sigmoid_focal_loss
+from ops.mask_product import matched_mask_logits
 from ops.point_sampling import calculate_uncertainty, get_uncertain_point_coords_with_randomness, point_sample
 
 
@@ -126,12 +134,24 @@ def test_bf16_autocast_gives_fp32_losses_with_gradients_and_deep_supervision_key
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
 
-def test_matched_masks_from_the_factors_give_the_losses_and_gradients_of_the_gather():
-    """MaskFormer hands the criterion the factors of pred_masks in training: the mask losses
-    take the matched rows of their product again, and the full product's gradient is never
-    formed (its backward does not run)."""
+def _tiny_pft_cfg() -> ModelConfig:
+    return ModelConfig(
+        name="pft",
+        num_classes=4,
+        backbone=BackboneConfig(name="test_resnet"),
+        pixel_decoder=PixelDecoderConfig(conv_dim=32, mask_dim=32),
+        pft=PFTDecoderConfig(hidden_dim=32, nheads=2, dim_feedforward=64, dec_layers=2),
+        loss=LossConfig(focal_ce_weight=1.0),
+    )
+
+
+@pytest.mark.parametrize("make_cfg", [_tiny_model_cfg, _tiny_pft_cfg], ids=["maskformer", "pft"])
+def test_matched_masks_from_the_factors_give_the_losses_and_gradients_of_the_gather(make_cfg):
+    """MaskFormer and PFT hand the criterion the factors of pred_masks in training (PFT's
+    per scale): the mask losses take the matched rows of their products again, and the full
+    product's gradient is never formed (its backward does not run)."""
     torch.manual_seed(0)
-    cfg = _tiny_model_cfg()
+    cfg = make_cfg()
     model, criterion = build_model(cfg).double(), build_criterion(cfg)
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     targets = _targets(2)
@@ -148,7 +168,7 @@ def test_matched_masks_from_the_factors_give_the_losses_and_gradients_of_the_gat
         losses = criterion(outputs, targets)
         model.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
-        assert len(full_product_grads) == (0 if factors else 3)
+        assert len(full_product_grads) == (0 if factors else 1 + len(outputs["aux_outputs"]))
         results.append((losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (losses, grads), (losses_ref, grads_ref) = results
     assert losses.keys() == losses_ref.keys() and grads.keys() == grads_ref.keys()
@@ -158,6 +178,28 @@ def test_matched_masks_from_the_factors_give_the_losses_and_gradients_of_the_gat
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-10, atol=1e-12, msg=name)
     model.eval()
     assert "mask_features" not in model(images) and "mask_embed" not in model(images)
+
+
+@pytest.mark.parametrize("make_cfg", [_tiny_model_cfg, _tiny_pft_cfg], ids=["maskformer", "pft"])
+def test_matched_masks_under_bf16_autocast_are_the_rows_the_model_returned(make_cfg):
+    """Under autocast the model's mask products (and PFT's upsampling and average) ran in
+    bf16; the criterion runs with autocast off and must take the matched rows in that dtype
+    too, so its masks are the ones in pred_masks (to one bf16 rounding: the GEMM sums fewer rows)."""
+    torch.manual_seed(0)
+    cfg = make_cfg()
+    model = build_model(cfg).train()
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(images)
+    assert outputs["pred_masks"].dtype == torch.bfloat16
+    indices = build_criterion(cfg).matcher(outputs, _targets(2))
+    queries = [i for i, _ in indices]
+    factors = outputs["mask_embed"], outputs["mask_features"]
+    embeds, features = ([x] if isinstance(x, torch.Tensor) else x for x in factors)
+    picked = matched_mask_logits(embeds, features, queries, outputs["pred_masks"].dtype)
+    gathered = torch.cat([outputs["pred_masks"][b, q] for b, q in enumerate(queries)])
+    assert picked.dtype == torch.bfloat16 and picked.shape == gathered.shape and picked.shape[0] > 0
+    torch.testing.assert_close(picked.float(), gathered.float(), rtol=2**-7, atol=1e-3)
 
 
 def test_no_aux_losses_without_deep_supervision():
