@@ -133,13 +133,14 @@ def matched_mask_logits(
     runs the loss's nodes first), ~20 MiB apiece at a 640 crop with 100 queries; in PFT
     each scale's upsampling then runs its backward over all K class rows, where only the
     classes in the image get a gradient. Here the products are taken again for a few rows:
-    B×n_max queries, n_max the most listed in one image (the others repeat query 0, their
-    logits dropped), and the gradients are those rows' only."""
+    B×n_max queries, n_max the most listed in one image or 1 (the others repeat query 0,
+    their logits dropped), and the gradients are those rows' only."""
     if len(embeds) != len(features) or not embeds:
         raise ValueError(f"matched_mask_logits needs one embedding per feature map, got {len(embeds)} and {len(features)}")
     batch = embeds[0].shape[0]
     device = embeds[0].device
-    most = max((len(q) for q in queries), default=0)
+    # At least one row: with no query listed, upsampling would get zero rows (ATen rejects them).
+    most = max([1, *(len(q) for q in queries)])
     index = torch.zeros(batch, most, dtype=torch.long, device=device)
     keep = []
     for image, rows in enumerate(queries):

@@ -19,7 +19,7 @@ from model.config import (
 from model.criterion import SetCriterion
 from model.matcher import FixedMatcher, HungarianMatcher
 from ops.losses import binary_ce_loss, dice_loss, focal_ce_loss, sigmoid_focal_loss
-from ops.mask_product import matched_mask_logits
+from ops.mask_product import average_over_scales, matched_mask_logits
 from ops.point_sampling import calculate_uncertainty, get_uncertain_point_coords_with_randomness, point_sample
 
 
@@ -228,6 +228,16 @@ def test_images_without_masks_still_backpropagate():
     assert losses["loss_focal"].item() == 0 and losses["loss_dice"].item() == 0
     sum(losses.values()).backward()
     assert embed.grad is not None and features.grad is not None
+    # PFT's per-scale factors, whose coarser products are upsampled: the same.
+    embeds = [torch.randn(2, 3, c, requires_grad=True) for c in (5, 4)]
+    features = [torch.randn(2, 5, 4, 4, requires_grad=True), torch.randn(2, 4, 2, 2, requires_grad=True)]
+    products = [torch.einsum("bqc,bchw->bqhw", e, f) for e, f in zip(embeds, features)]
+    outputs = {"pred_logits": logits, "pred_masks": average_over_scales(products, (4, 4)),
+               "mask_embed": embeds, "mask_features": features}
+    losses = _criterion(3)(outputs, [empty, empty])
+    assert losses["loss_focal"].item() == 0 and losses["loss_dice"].item() == 0
+    sum(losses.values()).backward()
+    assert all(x.grad is not None for x in (*embeds, *features))
 
 
 def test_num_masks_is_averaged_over_ranks(monkeypatch):

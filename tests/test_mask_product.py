@@ -108,7 +108,7 @@ def test_average_over_scales_upsamples_to_the_first_scale_and_averages_logits():
         average_over_scales([], (8, 12))
 
 
-@pytest.mark.parametrize("rows", [[[3, 0], [4]], [[], [2]]])
+@pytest.mark.parametrize("rows", [[[3, 0], [4]], [[], [2]], [[], []]])
 def test_matched_rows_over_scales_are_the_gathered_rows_of_the_averaged_product(rows):
     """PFT: per-scale products of different sizes and widths, averaged after upsampling."""
     torch.manual_seed(0)
