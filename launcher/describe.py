@@ -288,7 +288,8 @@ def _stand_ins(value, key: str, side: int, generator: torch.Generator, leaves: l
     if isinstance(value, dict):
         return {k: _stand_ins(v, k, side, generator, leaves) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        # PFT's per-scale mask features: the finest side², the coarser ones in proportion.
+        # The per-scale mask features (MaskFormer's one, PFT's four): the finest side², the
+        # coarser ones in proportion.
         sides = [max(1, side * v.shape[-1] // value[0].shape[-1]) if key == "mask_features" else side for v in value]
         return [_stand_ins(v, key, s, generator, leaves) for v, s in zip(value, sides)]
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
@@ -310,8 +311,7 @@ def _loss_bytes_at(cfg: ModelConfig, outputs: dict, side: int, ratio: int, gener
     batch, num_queries = structured["pred_masks"].shape[:2]
     targets = _stand_in_targets(cfg, batch, min(masks_per_image, num_queries), side * ratio, generator)
     # The mask features are the model's, saved by its mask products: counted with the decoders.
-    features = structured.get("mask_features", [])
-    saved = _SavedTensors(exclude=[features] if isinstance(features, torch.Tensor) else list(features))
+    saved = _SavedTensors(exclude=structured.get("mask_features", []))
     for leaf in leaves:  # the outputs stay alive until the backward pass
         saved.add(leaf)
     with saved.hooks():

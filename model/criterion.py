@@ -55,9 +55,9 @@ class SetCriterion(nn.Module):
     H×W the input image size (ignored pixels simply belong to no mask; n may be 0).
     ``outputs["pred_logits"]``: B×Q×(K+1) for ``class_loss="softmax"``, B×Q for "sigmoid".
     Optional: ``outputs["mask_features"]`` and, per layer, ``"mask_embed"``, the factors of
-    ``pred_masks`` (MaskFormer in training: ``mask_logits(mask_embed, mask_features)``; PFT:
-    lists of per-scale ones, ``pred_masks = average_over_scales`` of their products): the
-    mask losses then take the matched rows of those products again (``loss_masks``).
+    ``pred_masks`` as lists, one element per scale (``pred_masks = average_over_scales`` of
+    their products; MaskFormer in training: one scale, PFT: its four): the mask losses then
+    take the matched rows of those products again (``loss_masks``).
     """
 
     def __init__(
@@ -163,16 +163,14 @@ class SetCriterion(nn.Module):
 
     def loss_masks(
         self, pred_masks: Tensor, targets: list[dict], indices: Indices, num_masks: float,
-        mask_embed: Tensor | Sequence[Tensor] | None = None, mask_features: Tensor | Sequence[Tensor] | None = None,
+        mask_embed: Sequence[Tensor] | None = None, mask_features: Sequence[Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """With ``mask_embed`` and ``mask_features`` (one scale's or a list of per-scale ones,
-        the factors of ``pred_masks``), the matched masks are the matched rows of their
-        products, taken again (``matched_mask_logits`` says why); else gathered from
-        ``pred_masks``."""
+        """With ``mask_embed`` and ``mask_features`` (the per-scale factors of ``pred_masks``),
+        the matched masks are the matched rows of their products, taken again
+        (``matched_mask_logits`` says why); else gathered from ``pred_masks``."""
         device = pred_masks.device
         if mask_embed is not None and mask_features is not None:
-            embeds, features = ([x] if isinstance(x, Tensor) else list(x) for x in (mask_embed, mask_features))
-            src = matched_mask_logits(embeds, features, [i for i, _ in indices], pred_masks.dtype)
+            src = matched_mask_logits(mask_embed, mask_features, [i for i, _ in indices], pred_masks.dtype)
         else:
             # One gather from the B·Q masks: its backward scatters into one zero-filled tensor,
             # where a per-image pred_masks[b, i] costs two full-size zero fills and a sum per image.
@@ -217,7 +215,7 @@ class SetCriterion(nn.Module):
         return point_sample(src, points)[:, 0], point_labels
 
     def _losses(self, outputs: dict, targets: list[dict], num_masks: float, suffix: str,
-                mask_features: Tensor | Sequence[Tensor] | None) -> dict[str, Tensor]:
+                mask_features: Sequence[Tensor] | None) -> dict[str, Tensor]:
         indices = self.matcher(outputs, targets)
         losses = self.class_losses(outputs["pred_logits"].float(), targets, indices, num_masks, suffix)
         focal, dice = self.loss_masks(outputs["pred_masks"], targets, indices, num_masks,

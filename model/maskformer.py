@@ -53,8 +53,9 @@ class MaskFormer(NormalizedInput):
     ``{"pred_logits": B×Q×(K+1), "pred_masks": B×Q×H/4×W/4 (mask logits),
     "aux_outputs": [{"pred_logits", "pred_masks"} per earlier decoder layer]}``;
     ``aux_outputs`` is filled only in training mode with deep supervision (else ``[]``).
-    In training the dicts also carry ``mask_embed`` and the top level ``mask_features``,
-    the two factors of ``pred_masks``, for the criterion (``TransformerPredictor``).
+    In training the dicts also carry ``mask_embed`` and the top level ``mask_features``
+    (one-element lists), the two factors of ``pred_masks``, for the criterion
+    (``TransformerPredictor``).
 
     ``pred_masks`` are at the finest backbone stride (4 for the usual out_indices) and
     come out in the autocast dtype; the criterion and inference cast them to fp32.

@@ -141,8 +141,9 @@ class TransformerPredictor(nn.Module):
     """``forward(x: B×C_in×h×w stride-32 map, mask_features: B×D×H×W)`` ->
     ``{"pred_logits": B×Q×(K+1), "pred_masks": B×Q×H×W, "aux_outputs": [...]}``;
     ``aux_outputs`` (earlier layers, same keys) only in training with deep supervision.
-    In training also ``"mask_embed"`` (B×Q×C, per layer) and ``"mask_features"`` (top
-    level), of which ``pred_masks`` is the product, for the criterion."""
+    In training also ``"mask_embed"`` (``[B×Q×C]``, per layer) and ``"mask_features"``
+    (``[B×D×H×W]``, top level), of which ``pred_masks`` is the product, for the criterion:
+    one-element lists, the one scale of the per-scale factors PFT hands it."""
 
     def __init__(
         self,
@@ -202,9 +203,9 @@ class TransformerPredictor(nn.Module):
             # For the criterion: it takes the matched masks' rows of the product again
             # rather than gathering them from pred_masks (ops/mask_product.py says why).
             for layer, embed in zip(outputs, embeds):
-                layer["mask_embed"] = embed
+                layer["mask_embed"] = [embed]
         return {**outputs[-1], "aux_outputs": outputs[:-1],
-                **({"mask_features": mask_features} if self.training else {})}
+                **({"mask_features": [mask_features]} if self.training else {})}
 
 
 def build_transformer_predictor(

@@ -194,9 +194,7 @@ def test_matched_masks_under_bf16_autocast_are_the_rows_the_model_returned(make_
     assert outputs["pred_masks"].dtype == torch.bfloat16
     indices = build_criterion(cfg).matcher(outputs, _targets(2))
     queries = [i for i, _ in indices]
-    factors = outputs["mask_embed"], outputs["mask_features"]
-    embeds, features = ([x] if isinstance(x, torch.Tensor) else x for x in factors)
-    picked = matched_mask_logits(embeds, features, queries, outputs["pred_masks"].dtype)
+    picked = matched_mask_logits(outputs["mask_embed"], outputs["mask_features"], queries, outputs["pred_masks"].dtype)
     gathered = torch.cat([outputs["pred_masks"][b, q] for b, q in enumerate(queries)])
     assert picked.dtype == torch.bfloat16 and picked.shape == gathered.shape and picked.shape[0] > 0
     torch.testing.assert_close(picked.float(), gathered.float(), rtol=2**-7, atol=1e-3)
@@ -223,7 +221,7 @@ def test_images_without_masks_still_backpropagate():
     # whose gradients still reach both factors.
     embed, features = torch.randn(2, 3, 5, requires_grad=True), torch.randn(2, 5, 2, 2, requires_grad=True)
     outputs = {"pred_logits": logits, "pred_masks": torch.einsum("bqc,bchw->bqhw", embed, features),
-               "mask_embed": embed, "mask_features": features}
+               "mask_embed": [embed], "mask_features": [features]}
     losses = _criterion(3)(outputs, [empty, empty])
     assert losses["loss_focal"].item() == 0 and losses["loss_dice"].item() == 0
     sum(losses.values()).backward()
