@@ -78,6 +78,12 @@ def test_file_errors(tmp_path):
     loop.write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="cycle"):
         load_config(str(loop))
+    with pytest.raises(ConfigError, match=f"{tmp_path}: is a folder; expected a YAML config file"):
+        load_config(str(tmp_path))
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(b"\x80\x81\xff" * 10)
+    with pytest.raises(ConfigError, match="weights.yaml: not a text file"):
+        load_config(str(binary))
     with pytest.raises(ConfigError, match="expected section.key=value"):
         parse_override("train.max_steps")
 
