@@ -26,7 +26,11 @@ def torch_extensions_dir() -> str:
 
 # Settings a user sets where they type the command that every process of the run must
 # share: the driver hands them to its workers, and ``submit`` to the job it starts.
-USER_ENV_VARS = ("OMP_NUM_THREADS", "SEGSCALE_LOG_LEVEL", "SEGSCALE_FAULT")
+# MALLOC_MMAP_THRESHOLD_ (glibc reads it when a process starts, so it must be in the
+# worker's environment from the start, as Ray's runtime_env puts it): a fixed threshold
+# returns freed tensors above it to the OS, so a CPU worker's resident memory follows its
+# live tensors, for more step time (README "Troubleshooting"; benchmarks/RESULTS.md).
+USER_ENV_VARS = ("OMP_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_", "SEGSCALE_LOG_LEVEL", "SEGSCALE_FAULT")
 
 
 def runtime_env_vars(use_gpu: bool = False, zero_stage: int = 0) -> dict[str, str]:

@@ -66,6 +66,17 @@ def test_zero3_workers_checkpoint_reentrantly():
     assert "TIMM_REENTRANT_CKPT" not in runtime_env_vars(zero_stage=1)
 
 
+def test_workers_get_the_users_thread_and_allocator_settings(monkeypatch):
+    from launcher.environment import runtime_env_vars
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4194304")
+    env = runtime_env_vars()
+    assert env["OMP_NUM_THREADS"] == "3" and env["MALLOC_MMAP_THRESHOLD_"] == "4194304"
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    assert "MALLOC_MMAP_THRESHOLD_" not in runtime_env_vars()  # glibc's own default unless set
+
+
 def test_relative_paths_refused_inside_ray_job(monkeypatch):
     cfg = config()  # test_tiny.yaml's output_dir is the relative 'runs'
     check_paths_for_job(cfg)  # outside a job: fine
