@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from data_pipeline.manifest import load_manifest, training_classes
 from launcher.checkpoint import META_FILE, CheckpointError, load_model_weights, read_meta, resolve_checkpoint
 from launcher.config import ConfigError, RunConfig, config_from_dict, default_run_name, load_config
-from launcher.evaluate import evaluate_on_validation
-from launcher.predict import write_predictions
 from launcher.typed_config import merge, parse_override
-from model.build import build_model
+
+if TYPE_CHECKING:
+    import torch
+
+# The models (timm, torchvision) and the evaluation code are imported by the commands that
+# use them: `train` runs neither in this process, and starts Ray sooner without them.
 
 
 def train_command(config_path: str, overrides: list[str], address: str) -> int:
@@ -55,6 +57,8 @@ def load_for_inference(config_path: str, overrides: list[str], checkpoint: str) 
         for text in overrides:
             data = merge(data, parse_override(text))
         cfg = config_from_dict(data, source=os.path.join(directory, META_FILE))
+    from model.build import build_model
+
     model = build_model(cfg.model)
     missing, unexpected = model.load_state_dict(load_model_weights(directory), strict=False)
     if missing or unexpected:
@@ -68,6 +72,8 @@ def eval_command(config_path: str, overrides: list[str], checkpoint: str, json_p
     cfg, model, directory = load_for_inference(config_path, overrides, checkpoint)
     if cfg.data.task == "panoptic":
         return _panoptic_eval(cfg, model, directory, json_path)
+    from launcher.evaluate import evaluate_on_validation
+
     results = evaluate_on_validation(cfg, model)
     classes = training_classes(load_manifest(cfg.data.val_manifest), cfg.data.reduce_zero_label)
     print(f"checkpoint {directory} (step {read_meta(directory).step}) on {cfg.data.val_manifest}")
@@ -91,6 +97,8 @@ def predict_command(config_path: str, overrides: list[str], checkpoint: str, out
         print(f"wrote {count} COCO-panoptic predictions ({json_path}, PNGs in {out_dir}/panoptic) and "
               f"{overlays} overlays (image | prediction | ground truth) to {out_dir}/overlays")
         return 0
+    from launcher.predict import write_predictions
+
     written = write_predictions(cfg, model, out_dir, num)
     print(f"wrote {len(written)} overlays (image | prediction | ground truth) to {out_dir} and their "
           f"label maps (classes 0..{cfg.model.num_classes - 1}, for eval-semantic) to {os.path.join(out_dir, 'labels')}")

@@ -22,7 +22,6 @@ from launcher.checkpoint import verify_checkpoint
 from launcher.config import ConfigError, RunConfig, dump_config, to_dict
 from launcher.environment import runtime_env_vars
 from launcher.preflight import check_paths_for_job, check_resume, check_run
-from launcher.train_loop import train_worker
 from launcher.universal_checkpoint import ensure_universal, needs_universal
 
 
@@ -74,6 +73,15 @@ def connect(cfg: RunConfig) -> bool:
     ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
              _node_ip_address="127.0.0.1")
     return True
+
+
+def train_worker(loop_config: dict) -> None:
+    """Every Ray Train worker's entry point: ``launcher.train_loop.train_worker``, imported
+    here, in the worker. The driver never runs the loop, so it does not import DeepSpeed,
+    timm or the models, and starts Ray a few seconds sooner."""
+    from launcher.train_loop import train_worker as run_worker
+
+    run_worker(loop_config)
 
 
 def run_training(cfg: RunConfig) -> TrainOutcome:
