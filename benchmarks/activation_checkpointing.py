@@ -52,7 +52,7 @@ import ops.torchvision_fix  # noqa: F401
 
 # isort: split
 import torch
-from measure import LIVE_ALLOCATOR_ENV, peak_rss_bytes, rss_bytes  # benchmarks/ is on sys.path
+from measure import LIVE_ALLOCATOR_ENV, child_env, peak_rss_bytes, rss_bytes  # benchmarks/ is on sys.path
 
 from data_pipeline.synthetic import synthetic_batch
 from launcher.describe import MASKS_PER_IMAGE, measure_activations, measure_loss_activations
@@ -170,7 +170,7 @@ def measure_memory(args: argparse.Namespace, checkpointing: bool, extra_env: dic
     command = [sys.executable, __file__, "--memory-child", "on" if checkpointing else "off",
                "--embed-dim", str(args.embed_dim), "--size", str(args.size), "--batch", str(args.batch),
                "--precision", args.precision, "--threads", str(args.threads), "--checkpoint", args.checkpoint]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), **extra_env}
+    env = child_env(args.threads, extra_env)
     out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 

@@ -43,7 +43,11 @@ import ops.torchvision_fix  # noqa: F401
 
 # isort: split
 import torch
-from measure import LIVE_ALLOCATOR_ENV, peak_rss_bytes  # benchmarks/ is on sys.path when run as a script
+from measure import (  # benchmarks/ is on sys.path when run as a script
+    LIVE_ALLOCATOR_ENV,
+    child_env,
+    peak_rss_bytes,
+)
 
 from data_pipeline.synthetic import synthetic_batch
 from model.build import build_criterion, build_model
@@ -153,7 +157,7 @@ def memory_child(impl: str, dtype: str, steps: int) -> None:
 def measure_memory(impl: str, dtype: str, threads: int, runs: int, extra_env: dict[str, str]) -> int:
     """Median peak over ``runs`` fresh child processes: with glibc's defaults the peak RSS
     of one run varies by +-50 MiB (how freed blocks happen to be reused)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **extra_env}
+    env = child_env(threads, extra_env)
     peaks = []
     for _ in range(runs):
         out = subprocess.run([sys.executable, __file__, "--memory-child", impl, dtype, "--threads", str(threads)],

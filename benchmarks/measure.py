@@ -77,10 +77,19 @@ def cuda_peak_bytes(run: Callable[[], object], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - before
 
 
+def child_env(threads: int, extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """A memory child's environment: this one with ``threads`` threads, glibc's malloc
+    settings (``MALLOC_*``, e.g. the ``MALLOC_MMAP_THRESHOLD_`` README "Troubleshooting"
+    suggests) left out so that a side labelled "glibc defaults" runs with them, and
+    ``extra_env`` on top."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    return {**env, "OMP_NUM_THREADS": str(threads), **(extra_env or {})}
+
+
 def child_peak_bytes(script: str, child_args: Sequence[str], threads: int) -> int:
     """Runs ``script --memory-child ARGS`` in a fresh process, which prints a JSON line
     with ``peak_bytes`` last (see ``report_child_peak``)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = child_env(threads)
     command = [sys.executable, script, "--memory-child", *child_args, "--threads", str(threads)]
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
