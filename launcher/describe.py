@@ -308,7 +308,8 @@ def _loss_bytes_at(cfg: ModelConfig, outputs: dict, side: int, ratio: int, gener
     """Saved bytes of the criterion on stand-ins of ``outputs`` with ``side``² masks."""
     leaves: list[torch.Tensor] = []
     structured = _stand_ins(outputs, "", side, generator, leaves)
-    batch, num_queries = structured["pred_masks"].shape[:2]
+    # PFT in training forms no pred_masks; its B×K class logits give the same two numbers.
+    batch, num_queries = structured["pred_masks" if "pred_masks" in structured else "pred_logits"].shape[:2]
     targets = _stand_in_targets(cfg, batch, min(masks_per_image, num_queries), side * ratio, generator)
     # The mask features are the model's, saved by its mask products: counted with the decoders.
     saved = _SavedTensors(exclude=structured.get("mask_features", []))
@@ -357,9 +358,12 @@ def measure_loss_activations(cfg: ModelConfig, outputs: dict, crop_size: int,
                              masks_per_image: int = MASKS_PER_IMAGE) -> int:
     """Criterion bytes at the crop size, extrapolated from two small sizes (linear in
     pixels), with ``masks_per_image`` ground-truth masks per image."""
-    if "pred_masks" not in outputs:
+    if "pred_masks" in outputs:
+        mask_side = outputs["pred_masks"].shape[-1]
+    elif "mask_features" in outputs:  # PFT in training: its masks as their factors, finest first
+        mask_side = outputs["mask_features"][0].shape[-1]
+    else:
         return _dense_loss_bytes(cfg, outputs, crop_size, masks_per_image)
-    mask_side = outputs["pred_masks"].shape[-1]
     ratio = max(1, round(crop_size / mask_side))  # the masks' stride (4 for MaskFormer/PFT)
     generator = torch.Generator().manual_seed(0)
     small, large = _LOSS_SIDES

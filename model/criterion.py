@@ -57,7 +57,8 @@ class SetCriterion(nn.Module):
     Optional: ``outputs["mask_features"]`` and, per layer, ``"mask_embed"``, the factors of
     ``pred_masks`` as lists, one element per scale (``pred_masks = average_over_scales`` of
     their products; MaskFormer in training: one scale, PFT: its four): the mask losses then
-    take the matched rows of those products again (``loss_masks``).
+    take the matched rows of those products again (``loss_masks``), and ``pred_masks`` may
+    be absent (PFT in training, whose fixed matcher reads no mask).
     """
 
     def __init__(
@@ -162,16 +163,22 @@ class SetCriterion(nn.Module):
         return losses
 
     def loss_masks(
-        self, pred_masks: Tensor, targets: list[dict], indices: Indices, num_masks: float,
+        self, pred_masks: Tensor | None, targets: list[dict], indices: Indices, num_masks: float,
         mask_embed: Sequence[Tensor] | None = None, mask_features: Sequence[Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """With ``mask_embed`` and ``mask_features`` (the per-scale factors of ``pred_masks``),
         the matched masks are the matched rows of their products, taken again
-        (``matched_mask_logits`` says why); else gathered from ``pred_masks``."""
-        device = pred_masks.device
+        (``matched_mask_logits`` says why), in ``pred_masks``' dtype or, where the model
+        formed no ``pred_masks`` (PFT in training), the embeddings'; else gathered from
+        ``pred_masks``."""
         if mask_embed is not None and mask_features is not None:
-            src = matched_mask_logits(mask_embed, mask_features, [i for i, _ in indices], pred_masks.dtype)
+            dtype = (pred_masks if pred_masks is not None else mask_embed[0]).dtype
+            src = matched_mask_logits(mask_embed, mask_features, [i for i, _ in indices], dtype)
+            device = src.device
+        elif pred_masks is None:
+            raise ValueError("SetCriterion: outputs need pred_masks, or mask_embed with mask_features (their factors)")
         else:
+            device = pred_masks.device
             # One gather from the B·Q masks: its backward scatters into one zero-filled tensor,
             # where a per-image pred_masks[b, i] costs two full-size zero fills and a sum per image.
             queries = pred_masks.shape[1]
@@ -218,7 +225,7 @@ class SetCriterion(nn.Module):
                 mask_features: Sequence[Tensor] | None) -> dict[str, Tensor]:
         indices = self.matcher(outputs, targets)
         losses = self.class_losses(outputs["pred_logits"].float(), targets, indices, num_masks, suffix)
-        focal, dice = self.loss_masks(outputs["pred_masks"], targets, indices, num_masks,
+        focal, dice = self.loss_masks(outputs.get("pred_masks"), targets, indices, num_masks,
                                       outputs.get("mask_embed"), mask_features)
         losses[f"loss_focal{suffix}"] = self.focal_weight * focal
         losses[f"loss_dice{suffix}"] = self.dice_weight * dice

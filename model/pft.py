@@ -25,12 +25,13 @@ from model.pft_decoder import PFTPredictor
 
 class PFT(NormalizedInput):
     """``forward(images: B×3×H×W, uint8 or float on a 0..255 scale)`` ->
-    ``{"pred_logits": B×K, "pred_masks": B×K×H/4×W/4, "aux_outputs": [...]}``.
+    ``{"pred_logits": B×K, "pred_masks": B×K×H/4×W/4, "aux_outputs": []}`` in evaluation.
 
     Query i is class i: ``pred_logits[:, i]`` is the (scale-averaged) logit of "class i is
-    in the image" and ``pred_masks[:, i]`` class i's mask logits. ``aux_outputs`` (same
-    keys and shapes, one per earlier decoder layer) is filled only in training mode with
-    deep supervision (else ``[]``).
+    in the image" and ``pred_masks[:, i]`` class i's mask logits. In training the masks
+    come as their factors (``mask_embed`` per layer, ``mask_features``; ``pft_mask_logits``
+    forms them) and ``aux_outputs`` holds the earlier decoder layers with deep supervision
+    (``PFTPredictor`` says why).
 
     ``pixel_decoder(features)`` must return an object with ``mask_features`` (B×D×H/4×W/4)
     and ``multi_scale_features`` (one map per scale, strides 4/8/16/32, finest first).

@@ -18,6 +18,7 @@ from model.config import (
 )
 from model.criterion import SetCriterion
 from model.matcher import FixedMatcher, HungarianMatcher
+from model.pft_decoder import pft_mask_logits
 from ops.losses import binary_ce_loss, dice_loss, focal_ce_loss, sigmoid_focal_loss
 from ops.mask_product import average_over_scales, matched_mask_logits
 from ops.point_sampling import calculate_uncertainty, get_uncertain_point_coords_with_randomness, point_sample
@@ -145,11 +146,17 @@ def _tiny_pft_cfg() -> ModelConfig:
     )
 
 
+def _full_masks(layer: dict, mask_features: list) -> torch.Tensor:
+    """A training layer's pred_masks: the model's (MaskFormer), or formed from its factors
+    (PFT, which forms none in training)."""
+    return layer["pred_masks"] if "pred_masks" in layer else pft_mask_logits(layer["mask_embed"], mask_features)
+
+
 @pytest.mark.parametrize("make_cfg", [_tiny_model_cfg, _tiny_pft_cfg], ids=["maskformer", "pft"])
 def test_matched_masks_from_the_factors_give_the_losses_and_gradients_of_the_gather(make_cfg):
     """MaskFormer and PFT hand the criterion the factors of pred_masks in training (PFT's
-    per scale): the mask losses take the matched rows of their products again, and the full
-    product's gradient is never formed (its backward does not run)."""
+    per scale, and no pred_masks): the mask losses take the matched rows of their products
+    again, and the full product's gradient is never formed (its backward does not run)."""
     torch.manual_seed(0)
     cfg = make_cfg()
     model, criterion = build_model(cfg).double(), build_criterion(cfg)
@@ -159,16 +166,21 @@ def test_matched_masks_from_the_factors_give_the_losses_and_gradients_of_the_gat
     for factors in (True, False):
         torch.manual_seed(1)  # the same drop-path and dropout draws
         outputs = model(images)
+        layers = (outputs, *outputs["aux_outputs"])
         assert ("mask_features" in outputs) and all("mask_embed" in o for o in outputs["aux_outputs"])
-        if not factors:
-            outputs.pop("mask_features")
+        assert ("pred_masks" in outputs) == (cfg.name == "maskformer")
+        if not factors:  # the reference: losses gathered from the full products
+            features = outputs.pop("mask_features")
+            for layer in layers:
+                layer["pred_masks"] = _full_masks(layer, features)
         full_product_grads = []
-        for layer in (outputs, *outputs["aux_outputs"]):
-            layer["pred_masks"].register_hook(full_product_grads.append)
+        for layer in layers:
+            if "pred_masks" in layer:
+                layer["pred_masks"].register_hook(full_product_grads.append)
         losses = criterion(outputs, targets)
         model.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
-        assert len(full_product_grads) == (0 if factors else 1 + len(outputs["aux_outputs"]))
+        assert len(full_product_grads) == (0 if factors else len(layers))
         results.append((losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (losses, grads), (losses_ref, grads_ref) = results
     assert losses.keys() == losses_ref.keys() and grads.keys() == grads_ref.keys()
@@ -191,11 +203,13 @@ def test_matched_masks_under_bf16_autocast_are_the_rows_the_model_returned(make_
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outputs = model(images)
-    assert outputs["pred_masks"].dtype == torch.bfloat16
+        full = _full_masks(outputs, outputs["mask_features"])
+    # The criterion takes pred_masks' dtype, or where there are none (PFT) the embeddings'.
+    assert full.dtype == torch.bfloat16 and outputs["mask_embed"][0].dtype == torch.bfloat16
     indices = build_criterion(cfg).matcher(outputs, _targets(2))
     queries = [i for i, _ in indices]
-    picked = matched_mask_logits(outputs["mask_embed"], outputs["mask_features"], queries, outputs["pred_masks"].dtype)
-    gathered = torch.cat([outputs["pred_masks"][b, q] for b, q in enumerate(queries)])
+    picked = matched_mask_logits(outputs["mask_embed"], outputs["mask_features"], queries, full.dtype)
+    gathered = torch.cat([full[b, q] for b, q in enumerate(queries)])
     assert picked.dtype == torch.bfloat16 and picked.shape == gathered.shape and picked.shape[0] > 0
     torch.testing.assert_close(picked.float(), gathered.float(), rtol=2**-7, atol=1e-3)
 

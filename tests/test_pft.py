@@ -13,7 +13,7 @@ from model.build import build_criterion, build_model
 from model.config import BackboneConfig, LossConfig, ModelConfig, PFTDecoderConfig, PixelDecoderConfig
 from model.matcher import FixedMatcher
 from model.pft import PFT
-from model.pft_decoder import PFTPredictor
+from model.pft_decoder import PFTPredictor, pft_mask_logits
 
 
 def tiny_cfg(num_classes: int = 5, **pft) -> ModelConfig:
@@ -34,10 +34,15 @@ def test_output_shapes_aux_outputs_and_losses():
     assert isinstance(model, PFT)
     outputs = model(torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8))
     assert outputs["pred_logits"].shape == (2, 5)  # one logit per category query
-    assert outputs["pred_masks"].shape == (2, 5, 16, 24)  # stride 4
+    # In training the masks come as their factors: one embedding and one map per scale.
+    assert "pred_masks" not in outputs
+    assert [tuple(m.shape) for m in outputs["mask_features"]] == [(2, 32, 16, 24), (2, 32, 8, 12), (2, 32, 4, 6),
+                                                                 (2, 32, 2, 3)]  # fmt: skip
+    assert [tuple(e.shape) for e in outputs["mask_embed"]] == [(2, 5, 32)] * 4
+    assert pft_mask_logits(outputs["mask_embed"], outputs["mask_features"]).shape == (2, 5, 16, 24)  # stride 4
     assert len(outputs["aux_outputs"]) == 1  # dec_layers - 1
     aux = outputs["aux_outputs"][0]
-    assert aux["pred_logits"].shape == (2, 5) and aux["pred_masks"].shape == (2, 5, 16, 24)
+    assert aux.keys() == {"pred_logits", "mask_embed"} and aux["pred_logits"].shape == (2, 5)
     assert [tuple(m.weight.shape) for m in model.predictor.class_embed] == [(1, 32)] * 4
     assert not torch.equal(aux["pred_logits"], outputs["pred_logits"])
 
@@ -63,7 +68,7 @@ def test_output_shapes_aux_outputs_and_losses():
     unused = [n for n, p in model.named_parameters() if p.grad is None]
     assert unused == []
 
-    no_ds = build_model(tiny_cfg(deep_supervision=False))(torch.zeros(1, 3, 64, 64))
+    no_ds = build_model(tiny_cfg(deep_supervision=False)).eval()(torch.zeros(1, 3, 64, 64))
     assert no_ds["aux_outputs"] == [] and no_ds["pred_masks"].shape == (1, 5, 16, 16)
 
 
@@ -100,10 +105,12 @@ def test_heads_run_on_every_layer_only_in_training(monkeypatch):
         calls.clear()
         evaluated = model.eval()(images)
     # Evaluation: the last layer's heads only (no 4 scales × K stride-4 masks per earlier
-    # layer), and the same final prediction as in training (dropout 0, frozen BN).
+    # layer), and the same final prediction as in training (dropout 0, frozen BN), whose
+    # masks are the product of the factors it hands over.
     assert len(calls) == 1 and evaluated["aux_outputs"] == []
+    assert "mask_embed" not in evaluated and "mask_features" not in evaluated
     torch.testing.assert_close(evaluated["pred_logits"], train["pred_logits"])
-    torch.testing.assert_close(evaluated["pred_masks"], train["pred_masks"])
+    torch.testing.assert_close(evaluated["pred_masks"], pft_mask_logits(train["mask_embed"], train["mask_features"]))
 
 
 def test_queries_start_at_zero_and_positional_encodings_are_shared_across_depths():
@@ -220,7 +227,9 @@ def test_logit_averaging_and_sigmoid_semantics_by_hand():
     assert len(outputs["aux_outputs"]) == 1
     for out in [outputs, *outputs["aux_outputs"]]:
         torch.testing.assert_close(out["pred_logits"], expected_logits)
-        torch.testing.assert_close(out["pred_masks"], expected_masks)
+        torch.testing.assert_close(pft_mask_logits(out["mask_embed"], outputs["mask_features"]), expected_masks)
+    outputs = model.eval()(torch.zeros(1, 3, 32, 32))
+    torch.testing.assert_close(outputs["pred_masks"], expected_masks)
 
     # PFT's rule: p_i = sigmoid of the averaged logit of query i, score = p_i * sigmoid(m_i).
     p = outputs["pred_logits"][0].detach().sigmoid().tolist()
@@ -274,7 +283,8 @@ def test_grad_checkpointing_is_reentrant_and_changes_nothing(monkeypatch):
         torch.manual_seed(0)
         model = build_model(tiny_cfg(grad_checkpointing=enabled))
         out = model(images)
-        (out["pred_masks"].square().mean() + out["pred_logits"].square().mean()).backward()
+        masks = pft_mask_logits(out["mask_embed"], out["mask_features"])
+        (masks.square().mean() + out["pred_logits"].square().mean()).backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
     assert calls == [True, True]  # one call per layer, reentrant (ZeRO-3)
     for name, grad in grads[0].items():
