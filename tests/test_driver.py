@@ -1,0 +1,35 @@
+"""launcher.driver.connect: the environment a local Ray instance starts with. ray.init is
+recorded here, not run (the end-to-end tests start real local instances)."""
+
+import os
+
+import ray
+
+from launcher import driver
+from launcher.config import load_config
+
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "test_tiny.yaml")
+
+
+def test_a_local_instance_polls_its_workers_more_often_and_a_cluster_keeps_its_own(monkeypatch):
+    name, value = driver.LOCAL_HEALTH_CHECK_ENV
+    # Set, then deleted through monkeypatch, so that what connect() sets is undone afterwards.
+    monkeypatch.setenv(name, "unset at the end")
+    monkeypatch.delenv(name)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    seen = []  # (ray.init's keyword arguments, the variable when it was called)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.append((kwargs, os.environ.get(name))))
+    cfg = load_config(TINY)
+
+    assert driver.connect(cfg) is True
+    assert seen[-1][1] == value and "address" not in seen[-1][0]
+
+    monkeypatch.setenv(name, "3")  # the user's own setting wins
+    assert driver.connect(cfg) is True
+    assert seen[-1][1] == "3"
+
+    monkeypatch.delenv(name)
+    cfg.cluster.address = "127.0.0.1:6379"
+    assert driver.connect(cfg) is False
+    assert seen[-1] == ({"address": "127.0.0.1:6379", "log_to_driver": True}, None)
