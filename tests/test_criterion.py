@@ -67,10 +67,8 @@ def test_classification_loss_uses_the_no_object_weight():
     torch.testing.assert_close(losses["loss_ce"], 2.0 * expected)
 
 
-def test_mask_losses_are_at_target_resolution_and_normalised():
-    torch.manual_seed(0)
-    logits = torch.randn(2, 4, 4)
-    pred_masks = torch.randn(2, 4, 3, 3, requires_grad=True)  # stride 4 predictions of 12×12 images
+def _targets_12x12() -> list[dict]:
+    """Two 12×12 images with 2 and 1 target masks (classes 0, 1 and 0)."""
     targets = []
     for n in (2, 1):
         masks = torch.zeros(n, 12, 12, dtype=torch.bool)
@@ -78,6 +76,14 @@ def test_mask_losses_are_at_target_resolution_and_normalised():
         if n == 2:
             masks[1, 8:, 5:] = True
         targets.append({"labels": torch.arange(n), "masks": masks})
+    return targets
+
+
+def test_mask_losses_are_at_target_resolution_and_normalised():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 4)
+    pred_masks = torch.randn(2, 4, 3, 3, requires_grad=True)  # stride 4 predictions of 12×12 images
+    targets = _targets_12x12()
     criterion = _criterion(3, focal_weight=20.0, dice_weight=3.0)
     outputs = {"pred_logits": logits, "pred_masks": pred_masks}
     losses = criterion(outputs, targets)
@@ -366,13 +372,7 @@ def test_point_sampled_mask_losses():
     torch.manual_seed(0)
     logits = torch.randn(2, 4, 4)
     pred_masks = torch.randn(2, 4, 3, 3) * 3
-    targets = []
-    for n in (2, 1):
-        masks = torch.zeros(n, 12, 12, dtype=torch.bool)
-        masks[0, 2:9, 1:7] = True
-        if n == 2:
-            masks[1, 8:, 5:] = True
-        targets.append({"labels": torch.arange(n), "masks": masks})
+    targets = _targets_12x12()
     criterion = _criterion(3, num_points=20, oversample_ratio=3.0, importance_sample_ratio=0.75)
     outputs = {"pred_logits": logits, "pred_masks": pred_masks}
     torch.manual_seed(5)
