@@ -20,13 +20,9 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from launcher.checkpoint import verify_checkpoint
 from launcher.config import ConfigError, RunConfig, dump_config, to_dict
-from launcher.environment import runtime_env_vars
+from launcher.environment import LOCAL_INSTANCE_ENV, runtime_env_vars
 from launcher.preflight import check_paths_for_job, check_resume, check_run
 from launcher.universal_checkpoint import ensure_universal, needs_universal
-
-# Ray Train's RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (ray.train.v2._internal.constants) for a
-# local instance, unless the user has set it; see connect().
-LOCAL_HEALTH_CHECK_ENV = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 class TrainingFailed(RuntimeError):
@@ -72,12 +68,8 @@ def connect(cfg: RunConfig) -> bool:
     cpus = max(os.cpu_count() or 1, cfg.cluster.num_workers * cfg.cluster.cpus_per_worker)
     print(f"starting a local Ray instance ({cpus} CPUs); set RAY_ADDRESS or --address to use a cluster",
           flush=True)
-    # Ray Train's controller polls its workers every 2 s by default, so noticing that the
-    # group started or finished waits up to one interval each. On a machine of our own the
-    # poll is cheap: 0.5 s took ~6 s off each short local run (48-51 s -> 43 s for
-    # configs/test_tiny.yaml). Read by the controller, a process of the instance started
-    # here, so it goes into this environment before ray.init; clusters keep their own.
-    os.environ.setdefault(LOCAL_HEALTH_CHECK_ENV[0], LOCAL_HEALTH_CHECK_ENV[1])
+    for name, value in LOCAL_INSTANCE_ENV.items():  # inherited by the instance's processes
+        os.environ.setdefault(name, value)
     # The dashboard also serves the State API that Ray Train's placement-group cleaner polls;
     # without it that actor logs a warning every few seconds.
     ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,

@@ -33,6 +33,15 @@ def torch_extensions_dir() -> str:
 USER_ENV_VARS = ("OMP_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_", "SEGSCALE_LOG_LEVEL", "SEGSCALE_FAULT")
 
 
+# What a local Ray instance started by the driver runs with, unless the user has set it.
+# Ray Train's controller polls its workers every 2 s by default, so noticing that the group
+# started or finished waits up to one interval each; on a machine of our own the poll is
+# cheap, and 0.5 s took ~6 s off each short local run (48-51 s -> 43 s for
+# configs/test_tiny.yaml). The controller is a process of that instance, so the driver
+# sets these before ray.init; clusters keep their own settings.
+LOCAL_INSTANCE_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
 def runtime_env_vars(use_gpu: bool = False, zero_stage: int = 0) -> dict[str, str]:
     """Environment variables every Ray worker of a run gets."""
     env = {

@@ -60,7 +60,7 @@ from ops.apex_optional import layer_norm
 from ops.attention import MultiheadAttention, xavier_init_like_detr
 from ops.config import OpsConfig
 from ops.dropout import Dropout
-from ops.mask_product import average_over_scales, mask_logits, mask_logits_dtype
+from ops.mask_product import average_over_scales, mask_logits
 from ops.recompute import checkpointed
 
 # The strides of the pyramid PFT decodes (the pixel decoder's ``multi_scale_features``).
@@ -160,7 +160,7 @@ class PFTPredictor(nn.Module):
     probability is ``sigmoid(pred_logits[:, i])`` and its mask ``sigmoid(pred_masks[:, i])``.
 
     In training the masks come as their factors instead: per layer ``"mask_embed"`` (the
-    S per-scale B×K×D_s embeddings, in the dtype the products would have had), at the
+    S per-scale B×K×D_s embeddings, in the products' dtype: autocast's, or the model's), at the
     top level ``"mask_features"`` (the S maps), and ``aux_outputs`` holds the earlier
     layers (``pred_logits`` and ``mask_embed``) with deep supervision;
     ``pft_mask_logits(layer["mask_embed"], out["mask_features"])`` forms a layer's
@@ -237,10 +237,7 @@ class PFTPredictor(nn.Module):
         embeds = [mlp(q) for mlp, q in zip(self.mask_embed, normed)]
         out = {"pred_logits": logits / len(queries)}
         if self.training:
-            # In the products' dtype (a no-op but in mixed-dtype corner cases), so the
-            # criterion's products of the matched rows have the values these would.
-            dtype = mask_logits_dtype(embeds[0], mask_features[0])
-            out["mask_embed"] = [e.to(dtype) for e in embeds]
+            out["mask_embed"] = embeds
         else:
             out["pred_masks"] = pft_mask_logits(embeds, mask_features)
         return out

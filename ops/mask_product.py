@@ -97,15 +97,9 @@ def mask_logits(embed: Tensor, features: Tensor) -> Tensor:
         raise ValueError(
             f"mask_logits needs B×Q×C embeddings and B×C×… features, got {tuple(embed.shape)} and {tuple(features.shape)}"
         )
-    dtype = mask_logits_dtype(embed, features)
+    dtype = torch.promote_types(*compute_dtypes(embed, features))
     with autocast_off(embed.device.type):
         return _MaskProduct.apply(embed.to(dtype), features.to(dtype))
-
-
-def mask_logits_dtype(embed: Tensor, features: Tensor) -> torch.dtype:
-    """The dtype ``mask_logits(embed, features)`` comes out in, here and now (under the
-    caller's autocast, if any), without computing it."""
-    return torch.promote_types(*compute_dtypes(embed, features))
 
 
 def average_over_scales(scale_logits: Iterable[Tensor], size: Sequence[int]) -> Tensor:

@@ -7,12 +7,13 @@ import ray
 
 from launcher import driver
 from launcher.config import load_config
+from launcher.environment import LOCAL_INSTANCE_ENV
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "test_tiny.yaml")
 
 
 def test_a_local_instance_polls_its_workers_more_often_and_a_cluster_keeps_its_own(monkeypatch):
-    name, value = driver.LOCAL_HEALTH_CHECK_ENV
+    [(name, value)] = LOCAL_INSTANCE_ENV.items()
     # Set, then deleted through monkeypatch, so that what connect() sets is undone afterwards.
     monkeypatch.setenv(name, "unset at the end")
     monkeypatch.delenv(name)
