@@ -10,18 +10,23 @@ only the loss, as segscale's train loop and transformers' ``Trainer`` (its
 ``compute_loss`` returns the loss alone) do.
 
 Each side runs AdamW as its user gets it: segscale's trainer picks torch's fused kernel
-(``ops.apex_optional.adamw``); transformers is measured twice, with the fused kernel
+(``ops.apex_optional.adamw``); transformers is measured with the fused kernel
 that its ``Trainer`` picks by default (torch >= 2.8; the baseline the targets are checked
 against) and with ``torch.optim.AdamW``'s defaults (the for-loop path on CPU), as a
-hand-written training loop gets it.
+hand-written training loop gets it. Likewise malloc: segscale's CPU workers make glibc
+keep the memory a step frees (``ops.host_allocator``), transformers runs with glibc's
+defaults; a third transformers side with segscale's setting shows how much of the
+difference that setting makes.
 
-Time: all models live in this process and their steps alternate (ours, theirs, ours,
-...) so machine noise hits every side alike; the median of the measured steps after warm-up.
+Time: every side runs in its own process (its own heap and malloc settings, as its user's
+process would), and the parent steps them in turn (ours, theirs, ours, ...) so machine
+noise hits every side alike; the median of the measured steps after warm-up.
 Memory: each (implementation, precision) runs alone in fresh child processes, two steps,
 and the peak resident set size above the post-import baseline is reported twice: with
-glibc's defaults (the median of ``--memory-runs`` children; one run's peak varies by
-+-50 MiB with how freed heap blocks happen to be reused), and with freed memory returned
-to the OS at once, so that RSS follows the live tensors as a GPU allocator's peak does.
+each side's own malloc setting (the median of ``--memory-runs`` children; one run's peak
+varies by +-50 MiB with how freed heap blocks happen to be reused), and with freed memory
+returned to the OS at once, so that RSS follows the live tensors as a GPU allocator's
+peak does.
 
     python benchmarks/maskformer_vs_hf.py [--steps 7] [--warmup 2] [--threads N]
 
@@ -37,7 +42,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import ops.torchvision_fix  # noqa: F401
 
@@ -45,14 +49,17 @@ import ops.torchvision_fix  # noqa: F401
 import torch
 from measure import (  # benchmarks/ is on sys.path when run as a script
     LIVE_ALLOCATOR_ENV,
+    alternate_processes,
     child_env,
     peak_rss_bytes,
+    serve_steps,
 )
 
 from data_pipeline.synthetic import synthetic_batch
 from model.build import build_criterion, build_model
 from model.config import ModelConfig
 from ops.apex_optional import adamw
+from ops.host_allocator import keep_freed_memory
 from ops.weight_recast import recast_applies, recast_saved_weights
 
 NUM_CLASSES = 150
@@ -67,6 +74,7 @@ TARGETS = {"bf16": (0.6, 0.75), "fp32": (0.85, 0.75)}  # (time ratio, memory rat
 
 class Ours:
     name = "segscale"
+    keeps_freed_memory = True  # as launcher/train_loop.py sets a CPU worker's malloc
 
     def __init__(self):
         cfg = ModelConfig(num_classes=NUM_CLASSES)
@@ -93,6 +101,7 @@ class Ours:
 class HuggingFace:
     name = "transformers"
     fused_adamw = True  # transformers' Trainer default (optim="adamw_torch_fused")
+    keeps_freed_memory = False  # glibc's defaults, as a user's Python process has them
 
     def __init__(self):
         from transformers import MaskFormerConfig, MaskFormerForInstanceSegmentation, SwinConfig
@@ -140,7 +149,21 @@ class HuggingFaceLoopAdamW(HuggingFace):
     fused_adamw = False
 
 
-IMPLEMENTATIONS = {"ours": Ours, "hf": HuggingFace, "hf-loop-adamw": HuggingFaceLoopAdamW}
+class HuggingFaceKeptMemory(HuggingFace):
+    name = "transformers with segscale's malloc setting"
+    keeps_freed_memory = True
+
+
+IMPLEMENTATIONS = {"ours": Ours, "hf": HuggingFace, "hf-loop-adamw": HuggingFaceLoopAdamW,
+                   "hf-kept-memory": HuggingFaceKeptMemory}
+
+
+def start_side(impl: str):
+    """In a side's own process: its malloc setting, then its model."""
+    implementation = IMPLEMENTATIONS[impl]
+    if implementation.keeps_freed_memory:
+        keep_freed_memory()
+    return implementation()
 
 
 def memory_child(impl: str, dtype: str, steps: int) -> None:
@@ -148,7 +171,7 @@ def memory_child(impl: str, dtype: str, steps: int) -> None:
     baseline after imports and data creation."""
     images, targets = synthetic_batch(NUM_CLASSES, SIZE, BATCH)
     baseline = peak_rss_bytes()
-    runner = IMPLEMENTATIONS[impl]()
+    runner = start_side(impl)
     for _ in range(steps):
         runner.step(images, targets, dtype)
     print(json.dumps({"peak_bytes": peak_rss_bytes() - baseline}))
@@ -166,25 +189,28 @@ def measure_memory(impl: str, dtype: str, threads: int, runs: int, extra_env: di
     return int(statistics.median(peaks))
 
 
-# How memory is measured: glibc's defaults, what a user's process gets (median of
-# --memory-runs children); and freed memory returned to the OS at once, so RSS follows the
-# live tensors as a GPU allocator's peak does (one child: this one is reproducible to <1 MiB).
-ALLOCATORS = {"glibc defaults": ({}, None), "live tensors (MALLOC_MMAP_THRESHOLD_=131072)": (LIVE_ALLOCATOR_ENV, 1)}
+# How memory is measured: each side's own malloc setting, what its user's process gets
+# (median of --memory-runs children); and freed memory returned to the OS at once, so RSS
+# follows the live tensors as a GPU allocator's peak does (one child: this one is
+# reproducible to <1 MiB; keep_freed_memory leaves a process with MALLOC_MMAP_THRESHOLD_ alone).
+ALLOCATORS = {"each side's own malloc setting": ({}, None),
+              "live tensors (MALLOC_MMAP_THRESHOLD_=131072)": (LIVE_ALLOCATOR_ENV, 1)}
 
 
-def measure_time(dtype: str, steps: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per step of every implementation (keys of IMPLEMENTATIONS), steps alternating."""
+def step_child(impl: str, dtype: str) -> None:
+    """Runs in a side's own process: builds it and runs a step per request (serve_steps)."""
     images, targets = synthetic_batch(NUM_CLASSES, SIZE, BATCH)
     torch.manual_seed(0)
-    runners = {key: implementation() for key, implementation in IMPLEMENTATIONS.items()}
-    times: dict[str, list[float]] = {key: [] for key in runners}
-    for i in range(warmup + steps):
-        for key, runner in runners.items():  # alternate: noise hits every side alike
-            started = time.perf_counter()
-            runner.step(images, targets, dtype)
-            if i >= warmup:
-                times[key].append(time.perf_counter() - started)
-    return times
+    runner = start_side(impl)
+    serve_steps(lambda: runner.step(images, targets, dtype))
+
+
+def measure_time(dtype: str, steps: int, warmup: int, threads: int) -> dict[str, list[float]]:
+    """Seconds per step of every implementation (keys of IMPLEMENTATIONS), each in its own
+    process, steps alternating."""
+    commands = {key: [sys.executable, __file__, "--step-child", key, dtype, "--threads", str(threads)]
+                for key in IMPLEMENTATIONS}
+    return alternate_processes(commands, child_env(threads), steps, warmup)
 
 
 def main() -> int:
@@ -196,25 +222,30 @@ def main() -> int:
     parser.add_argument("--memory-runs", type=int, default=3,
                         help="child processes per side whose median peak is taken with glibc's defaults")
     parser.add_argument("--memory-child", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--step-child", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(*args.memory_child, steps=2)
+        return 0
+    if args.step_child:
+        step_child(*args.step_child)
         return 0
 
     print(f"MaskFormer Swin-T, {NUM_CLASSES} classes, 100 queries, 6 layers, {SIZE}x{SIZE}, batch {BATCH}, "
           f"CPU x{args.threads} threads, torch {torch.__version__}")
     all_met = True
     for dtype in (["fp32", "bf16"] if args.precision == "both" else [args.precision]):
-        times = measure_time(dtype, args.steps, args.warmup)
+        times = measure_time(dtype, args.steps, args.warmup, args.threads)
         median = {key: statistics.median(t) for key, t in times.items()}
         time_ratio = median["ours"] / median["hf"]
         time_target, mem_target = TARGETS[dtype]
-        loop = "hf-loop-adamw"
+        loop, kept = "hf-loop-adamw", "hf-kept-memory"
         all_met &= time_ratio <= time_target
         print(f"{dtype}: step time segscale {median['ours']:.3f} s vs transformers {median['hf']:.3f} s -> ratio "
               f"{time_ratio:.2f} (target <= {time_target}) {'MET' if time_ratio <= time_target else 'NOT MET'}; "
-              f"against {IMPLEMENTATIONS[loop].name} {median[loop]:.3f} s -> {median['ours'] / median[loop]:.2f}",
+              f"against {IMPLEMENTATIONS[loop].name} {median[loop]:.3f} s -> {median['ours'] / median[loop]:.2f}; "
+              f"against {IMPLEMENTATIONS[kept].name} {median[kept]:.3f} s -> {median['ours'] / median[kept]:.2f}",
               flush=True)
         for label, (env, runs) in ALLOCATORS.items():
             peak = {key: measure_memory(key, dtype, args.threads, runs or args.memory_runs, env)
@@ -224,7 +255,9 @@ def main() -> int:
             print(f"  peak memory, {label}: segscale {peak['ours'] / 2**20:.0f} MiB vs transformers "
                   f"{peak['hf'] / 2**20:.0f} MiB -> ratio {mem_ratio:.2f} (target <= {mem_target}) "
                   f"{'MET' if mem_ratio <= mem_target else 'NOT MET'}; against {IMPLEMENTATIONS[loop].name} "
-                  f"{peak[loop] / 2**20:.0f} MiB -> {peak['ours'] / peak[loop]:.2f}", flush=True)
+                  f"{peak[loop] / 2**20:.0f} MiB -> {peak['ours'] / peak[loop]:.2f}; against "
+                  f"{IMPLEMENTATIONS[kept].name} {peak[kept] / 2**20:.0f} MiB -> {peak['ours'] / peak[kept]:.2f}",
+                  flush=True)
         for key, values in times.items():
             print(f"  step times {IMPLEMENTATIONS[key].name} {[round(t, 3) for t in values]}")
     print("all targets met" if all_met else "some targets NOT met")

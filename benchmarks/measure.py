@@ -1,8 +1,9 @@
 """Measuring helpers shared by the benchmark scripts (imported as ``measure``: the
 scripts run from benchmarks/, which Python puts on sys.path).
 
-Time: sides run alternately in one process (noise on this shared machine hits both
-alike), median after warm-up. Memory: on CUDA the caching allocator's peak; on CPU the
+Time: sides run alternately (noise on this shared machine hits both alike), median after
+warm-up; in one process (``alternate``), or each side in its own (``alternate_processes``)
+where a side sets process-wide state such as its malloc settings. Memory: on CUDA the caching allocator's peak; on CPU the
 peak resident set (VmHWM) of a fresh process per side, above its baseline after imports
 and inputs — the number a user's machine runs out of.
 """
@@ -65,6 +66,55 @@ def alternate(
             if i >= warmup:
                 times[name].append(time.perf_counter() - started)
     return times
+
+
+def serve_steps(step: Callable[[], object]) -> None:
+    """A step child's loop (see ``alternate_processes``): prints ``ready``, then runs one
+    ``step`` per line read from stdin and prints its seconds."""
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        started = time.perf_counter()
+        step()
+        print(f"{time.perf_counter() - started:.6f}", flush=True)
+
+
+def alternate_processes(
+    commands: dict[str, list[str]], env: dict[str, str], steps: int, warmup: int
+) -> dict[str, list[float]]:
+    """Seconds per step of each side, every side in its own process (a command that ends in
+    ``serve_steps``), the steps interleaved as ``alternate`` does. Each side then runs as
+    its own user's process would, with its own heap and malloc settings, and the machine's
+    noise still hits all sides alike."""
+    children: dict[str, subprocess.Popen] = {}
+    try:
+        for name, command in commands.items():  # all start at once; each waits for its first line
+            children[name] = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                              text=True, env=env)
+        for name, child in children.items():
+            for line in child.stdout:
+                if line.strip() == "ready":
+                    break
+            else:
+                raise RuntimeError(f"step child {name} exited before it was ready (code {child.wait()})")
+        times: dict[str, list[float]] = {name: [] for name in children}
+        for i in range(warmup + steps):
+            for name, child in children.items():
+                child.stdin.write("step\n")
+                child.stdin.flush()
+                line = child.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"step child {name} exited during step {i + 1} (code {child.wait()})")
+                if i >= warmup:
+                    times[name].append(float(line))
+        return times
+    finally:
+        for child in children.values():
+            if child.stdin:
+                child.stdin.close()
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
 
 
 def cuda_peak_bytes(run: Callable[[], object], device: torch.device) -> int:

@@ -52,6 +52,7 @@ from launcher.progress import StepLogger, StepRecords
 from launcher.rng import derive_seed, restore_rng_state, seed_everything
 from launcher.universal_checkpoint import load_universal_checkpoint, needs_universal
 from model.build import build_criterion, build_model
+from ops.host_allocator import keep_freed_memory
 from ops.weight_recast import recast_applies, recast_saved_weights
 
 
@@ -116,6 +117,10 @@ def train_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world_size, local_rank = context.get_world_rank(), context.get_world_size(), context.get_local_rank()
     torch.set_num_threads(cfg.cluster.torch_threads or cfg.cluster.cpus_per_worker)
+    if not cfg.cluster.use_gpu and cfg.cluster.keep_freed_memory:
+        malloc_note = keep_freed_memory()  # process-wide, from here on: before the model exists
+        if rank == 0:
+            print(f"host memory: {malloc_note}", flush=True)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # DeepSpeed 0.19 still calls the deprecated all_gather_into_tensor every step.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)

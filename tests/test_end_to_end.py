@@ -35,6 +35,7 @@ def test_train_checkpoint_resume_eval_predict(dataset, tmp_path):
     assert meta.data_position["batches"] == 4 and meta.data_position["world_size"] == 2
     assert "step 4/4" in log and "samples/s" in log and "eta" in log
     assert "validation mIoU" in log
+    assert "host memory: glibc keeps freed memory for the next step" in log  # CPU workers' malloc setting
     targets = json.loads((run_dir / "prometheus_targets.json").read_text())
     assert len(targets[0]["targets"]) == 2 and all(t.startswith("127.0.0.1:") for t in targets[0]["targets"])
     # the live discovery file of a finished run is removed (its exporters are gone)
