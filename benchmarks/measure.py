@@ -3,9 +3,10 @@ scripts run from benchmarks/, which Python puts on sys.path).
 
 Time: sides run alternately (noise on this shared machine hits both alike), median after
 warm-up; in one process (``alternate``), or each side in its own (``alternate_processes``)
-where a side sets process-wide state such as its malloc settings. Memory: on CUDA the caching allocator's peak; on CPU the
-peak resident set (VmHWM) of a fresh process per side, above its baseline after imports
-and inputs — the number a user's machine runs out of.
+where a side sets process-wide state such as its malloc settings. Memory: on CUDA the
+caching allocator's peak; on CPU the peak resident set (VmHWM) of a fresh process per
+side, above its baseline after imports and inputs — the number a user's machine runs out
+of.
 """
 
 from __future__ import annotations
