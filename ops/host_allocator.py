@@ -28,11 +28,10 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit; higher is refused
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int
 
-# Settings by which a user chooses glibc's behaviour themselves (README "Troubleshooting":
-# MALLOC_MMAP_THRESHOLD_ to make a CPU worker's memory follow its live tensors).
-USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
-USER_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold", "glibc.malloc.top_pad",
-                 "glibc.malloc.mmap_max")
+# glibc's settings by which a user chooses its behaviour themselves (README "Troubleshooting":
+# MALLOC_MMAP_THRESHOLD_ to make a CPU worker's memory follow its live tensors), each set
+# either as GLIBC_TUNABLES' glibc.malloc.<name> or as its variable MALLOC_<NAME>_.
+USER_TUNABLES = ("mmap_threshold", "trim_threshold", "top_pad", "mmap_max")
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -47,10 +46,9 @@ def _glibc() -> ctypes.CDLL | None:
 
 def user_malloc_settings() -> list[str]:
     """The environment's malloc settings that ``keep_freed_memory`` leaves in charge."""
-    named = [name for name in USER_SETTINGS if name in os.environ]
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    named += [name for name in USER_TUNABLES if name in tunables]
-    return named
+    named = [f"MALLOC_{name.upper()}_" for name in USER_TUNABLES if f"MALLOC_{name.upper()}_" in os.environ]
+    return named + [f"glibc.malloc.{name}" for name in USER_TUNABLES if f"glibc.malloc.{name}" in tunables]
 
 
 def keep_freed_memory() -> str:
@@ -65,4 +63,5 @@ def keep_freed_memory() -> str:
         return f"malloc left to the environment's {', '.join(named)}"
     if not (libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
         return "glibc refused mallopt: malloc left as it is"
-    return "glibc keeps freed memory for the next step (mmap threshold 32 MiB, trim threshold 2 GiB)"
+    return (f"glibc keeps freed memory for the next step (mmap threshold {MMAP_THRESHOLD >> 20} MiB, "
+            f"trim threshold {(TRIM_THRESHOLD + 1) >> 30} GiB)")
