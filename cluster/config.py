@@ -19,7 +19,7 @@ class ClusterConfig:
     # CPU workers: glibc keeps the memory a step frees for the next step instead of
     # giving it back to the OS and faulting it in again (ops/host_allocator.py; same
     # peak, faster steps: benchmarks/RESULTS.md). Ignored on GPU workers and where the
-    # environment sets glibc's thresholds (MALLOC_MMAP_THRESHOLD_ ...).
+    # environment sets glibc's thresholds (MALLOC_MMAP_THRESHOLD_ ..., passed on to workers).
     keep_freed_memory: bool = True
     # torch.distributed backend; "" = nccl with GPUs, gloo otherwise.
     backend: str = ""

@@ -13,6 +13,8 @@ import os
 import socket
 import sys
 
+from ops.host_allocator import MALLOC_ENV_VARS
+
 
 def torch_extensions_dir() -> str:
     """``TORCH_EXTENSIONS_DIR``, else one cache per Python environment: torch rebuilds an
@@ -26,11 +28,13 @@ def torch_extensions_dir() -> str:
 
 # Settings a user sets where they type the command that every process of the run must
 # share: the driver hands them to its workers, and ``submit`` to the job it starts.
-# MALLOC_MMAP_THRESHOLD_ (glibc reads it when a process starts, so it must be in the
-# worker's environment from the start, as Ray's runtime_env puts it): a fixed threshold
-# returns freed tensors above it to the OS, so a CPU worker's resident memory follows its
-# live tensors, for more step time (README "Troubleshooting"; benchmarks/RESULTS.md).
-USER_ENV_VARS = ("OMP_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_", "SEGSCALE_LOG_LEVEL", "SEGSCALE_FAULT")
+# glibc's malloc settings (MALLOC_MMAP_THRESHOLD_ ... and GLIBC_TUNABLES; glibc reads them
+# when a process starts, so they must be in the worker's environment from the start, as
+# Ray's runtime_env puts them): e.g. a fixed mmap threshold returns freed tensors above it
+# to the OS, so a CPU worker's resident memory follows its live tensors, for more step
+# time (README "Troubleshooting"). A worker that finds any of them leaves malloc to them
+# (ops/host_allocator.py), on a cluster as on a local instance.
+USER_ENV_VARS = ("OMP_NUM_THREADS", *MALLOC_ENV_VARS, "SEGSCALE_LOG_LEVEL", "SEGSCALE_FAULT")
 
 
 # What a local Ray instance started by the driver runs with, unless the user has set it.

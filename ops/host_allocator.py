@@ -32,6 +32,10 @@ TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int
 # MALLOC_MMAP_THRESHOLD_ to make a CPU worker's memory follow its live tensors), each set
 # either as GLIBC_TUNABLES' glibc.malloc.<name> or as its variable MALLOC_<NAME>_.
 USER_TUNABLES = ("mmap_threshold", "trim_threshold", "top_pad", "mmap_max")
+MALLOC_VARIABLES = tuple(f"MALLOC_{name.upper()}_" for name in USER_TUNABLES)
+# Every variable that carries them: glibc reads these when a process starts, so a worker
+# must be started with them (launcher/environment.USER_ENV_VARS forwards them).
+MALLOC_ENV_VARS = (*MALLOC_VARIABLES, "GLIBC_TUNABLES")
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -47,7 +51,7 @@ def _glibc() -> ctypes.CDLL | None:
 def user_malloc_settings() -> list[str]:
     """The environment's malloc settings that ``keep_freed_memory`` leaves in charge."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    named = [f"MALLOC_{name.upper()}_" for name in USER_TUNABLES if f"MALLOC_{name.upper()}_" in os.environ]
+    named = [name for name in MALLOC_VARIABLES if name in os.environ]
     return named + [f"glibc.malloc.{name}" for name in USER_TUNABLES if f"glibc.malloc.{name}" in tunables]
 
 

@@ -75,6 +75,12 @@ def test_workers_get_the_users_thread_and_allocator_settings(monkeypatch):
     assert env["OMP_NUM_THREADS"] == "3" and env["MALLOC_MMAP_THRESHOLD_"] == "4194304"
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     assert "MALLOC_MMAP_THRESHOLD_" not in runtime_env_vars()  # glibc's own default unless set
+    # Every setting a worker's host_allocator defers to reaches it, so a cluster's workers
+    # leave malloc to the user as a local instance's (which inherit the driver's) do.
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1048576")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.top_pad=0")
+    env = runtime_env_vars()
+    assert env["MALLOC_TRIM_THRESHOLD_"] == "1048576" and env["GLIBC_TUNABLES"] == "glibc.malloc.top_pad=0"
 
 
 def test_relative_paths_refused_inside_ray_job(monkeypatch):
