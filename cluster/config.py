@@ -16,10 +16,11 @@ class ClusterConfig:
     cpus_per_worker: int = 1
     # torch intra-op threads per worker; 0 = cpus_per_worker.
     torch_threads: int = 0
-    # CPU workers: glibc keeps the memory a step frees for the next step instead of
-    # giving it back to the OS and faulting it in again (ops/host_allocator.py; same
-    # peak, faster steps: benchmarks/RESULTS.md). Ignored on GPU workers and where the
-    # environment sets glibc's thresholds (MALLOC_MMAP_THRESHOLD_ ..., passed on to workers).
+    # CPU workers (and eval / predict, which run on the CPU): glibc keeps the memory a
+    # step frees for the next step instead of giving it back to the OS and faulting it in
+    # again (ops/host_allocator.py; same peak, faster steps: benchmarks/RESULTS.md).
+    # Ignored on GPU workers and where the environment sets glibc's thresholds
+    # (MALLOC_MMAP_THRESHOLD_ ..., passed on to the workers).
     keep_freed_memory: bool = True
     # torch.distributed backend; "" = nccl with GPUs, gloo otherwise.
     backend: str = ""
