@@ -61,8 +61,8 @@ def load_for_inference(config_path: str, overrides: list[str], checkpoint: str) 
         from ops.host_allocator import keep_freed_memory
 
         # eval and predict run here, on the CPU: the same malloc setting as a CPU worker's
-        # (one forward re-allocates what the last one freed; 15-20 % faster a forward for
-        # MaskFormer Swin-T at 512, same peak: benchmarks/RESULTS.md).
+        # (each forward re-allocates what the last one freed; MaskFormer Swin-T's forwards
+        # at 512 ran 15-20 % faster, at the same peak: benchmarks/RESULTS.md).
         print(f"host memory: {keep_freed_memory()}", flush=True)
     from model.build import build_model
 

@@ -1,4 +1,5 @@
-"""glibc malloc settings for processes that train on the CPU.
+"""glibc malloc settings for processes that run models on the CPU (training workers,
+``eval`` and ``predict``).
 
 glibc gives large freed blocks back to the OS: a block above its mmap threshold is
 unmapped when freed, and free memory at the top of a heap is trimmed once it exceeds the
