@@ -178,8 +178,9 @@ def memory_child(impl: str, dtype: str, steps: int) -> None:
 
 
 def measure_memory(impl: str, dtype: str, threads: int, runs: int, extra_env: dict[str, str]) -> int:
-    """Median peak over ``runs`` fresh child processes: with glibc's defaults the peak RSS
-    of one run varies by +-50 MiB (how freed blocks happen to be reused)."""
+    """Median peak over ``runs`` fresh child processes: while glibc's heap holds freed
+    memory (either side's setting) the peak RSS of one run varies by +-50 MiB (how freed
+    blocks happen to be reused)."""
     env = child_env(threads, extra_env)
     peaks = []
     for _ in range(runs):
@@ -220,7 +221,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
     parser.add_argument("--memory-runs", type=int, default=3,
-                        help="child processes per side whose median peak is taken with glibc's defaults")
+                        help="child processes per side whose median peak is taken with each side's own malloc setting")
     parser.add_argument("--memory-child", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
     parser.add_argument("--step-child", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -129,9 +129,10 @@ def cuda_peak_bytes(run: Callable[[], object], device: torch.device) -> int:
 
 
 def child_env(threads: int, extra_env: dict[str, str] | None = None) -> dict[str, str]:
-    """A memory child's environment: this one with ``threads`` threads, glibc's malloc
-    settings (``MALLOC_*``, e.g. the ``MALLOC_MMAP_THRESHOLD_`` README "Troubleshooting"
-    suggests) left out so that a side labelled "glibc defaults" runs with them, and
+    """A child's environment: this one with ``threads`` threads, glibc's malloc settings
+    (``MALLOC_*``, e.g. the ``MALLOC_MMAP_THRESHOLD_`` README "Troubleshooting" suggests)
+    left out so that each side runs with the malloc setting its label names (glibc's
+    defaults, or ``ops.host_allocator``'s, which a user's setting would override), and
     ``extra_env`` on top."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     return {**env, "OMP_NUM_THREADS": str(threads), **(extra_env or {})}
