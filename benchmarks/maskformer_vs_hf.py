@@ -13,20 +13,21 @@ Each side runs AdamW as its user gets it: segscale's trainer picks torch's fused
 (``ops.apex_optional.adamw``); transformers is measured with the fused kernel
 that its ``Trainer`` picks by default (torch >= 2.8; the baseline the targets are checked
 against) and with ``torch.optim.AdamW``'s defaults (the for-loop path on CPU), as a
-hand-written training loop gets it. Likewise malloc: segscale's CPU workers make glibc
-keep the memory a step frees (``ops.host_allocator``), transformers runs with glibc's
-defaults; a third transformers side with segscale's setting shows how much of the
-difference that setting makes.
+hand-written training loop gets it. Likewise the allocator: segscale's side starts as its
+CPU workers do (``ops.host_allocator``: jemalloc preloaded where it is installed, else
+glibc set to keep the memory a step frees), transformers runs with glibc's defaults; a
+third transformers side with segscale's allocator shows how much of the difference the
+allocator makes.
 
-Time: every side runs in its own process (its own heap and malloc settings, as its user's
+Time: every side runs in its own process (its own heap and allocator, as its user's
 process would), and the parent steps them in turn (ours, theirs, ours, ...) so machine
 noise hits every side alike; the median of the measured steps after warm-up.
 Memory: each (implementation, precision) runs alone in fresh child processes, two steps,
 and the peak resident set size above the post-import baseline is reported twice: with
-each side's own malloc setting (the median of ``--memory-runs`` children; one run's peak
+each side's own allocator (the median of ``--memory-runs`` children; one run's peak
 varies by +-50 MiB with how freed heap blocks happen to be reused), and with freed memory
-returned to the OS at once, so that RSS follows the live tensors as a GPU allocator's
-peak does.
+returned to the OS at once (glibc with a low fixed mmap threshold, both sides), so that
+RSS follows the live tensors as a GPU allocator's peak does.
 
     python benchmarks/maskformer_vs_hf.py [--steps 7] [--warmup 2] [--threads N]
 
@@ -48,6 +49,7 @@ import ops.torchvision_fix  # noqa: F401
 # isort: split
 import torch
 from measure import (  # benchmarks/ is on sys.path when run as a script
+    CPU_WORKER_ALLOCATOR_ENV,
     LIVE_ALLOCATOR_ENV,
     alternate_processes,
     child_env,
@@ -59,7 +61,7 @@ from data_pipeline.synthetic import synthetic_batch
 from model.build import build_criterion, build_model
 from model.config import ModelConfig
 from ops.apex_optional import adamw
-from ops.host_allocator import keep_freed_memory
+from ops.host_allocator import configure_process
 from ops.weight_recast import recast_applies, recast_saved_weights
 
 NUM_CLASSES = 150
@@ -74,7 +76,7 @@ TARGETS = {"bf16": (0.6, 0.75), "fp32": (0.85, 0.75)}  # (time ratio, memory rat
 
 class Ours:
     name = "segscale"
-    keeps_freed_memory = True  # as launcher/train_loop.py sets a CPU worker's malloc
+    keeps_freed_memory = True  # started and set up as a CPU worker (launcher/train_loop.py)
 
     def __init__(self):
         cfg = ModelConfig(num_classes=NUM_CLASSES)
@@ -150,7 +152,7 @@ class HuggingFaceLoopAdamW(HuggingFace):
 
 
 class HuggingFaceKeptMemory(HuggingFace):
-    name = "transformers with segscale's malloc setting"
+    name = "transformers with segscale's allocator"
     keeps_freed_memory = True
 
 
@@ -158,11 +160,18 @@ IMPLEMENTATIONS = {"ours": Ours, "hf": HuggingFace, "hf-loop-adamw": HuggingFace
                    "hf-kept-memory": HuggingFaceKeptMemory}
 
 
+def side_env(impl: str, threads: int, extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """A side's process environment: segscale's CPU-worker allocator for the sides that
+    keep freed memory, unless ``extra_env`` (the live-tensor measure) sets the allocator."""
+    allocator = CPU_WORKER_ALLOCATOR_ENV if IMPLEMENTATIONS[impl].keeps_freed_memory and not extra_env else {}
+    return child_env(threads, {**allocator, **(extra_env or {})})
+
+
 def start_side(impl: str):
-    """In a side's own process: its malloc setting, then its model."""
+    """In a side's own process: its allocator's setting, then its model."""
     implementation = IMPLEMENTATIONS[impl]
     if implementation.keeps_freed_memory:
-        keep_freed_memory()
+        configure_process()  # jemalloc if side_env preloaded it, else glibc keeps freed memory
     return implementation()
 
 
@@ -181,7 +190,7 @@ def measure_memory(impl: str, dtype: str, threads: int, runs: int, extra_env: di
     """Median peak over ``runs`` fresh child processes: while glibc's heap holds freed
     memory (either side's setting) the peak RSS of one run varies by +-50 MiB (how freed
     blocks happen to be reused)."""
-    env = child_env(threads, extra_env)
+    env = side_env(impl, threads, extra_env)
     peaks = []
     for _ in range(runs):
         out = subprocess.run([sys.executable, __file__, "--memory-child", impl, dtype, "--threads", str(threads)],
@@ -190,11 +199,12 @@ def measure_memory(impl: str, dtype: str, threads: int, runs: int, extra_env: di
     return int(statistics.median(peaks))
 
 
-# How memory is measured: each side's own malloc setting, what its user's process gets
-# (median of --memory-runs children); and freed memory returned to the OS at once, so RSS
-# follows the live tensors as a GPU allocator's peak does (one child: this one is
-# reproducible to <1 MiB; keep_freed_memory leaves a process with MALLOC_MMAP_THRESHOLD_ alone).
-ALLOCATORS = {"each side's own malloc setting": ({}, None),
+# How memory is measured: each side's own allocator, what its user's process gets (median
+# of --memory-runs children); and freed memory returned to the OS at once, so RSS follows
+# the live tensors as a GPU allocator's peak does (glibc on both sides; one child: this
+# one is reproducible to <1 MiB; configure_process leaves a process with
+# MALLOC_MMAP_THRESHOLD_ alone).
+ALLOCATORS = {"each side's own allocator": ({}, None),
               "live tensors (MALLOC_MMAP_THRESHOLD_=131072)": (LIVE_ALLOCATOR_ENV, 1)}
 
 
@@ -209,9 +219,9 @@ def step_child(impl: str, dtype: str) -> None:
 def measure_time(dtype: str, steps: int, warmup: int, threads: int) -> dict[str, list[float]]:
     """Seconds per step of every implementation (keys of IMPLEMENTATIONS), each in its own
     process, steps alternating."""
-    commands = {key: [sys.executable, __file__, "--step-child", key, dtype, "--threads", str(threads)]
-                for key in IMPLEMENTATIONS}
-    return alternate_processes(commands, child_env(threads), steps, warmup)
+    commands = {key: ([sys.executable, __file__, "--step-child", key, dtype, "--threads", str(threads)],
+                      side_env(key, threads)) for key in IMPLEMENTATIONS}
+    return alternate_processes(commands, steps, warmup)
 
 
 def main() -> int:
@@ -221,7 +231,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
     parser.add_argument("--memory-runs", type=int, default=3,
-                        help="child processes per side whose median peak is taken with each side's own malloc setting")
+                        help="child processes per side whose median peak is taken with each side's own allocator")
     parser.add_argument("--memory-child", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
     parser.add_argument("--step-child", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()

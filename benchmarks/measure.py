@@ -22,6 +22,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ops.host_allocator import MALLOC_ENV_VARS, jemalloc_loaded, worker_allocator_env
+
+# What segscale's CPU workers start with by default on this machine (cluster.host_allocator
+# "auto"): jemalloc's preload where it is installed, else nothing (glibc, which the process
+# sets up itself with ops.host_allocator.configure_process).
+CPU_WORKER_ALLOCATOR_ENV = worker_allocator_env("auto", environ={})
 # Fixed (not glibc's self-raising) mmap threshold: every tensor above 128 KiB is its own
 # mapping and goes back to the OS when freed, so RSS follows the live tensors, as a GPU
 # allocator's max_memory_allocated does. With glibc's defaults, freed activations stay
@@ -80,15 +86,15 @@ def serve_steps(step: Callable[[], object]) -> None:
 
 
 def alternate_processes(
-    commands: dict[str, list[str]], env: dict[str, str], steps: int, warmup: int
+    commands: dict[str, tuple[list[str], dict[str, str]]], steps: int, warmup: int
 ) -> dict[str, list[float]]:
-    """Seconds per step of each side, every side in its own process (a command that ends in
-    ``serve_steps``), the steps interleaved as ``alternate`` does. Each side then runs as
-    its own user's process would, with its own heap and malloc settings, and the machine's
-    noise still hits all sides alike."""
+    """Seconds per step of each side, every side in its own process (a command, with its
+    environment, that ends in ``serve_steps``), the steps interleaved as ``alternate``
+    does. Each side then runs as its own user's process would, with its own heap and
+    allocator, and the machine's noise still hits all sides alike."""
     children: dict[str, subprocess.Popen] = {}
     try:
-        for name, command in commands.items():  # all start at once; each waits for its first line
+        for name, (command, env) in commands.items():  # all start at once; each waits for its first line
             children[name] = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                               text=True, env=env)
         for name, child in children.items():
@@ -129,13 +135,25 @@ def cuda_peak_bytes(run: Callable[[], object], device: torch.device) -> int:
 
 
 def child_env(threads: int, extra_env: dict[str, str] | None = None) -> dict[str, str]:
-    """A child's environment: this one with ``threads`` threads, glibc's malloc settings
-    (``MALLOC_*``, e.g. the ``MALLOC_MMAP_THRESHOLD_`` README "Troubleshooting" suggests)
-    left out so that each side runs with the malloc setting its label names (glibc's
-    defaults, or ``ops.host_allocator``'s, which a user's setting would override), and
-    ``extra_env`` on top."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    """A child's environment: this one with ``threads`` threads, the malloc settings
+    (glibc's ``MALLOC_*_`` and ``GLIBC_TUNABLES``, e.g. the ``MALLOC_MMAP_THRESHOLD_``
+    README "Troubleshooting" suggests, jemalloc's ``MALLOC_CONF``, and ``LD_PRELOAD``)
+    left out so that each side runs with the allocator its label names (glibc's defaults,
+    or segscale's ``CPU_WORKER_ALLOCATOR_ENV``, which a user's setting would override),
+    and ``extra_env`` on top."""
+    env = {k: v for k, v in os.environ.items() if k not in (*MALLOC_ENV_VARS, "LD_PRELOAD")}
     return {**env, "OMP_NUM_THREADS": str(threads), **(extra_env or {})}
+
+
+def run_as_cpu_worker(threads: int) -> None:
+    """Restarts this script (same arguments) under ``CPU_WORKER_ALLOCATOR_ENV`` unless it
+    already runs so: a benchmark that times steps in its own process then runs on the
+    allocator segscale's CPU workers start with, which only a starting process can preload."""
+    if not CPU_WORKER_ALLOCATOR_ENV or jemalloc_loaded() or os.environ.get("SEGSCALE_BENCH_RESTARTED"):
+        return  # nothing to preload, done, or tried once (ld.so could not preload it: glibc then)
+    env = {**child_env(threads, CPU_WORKER_ALLOCATOR_ENV), "SEGSCALE_BENCH_RESTARTED": "1"}
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def child_peak_bytes(script: str, child_args: Sequence[str], threads: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass
@@ -16,12 +17,17 @@ class ClusterConfig:
     cpus_per_worker: int = 1
     # torch intra-op threads per worker; 0 = cpus_per_worker.
     torch_threads: int = 0
-    # CPU workers (and eval / predict, which run on the CPU): glibc keeps the memory a
-    # step frees for the next step instead of giving it back to the OS and faulting it in
-    # again (ops/host_allocator.py; same peak, faster steps: benchmarks/RESULTS.md).
-    # Ignored on GPU workers and where the environment sets glibc's thresholds
-    # (MALLOC_MMAP_THRESHOLD_ ..., passed on to the workers).
+    # CPU workers (and eval / predict, which run on the CPU) keep the memory a step frees
+    # for the next step instead of giving it back to the OS and faulting it in again
+    # (ops/host_allocator.py; same peak, faster steps: benchmarks/RESULTS.md). false =
+    # malloc as the process starts. Ignored on GPU workers.
     keep_freed_memory: bool = True
+    # Which allocator keeps it on CPU workers: jemalloc, preloaded when a worker starts
+    # (Debian's libjemalloc2; less fragmentation, so a lower peak), or glibc's malloc with
+    # fixed thresholds; "auto" = jemalloc where the driver finds it installed, else glibc.
+    # eval and predict use glibc (a running process cannot preload). glibc's thresholds
+    # set in the environment (MALLOC_MMAP_THRESHOLD_ ..., passed on to the workers) win.
+    host_allocator: Literal["auto", "jemalloc", "glibc"] = "auto"
     # torch.distributed backend; "" = nccl with GPUs, gloo otherwise.
     backend: str = ""
     # Ray restarts the whole worker group this many times after a failure.

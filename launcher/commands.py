@@ -58,12 +58,13 @@ def load_for_inference(config_path: str, overrides: list[str], checkpoint: str) 
             data = merge(data, parse_override(text))
         cfg = config_from_dict(data, source=os.path.join(directory, META_FILE))
     if cfg.cluster.keep_freed_memory:
-        from ops.host_allocator import keep_freed_memory
+        from ops.host_allocator import configure_process
 
-        # eval and predict run here, on the CPU: the same malloc setting as a CPU worker's
+        # eval and predict run here, on the CPU, and keep freed memory as a CPU worker does
         # (each forward re-allocates what the last one freed; MaskFormer Swin-T's forwards
-        # at 512 ran 15-20 % faster, at the same peak: benchmarks/RESULTS.md).
-        print(f"host memory: {keep_freed_memory()}", flush=True)
+        # at 512 ran 15-20 % faster, at the same peak: benchmarks/RESULTS.md): with glibc,
+        # since this process has started, unless its user started it with jemalloc.
+        print(f"host memory: {configure_process()}", flush=True)
     from model.build import build_model
 
     model = build_model(cfg.model)

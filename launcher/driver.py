@@ -127,7 +127,9 @@ def run_training(cfg: RunConfig) -> TrainOutcome:
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
             # Through the workers' own runtime env, not ray.init's: inside `ray job submit`
             # the job's runtime env is fixed and a second one for the driver would clash.
-            worker_runtime_env={"env_vars": runtime_env_vars(cfg.cluster.use_gpu, cfg.train.zero_stage)},
+            worker_runtime_env={"env_vars": runtime_env_vars(
+                cfg.cluster.use_gpu, cfg.train.zero_stage,
+                cfg.cluster.host_allocator if cfg.cluster.keep_freed_memory else "glibc")},
         ),
     )
     print(f"run {cfg.train.run_name}: {cfg.cluster.num_workers} workers, ZeRO-{cfg.train.zero_stage}, "

@@ -13,7 +13,7 @@ import os
 import socket
 import sys
 
-from ops.host_allocator import MALLOC_ENV_VARS
+from ops.host_allocator import MALLOC_ENV_VARS, worker_allocator_env
 
 
 def torch_extensions_dir() -> str:
@@ -28,12 +28,13 @@ def torch_extensions_dir() -> str:
 
 # Settings a user sets where they type the command that every process of the run must
 # share: the driver hands them to its workers, and ``submit`` to the job it starts.
-# glibc's malloc settings (MALLOC_MMAP_THRESHOLD_ ... and GLIBC_TUNABLES; glibc reads them
-# when a process starts, so they must be in the worker's environment from the start, as
-# Ray's runtime_env puts them): e.g. a fixed mmap threshold returns freed tensors above it
-# to the OS, so a CPU worker's resident memory follows its live tensors, for more step
-# time (README "Troubleshooting"). A worker that finds any of them leaves malloc to them
-# (ops/host_allocator.py), on a cluster as on a local instance.
+# Malloc settings (glibc's MALLOC_MMAP_THRESHOLD_ ... and GLIBC_TUNABLES, jemalloc's
+# MALLOC_CONF; an allocator reads them when a process starts, so they must be in the
+# worker's environment from the start, as Ray's runtime_env puts them): e.g. a fixed mmap
+# threshold returns freed tensors above it to the OS, so a CPU worker's resident memory
+# follows its live tensors, for more step time (README "Troubleshooting"). A worker that
+# finds glibc's leaves malloc to them (ops/host_allocator.py), on a cluster as on a local
+# instance.
 USER_ENV_VARS = ("OMP_NUM_THREADS", *MALLOC_ENV_VARS, "SEGSCALE_LOG_LEVEL", "SEGSCALE_FAULT")
 
 
@@ -46,8 +47,11 @@ USER_ENV_VARS = ("OMP_NUM_THREADS", *MALLOC_ENV_VARS, "SEGSCALE_LOG_LEVEL", "SEG
 LOCAL_INSTANCE_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
-def runtime_env_vars(use_gpu: bool = False, zero_stage: int = 0) -> dict[str, str]:
-    """Environment variables every Ray worker of a run gets."""
+def runtime_env_vars(use_gpu: bool = False, zero_stage: int = 0, cpu_allocator: str = "glibc") -> dict[str, str]:
+    """Environment variables every Ray worker of a run gets. ``cpu_allocator``
+    (``cluster.host_allocator``) is the host allocator CPU workers start with: jemalloc
+    must be preloaded into a process as it starts. Raises ValueError for ``jemalloc``
+    where it is not installed."""
     env = {
         "TORCH_EXTENSIONS_DIR": torch_extensions_dir(),
         # Ray Train V2 re-routes print() through the root logger, which DeepSpeed also
@@ -64,6 +68,8 @@ def runtime_env_vars(use_gpu: bool = False, zero_stage: int = 0) -> dict[str, st
     for name in ("RAY_AUTH_MODE", *USER_ENV_VARS):
         if name in os.environ:
             env[name] = os.environ[name]
+    if not use_gpu:
+        env.update(worker_allocator_env(cpu_allocator))
     return env
 
 

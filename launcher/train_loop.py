@@ -52,7 +52,7 @@ from launcher.progress import StepLogger, StepRecords
 from launcher.rng import derive_seed, restore_rng_state, seed_everything
 from launcher.universal_checkpoint import load_universal_checkpoint, needs_universal
 from model.build import build_criterion, build_model
-from ops.host_allocator import keep_freed_memory
+from ops.host_allocator import configure_process
 from ops.weight_recast import recast_applies, recast_saved_weights
 
 
@@ -118,7 +118,9 @@ def train_worker(loop_config: dict) -> None:
     rank, world_size, local_rank = context.get_world_rank(), context.get_world_size(), context.get_local_rank()
     torch.set_num_threads(cfg.cluster.torch_threads or cfg.cluster.cpus_per_worker)
     if not cfg.cluster.use_gpu and cfg.cluster.keep_freed_memory:
-        malloc_note = keep_freed_memory()  # process-wide, from here on: before the model exists
+        # Process-wide, from here on: before the model exists. jemalloc, if the driver asked
+        # for it, was preloaded as the worker started (launcher/environment.py).
+        malloc_note = configure_process(require_jemalloc=cfg.cluster.host_allocator == "jemalloc")
         if rank == 0:
             print(f"host memory: {malloc_note}", flush=True)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

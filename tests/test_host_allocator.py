@@ -1,10 +1,12 @@
-"""ops.host_allocator: glibc keeps what a step frees, unless the user set glibc's thresholds.
+"""ops.host_allocator: glibc or a preloaded jemalloc keeps what a step frees, unless the
+user set glibc's thresholds.
 
-mallopt settings are process-wide and cannot be undone, so each case runs in a fresh
-interpreter. The probe mallocs four 8 MiB blocks, touches them and frees them, in the
-main thread and in a second thread (Ray Train runs the training function in one), and
-reads glibc's own account (mallinfo2): how many blocks were mmapped and how much freed
-memory the heap keeps.
+mallopt settings are process-wide and cannot be undone, and jemalloc is preloaded only
+when a process starts, so each case runs in a fresh interpreter. The glibc probe mallocs
+four 8 MiB blocks, touches them and frees them, in the main thread and in a second thread
+(Ray Train runs the training function in one), and reads glibc's own account (mallinfo2):
+how many blocks were mmapped and how much freed memory the heap keeps. The jemalloc probe
+does the same and reads the resident set (glibc's account no longer sees the blocks).
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ import json
 import os
 import subprocess
 import sys
+
+import pytest
+
+from ops import host_allocator
+from ops.host_allocator import JEMALLOC_CONF, JEMALLOC_LIBRARY, jemalloc_installed, worker_allocator_env
 
 PROBE = r"""
 import ctypes, json, sys, threading
@@ -49,10 +56,39 @@ print(json.dumps(results))
 """
 
 
-def _probe(mode: str, env: dict[str, str] | None = None) -> dict:
-    child_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+JEMALLOC_PROBE = r"""
+import ctypes, json, os
+from ops.host_allocator import configure_process
+
+note = configure_process()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+def resident_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+
+before = resident_mib()
+blocks = [libc.malloc(8 << 20) for _ in range(4)]
+for block in blocks:
+    ctypes.memset(block, 1, 8 << 20)
+live = resident_mib() - before
+for block in blocks:
+    libc.free(block)
+print(json.dumps({"note": note, "live_mib": live, "kept_mib": resident_mib() - before}))
+"""
+# .ci/run installs Debian's libjemalloc2, so in CI the jemalloc cases run (and fail
+# without it); elsewhere they need it installed.
+needs_jemalloc = pytest.mark.skipif(not jemalloc_installed() and os.environ.get("CI") != "true",
+                                    reason=f"{JEMALLOC_LIBRARY} is not installed (apt-get install libjemalloc2)")
+
+
+def _probe(mode: str, env: dict[str, str] | None = None, script: str = PROBE) -> dict:
+    child_env = {k: v for k, v in os.environ.items()
+                 if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
     child_env.update(env or {})
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, env=child_env,
+    out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, env=child_env,
                          check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -84,3 +120,47 @@ def test_the_users_malloc_settings_win():
         assert result["note"] == f"malloc left to the environment's {name}", result
         assert result["main"]["mmapped"] == 4, result  # the user's 128 KiB threshold (or glibc's) applies
 
+
+
+@needs_jemalloc
+def test_a_worker_started_with_jemalloc_keeps_freed_memory():
+    env = worker_allocator_env("auto", environ={})
+    assert env == {"LD_PRELOAD": JEMALLOC_LIBRARY, "MALLOC_CONF": JEMALLOC_CONF}
+    kept = _probe("", env, JEMALLOC_PROBE)
+    assert kept["note"] == f"jemalloc keeps freed memory for the next step (MALLOC_CONF={JEMALLOC_CONF})", kept
+    assert kept["live_mib"] >= 31 and kept["kept_mib"] >= 31, kept
+    # The control: jemalloc told to purge at once gives the blocks back, so the above can fail.
+    purged = _probe("", {**env, "MALLOC_CONF": "dirty_decay_ms:0,muzzy_decay_ms:0"}, JEMALLOC_PROBE)
+    assert purged["note"] == "jemalloc, with MALLOC_CONF=dirty_decay_ms:0,muzzy_decay_ms:0", purged
+    assert purged["live_mib"] >= 31 and purged["kept_mib"] < 8, purged
+
+
+@needs_jemalloc
+def test_worker_allocator_env_follows_the_choice_and_the_users_settings():
+    assert worker_allocator_env("glibc", environ={}) == {}
+    assert worker_allocator_env("jemalloc", environ={})["LD_PRELOAD"] == JEMALLOC_LIBRARY
+    # The user's own preloads stay, and their jemalloc settings replace segscale's.
+    env = worker_allocator_env("auto", environ={"LD_PRELOAD": "libextra.so", "MALLOC_CONF": "narenas:1"})
+    assert env == {"LD_PRELOAD": f"{JEMALLOC_LIBRARY}:libextra.so", "MALLOC_CONF": "narenas:1"}
+    # glibc's thresholds set by the user mean glibc: nothing is preloaded.
+    assert worker_allocator_env("auto", environ={"MALLOC_MMAP_THRESHOLD_": "131072"}) == {}
+    with pytest.raises(ValueError, match="cluster.host_allocator: expected one of auto, jemalloc, glibc, got 'tcmalloc'"):
+        worker_allocator_env("tcmalloc", environ={})
+
+
+def test_jemalloc_missing_is_a_clear_error_or_glibc(monkeypatch):
+    monkeypatch.setattr(host_allocator, "jemalloc_installed", lambda: False)
+    assert worker_allocator_env("auto", environ={}) == {}  # auto: the worker sets glibc up itself
+    with pytest.raises(ValueError, match=r"'jemalloc', but libjemalloc\.so\.2 is not installed here \(Debian"):
+        worker_allocator_env("jemalloc", environ={})
+    # A worker asked for jemalloc that started without it (a node without the library).
+    script = "from ops.host_allocator import configure_process; configure_process(require_jemalloc=True)"
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})
+    assert child.returncode != 0
+    assert "RuntimeError: cluster.host_allocator: 'jemalloc', but libjemalloc.so.2 is not loaded" in child.stderr
+
+
+@pytest.mark.skipif(os.environ.get("CI") != "true", reason="CI machines only")
+def test_ci_has_jemalloc():
+    assert jemalloc_installed(), ".ci/run installs Debian's libjemalloc2; the jemalloc tests need it"

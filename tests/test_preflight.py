@@ -81,6 +81,33 @@ def test_workers_get_the_users_thread_and_allocator_settings(monkeypatch):
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.top_pad=0")
     env = runtime_env_vars()
     assert env["MALLOC_TRIM_THRESHOLD_"] == "1048576" and env["GLIBC_TUNABLES"] == "glibc.malloc.top_pad=0"
+    # ... and then no jemalloc is preloaded: the user's glibc settings are what runs.
+    assert "LD_PRELOAD" not in runtime_env_vars(cpu_allocator="jemalloc")
+
+
+def test_cpu_workers_start_with_the_chosen_allocator(monkeypatch):
+    from launcher.environment import runtime_env_vars
+    from ops import host_allocator
+
+    for name in ("LD_PRELOAD", "MALLOC_CONF", *host_allocator.MALLOC_ENV_VARS):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(host_allocator, "jemalloc_installed", lambda: True)
+    env = runtime_env_vars(cpu_allocator="auto")
+    assert env["LD_PRELOAD"] == "libjemalloc.so.2" and env["MALLOC_CONF"] == host_allocator.JEMALLOC_CONF
+    assert "LD_PRELOAD" not in runtime_env_vars(cpu_allocator="glibc")
+    assert "LD_PRELOAD" not in runtime_env_vars(use_gpu=True, cpu_allocator="auto")  # GPU workers: malloc as is
+    monkeypatch.setattr(host_allocator, "jemalloc_installed", lambda: False)
+    assert "LD_PRELOAD" not in runtime_env_vars(cpu_allocator="auto")
+
+
+def test_missing_jemalloc_fails_the_run_before_ray_starts(monkeypatch, manifests):
+    from ops import host_allocator
+
+    monkeypatch.setattr(host_allocator, "jemalloc_installed", lambda: False)
+    check_run(config(*manifests, "cluster.host_allocator=auto"))  # auto: glibc instead
+    with pytest.raises(ConfigError, match=r"cluster.host_allocator: 'jemalloc', but libjemalloc\.so\.2 is not installed"):
+        check_run(config(*manifests, "cluster.host_allocator=jemalloc"))
+    check_run(config(*manifests, "cluster.host_allocator=jemalloc", "cluster.keep_freed_memory=false"))
 
 
 def test_relative_paths_refused_inside_ray_job(monkeypatch):
