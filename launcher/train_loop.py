@@ -52,7 +52,7 @@ from launcher.progress import StepLogger, StepRecords
 from launcher.rng import derive_seed, restore_rng_state, seed_everything
 from launcher.universal_checkpoint import load_universal_checkpoint, needs_universal
 from model.build import build_criterion, build_model
-from ops.host_allocator import configure_process
+from ops.host_allocator import configure_process, preload_failed
 from ops.weight_recast import recast_applies, recast_saved_weights
 
 
@@ -123,6 +123,8 @@ def train_worker(loop_config: dict) -> None:
         malloc_note = configure_process(require_jemalloc=cfg.cluster.host_allocator == "jemalloc")
         if rank == 0:
             print(f"host memory: {malloc_note}", flush=True)
+        elif preload_failed():  # host_allocator auto, on a node without the library: say where
+            print(f"host memory, rank {rank} on {os.uname().nodename}: {malloc_note}", flush=True)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # DeepSpeed 0.19 still calls the deprecated all_gather_into_tensor every step.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)

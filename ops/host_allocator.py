@@ -143,6 +143,11 @@ def configure_process(require_jemalloc: bool = False) -> str:
                            f"process on {os.uname().nodename} (Debian/Ubuntu: apt-get install libjemalloc2 on "
                            "every node; or set it to 'auto' or 'glibc')")
     note = keep_freed_memory()
-    if JEMALLOC_LIBRARY in os.environ.get("LD_PRELOAD", ""):
+    if preload_failed():
         note += f" ({JEMALLOC_LIBRARY} could not be preloaded here)"
     return note
+
+
+def preload_failed() -> bool:
+    """Whether this process was to start with jemalloc and did not (ld.so only warns)."""
+    return JEMALLOC_LIBRARY in os.environ.get("LD_PRELOAD", "") and not jemalloc_loaded()

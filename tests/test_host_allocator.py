@@ -161,6 +161,19 @@ def test_jemalloc_missing_is_a_clear_error_or_glibc(monkeypatch):
     assert "RuntimeError: cluster.host_allocator: 'jemalloc', but libjemalloc.so.2 is not loaded" in child.stderr
 
 
+def test_a_worker_whose_preload_failed_says_so_and_keeps_memory_with_glibc():
+    # A node without the library: ld.so warns and starts the process on glibc. (Here the
+    # library may be installed, so the probe is told it is not loaded.)
+    script = ("import ops.host_allocator as h; h.jemalloc_loaded = lambda: False; "
+              "print(h.preload_failed()); print(h.configure_process())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    lines = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                           env={**env, "LD_PRELOAD": JEMALLOC_LIBRARY}).stdout.splitlines()
+    assert lines[0] == "True"
+    assert lines[1].startswith("glibc keeps freed memory for the next step"), lines
+    assert lines[1].endswith(f"({JEMALLOC_LIBRARY} could not be preloaded here)"), lines
+
+
 @pytest.mark.skipif(os.environ.get("CI") != "true", reason="CI machines only")
 def test_ci_has_jemalloc():
     assert jemalloc_installed(), ".ci/run installs Debian's libjemalloc2; the jemalloc tests need it"
