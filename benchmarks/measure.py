@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ops.host_allocator import MALLOC_ENV_VARS, jemalloc_loaded, worker_allocator_env
+from ops.host_allocator import MALLOC_ENV_VARS, jemalloc_loaded, preload_failed, worker_allocator_env
 
 # What segscale's CPU workers start with by default on this machine (cluster.host_allocator
 # "auto"): jemalloc's preload where it is installed, else nothing (glibc, which the process
@@ -149,11 +149,10 @@ def run_as_cpu_worker(threads: int) -> None:
     """Restarts this script (same arguments) under ``CPU_WORKER_ALLOCATOR_ENV`` unless it
     already runs so: a benchmark that times steps in its own process then runs on the
     allocator segscale's CPU workers start with, which only a starting process can preload."""
-    if not CPU_WORKER_ALLOCATOR_ENV or jemalloc_loaded() or os.environ.get("SEGSCALE_BENCH_RESTARTED"):
+    if not CPU_WORKER_ALLOCATOR_ENV or jemalloc_loaded() or preload_failed():
         return  # nothing to preload, done, or tried once (ld.so could not preload it: glibc then)
-    env = {**child_env(threads, CPU_WORKER_ALLOCATOR_ENV), "SEGSCALE_BENCH_RESTARTED": "1"}
     sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    os.execve(sys.executable, [sys.executable, *sys.argv], child_env(threads, CPU_WORKER_ALLOCATOR_ENV))
 
 
 def child_peak_bytes(script: str, child_args: Sequence[str], threads: int) -> int:

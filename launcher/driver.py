@@ -20,7 +20,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from launcher.checkpoint import verify_checkpoint
 from launcher.config import ConfigError, RunConfig, dump_config, to_dict
-from launcher.environment import LOCAL_INSTANCE_ENV, runtime_env_vars
+from launcher.environment import LOCAL_INSTANCE_ENV, worker_env_vars
 from launcher.preflight import check_paths_for_job, check_resume, check_run
 from launcher.universal_checkpoint import ensure_universal, needs_universal
 
@@ -127,9 +127,7 @@ def run_training(cfg: RunConfig) -> TrainOutcome:
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
             # Through the workers' own runtime env, not ray.init's: inside `ray job submit`
             # the job's runtime env is fixed and a second one for the driver would clash.
-            worker_runtime_env={"env_vars": runtime_env_vars(
-                cfg.cluster.use_gpu, cfg.train.zero_stage,
-                cfg.cluster.host_allocator if cfg.cluster.keep_freed_memory else "glibc")},
+            worker_runtime_env={"env_vars": worker_env_vars(cfg)},
         ),
     )
     print(f"run {cfg.train.run_name}: {cfg.cluster.num_workers} workers, ZeRO-{cfg.train.zero_stage}, "

@@ -12,8 +12,12 @@ import hashlib
 import os
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 from ops.host_allocator import MALLOC_ENV_VARS, worker_allocator_env
+
+if TYPE_CHECKING:
+    from launcher.config import RunConfig
 
 
 def torch_extensions_dir() -> str:
@@ -47,11 +51,11 @@ USER_ENV_VARS = ("OMP_NUM_THREADS", *MALLOC_ENV_VARS, "SEGSCALE_LOG_LEVEL", "SEG
 LOCAL_INSTANCE_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
-def runtime_env_vars(use_gpu: bool = False, zero_stage: int = 0, cpu_allocator: str = "glibc") -> dict[str, str]:
+def runtime_env_vars(use_gpu: bool = False, zero_stage: int = 0, cpu_allocator: str | None = None) -> dict[str, str]:
     """Environment variables every Ray worker of a run gets. ``cpu_allocator``
-    (``cluster.host_allocator``) is the host allocator CPU workers start with: jemalloc
-    must be preloaded into a process as it starts. Raises ValueError for ``jemalloc``
-    where it is not installed."""
+    (``cluster.host_allocator``; None: malloc as the process starts) is the host allocator
+    CPU workers start with: jemalloc must be preloaded into a process as it starts.
+    Raises ValueError for ``jemalloc`` where it is not installed."""
     env = {
         "TORCH_EXTENSIONS_DIR": torch_extensions_dir(),
         # Ray Train V2 re-routes print() through the root logger, which DeepSpeed also
@@ -68,9 +72,16 @@ def runtime_env_vars(use_gpu: bool = False, zero_stage: int = 0, cpu_allocator: 
     for name in ("RAY_AUTH_MODE", *USER_ENV_VARS):
         if name in os.environ:
             env[name] = os.environ[name]
-    if not use_gpu:
+    if not use_gpu and cpu_allocator:
         env.update(worker_allocator_env(cpu_allocator))
     return env
+
+
+def worker_env_vars(cfg: RunConfig) -> dict[str, str]:
+    """``runtime_env_vars`` of a run's workers, from its config."""
+    cluster = cfg.cluster
+    return runtime_env_vars(cluster.use_gpu, cfg.train.zero_stage,
+                            cluster.host_allocator if cluster.keep_freed_memory else None)
 
 
 def setup_process_environment() -> None:

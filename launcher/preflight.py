@@ -16,9 +16,9 @@ from data_pipeline.manifest import training_classes
 from launcher.checkpoint import find_latest_checkpoint, newest_verified_checkpoint, verify_checkpoint
 from launcher.config import ConfigError, RunConfig, TrainConfig
 from launcher.deepspeed_config import build_deepspeed_config
+from launcher.environment import worker_env_vars
 from launcher.fault_injection import ENV_VAR as FAULT_ENV_VAR
 from launcher.fault_injection import parse_fault
-from ops.host_allocator import worker_allocator_env
 
 # Set by Ray's job supervisor in the environment of a `ray job submit` entrypoint.
 RAY_JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -64,11 +64,10 @@ def check_run(cfg: RunConfig) -> None:
         parse_fault(os.environ.get(FAULT_ENV_VAR, ""))  # a drill's typo fails here, not at step 1
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if not cfg.cluster.use_gpu and cfg.cluster.keep_freed_memory:
-        try:  # host_allocator: jemalloc where it is not installed fails here, not in every worker
-            worker_allocator_env(cfg.cluster.host_allocator)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+    try:  # host_allocator: jemalloc where it is not installed fails here, not in every worker
+        worker_env_vars(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if cfg.data.task == "panoptic":
         from launcher.panoptic_eval import check_panoptic_model  # heavy imports only when needed
 

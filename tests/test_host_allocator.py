@@ -84,12 +84,16 @@ needs_jemalloc = pytest.mark.skipif(not jemalloc_installed() and os.environ.get(
                                     reason=f"{JEMALLOC_LIBRARY} is not installed (apt-get install libjemalloc2)")
 
 
+def _clean_env(**env: str) -> dict[str, str]:
+    """This environment without any malloc setting or preload, and ``env`` on top."""
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    return {**clean, **env}
+
+
 def _probe(mode: str, env: dict[str, str] | None = None, script: str = PROBE) -> dict:
-    child_env = {k: v for k, v in os.environ.items()
-                 if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
-    child_env.update(env or {})
-    out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, env=child_env,
-                         check=True).stdout
+    out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True,
+                         env=_clean_env(**(env or {})), check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -155,8 +159,7 @@ def test_jemalloc_missing_is_a_clear_error_or_glibc(monkeypatch):
         worker_allocator_env("jemalloc", environ={})
     # A worker asked for jemalloc that started without it (a node without the library).
     script = "from ops.host_allocator import configure_process; configure_process(require_jemalloc=True)"
-    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                           env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_clean_env())
     assert child.returncode != 0
     assert "RuntimeError: cluster.host_allocator: 'jemalloc', but libjemalloc.so.2 is not loaded" in child.stderr
 
@@ -166,9 +169,8 @@ def test_a_worker_whose_preload_failed_says_so_and_keeps_memory_with_glibc():
     # library may be installed, so the probe is told it is not loaded.)
     script = ("import ops.host_allocator as h; h.jemalloc_loaded = lambda: False; "
               "print(h.preload_failed()); print(h.configure_process())")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     lines = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                           env={**env, "LD_PRELOAD": JEMALLOC_LIBRARY}).stdout.splitlines()
+                           env=_clean_env(LD_PRELOAD=JEMALLOC_LIBRARY)).stdout.splitlines()
     assert lines[0] == "True"
     assert lines[1].startswith("glibc keeps freed memory for the next step"), lines
     assert lines[1].endswith(f"({JEMALLOC_LIBRARY} could not be preloaded here)"), lines
