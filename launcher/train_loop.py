@@ -26,6 +26,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from timm.utils.distributed import distribute_bn
 
 from cluster.metrics import WorkerMetrics, live_targets_file, write_file_sd
 from data_pipeline.device_batch import prepare_batch
@@ -109,6 +110,19 @@ def _mean_over_ranks(values: dict[str, torch.Tensor], world_size: int) -> dict[s
     packed = torch.stack([values[n].detach().float().cpu() for n in names])
     dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     return dict(zip(names, (packed / world_size).tolist()))
+
+
+def share_batchnorm_statistics(model: torch.nn.Module, world_size: int) -> None:
+    """Averages BatchNorm running statistics over the ranks (collective: every rank calls it).
+
+    Trainable BatchNorm (``freeze_bn: false``, UN-EPT's heads) tracks running statistics of
+    each rank's own batches, and the checkpoint keeps rank 0's. Averaged before every
+    validation and save, the model validated is the model saved, so ``eval`` of a
+    checkpoint reproduces the mIoU the run printed. Training normalises with batch
+    statistics and never reads them. Frozen statistics are equal on every rank and stay so.
+    """
+    if world_size > 1:
+        distribute_bn(model, world_size, reduce=True)
 
 
 def train_worker(loop_config: dict) -> None:
@@ -198,6 +212,7 @@ def train_worker(loop_config: dict) -> None:
     val_step = -1
 
     def validate(at_step: int) -> dict:
+        share_batchnorm_statistics(engine.module, world_size)
         if cfg.data.task == "panoptic":  # PQ over each rank's slice, summed over ranks
             results = panoptic_validation(cfg, engine.module, rank, world_size, eval_dtype, engine.device)
             logger.print(f"step {at_step}: validation {summary_line(results)}")
@@ -214,6 +229,7 @@ def train_worker(loop_config: dict) -> None:
 
     def checkpoint_and_report(step: int, extra_metrics: dict) -> None:
         nonlocal last_saved
+        share_batchnorm_statistics(engine.module, world_size)
         started = time.perf_counter()
         with staging_directory(run_dir, rank) as tmp:
             size = save_checkpoint(engine, tmp, step=step, rank=rank, world_size=world_size, config=config_dict,

@@ -51,6 +51,7 @@ def test_train_checkpoint_resume_eval_predict(dataset, tmp_path):
     # Same command, same run name, more steps: Ray hands back the latest checkpoint.
     code, log = launcher("train", *common, "--set", "train.max_steps=6")
     assert code == 0, log
+    validated = log
     assert "resumed from" in log and "at step 4" in log and "step 5/6" in log and "step 1/" not in log
     assert "data stream continues exactly after 4 batches per rank" in log
     latest = find_latest_checkpoint(str(run_dir))
@@ -64,6 +65,10 @@ def test_train_checkpoint_resume_eval_predict(dataset, tmp_path):
     results = json.loads(out_json.read_text())
     assert 0.0 <= results["miou"] <= 1.0 and results["pixels"] == 6 * 64 * 64
     assert results["checkpoint"] == latest
+    # The checkpoint evaluates to what the run printed at its step (the workers' BatchNorm
+    # statistics are averaged before validation and checkpoint: test_batchnorm_sync.py).
+    printed = f"step 6: validation mIoU {results['miou']:.4f} (pixel accuracy {results['pixel_accuracy']:.4f})"
+    assert printed in validated, validated
     assert "host memory: glibc keeps freed memory for the next step" in log  # eval: its own process, glibc
 
     code, log = launcher("predict", "--checkpoint", latest, "--out", str(tmp_path / "pred"), "--num", "3")
