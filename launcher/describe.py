@@ -39,7 +39,6 @@ CUDA context, and DeepSpeed's communication buckets (``train.zero_bucket_element
 from __future__ import annotations
 
 import contextlib
-import copy
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -55,7 +54,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from launcher.config import RunConfig, load_config
-from model.build import build_criterion, build_model
+from model.build import build_criterion, build_meta_model
 from model.config import ModelConfig
 from ops.recompute import checkpointed_per_sample
 from ops.weight_recast import parameter_cast_source, recast_applies
@@ -66,13 +65,6 @@ MASKS_PER_IMAGE = 10
 # Side lengths (of the predicted masks) of the two small loss measurements.
 _LOSS_SIDES = (8, 16)
 _GIB = 2**30
-
-
-def _meta_model(cfg: ModelConfig) -> nn.Module:
-    cfg = copy.deepcopy(cfg)
-    cfg.backbone.pretrained_path = ""  # shapes only: never read a weights file
-    with torch.device("meta"):
-        return build_model(cfg)
 
 
 def _weights(module: nn.Module) -> Iterator[torch.Tensor]:
@@ -379,7 +371,7 @@ def describe_model(cfg: RunConfig, masks_per_image: int = MASKS_PER_IMAGE) -> di
     for ``masks_per_image`` ground-truth masks per image."""
     if masks_per_image < 1:
         raise ValueError(f"--masks-per-image: expected a positive number of masks, got {masks_per_image}")
-    model = _meta_model(cfg.model)
+    model = build_meta_model(cfg.model)
     counts = count_parameters(model)
     batch, crop = cfg.data.batch_size, cfg.data.crop_size
     if batch < 1 or crop < 1:

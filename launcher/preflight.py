@@ -3,8 +3,9 @@
 Everything that can be known on the driver is checked here, so bad input is a one-line
 ``ConfigError`` in a second instead of a worker traceback a minute into start-up: the
 manifests exist and agree with the model's class count, intervals are positive, the
-precision fits the hardware, paths make sense for where the driver runs, and a resumed
-run's checkpoint is complete (and converted, for another world size, by the driver).
+precision fits the hardware, the model builds and its pretrained file fits, paths make
+sense for where the driver runs, and a resumed run's checkpoint is complete (and converted,
+for another world size, by the driver).
 """
 
 from __future__ import annotations
@@ -83,6 +84,24 @@ def check_run(cfg: RunConfig) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     check_manifests(cfg)
+    check_model(cfg)
+
+
+def check_model(cfg: RunConfig) -> None:
+    """The model builds (backbone name, ``timm_kwargs``, decoder sizes) and its pretrained
+    file exists and fits the backbone: on the ``meta`` device, in about a second, where a
+    worker would otherwise fail a minute into start-up with a traceback per rank."""
+    from model.backbone import Backbone, match_pretrained  # heavy imports (timm) only here
+    from model.build import build_meta_model
+
+    try:
+        model = build_meta_model(cfg.model)
+        if cfg.model.backbone.pretrained_path:
+            for module in model.modules():
+                if isinstance(module, Backbone):
+                    match_pretrained(module.body, cfg.model.backbone.pretrained_path)
+    except (ValueError, OSError) as err:
+        raise ConfigError(str(err)) from None
 
 
 def check_lr_schedule(train: TrainConfig) -> None:

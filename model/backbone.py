@@ -326,8 +326,11 @@ def _swin_from_original(state: dict[str, Tensor]) -> dict[str, Tensor]:
             for k, v in state.items()}
 
 
-def load_pretrained(body: nn.Module, path: str) -> None:
-    """Load the timm-format weights in ``path`` into the features-only model ``body``.
+def match_pretrained(body: nn.Module, path: str) -> tuple[dict[str, Tensor], int]:
+    """The timm-format weights in ``path`` keyed as the features-only model ``body``'s state
+    dict, and the number of the file's keys left unused. ``body`` may live on the ``meta``
+    device: only its keys and shapes are read (the driver checks a file this way before a
+    run starts).
 
     The file may hold the full classification model: keys of the pruned head (and, for
     ViTs, of the blocks after the one read and the final norm) are ignored, and the
@@ -362,5 +365,11 @@ def load_pretrained(body: nn.Module, path: str) -> None:
         if mismatched:
             problems.append(f"{len(mismatched)} shape mismatches file vs model (first: {'; '.join(mismatched[:_SHOW])})")
         raise ValueError(f"model.backbone.pretrained_path: {path} does not fit the backbone: " + "; ".join(problems))
+    return mapped, len(source) - len(mapped)
+
+
+def load_pretrained(body: nn.Module, path: str) -> None:
+    """Load the weights in ``path`` into ``body`` (``match_pretrained`` checks them first)."""
+    mapped, unused = match_pretrained(body, path)
     body.load_state_dict(mapped, strict=False)  # strict checks done above, with better messages
-    logger.info("loaded %d backbone tensors from %s (%d unused keys)", len(mapped), path, len(source) - len(mapped))
+    logger.info("loaded %d backbone tensors from %s (%d unused keys)", len(mapped), path, unused)

@@ -5,6 +5,11 @@ Plain ``if``s, no registry: one look tells which class runs for which ``model.na
 
 from __future__ import annotations
 
+import copy
+
+import torch
+from torch import nn
+
 from model.backbone import build_backbone
 from model.config import ModelConfig
 from model.criterion import ClassLoss, SetCriterion
@@ -29,6 +34,16 @@ def _check_name(cfg: ModelConfig) -> None:
         )
     if cfg.num_classes < 1:
         raise ValueError(f"model.num_classes must be >= 1, got {cfg.num_classes}")
+
+
+def build_meta_model(cfg: ModelConfig) -> nn.Module:
+    """``build_model(cfg)`` with shapes only: on the ``meta`` device, no weights file read
+    (Swin-L in about a second). For counting (``describe``) and checking a config before a
+    run starts (``launcher.preflight``)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.backbone.pretrained_path = ""
+    with torch.device("meta"):
+        return build_model(cfg)
 
 
 def build_model(cfg: ModelConfig) -> MaskFormer | PFT | UNEPT | PanopticSegFormer:

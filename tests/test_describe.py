@@ -16,14 +16,13 @@ from launcher.config import load_config
 from launcher.describe import (
     MASKS_PER_IMAGE,
     _loss_bytes_at,
-    _meta_model,
     _SavedTensors,
     count_parameters,
     describe_model,
     measure_activations,
     measure_loss_activations,
 )
-from model.build import build_model
+from model.build import build_meta_model, build_model
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 TINY = os.path.join(CONFIGS, "test_tiny.yaml")
@@ -100,7 +99,7 @@ def test_memory_shrinks_with_zero_stage():
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_fake_trace_saves_what_a_real_forward_saves(precision):
     cfg = _tiny(f"train.precision={precision}")
-    traced, _, _ = measure_activations(_meta_model(cfg.model), 2, 64, precision)
+    traced, _, _ = measure_activations(build_meta_model(cfg.model), 2, 64, precision)
     model = build_model(cfg.model).train()
     saved = _SavedTensors(exclude=[*model.parameters(), *model.buffers()])
     dtype = torch.bfloat16 if precision == "bf16" else None
@@ -113,7 +112,7 @@ def test_fake_trace_saves_what_a_real_forward_saves(precision):
 
 def test_loss_extrapolation_matches_a_direct_measurement():
     cfg = _tiny()
-    _, _, outputs = measure_activations(_meta_model(cfg.model), 2, 96, "bf16")
+    _, _, outputs = measure_activations(build_meta_model(cfg.model), 2, 96, "bf16")
     assert outputs["pred_masks"].shape[-1] == 24  # stride 4
     direct = _loss_bytes_at(cfg.model, outputs, side=24, ratio=4, generator=torch.Generator().manual_seed(0),
                             masks_per_image=MASKS_PER_IMAGE)
@@ -170,7 +169,7 @@ def test_cnn_presets_count_frozen_bn_and_match_the_paper():
     # FrozenBN turns the BN affine into buffers; the total still counts them, as the
     # papers' tables do (seed 002: R50 41M, R101 60M), and only they are untrainable.
     for name, paper in (("maskformer_r50_ade20k.yaml", 41e6), ("maskformer_r101_ade20k.yaml", 60e6)):
-        model = _meta_model(load_config(os.path.join(CONFIGS, name)).model)
+        model = build_meta_model(load_config(os.path.join(CONFIGS, name)).model)
         counts = count_parameters(model)
         bn_affine = sum(m.weight.numel() + m.bias.numel() for m in model.modules()
                         if isinstance(m, FrozenBatchNorm2d))

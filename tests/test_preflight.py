@@ -3,6 +3,7 @@
 import os
 
 import pytest
+import torch
 
 from data_pipeline.config import SyntheticConfig
 from data_pipeline.shard_writer import write_shards
@@ -10,6 +11,7 @@ from data_pipeline.synthetic import synthetic_source
 from launcher.checkpoint import META_FILE, CheckpointError
 from launcher.config import ConfigError, load_config
 from launcher.preflight import RAY_JOB_ENV_VAR, check_paths_for_job, check_resume, check_run
+from model.build import build_model
 from ops.atomic_file import write_json_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,3 +160,18 @@ def test_malformed_fault_drill_is_refused(manifests, monkeypatch):
         check_run(config(*manifests))
     monkeypatch.setenv("SEGSCALE_FAULT", "after_step:3:1")
     check_run(config(*manifests))
+
+
+def test_model_and_pretrained_file_are_checked_before_ray_starts(manifests, tmp_path):
+    with pytest.raises(ConfigError, match="model.backbone.name='resnet9000' is not a timm model"):
+        check_run(config(*manifests, "model.backbone.name=resnet9000"))
+    with pytest.raises(ConfigError, match=r"model.backbone.pretrained_path: no such file: .*nope.pth"):
+        check_run(config(*manifests, f"model.backbone.pretrained_path={tmp_path}/nope.pth"))
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, wrong)
+    with pytest.raises(ConfigError, match=r"pretrained_path: .*wrong.pth does not fit the backbone: \d+ missing keys"):
+        check_run(config(*manifests, f"model.backbone.pretrained_path={wrong}"))
+    # The weights of the configured backbone itself fit (and only keys and shapes are read).
+    fitting = tmp_path / "fitting.pth"
+    torch.save(build_model(config().model).backbone.body.state_dict(), fitting)
+    check_run(config(*manifests, f"model.backbone.pretrained_path={fitting}"))
