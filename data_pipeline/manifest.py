@@ -285,12 +285,22 @@ def write_manifest(path: str | os.PathLike[str], manifest: Manifest) -> Path:
     return path
 
 
-def check_shard_file(shard: ShardInfo, shard_path: str | os.PathLike[str]) -> str | None:
-    """The problem with one shard file's size or sha256 (no path prefix), or None."""
+def check_shard_size(shard: ShardInfo, shard_path: str | os.PathLike[str]) -> str | None:
+    """The problem with one shard file's size (no path prefix), or None: one stat, what a
+    run checks of every shard before it starts (a copy cut short shows here)."""
     try:
         size = os.path.getsize(shard_path)
-        if size != shard.bytes:
-            return f"{size} bytes, manifest says {shard.bytes}"
+    except OSError as exn:
+        return f"cannot read: {exn.strerror or exn}"
+    return None if size == shard.bytes else f"{size} bytes, manifest says {shard.bytes}"
+
+
+def check_shard_file(shard: ShardInfo, shard_path: str | os.PathLike[str]) -> str | None:
+    """The problem with one shard file's size or sha256 (no path prefix), or None."""
+    problem = check_shard_size(shard, shard_path)
+    if problem is not None:
+        return problem
+    try:
         digest = hashlib.sha256()
         with open(shard_path, "rb") as f:
             for block in iter(lambda f=f: f.read(1 << 20), b""):

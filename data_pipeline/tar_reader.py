@@ -50,7 +50,7 @@ def _checksum_ok(header: bytes) -> bool:
 def _read_exactly(stream: BinaryIO, size: int, what: str) -> bytes:
     data = stream.read(size)
     if len(data) != size:
-        raise TarFormatError(f"unexpected end of data in {what} ({len(data)} of {size} bytes)")
+        raise TarFormatError(f"the file ends inside {what} ({len(data)} of its {size} bytes): truncated")
     return data
 
 
@@ -81,7 +81,14 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
             raise TarFormatError("invalid header (bad checksum)")
         kind = header[156:157]
         size = int(pax["size"]) if "size" in pax else _number(header[124:136])
-        data = _read_exactly(stream, size, f"member of type {kind!r}")
+        name = header[0:100].split(b"\0", 1)[0].decode(*_ENCODING)
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if header[257:263] == b"ustar\0" and prefix:  # POSIX ustar: path = prefix/name
+            name = f"{prefix.decode(*_ENCODING)}/{name}"
+        name = pax.get("path", long_name or name)
+        # Named in the error: a cut-off file stops at the first member it cannot complete.
+        what = f"member {name!r}" if kind in _REGULAR else f"a tar header record of type {kind!r}"
+        data = _read_exactly(stream, size, what)
         stream.read(-size % BLOCK)  # padding to the next block (may be cut at the very end)
         if kind == b"x":  # PAX: applies to the next member
             pax = _pax_fields(data)
@@ -91,11 +98,6 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
             continue
         if kind == b"g" or kind == b"K":  # global PAX header, GNU long link name: nothing for us
             continue
-        name = header[0:100].split(b"\0", 1)[0].decode(*_ENCODING)
-        prefix = header[345:500].split(b"\0", 1)[0]
-        if header[257:263] == b"ustar\0" and prefix:  # POSIX ustar: path = prefix/name
-            name = f"{prefix.decode(*_ENCODING)}/{name}"
-        name = pax.get("path", long_name or name)
         long_name, pax = None, {}
         if kind in _REGULAR and not name.endswith("/"):
             yield name, data

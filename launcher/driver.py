@@ -26,7 +26,12 @@ from launcher.universal_checkpoint import ensure_universal, needs_universal
 
 
 class TrainingFailed(RuntimeError):
-    pass
+    """A run that started and failed; ``causes``: the type names of the failed workers' own
+    errors (a worker's error can make the others fail in their collectives)."""
+
+    def __init__(self, message: str, causes: frozenset[str] = frozenset()) -> None:
+        super().__init__(message)
+        self.causes = causes
 
 
 @dataclass
@@ -136,7 +141,9 @@ def run_training(cfg: RunConfig) -> TrainOutcome:
     try:
         result = trainer.fit()
     except Exception as err:  # Ray wraps worker errors; keep the root cause on one line
-        raise TrainingFailed(f"run {cfg.train.run_name} failed: {_root_cause(err)}") from err
+        root = _root_cause(err)
+        raise TrainingFailed(f"run {cfg.train.run_name} failed: {type(root).__name__}: {_last_line(root)}",
+                             causes=frozenset(type(e).__name__ for e in worker_causes(root))) from err
     finally:
         if local:
             ray.shutdown()
@@ -145,14 +152,25 @@ def run_training(cfg: RunConfig) -> TrainOutcome:
                         seconds=time.time() - started)
 
 
-def _root_cause(err: BaseException) -> str:
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost error Ray wrapped (worker group error -> the worker's own)."""
     seen = set()
     while True:
         nxt = err.__cause__ or getattr(err, "cause", None)
         if nxt is None or id(nxt) in seen:
-            break
+            return err
         seen.add(id(nxt))
         err = nxt
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[-1] if text else ''}"
 
+
+def worker_causes(root: BaseException) -> list[BaseException]:
+    """Each failed worker's own error, by rank, from Ray's worker group error; else ``root``."""
+    failures = getattr(root, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        return [_root_cause(failure) for _, failure in sorted(failures.items())]
+    return [root]
+
+
+def _last_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[-1] if text else ""

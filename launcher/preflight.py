@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from data_pipeline.loader import DataConfigError, resolve_manifest
-from data_pipeline.manifest import training_classes
+from data_pipeline.manifest import Manifest, check_shard_size, training_classes
 from launcher.checkpoint import find_latest_checkpoint, newest_verified_checkpoint, verify_checkpoint
 from launcher.config import ConfigError, RunConfig, TrainConfig
 from launcher.deepspeed_config import build_deepspeed_config
@@ -137,11 +137,28 @@ def check_manifests(cfg: RunConfig) -> None:
             manifest = resolve_manifest(cfg.data, key)
         except DataConfigError as err:
             raise ConfigError(str(err)) from None
+        check_shard_sizes(manifest, key, cfg.data.on_error)
         classes = training_classes(manifest, cfg.data.reduce_zero_label)
         if len(classes) != cfg.model.num_classes:
             reduced = " after data.reduce_zero_label" if cfg.data.reduce_zero_label else ""
             raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but data.{key} {manifest.path} has "
                               f"{len(classes)} classes{reduced}")
+
+
+def check_shard_sizes(manifest: Manifest, key: str, on_error: str) -> None:
+    """Every shard file has the size its manifest recorded (a stat each; ``data_pipeline
+    verify`` also checks the sha256 and every sample). A shard cut short would otherwise
+    stop the run where a worker reaches it, or, with ``data.on_error=skip``, silently lose
+    the rest of it: there it is a warning, and the run starts."""
+    for shard, path in zip(manifest.shards, manifest.shard_paths()):
+        problem = check_shard_size(shard, path)
+        if problem is None:
+            continue
+        message = (f"data.{key}: shard {path}: {problem} (truncated or replaced: write it again; "
+                   f"`python -m data_pipeline verify {manifest.path}` checks them all)")
+        if on_error != "skip":
+            raise ConfigError(message)
+        print(f"warning: {message}; data.on_error=skip drops the samples that cannot be read", flush=True)
 
 
 def check_resume(cfg: RunConfig, run_dir: str) -> str | None:

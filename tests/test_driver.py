@@ -1,5 +1,6 @@
-"""launcher.driver.connect: the environment a local Ray instance starts with. ray.init is
-recorded here, not run (the end-to-end tests start real local instances)."""
+"""launcher.driver: the environment a local Ray instance starts with (ray.init is
+recorded here, not run: the end-to-end tests start real local instances), and the
+failed workers' own errors behind Ray's wrapper."""
 
 import os
 
@@ -34,3 +35,19 @@ def test_a_local_instance_polls_its_workers_more_often_and_a_cluster_keeps_its_o
     cfg.cluster.address = "127.0.0.1:6379"
     assert driver.connect(cfg) is False
     assert seen[-1] == ({"address": "127.0.0.1:6379", "log_to_driver": True}, None)
+
+
+def test_each_failed_workers_own_error_is_found_behind_rays_wrapper():
+    from ray.exceptions import RayTaskError
+    from ray.train import WorkerGroupError
+
+    from data_pipeline.loader_io import ShardReadError
+    from launcher.driver import worker_causes
+
+    # Rank 1 read a corrupt shard; rank 0 then failed in a collective. Ray wraps each
+    # worker's error in a RayTaskError whose ``cause`` is the original.
+    shard_error = ShardReadError("corrupt or unreadable shard /d/train-000003.tar: ...")
+    wrapped = RayTaskError("train_fn", "traceback text", shard_error).as_instanceof_cause()
+    group = WorkerGroupError("2 workers failed", {1: wrapped, 0: RuntimeError("Connection closed by peer")})
+    assert [type(e).__name__ for e in worker_causes(group)] == ["RuntimeError", "ShardReadError"]
+    assert worker_causes(shard_error) == [shard_error]

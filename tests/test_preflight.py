@@ -175,3 +175,17 @@ def test_model_and_pretrained_file_are_checked_before_ray_starts(manifests, tmp_
     fitting = tmp_path / "fitting.pth"
     torch.save(build_model(config().model).backbone.body.state_dict(), fitting)
     check_run(config(*manifests, f"model.backbone.pretrained_path={fitting}"))
+
+
+def test_a_shard_cut_short_is_named_before_ray_starts(tmp_path, capsys):
+    for split in ("train", "val"):
+        write_shards(synthetic_source(SyntheticConfig(num_classes=5), split, 4), tmp_path, split, max_count=2)
+    shard = tmp_path / "train-000001.tar"
+    full = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[: full // 2])  # a copy that stopped half-way
+    paths = [f"data.train_manifest={tmp_path}/train-manifest.json", f"data.val_manifest={tmp_path}/val-manifest.json"]
+    expected = rf"data.train_manifest: shard {shard}: {full // 2} bytes, manifest says {full} \(truncated"
+    with pytest.raises(ConfigError, match=expected):
+        check_run(config(*paths))
+    check_run(config(*paths, "data.on_error=skip"))  # the user accepts losing samples: a warning
+    assert f"warning: data.train_manifest: shard {shard}" in capsys.readouterr().out
