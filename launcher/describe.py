@@ -7,7 +7,11 @@ The memory estimate per worker is the sum of
 
 - parameters, gradients and AdamW states: exact byte counts from the parameter count,
   divided as DeepSpeed's ZeRO stage partitions them over ``cluster.num_workers``
-  (stage >= 1: optimizer states, >= 2: gradients, 3: parameters). bf16 autocast keeps
+  (stage >= 1: optimizer states and gradients, 3: parameters). ZeRO-1 does not partition
+  gradients by definition, but DeepSpeed 0.19 runs stages 1 and 2 alike: gradients are
+  reduced bucket by bucket during backward and each worker keeps its partition (measured
+  by ``benchmarks/zero_stages.py``: stage 1 within 1 % of stage 2); the bucket in flight
+  is one of the DeepSpeed buffers the total leaves out. bf16 autocast keeps
   fp32 weights and gradients; fp16 keeps 16-bit weights and gradients plus an fp32
   master copy. DeepSpeed's ZeRO-1/2 optimizer keeps its own fp32 copy of its partition
   even of an fp32 model (``single_partition_of_fp32_groups``), so stages 1 and 2 hold
@@ -117,7 +121,7 @@ def state_bytes(params: int, trainable: int, zero_stage: int, num_workers: int, 
     # partitions parameters, not buffers.
     return {
         "parameters": (trainable / (num_workers if zero_stage >= 3 else 1) + params - trainable) * weight_size,
-        "gradients": trainable * weight_size / (num_workers if zero_stage >= 2 else 1),
+        "gradients": trainable * weight_size / (num_workers if zero_stage >= 1 else 1),
         "optimizer": trainable * optimizer_size / (num_workers if zero_stage >= 1 else 1),
     }
 
