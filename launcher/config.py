@@ -124,9 +124,29 @@ def config_from_dict(data: dict, source: str = "config") -> RunConfig:
 def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load ``path`` (with its ``base`` chain) and apply ``--set`` overrides, strictly."""
     data = _read_yaml(path)
+    merged = data
+    for text in overrides:
+        merged = merge(merged, parse_override(text))
+    try:
+        return config_from_dict(merged, source=path)
+    except ConfigError as err:
+        raise _blame_override(data, path, overrides) or err from None
+
+
+def _blame_override(data: dict, path: str, overrides: list[str] | tuple[str, ...]) -> ConfigError | None:
+    """The error naming the first ``--set`` that makes a valid file invalid, or None (the file
+    itself is at fault): the message should point where the user has to look."""
+    try:
+        config_from_dict(data, source=path)
+    except ConfigError:
+        return None
     for text in overrides:
         data = merge(data, parse_override(text))
-    return config_from_dict(data, source=path)
+        try:
+            config_from_dict(data, source=f"--set {text}")
+        except ConfigError as err:
+            return err
+    return None
 
 
 def default_run_name(config_path: str) -> str:
