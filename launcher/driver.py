@@ -101,7 +101,8 @@ def run_training(cfg: RunConfig) -> TrainOutcome:
     run_dir = os.path.join(cfg.train.output_dir, cfg.train.run_name)
     resume_from = check_resume(cfg, run_dir)
     if resume_from:
-        print(f"run {cfg.train.run_name} has checkpoint {resume_from}: resuming from it", flush=True)
+        source = "train.resume_from" if resume_from == cfg.train.resume_from else "its latest"
+        print(f"run {cfg.train.run_name} resumes from checkpoint {resume_from} ({source})", flush=True)
         meta = verify_checkpoint(resume_from)
         if needs_universal(meta, cfg.cluster.num_workers):
             ensure_universal(resume_from, meta, cfg.cluster.num_workers)

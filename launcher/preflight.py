@@ -14,7 +14,12 @@ import os
 
 from data_pipeline.loader import DataConfigError, resolve_manifest
 from data_pipeline.manifest import Manifest, check_shard_size, training_classes
-from launcher.checkpoint import find_latest_checkpoint, newest_verified_checkpoint, verify_checkpoint
+from launcher.checkpoint import (
+    CheckpointError,
+    find_latest_checkpoint,
+    newest_verified_checkpoint,
+    verify_checkpoint,
+)
 from launcher.config import ConfigError, RunConfig, TrainConfig
 from launcher.deepspeed_config import build_deepspeed_config
 from launcher.environment import worker_env_vars
@@ -166,5 +171,10 @@ def check_resume(cfg: RunConfig, run_dir: str) -> str | None:
     the run folder and ``train.resume_from``, as ``train_loop`` chooses. An explicit
     ``resume_from`` that is not a complete checkpoint is an error, not a silent skip."""
     if cfg.train.resume_from:
-        verify_checkpoint(cfg.train.resume_from)
+        if not os.path.isdir(cfg.train.resume_from):
+            raise ConfigError(f"train.resume_from: {cfg.train.resume_from}: no such checkpoint folder")
+        try:
+            verify_checkpoint(cfg.train.resume_from)
+        except CheckpointError as err:
+            raise ConfigError(f"train.resume_from: {err}") from None
     return newest_verified_checkpoint([find_latest_checkpoint(run_dir), cfg.train.resume_from])

@@ -8,7 +8,7 @@ import torch
 from data_pipeline.config import SyntheticConfig
 from data_pipeline.shard_writer import write_shards
 from data_pipeline.synthetic import synthetic_source
-from launcher.checkpoint import META_FILE, CheckpointError
+from launcher.checkpoint import META_FILE
 from launcher.config import ConfigError, load_config
 from launcher.preflight import RAY_JOB_ENV_VAR, check_paths_for_job, check_resume, check_run
 from model.build import build_model
@@ -137,8 +137,10 @@ def test_resume_checkpoint_choice_and_world_size_rule(tmp_path):
     # An explicit resume_from that is not a complete checkpoint is an error naming it.
     broken = tmp_path / "elsewhere"
     broken.mkdir()
-    with pytest.raises(CheckpointError, match="elsewhere: not a segscale checkpoint"):
+    with pytest.raises(ConfigError, match="train.resume_from: .*elsewhere: not a segscale checkpoint"):
         check_resume(config(f"train.resume_from={broken}"), str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match="train.resume_from: .*nowhere: no such checkpoint folder"):
+        check_resume(config(f"train.resume_from={tmp_path / 'nowhere'}"), str(tmp_path / "run"))
 
 
 def test_reduce_zero_label_drops_class_zero_from_the_count(manifests):
