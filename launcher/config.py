@@ -111,6 +111,9 @@ def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict:
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base: expected a file path (str), got {type(base).__name__}")
     base_path = os.path.join(os.path.dirname(path), base)
+    if not os.path.exists(base_path):  # named with the file that links to it
+        raise ConfigError(f"{path}: base: {base!r}: config file not found ({os.path.abspath(base_path)}; "
+                          "a relative base is relative to this file's folder)")
     return merge(_read_yaml(base_path, chain + (path,)), data)
 
 

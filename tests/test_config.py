@@ -80,6 +80,10 @@ def test_a_file_at_fault_is_named_even_with_overrides(tmp_path):
 def test_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(str(tmp_path / "missing.yaml"))
+    child = tmp_path / "child.yaml"
+    child.write_text("base: nothere.yaml\n")
+    with pytest.raises(ConfigError, match=r"child.yaml: base: 'nothere.yaml': config file not found \(.*nothere.yaml"):
+        load_config(str(child))
     broken = tmp_path / "broken.yaml"
     broken.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
