@@ -150,6 +150,9 @@ def _verify(args: argparse.Namespace) -> int:
     bad = [r for r in reports if not r.ok]
     for report in bad:
         print(report.line(), file=sys.stderr)
+        if args.all_problems:
+            for problem in report.problems[1:]:
+                print(f"  also: {problem}", file=sys.stderr)
     what = "sizes and sha256" if args.quick else "sizes, sha256 and samples"
     if bad:
         print(f"{len(bad)} of {len(reports)} shards failed verification ({what})", file=sys.stderr)
@@ -232,11 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
             "RGB image (.png/.jpg/.jpeg) and a same-size single-channel .seg.png that decode with PIL, "
             "label values < number of classes or == ignore_index, a .json that parses if present, and "
             "the sample count and offsets the manifest records. Prints one line per bad shard (its "
-            "first problem and the number of bad samples); exit status 1 if any shard is bad."
+            "first problem and the number of bad samples; --all-problems lists the others below it); "
+            "exit status 1 if any shard is bad."
         ),
     )
     verify.add_argument("manifest", help="path of a {split}-manifest.json")
     verify.add_argument("--quick", action="store_true", help="only check shard sizes and sha256")
+    verify.add_argument("--all-problems", action="store_true",
+                        help="list every problem of a bad shard, not only its first")
     verify.set_defaults(run=_verify)
 
     stats = commands.add_parser(

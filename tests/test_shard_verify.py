@@ -90,6 +90,9 @@ def test_verify_reports_out_of_range_labels_per_shard(tmp_path, capsys):
         "(5 classes, ignore 255) (2 bad samples, 2 problems)"
     )
     assert lines[1] == "1 of 2 shards failed verification (sizes, sha256 and samples)"
+    code, err = _verify(capsys, path, "--all-problems")  # the second problem below the first
+    assert code == 1 and err.strip().splitlines()[:2] == [
+        lines[0], "  also: sample train_00000005: label value 9 out of range (5 classes, ignore 255)"]
     assert _verify(capsys, path, "--quick")[0] == 0  # --quick reads no samples
 
 
