@@ -127,6 +127,7 @@ class SegmentationStream(IterableDataset):
             tolerate=cfg.on_error == "skip",
         )
         skipped = 0
+        last_error, repeats = "", 0  # a cut-off shard fails each sample it still owed alike
         for raw, epoch, position, index in stream:
             try:
                 if isinstance(raw, ShardReadError):
@@ -137,10 +138,17 @@ class SegmentationStream(IterableDataset):
                 if cfg.on_error != "skip":
                     raise
                 skipped += 1
-                # Never a silent drop: each skip is logged here, counted in every batch
+                # Never a silent drop: each skip is logged here (a repeat of the same error
+                # once, with its count, when another error comes), counted in every batch
                 # and exported by the trainer (segscale_data_skipped_samples_total).
-                print(f"data.on_error=skip: rank {self.rank} worker {worker}: skipped ({skipped} so far): {exn}",
-                      file=sys.stderr, flush=True)
+                if str(exn) == last_error:
+                    repeats += 1
+                    continue
+                prefix = f"data.on_error=skip: rank {self.rank} worker {worker}:"
+                if repeats:
+                    print(f"{prefix} the error above repeated for {repeats} more samples", file=sys.stderr, flush=True)
+                print(f"{prefix} skipped ({skipped} so far): {exn}", file=sys.stderr, flush=True)
+                last_error, repeats = str(exn), 0
                 continue
             # One generator per output sample, seeded by where it is in the stream, so a
             # resumed stream augments every sample exactly as the uninterrupted one did.
