@@ -37,8 +37,9 @@ def train_command(config_path: str, overrides: list[str], address: str) -> int:
         # The saved config holds the run name, the absolute paths and every --set.
         print(f"resume it with: python -m launcher train --config {run_dir}/config.yaml", flush=True)
         return 1
-    summary = ", ".join(f"{k} {v:.4f}" for k, v in outcome.metrics.items() if isinstance(v, float))
-    print(f"run {cfg.train.run_name} finished in {outcome.seconds:.0f} s ({summary})")
+    if outcome.trained:
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in outcome.metrics.items() if isinstance(v, float))
+        print(f"run {cfg.train.run_name} finished in {outcome.seconds:.0f} s ({summary})")
     print(f"checkpoint: {outcome.checkpoint}")
     return 0
 

@@ -40,6 +40,7 @@ class TrainOutcome:
     checkpoint: str | None
     metrics: dict
     seconds: float
+    trained: bool = True  # False: the run was already complete
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -101,9 +102,14 @@ def run_training(cfg: RunConfig) -> TrainOutcome:
     run_dir = os.path.join(cfg.train.output_dir, cfg.train.run_name)
     resume_from = check_resume(cfg, run_dir)
     if resume_from:
+        meta = verify_checkpoint(resume_from)
+        if meta.step >= cfg.train.max_steps:  # e.g. a retried job that had finished: no Ray needed
+            print(f"run {cfg.train.run_name} is complete: checkpoint {resume_from} is at step {meta.step} and "
+                  f"train.max_steps is {cfg.train.max_steps}; nothing to train (raise train.max_steps to go on)",
+                  flush=True)
+            return TrainOutcome(run_dir=run_dir, checkpoint=resume_from, metrics={}, seconds=0.0, trained=False)
         source = "train.resume_from" if resume_from == cfg.train.resume_from else "its latest"
         print(f"run {cfg.train.run_name} resumes from checkpoint {resume_from} ({source})", flush=True)
-        meta = verify_checkpoint(resume_from)
         if needs_universal(meta, cfg.cluster.num_workers):
             ensure_universal(resume_from, meta, cfg.cluster.num_workers)
     local = connect(cfg)

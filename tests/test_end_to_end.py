@@ -110,6 +110,12 @@ def test_train_checkpoint_resume_eval_predict(dataset, tmp_path):
     drift = max((after[k] - before[k]).abs().max().item() for k, _ in model.named_parameters())
     assert 0 < drift < 1e-2, drift
 
+    # The same command again (a retried job that had finished): nothing to train, no Ray.
+    code, log = launcher("train", *common, "--set", "train.max_steps=7", "--set", "cluster.num_workers=1")
+    assert code == 0, log
+    assert "run e2e is complete: checkpoint" in log and "at step 7" in log and f"checkpoint: {final}" in log
+    assert "local Ray instance" not in log and find_latest_checkpoint(str(run_dir)) == final
+
 
 def test_zero3_fp32_with_uneven_validation(dataset, tmp_path):
     """ZeRO-3 gathers parameters in every forward: validation with 5 images on 2 ranks
