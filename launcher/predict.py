@@ -1,5 +1,8 @@
-"""Predictions of validation images: overlay PNGs drawn for people, and the predicted
-label maps (``labels/<key>.png``, classes 0..K-1) for ``eval-semantic`` or other tools."""
+"""Predictions of validation images: overlay PNGs drawn for people, the predicted label
+maps (``labels/<key>.png``, classes 0..K-1) and the ground truth as the model is scored
+against it (``ground_truth/<key>.png``: after ``data.reduce_zero_label``, ignore pixels at
+``data.ignore_index``), so that ``eval-semantic --pred-dir OUT/labels --gt-dir
+OUT/ground_truth`` scores the predictions as ``eval`` does, or other tools can."""
 
 from __future__ import annotations
 
@@ -19,9 +22,11 @@ from model.tta import predict_semantic_scores
 @torch.no_grad()
 def write_predictions(cfg: RunConfig, model: torch.nn.Module, out_dir: str, num: int) -> list[str]:
     """Write ``num`` PNGs [image | prediction | ground truth] of the first validation images
-    to ``out_dir`` and their predicted label maps to ``out_dir/labels``; returns the overlays."""
-    labels_dir = os.path.join(out_dir, "labels")
+    to ``out_dir``, their predicted label maps to ``out_dir/labels`` and their ground truth
+    to ``out_dir/ground_truth``; returns the overlays."""
+    labels_dir, truth_dir = os.path.join(out_dir, "labels"), os.path.join(out_dir, "ground_truth")
     os.makedirs(labels_dir, exist_ok=True)
+    os.makedirs(truth_dir, exist_ok=True)
     written: list[str] = []
     dtype = autocast_dtype(cfg.train)
     model.eval()
@@ -41,6 +46,7 @@ def write_predictions(cfg: RunConfig, model: torch.nn.Module, out_dir: str, num:
             path = os.path.join(out_dir, f"{key}.png")
             panel.save(path)
             save_label_map(prediction[:height, :width].numpy(), os.path.join(labels_dir, f"{key}.png"))
+            save_label_map(target[:height, :width].numpy(), os.path.join(truth_dir, f"{key}.png"))
             written.append(path)
             if len(written) >= num:
                 return written

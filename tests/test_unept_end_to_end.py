@@ -74,11 +74,9 @@ def test_unept_train_eval_predict(dataset, tmp_path):
         p.name for p in pictures
     ]
     # The prediction panels, decoded back to label maps, score what eval scored and are
-    # the label maps written beside them; eval-semantic of those against the decoded
-    # ground-truth panels agrees too.
+    # the label maps written beside them; the ground-truth panels are the ground truth
+    # written beside those, and eval-semantic of the two folders agrees too.
     matrix = ConfusionMatrix(NUM_CLASSES)
-    gt_dir = tmp_path / "gt"
-    gt_dir.mkdir()
     for picture in pictures:
         with Image.open(picture) as im:
             assert im.mode == "RGB" and im.width == 3 * im.height  # image | prediction | ground truth
@@ -90,7 +88,8 @@ def test_unept_train_eval_predict(dataset, tmp_path):
         assert (labels != 255).all()
         with Image.open(pred / "labels" / picture.name) as written:
             assert written.mode == "L" and np.array_equal(np.asarray(written), labels)
-        Image.fromarray(truth.astype(np.uint8)).save(gt_dir / picture.name)
+        with Image.open(pred / "ground_truth" / picture.name) as written:
+            assert written.mode == "L" and np.array_equal(np.asarray(written), truth)
         matrix.update(torch.from_numpy(labels)[None], torch.from_numpy(truth)[None])
     predicted = matrix.results()
     assert predicted["pixels"] == evaluated["pixels"]
@@ -98,7 +97,7 @@ def test_unept_train_eval_predict(dataset, tmp_path):
     assert predicted["pixel_accuracy"] == pytest.approx(evaluated["pixel_accuracy"], abs=2e-3)
     assert predicted["miou"] == pytest.approx(evaluated["miou"], abs=2e-3)
     scored_json = tmp_path / "scored.json"
-    code, log = launcher("eval-semantic", "--pred-dir", str(pred / "labels"), "--gt-dir", str(gt_dir),
+    code, log = launcher("eval-semantic", "--pred-dir", str(pred / "labels"), "--gt-dir", str(pred / "ground_truth"),
                          "--num-classes", str(NUM_CLASSES), "--json", str(scored_json))  # fmt: skip
     assert code == 0, log
     scored = json.loads(scored_json.read_text())
