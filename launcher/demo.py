@@ -51,7 +51,7 @@ def ensure_synthetic_data(cfg: RunConfig) -> None:
         started = time.perf_counter()
         manifest = write_shards(source, os.path.dirname(manifest_path), split,
                                 max_count=synthetic.samples_per_shard)
-        print(f"data: generated {count} {split} samples into {len(manifest.shards)} shards "
+        print(f"data: generated {count} {split} samples into {len(manifest.shards)} shard{'s' if len(manifest.shards) != 1 else ''} "
               f"({time.perf_counter() - started:.1f} s) -> {manifest_path}")
 
 

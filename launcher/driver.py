@@ -142,7 +142,7 @@ def run_training(cfg: RunConfig) -> TrainOutcome:
             worker_runtime_env={"env_vars": worker_env_vars(cfg)},
         ),
     )
-    print(f"run {cfg.train.run_name}: {cfg.cluster.num_workers} workers, ZeRO-{cfg.train.zero_stage}, "
+    print(f"run {cfg.train.run_name}: {cfg.cluster.num_workers} worker{'s' if cfg.cluster.num_workers != 1 else ''}, ZeRO-{cfg.train.zero_stage}, "
           f"{cfg.train.precision}, {cfg.train.max_steps} steps -> {run_dir}", flush=True)
     started = time.time()
     try:

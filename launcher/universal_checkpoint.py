@@ -39,8 +39,8 @@ def ensure_universal(checkpoint: str, meta: CheckpointMeta, world_size: int) -> 
     target = universal_dir(checkpoint)
     if os.path.isdir(os.path.join(target, DEEPSPEED_TAG)):
         return target
-    print(f"checkpoint {checkpoint} was written by {meta.world_size} workers (ZeRO-{meta.zero_stage}); "
-          f"converting it to DeepSpeed's universal format for {world_size} workers", flush=True)
+    print(f"checkpoint {checkpoint} was written by {meta.world_size} worker{'s' if meta.world_size != 1 else ''} (ZeRO-{meta.zero_stage}); "
+          f"converting it to DeepSpeed's universal format for {world_size} worker{'s' if world_size != 1 else ''}", flush=True)
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     staging = f"{target}.tmp-{os.getpid()}"

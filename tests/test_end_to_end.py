@@ -100,7 +100,7 @@ def test_train_checkpoint_resume_eval_predict(dataset, tmp_path):
     # leave the random initialisation, far from the step-6 weights).
     code, log = launcher("train", *common, "--set", "train.max_steps=7", "--set", "cluster.num_workers=1")
     assert code == 0, log
-    assert "converting it to DeepSpeed's universal format for 1 workers" in log, log
+    assert "converting it to DeepSpeed's universal format for 1 worker" in log, log
     assert "at step 6" in log and "data stream continues approximately" in log and "step 7/7" in log
     final = find_latest_checkpoint(str(run_dir))
     meta = verify_checkpoint(final)
@@ -144,7 +144,7 @@ def test_zero3_fp32_with_uneven_validation(dataset, tmp_path):
                          "--set", f"train.output_dir={tmp_path}", "--set", "train.run_name=z3",
                          "--set", "train.zero_stage=3", "--set", "train.precision=fp32",
                          "--set", "train.max_steps=3", "--set", "cluster.num_workers=1", timeout=300)
-    assert code == 0 and "universal format for 1 workers" in log and "step 3/3" in log, log
+    assert code == 0 and "universal format for 1 worker" in log and "step 3/3" in log, log
     assert verify_checkpoint(find_latest_checkpoint(str(tmp_path / "z3"))).world_size == 1
 
 
