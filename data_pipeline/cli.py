@@ -132,7 +132,8 @@ def _shard(args: argparse.Namespace) -> int:
     total = sum(s.bytes for s in manifest.shards)
     where = f"'{args.out}'" if piped else str(manifest.root)
     print(
-        f"wrote {manifest.num_samples} {args.split} samples in {len(manifest.shards)} shard{'s' if len(manifest.shards) != 1 else ''} "
+        f"wrote {manifest.num_samples} {args.split} samples in {len(manifest.shards)} "
+        f"shard{'s' if len(manifest.shards) != 1 else ''} "
         f"({total} bytes) to {where}"
     )
     print(f"manifest: {manifest_name(args.split) + ' (piped)' if piped else manifest.path}")

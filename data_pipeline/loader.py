@@ -112,6 +112,11 @@ class SegmentationStream(IterableDataset):
         # batch n lets worker w continue the stream of worker (w + n) % num_workers.
         return self._train_samples((worker + self.start_batches) % num_workers, num_workers)
 
+    def _report_repeats(self, worker: int, repeats: int, epoch: int | None) -> None:
+        if repeats:
+            print(f"data.on_error=skip: rank {self.rank} worker {worker}: in epoch {epoch}, {repeats} more samples "
+                  "skipped with errors shown above", file=sys.stderr, flush=True)
+
     def _train_samples(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
         """Training samples of worker role ``worker`` (see ``__iter__``)."""
         cfg = self.cfg
@@ -127,8 +132,14 @@ class SegmentationStream(IterableDataset):
             tolerate=cfg.on_error == "skip",
         )
         skipped = 0
-        last_error, repeats = "", 0  # a cut-off shard fails each sample it still owed alike
+        # A cut-off shard fails every sample it still owed alike: each error is printed once
+        # an epoch, its repeats counted and reported as the next epoch starts.
+        shown: set[str] = set()
+        repeats, current_epoch = 0, None
         for raw, epoch, position, index in stream:
+            if epoch != current_epoch:
+                self._report_repeats(worker, repeats, current_epoch)
+                shown, repeats, current_epoch = set(), 0, epoch
             try:
                 if isinstance(raw, ShardReadError):
                     raise raw
@@ -138,17 +149,15 @@ class SegmentationStream(IterableDataset):
                 if cfg.on_error != "skip":
                     raise
                 skipped += 1
-                # Never a silent drop: each skip is logged here (a repeat of the same error
-                # once, with its count, when another error comes), counted in every batch
+                # Never a silent drop: each skip is logged here (a repeated error by its count,
+                # see above), counted in every batch
                 # and exported by the trainer (segscale_data_skipped_samples_total).
-                if str(exn) == last_error:
+                if str(exn) in shown:
                     repeats += 1
                     continue
-                prefix = f"data.on_error=skip: rank {self.rank} worker {worker}:"
-                if repeats:
-                    print(f"{prefix} the error above repeated for {repeats} more samples", file=sys.stderr, flush=True)
-                print(f"{prefix} skipped ({skipped} so far): {exn}", file=sys.stderr, flush=True)
-                last_error, repeats = str(exn), 0
+                shown.add(str(exn))
+                print(f"data.on_error=skip: rank {self.rank} worker {worker}: skipped ({skipped} so far): {exn}",
+                      file=sys.stderr, flush=True)
                 continue
             # One generator per output sample, seeded by where it is in the stream, so a
             # resumed stream augments every sample exactly as the uninterrupted one did.

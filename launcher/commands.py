@@ -33,7 +33,8 @@ def train_command(config_path: str, overrides: list[str], address: str) -> int:
         print(f"error: {err}", flush=True)
         if ShardReadError.__name__ in err.causes:  # resuming alone would stop at the same sample
             print("the data is at fault: `python -m data_pipeline verify MANIFEST` checks every shard; write "
-                  "the bad one again (or set data.on_error=skip to train past unreadable samples), then", flush=True)
+                  "the bad one again (or, for a training shard, set data.on_error=skip to train past unreadable "
+                  "samples), then", flush=True)
         # The saved config holds the run name, the absolute paths and every --set.
         print(f"resume it with: python -m launcher train --config {run_dir}/config.yaml", flush=True)
         return 1

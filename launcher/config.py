@@ -133,22 +133,30 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> RunCo
     try:
         return config_from_dict(merged, source=path)
     except ConfigError as err:
-        raise _blame_override(data, path, overrides) or err from None
+        raise _blame_override(data, path, overrides, str(err)) or err from None
 
 
-def _blame_override(data: dict, path: str, overrides: list[str] | tuple[str, ...]) -> ConfigError | None:
-    """The error naming the first ``--set`` that makes a valid file invalid, or None (the file
-    itself is at fault): the message should point where the user has to look."""
-    try:
-        config_from_dict(data, source=path)
-    except ConfigError:
+def _blame_override(
+    data: dict, path: str, overrides: list[str] | tuple[str, ...], error: str
+) -> ConfigError | None:
+    """The final ``error`` named with the ``--set`` that brings it in (the first step of the
+    overrides at which the config fails with exactly this error), or None where the file
+    itself fails so: the message should point where the user has to look."""
+
+    def fails_so(candidate: dict) -> bool:
+        try:
+            config_from_dict(candidate, source=path)
+        except ConfigError as err:
+            return str(err) == error
+        return False
+
+    if fails_so(data):
         return None
     for text in overrides:
         data = merge(data, parse_override(text))
-        try:
-            config_from_dict(data, source=f"--set {text}")
-        except ConfigError as err:
-            return err
+        if fails_so(data):
+            detail = error[len(path):] if error.startswith(f"{path}: ") else f": {error}"
+            return ConfigError(f"--set {text}{detail}")
     return None
 
 

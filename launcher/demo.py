@@ -19,6 +19,7 @@ from launcher.config import RunConfig, default_run_name, load_config
 from launcher.driver import TrainingFailed, run_training
 from launcher.evaluate import evaluate_on_validation
 from launcher.predict import write_predictions
+from launcher.progress import plural
 
 # The bar for "the model really learns" on the synthetic data.
 DEMO_MIN_MIOU = 0.6
@@ -51,7 +52,7 @@ def ensure_synthetic_data(cfg: RunConfig) -> None:
         started = time.perf_counter()
         manifest = write_shards(source, os.path.dirname(manifest_path), split,
                                 max_count=synthetic.samples_per_shard)
-        print(f"data: generated {count} {split} samples into {len(manifest.shards)} shard{'s' if len(manifest.shards) != 1 else ''} "
+        print(f"data: generated {count} {split} samples into {plural(len(manifest.shards), 'shard')} "
               f"({time.perf_counter() - started:.1f} s) -> {manifest_path}")
 
 

@@ -8,10 +8,12 @@ The memory estimate per worker is the sum of
 - parameters, gradients and AdamW states: exact byte counts from the parameter count,
   divided as DeepSpeed's ZeRO stage partitions them over ``cluster.num_workers``
   (stage >= 1: optimizer states and gradients, 3: parameters). ZeRO-1 does not partition
-  gradients by definition, but DeepSpeed 0.19 runs stages 1 and 2 alike: gradients are
-  reduced bucket by bucket during backward and each worker keeps its partition (measured
-  by ``benchmarks/zero_stages.py``: stage 1 within 1 % of stage 2); the bucket in flight
-  is one of the DeepSpeed buffers the total leaves out. bf16 autocast keeps
+  gradients by definition, but DeepSpeed 0.19 reduces them into each worker's partition,
+  bucket by bucket, during the backward pass of a gradient-accumulation boundary: with
+  ``train.grad_accum_steps: 1`` (every step a boundary) stage 1 holds what stage 2 does
+  (measured by ``benchmarks/zero_stages.py``: within 1 %); with more micro-steps it keeps
+  whole gradients between them, and they are counted whole. The bucket in flight is one
+  of the DeepSpeed buffers the total leaves out. bf16 autocast keeps
   fp32 weights and gradients; fp16 keeps 16-bit weights and gradients plus an fp32
   master copy. DeepSpeed's ZeRO-1/2 optimizer keeps its own fp32 copy of its partition
   even of an fp32 model (``single_partition_of_fp32_groups``), so stages 1 and 2 hold
@@ -108,7 +110,9 @@ def count_parameters(model: nn.Module) -> dict[str, Any]:
     return {"total": total, "trainable": trainable, "components": components, "details": details}
 
 
-def state_bytes(params: int, trainable: int, zero_stage: int, num_workers: int, precision: str) -> dict[str, float]:
+def state_bytes(
+    params: int, trainable: int, zero_stage: int, num_workers: int, precision: str, grad_accum_steps: int = 1
+) -> dict[str, float]:
     """Bytes per worker of weights, gradients and AdamW states (see the module docstring)."""
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"train.zero_stage: expected 0, 1, 2 or 3, got {zero_stage}")
@@ -117,11 +121,14 @@ def state_bytes(params: int, trainable: int, zero_stage: int, num_workers: int, 
     low = precision == "fp16"
     weight_size = 2 if low else 4
     optimizer_size = 12 if (low or zero_stage in (1, 2)) else 8
+    # ZeRO-1 accumulates whole gradients over the micro-steps and reduces them into the
+    # partitions at the last one; with a single micro-step that is the backward pass itself.
+    partitioned_gradients = zero_stage >= 2 or (zero_stage == 1 and grad_accum_steps == 1)
     # Frozen weights (FrozenBN's affine are buffers) stay whole on every worker: ZeRO-3
     # partitions parameters, not buffers.
     return {
         "parameters": (trainable / (num_workers if zero_stage >= 3 else 1) + params - trainable) * weight_size,
-        "gradients": trainable * weight_size / (num_workers if zero_stage >= 1 else 1),
+        "gradients": trainable * weight_size / (num_workers if partitioned_gradients else 1),
         "optimizer": trainable * optimizer_size / (num_workers if zero_stage >= 1 else 1),
     }
 
@@ -381,7 +388,8 @@ def describe_model(cfg: RunConfig, masks_per_image: int = MASKS_PER_IMAGE) -> di
     if batch < 1 or crop < 1:
         raise ValueError(f"data.batch_size and data.crop_size must be >= 1, got {batch} and {crop}")
     memory: dict[str, Any] = state_bytes(
-        counts["total"], counts["trainable"], cfg.train.zero_stage, cfg.cluster.num_workers, cfg.train.precision
+        counts["total"], counts["trainable"], cfg.train.zero_stage, cfg.cluster.num_workers, cfg.train.precision,
+        cfg.train.grad_accum_steps,
     )
     memory["activations"], memory["recompute"], outputs = measure_activations(
         model, batch, crop, cfg.train.precision, recast_weights=recast_applies(cfg.train.precision, cfg.train.zero_stage)

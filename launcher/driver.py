@@ -22,6 +22,7 @@ from launcher.checkpoint import verify_checkpoint
 from launcher.config import ConfigError, RunConfig, dump_config, to_dict
 from launcher.environment import LOCAL_INSTANCE_ENV, worker_env_vars
 from launcher.preflight import check_paths_for_job, check_resume, check_run
+from launcher.progress import plural
 from launcher.universal_checkpoint import ensure_universal, needs_universal
 
 
@@ -85,8 +86,8 @@ def connect(cfg: RunConfig) -> bool:
 
 def train_worker(loop_config: dict) -> None:
     """Every Ray Train worker's entry point: ``launcher.train_loop.train_worker``, imported
-    here, in the worker. The driver never runs the loop, so it does not import DeepSpeed,
-    timm or the models, and starts Ray a few seconds sooner."""
+    here, in the worker. The driver never runs the loop, so it does not import DeepSpeed
+    (its pre-flight check builds the model on the meta device, which imports timm)."""
     from launcher.train_loop import train_worker as run_worker
 
     run_worker(loop_config)
@@ -103,12 +104,16 @@ def run_training(cfg: RunConfig) -> TrainOutcome:
     resume_from = check_resume(cfg, run_dir)
     if resume_from:
         meta = verify_checkpoint(resume_from)
+        from_elsewhere = resume_from == cfg.train.resume_from
+        if meta.step >= cfg.train.max_steps and from_elsewhere:
+            raise ConfigError(f"train.resume_from: {resume_from} is at step {meta.step}, not before "
+                              f"train.max_steps={cfg.train.max_steps}: nothing to train; raise train.max_steps")
         if meta.step >= cfg.train.max_steps:  # e.g. a retried job that had finished: no Ray needed
             print(f"run {cfg.train.run_name} is complete: checkpoint {resume_from} is at step {meta.step} and "
                   f"train.max_steps is {cfg.train.max_steps}; nothing to train (raise train.max_steps to go on)",
                   flush=True)
             return TrainOutcome(run_dir=run_dir, checkpoint=resume_from, metrics={}, seconds=0.0, trained=False)
-        source = "train.resume_from" if resume_from == cfg.train.resume_from else "its latest"
+        source = "train.resume_from" if from_elsewhere else "its latest"
         print(f"run {cfg.train.run_name} resumes from checkpoint {resume_from} ({source})", flush=True)
         if needs_universal(meta, cfg.cluster.num_workers):
             ensure_universal(resume_from, meta, cfg.cluster.num_workers)
@@ -142,7 +147,8 @@ def run_training(cfg: RunConfig) -> TrainOutcome:
             worker_runtime_env={"env_vars": worker_env_vars(cfg)},
         ),
     )
-    print(f"run {cfg.train.run_name}: {cfg.cluster.num_workers} worker{'s' if cfg.cluster.num_workers != 1 else ''}, ZeRO-{cfg.train.zero_stage}, "
+    workers = plural(cfg.cluster.num_workers, "worker")
+    print(f"run {cfg.train.run_name}: {workers}, ZeRO-{cfg.train.zero_stage}, "
           f"{cfg.train.precision}, {cfg.train.max_steps} steps -> {run_dir}", flush=True)
     started = time.time()
     try:
@@ -150,7 +156,7 @@ def run_training(cfg: RunConfig) -> TrainOutcome:
     except Exception as err:  # Ray wraps worker errors; keep the root cause on one line
         root = _root_cause(err)
         raise TrainingFailed(f"run {cfg.train.run_name} failed: {type(root).__name__}: {_last_line(root)}",
-                             causes=frozenset(type(e).__name__ for e in worker_causes(root))) from err
+                             causes=failure_types(root)) from err
     finally:
         if local:
             ray.shutdown()
@@ -159,23 +165,26 @@ def run_training(cfg: RunConfig) -> TrainOutcome:
                         seconds=time.time() - started)
 
 
+def _error_chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the errors it wraps (``raise ... from``, Ray's ``cause``), outermost first."""
+    chain = [err]
+    while (nxt := chain[-1].__cause__ or getattr(chain[-1], "cause", None)) is not None and nxt not in chain:
+        chain.append(nxt)
+    return chain
+
+
 def _root_cause(err: BaseException) -> BaseException:
     """The innermost error Ray wrapped (worker group error -> the worker's own)."""
-    seen = set()
-    while True:
-        nxt = err.__cause__ or getattr(err, "cause", None)
-        if nxt is None or id(nxt) in seen:
-            return err
-        seen.add(id(nxt))
-        err = nxt
+    return _error_chain(err)[-1]
 
 
-def worker_causes(root: BaseException) -> list[BaseException]:
-    """Each failed worker's own error, by rank, from Ray's worker group error; else ``root``."""
+def failure_types(root: BaseException) -> frozenset[str]:
+    """The type names along each failed worker's error chain (Ray's worker group error holds
+    one per rank), or along ``root``'s: a ShardReadError stays visible whether or not the
+    error it was raised from crossed the process boundary with it."""
     failures = getattr(root, "worker_failures", None)
-    if isinstance(failures, dict) and failures:
-        return [_root_cause(failure) for _, failure in sorted(failures.items())]
-    return [root]
+    errors = list(failures.values()) if isinstance(failures, dict) and failures else [root]
+    return frozenset(type(e).__name__ for error in errors for e in _error_chain(error))
 
 
 def _last_line(err: BaseException) -> str:

@@ -94,8 +94,9 @@ def check_run(cfg: RunConfig) -> None:
 
 def check_model(cfg: RunConfig) -> None:
     """The model builds (backbone name, ``timm_kwargs``, decoder sizes) and its pretrained
-    file exists and fits the backbone: on the ``meta`` device, in about a second, where a
-    worker would otherwise fail a minute into start-up with a traceback per rank."""
+    file exists and fits the backbone: on the ``meta`` device, reading only the file's keys
+    and shapes, in a few seconds (timm's import most of them), where a worker would
+    otherwise fail a minute into start-up with a traceback per rank."""
     from model.backbone import Backbone, match_pretrained  # heavy imports (timm) only here
     from model.build import build_meta_model
 
@@ -104,7 +105,7 @@ def check_model(cfg: RunConfig) -> None:
         if cfg.model.backbone.pretrained_path:
             for module in model.modules():
                 if isinstance(module, Backbone):
-                    match_pretrained(module.body, cfg.model.backbone.pretrained_path)
+                    match_pretrained(module.body, cfg.model.backbone.pretrained_path, shapes_only=True)
     except (ValueError, OSError) as err:
         raise ConfigError(str(err)) from None
 
@@ -142,7 +143,8 @@ def check_manifests(cfg: RunConfig) -> None:
             manifest = resolve_manifest(cfg.data, key)
         except DataConfigError as err:
             raise ConfigError(str(err)) from None
-        check_shard_sizes(manifest, key, cfg.data.on_error)
+        # Evaluation never skips a bad sample (a metric over a shrunken set would mislead).
+        check_shard_sizes(manifest, key, tolerate=key == "train_manifest" and cfg.data.on_error == "skip")
         classes = training_classes(manifest, cfg.data.reduce_zero_label)
         if len(classes) != cfg.model.num_classes:
             reduced = " after data.reduce_zero_label" if cfg.data.reduce_zero_label else ""
@@ -150,18 +152,19 @@ def check_manifests(cfg: RunConfig) -> None:
                               f"{len(classes)} classes{reduced}")
 
 
-def check_shard_sizes(manifest: Manifest, key: str, on_error: str) -> None:
-    """Every shard file has the size its manifest recorded (a stat each; ``data_pipeline
+def check_shard_sizes(manifest: Manifest, key: str, tolerate: bool) -> None:
+    """Every shard file exists with the size its manifest recorded (a stat each; ``data_pipeline
     verify`` also checks the sha256 and every sample). A shard cut short would otherwise
-    stop the run where a worker reaches it, or, with ``data.on_error=skip``, silently lose
-    the rest of it: there it is a warning, and the run starts."""
+    stop the run where a worker reaches it, or, tolerated (training shards under
+    ``data.on_error=skip``), silently lose the rest of it: there it is a warning."""
     for shard, path in zip(manifest.shards, manifest.shard_paths()):
         problem = check_shard_size(shard, path)
         if problem is None:
             continue
-        message = (f"data.{key}: shard {path}: {problem} (truncated or replaced: write it again; "
-                   f"`python -m data_pipeline verify {manifest.path}` checks them all)")
-        if on_error != "skip":
+        fix = "cut short or replaced: write it again; " if "manifest says" in problem else ""
+        message = (f"data.{key}: shard {path}: {problem} ({fix}`python -m data_pipeline verify "
+                   f"{manifest.path}` checks them all)")
+        if not tolerate:
             raise ConfigError(message)
         print(f"warning: {message}; data.on_error=skip drops the samples that cannot be read", flush=True)
 

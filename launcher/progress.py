@@ -7,6 +7,11 @@ import json
 import time
 
 
+def plural(count: int, noun: str) -> str:
+    """``"1 worker"``, ``"2 workers"``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def format_duration(seconds: float) -> str:
     return str(datetime.timedelta(seconds=max(0, round(seconds))))
 

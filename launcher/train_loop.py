@@ -26,7 +26,6 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from timm.utils.distributed import distribute_bn
 
 from cluster.metrics import WorkerMetrics, live_targets_file, write_file_sd
 from data_pipeline.device_batch import prepare_batch
@@ -113,16 +112,29 @@ def _mean_over_ranks(values: dict[str, torch.Tensor], world_size: int) -> dict[s
 
 
 def share_batchnorm_statistics(model: torch.nn.Module, world_size: int) -> None:
-    """Averages BatchNorm running statistics over the ranks (collective: every rank calls it).
+    """Averages trainable BatchNorm's running statistics over the ranks (collective: every
+    rank calls it), in one all-reduce.
 
     Trainable BatchNorm (``freeze_bn: false``, UN-EPT's heads) tracks running statistics of
     each rank's own batches, and the checkpoint keeps rank 0's. Averaged before every
     validation and save, the model validated is the model saved, so ``eval`` of a
     checkpoint reproduces the mIoU the run printed. Training normalises with batch
-    statistics and never reads them. Frozen statistics are equal on every rank and stay so.
+    statistics and never reads them. Frozen BatchNorm (not a ``_BatchNorm``: its statistics
+    are equal on every rank) is left alone, bit for bit. Summed in fp32 whatever the
+    buffers' dtype, so fp16 statistics cannot overflow on the way.
     """
-    if world_size > 1:
-        distribute_bn(model, world_size, reduce=True)
+    if world_size == 1:
+        return
+    buffers = [buffer for module in model.modules()
+               if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+               for buffer in (module.running_mean, module.running_var) if buffer is not None]
+    if not buffers:
+        return
+    packed = torch.cat([b.detach().reshape(-1).float() for b in buffers])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    packed /= world_size
+    for buffer, mean in zip(buffers, packed.split([b.numel() for b in buffers])):
+        buffer.copy_(mean.view_as(buffer))
 
 
 def train_worker(loop_config: dict) -> None:

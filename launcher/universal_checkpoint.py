@@ -21,6 +21,7 @@ import time
 import torch
 
 from launcher.checkpoint import DEEPSPEED_DIR, DEEPSPEED_TAG, CheckpointError, CheckpointMeta
+from launcher.progress import plural
 
 UNIVERSAL_DIR = "deepspeed_universal"
 
@@ -39,8 +40,9 @@ def ensure_universal(checkpoint: str, meta: CheckpointMeta, world_size: int) -> 
     target = universal_dir(checkpoint)
     if os.path.isdir(os.path.join(target, DEEPSPEED_TAG)):
         return target
-    print(f"checkpoint {checkpoint} was written by {meta.world_size} worker{'s' if meta.world_size != 1 else ''} (ZeRO-{meta.zero_stage}); "
-          f"converting it to DeepSpeed's universal format for {world_size} worker{'s' if world_size != 1 else ''}", flush=True)
+    written_by, converted_for = plural(meta.world_size, "worker"), plural(world_size, "worker")
+    print(f"checkpoint {checkpoint} was written by {written_by} (ZeRO-{meta.zero_stage}); "
+          f"converting it to DeepSpeed's universal format for {converted_for}", flush=True)
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     staging = f"{target}.tmp-{os.getpid()}"

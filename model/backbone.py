@@ -287,18 +287,31 @@ def build_backbone(cfg: BackboneConfig, warn_timm_c_stem: bool = True) -> Backbo
 # Local pretrained weights
 
 
-def read_state_dict(path: str) -> dict[str, Tensor]:
-    """Read a .safetensors / .pth / .pt file and unwrap ``{"model": ...}``-style nesting."""
+def read_state_dict(path: str, shapes_only: bool = False) -> dict[str, Tensor]:
+    """Read a .safetensors / .pth / .pt file and unwrap ``{"model": ...}``-style nesting.
+    ``shapes_only``: tensors with the right shapes whose values are not read (``meta``
+    tensors, or a memory map of a torch file), to check a 1 GB file in a moment."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model.backbone.pretrained_path: no such file: {path}")
     if path.endswith(".safetensors"):
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        state: Any = load_file(path, device="cpu")
+        if shapes_only:
+            with safe_open(path, framework="pt") as f:
+                state: Any = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+        else:
+            state = load_file(path, device="cpu")
     else:
         try:
-            # weights_only: a checkpoint is data, never code to execute.
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            # weights_only: a checkpoint is data, never code to execute. mmap needs torch's
+            # zip format; an older file is read whole.
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=shapes_only)
+            except RuntimeError:
+                if not shapes_only:
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
             # torch's own message is many lines about trusting the source.
             raise ValueError(
@@ -326,11 +339,11 @@ def _swin_from_original(state: dict[str, Tensor]) -> dict[str, Tensor]:
             for k, v in state.items()}
 
 
-def match_pretrained(body: nn.Module, path: str) -> tuple[dict[str, Tensor], int]:
+def match_pretrained(body: nn.Module, path: str, shapes_only: bool = False) -> tuple[dict[str, Tensor], int]:
     """The timm-format weights in ``path`` keyed as the features-only model ``body``'s state
     dict, and the number of the file's keys left unused. ``body`` may live on the ``meta``
-    device: only its keys and shapes are read (the driver checks a file this way before a
-    run starts).
+    device: only its keys and shapes are read; with ``shapes_only`` only the file's (the
+    driver checks a file this way before a run starts).
 
     The file may hold the full classification model: keys of the pruned head (and, for
     ViTs, of the blocks after the one read and the final norm) are ignored, and the
@@ -342,7 +355,7 @@ def match_pretrained(body: nn.Module, path: str) -> tuple[dict[str, Tensor], int
     Microsoft's original Swin checkpoints (the ones MaskFormer's instructions download)
     load too: see ``_swin_from_original``.
     """
-    source = _swin_from_original(read_state_dict(path))
+    source = _swin_from_original(read_state_dict(path, shapes_only))
     target = body.state_dict()
     mapped: dict[str, Tensor] = {}
     for key, value in source.items():

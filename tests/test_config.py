@@ -72,9 +72,15 @@ def test_a_file_at_fault_is_named_even_with_overrides(tmp_path):
     bad.write_text("train:\n  max_stpes: 3\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: train.max_stpes: unknown key"):
         load_config(str(bad), ["train.lr=0.1"])
-    # ... and an override may mend the file's bad value.
+    # ... and an override may mend the file's bad value; a later bad one is then named.
     bad.write_text("train:\n  max_steps: abc\n")
     assert load_config(str(bad), ["train.max_steps=5"]).train.max_steps == 5
+    with pytest.raises(ConfigError, match=r"^--set train.lr=x: train.lr: expected float"):
+        load_config(str(bad), ["train.max_steps=5", "train.lr=x"])
+    # An override mended by a later one is not blamed for another's error.
+    with pytest.raises(ConfigError, match=r"^--set train.lr=x: train.lr"):
+        load_config(os.path.join(REPO, "configs", "demo.yaml"),
+                    ["train.max_steps=abc", "train.max_steps=5", "train.lr=x"])
 
 
 def test_file_errors(tmp_path):

@@ -89,6 +89,10 @@ def test_memory_shrinks_with_zero_stage():
     desc = describe_model(_tiny(FROZEN))
     trainable, frozen = desc["trainable"], desc["total"] - desc["trainable"]
     assert totals[1]["gradients"] == pytest.approx(trainable * 4 / 4) == totals[0]["gradients"] / 4
+    # ... unless gradients accumulate over micro-steps: ZeRO-1 keeps them whole until the last.
+    accumulating = describe_model(_tiny("train.zero_stage=1", "train.grad_accum_steps=2", "cluster.num_workers=4",
+                                        FROZEN))["memory"]
+    assert accumulating["gradients"] == totals[0]["gradients"]
     # Stage 3 partitions every trainable weight: 4 + 4 + 8 bytes per parameter over 4
     # workers (the fp32 partitions are the master weights: no copy, launcher.engine);
     # FrozenBN's affine are buffers, which every worker holds whole (4 bytes).

@@ -42,12 +42,21 @@ def test_each_failed_workers_own_error_is_found_behind_rays_wrapper():
     from ray.train import WorkerGroupError
 
     from data_pipeline.loader_io import ShardReadError
-    from launcher.driver import worker_causes
+    from data_pipeline.tar_reader import TarFormatError
+    from launcher.driver import failure_types
 
-    # Rank 1 read a corrupt shard; rank 0 then failed in a collective. Ray wraps each
-    # worker's error in a RayTaskError whose ``cause`` is the original.
-    shard_error = ShardReadError("corrupt or unreadable shard /d/train-000003.tar: ...")
+    # Rank 1 read a corrupt shard (raised from the tar reader's error); rank 0 then failed
+    # in a collective. Ray wraps each worker's error in a RayTaskError whose ``cause`` is
+    # the original.
+    try:
+        try:
+            raise TarFormatError("invalid header (bad checksum)")
+        except TarFormatError as exn:
+            raise ShardReadError("corrupt or unreadable shard /d/train-000003.tar: ...") from exn
+    except ShardReadError as exn:
+        shard_error = exn
     wrapped = RayTaskError("train_fn", "traceback text", shard_error).as_instanceof_cause()
     group = WorkerGroupError("2 workers failed", {1: wrapped, 0: RuntimeError("Connection closed by peer")})
-    assert [type(e).__name__ for e in worker_causes(group)] == ["RuntimeError", "ShardReadError"]
-    assert worker_causes(shard_error) == [shard_error]
+    assert {"ShardReadError", "TarFormatError", "RuntimeError"} <= failure_types(group)
+    assert "ShardReadError" not in failure_types(RuntimeError("Connection closed by peer"))
+    assert {"ShardReadError", "TarFormatError"} <= failure_types(shard_error)

@@ -174,9 +174,20 @@ def test_model_and_pretrained_file_are_checked_before_ray_starts(manifests, tmp_
     with pytest.raises(ConfigError, match=r"pretrained_path: .*wrong.pth does not fit the backbone: \d+ missing keys"):
         check_run(config(*manifests, f"model.backbone.pretrained_path={wrong}"))
     # The weights of the configured backbone itself fit (and only keys and shapes are read).
+    state = build_model(config().model).backbone.body.state_dict()
     fitting = tmp_path / "fitting.pth"
-    torch.save(build_model(config().model).backbone.body.state_dict(), fitting)
+    torch.save(state, fitting)
     check_run(config(*manifests, f"model.backbone.pretrained_path={fitting}"))
+    # safetensors: read as shapes alone; a wrong shape is named.
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "fitting.safetensors")
+    check_run(config(*manifests, f"model.backbone.pretrained_path={tmp_path / 'fitting.safetensors'}"))
+    first = next(k for k, v in state.items() if v.dim() == 4)
+    save_file({**{k: v.contiguous() for k, v in state.items()}, first: torch.zeros(1, 1, 1, 1)},
+              tmp_path / "reshaped.safetensors")
+    with pytest.raises(ConfigError, match=rf"1 shape mismatches file vs model \(first: {first} \(1, 1, 1, 1\)"):
+        check_run(config(*manifests, f"model.backbone.pretrained_path={tmp_path / 'reshaped.safetensors'}"))
 
 
 def test_a_shard_cut_short_is_named_before_ray_starts(tmp_path, capsys):
@@ -186,8 +197,31 @@ def test_a_shard_cut_short_is_named_before_ray_starts(tmp_path, capsys):
     full = shard.stat().st_size
     shard.write_bytes(shard.read_bytes()[: full // 2])  # a copy that stopped half-way
     paths = [f"data.train_manifest={tmp_path}/train-manifest.json", f"data.val_manifest={tmp_path}/val-manifest.json"]
-    expected = rf"data.train_manifest: shard {shard}: {full // 2} bytes, manifest says {full} \(truncated"
+    expected = rf"data.train_manifest: shard {shard}: {full // 2} bytes, manifest says {full} \(cut short"
     with pytest.raises(ConfigError, match=expected):
         check_run(config(*paths))
     check_run(config(*paths, "data.on_error=skip"))  # the user accepts losing samples: a warning
     assert f"warning: data.train_manifest: shard {shard}" in capsys.readouterr().out
+    # Evaluation never skips: a validation shard cut short is an error whatever on_error says.
+    val_shard = tmp_path / "val-000000.tar"
+    val_shard.write_bytes(val_shard.read_bytes()[:1000])
+    with pytest.raises(ConfigError, match=rf"data.val_manifest: shard {val_shard}: 1000 bytes"):
+        check_run(config(*paths, "data.on_error=skip"))
+    val_shard.unlink()
+    with pytest.raises(ConfigError, match=rf"data.val_manifest: shard {val_shard}: cannot read: No such file"):
+        check_run(config(*paths, "data.on_error=skip"))
+
+
+def test_a_checkpoint_from_elsewhere_past_max_steps_is_refused(manifests, tmp_path):
+    from launcher.driver import run_training
+
+    checkpoint = tmp_path / "other-run" / "checkpoint_1"
+    checkpoint.mkdir(parents=True)
+    write_json_atomic(checkpoint / "files_rank_0.json", {})
+    write_json_atomic(checkpoint / META_FILE, {"step": 9, "world_size": 1, "zero_stage": 1, "config": {}})
+    cfg = config(*manifests, f"train.resume_from={checkpoint}", f"train.output_dir={tmp_path}",
+                 "train.run_name=new-run")  # test_tiny: max_steps 4
+    with pytest.raises(ConfigError, match=r"train.resume_from: .*checkpoint_1 is at step 9, not before "
+                                          r"train.max_steps=4: nothing to train"):
+        run_training(cfg)  # before Ray starts
+    assert not (tmp_path / "new-run").exists()
