@@ -150,8 +150,8 @@ class SegmentationStream(IterableDataset):
                     raise
                 skipped += 1
                 # Never a silent drop: each skip is logged here (a repeated error by its count,
-                # see above), counted in every batch
-                # and exported by the trainer (segscale_data_skipped_samples_total).
+                # see above), counted in every batch and exported by the trainer
+                # (segscale_data_skipped_samples_total).
                 if str(exn) in shown:
                     repeats += 1
                     continue

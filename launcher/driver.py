@@ -18,7 +18,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from launcher.checkpoint import verify_checkpoint
+from launcher.checkpoint import read_meta
 from launcher.config import ConfigError, RunConfig, dump_config, to_dict
 from launcher.environment import LOCAL_INSTANCE_ENV, worker_env_vars
 from launcher.preflight import check_paths_for_job, check_resume, check_run
@@ -103,7 +103,7 @@ def run_training(cfg: RunConfig) -> TrainOutcome:
     run_dir = os.path.join(cfg.train.output_dir, cfg.train.run_name)
     resume_from = check_resume(cfg, run_dir)
     if resume_from:
-        meta = verify_checkpoint(resume_from)
+        meta = read_meta(resume_from)  # check_resume verified it
         from_elsewhere = resume_from == cfg.train.resume_from
         if meta.step >= cfg.train.max_steps and from_elsewhere:
             raise ConfigError(f"train.resume_from: {resume_from} is at step {meta.step}, not before "
