@@ -52,6 +52,11 @@ class CheckpointMeta:
     data_position: dict | None = None
     # How many times the run had been resumed when this checkpoint was written.
     resumes: int = 0
+    # The run's latest validation when this checkpoint was written (semantic runs): its
+    # step and mIoU, so that a run which reached train.target_miou is known complete
+    # without starting Ray. None in checkpoints written before it was recorded.
+    val_step: int | None = None
+    val_miou: float | None = None
 
 
 def _list_files(root: str) -> dict[str, int]:
@@ -98,11 +103,13 @@ def save_checkpoint(
     config: dict,
     data_position: dict | None = None,
     resumes: int = 0,
+    validation: tuple[int, float] | None = None,
     before_seal: Callable[[], None] | None = None,
 ) -> int:
     """Every rank calls this with its own (empty) ``directory``; DeepSpeed's save is collective.
 
-    Returns the bytes this rank wrote. ``before_seal`` runs after the state is written
+    ``validation``: the (step, mIoU) of the run's latest validation, if any. Returns the
+    bytes this rank wrote. ``before_seal`` runs after the state is written
     and before the file list that makes the checkpoint valid (fault-injection tests).
     """
     from deepspeed.checkpoint.constants import (
@@ -129,8 +136,14 @@ def save_checkpoint(
     if rank == 0:
         meta = {"step": step, "world_size": world_size, "zero_stage": engine.zero_optimization_stage(),
                 "config": config, "data_position": data_position, "resumes": resumes}
+        if validation is not None:
+            meta["val_step"], meta["val_miou"] = validation
         write_json_atomic(os.path.join(directory, META_FILE), meta)
     return sum(files.values())
+
+
+def _optional(value, kind):
+    return None if value is None else kind(value)
 
 
 def read_meta(directory: str) -> CheckpointMeta:
@@ -140,7 +153,9 @@ def read_meta(directory: str) -> CheckpointMeta:
             data = json.load(f)
         return CheckpointMeta(step=int(data["step"]), world_size=int(data["world_size"]),
                               zero_stage=int(data["zero_stage"]), config=data["config"],
-                              data_position=data.get("data_position"), resumes=int(data.get("resumes", 0)))
+                              data_position=data.get("data_position"), resumes=int(data.get("resumes", 0)),
+                              val_step=_optional(data.get("val_step"), int),
+                              val_miou=_optional(data.get("val_miou"), float))
     except (FileNotFoundError, NotADirectoryError):
         raise CheckpointError(f"{directory}: not a segscale checkpoint ({META_FILE} missing)") from None
     except (ValueError, KeyError, TypeError) as err:

@@ -18,8 +18,8 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from launcher.checkpoint import read_meta
-from launcher.config import ConfigError, RunConfig, dump_config, to_dict
+from launcher.checkpoint import CheckpointMeta, read_meta
+from launcher.config import ConfigError, RunConfig, TrainConfig, dump_config, to_dict
 from launcher.environment import LOCAL_INSTANCE_ENV, worker_env_vars
 from launcher.preflight import check_paths_for_job, check_resume, check_run
 from launcher.progress import plural
@@ -93,6 +93,19 @@ def train_worker(loop_config: dict) -> None:
     run_worker(loop_config)
 
 
+def completed(train: TrainConfig, meta: CheckpointMeta) -> str | None:
+    """Why a run whose own latest checkpoint is ``meta`` has nothing left to train (the
+    rest of a sentence about the checkpoint), or None: it reached ``max_steps``, or its
+    validation reached ``target_miou`` (where the loop stops early)."""
+    if meta.step >= train.max_steps:
+        return (f"is at step {meta.step} and train.max_steps is {train.max_steps}; nothing to train "
+                "(raise train.max_steps to go on)")
+    if meta.val_miou is not None and 0 < train.target_miou <= meta.val_miou:
+        return (f"reached validation mIoU {meta.val_miou:.4f} at step {meta.val_step}, train.target_miou is "
+                f"{train.target_miou}; nothing to train (raise train.target_miou, or set it to 0, to go on)")
+    return None
+
+
 def run_training(cfg: RunConfig) -> TrainOutcome:
     """Validate, connect, train; ConfigError for bad input, TrainingFailed for a failed run."""
     if not cfg.train.run_name:
@@ -108,10 +121,9 @@ def run_training(cfg: RunConfig) -> TrainOutcome:
         if meta.step >= cfg.train.max_steps and from_elsewhere:
             raise ConfigError(f"train.resume_from: {resume_from} is at step {meta.step}, not before "
                               f"train.max_steps={cfg.train.max_steps}: nothing to train; raise train.max_steps")
-        if meta.step >= cfg.train.max_steps:  # e.g. a retried job that had finished: no Ray needed
-            print(f"run {cfg.train.run_name} is complete: checkpoint {resume_from} is at step {meta.step} and "
-                  f"train.max_steps is {cfg.train.max_steps}; nothing to train (raise train.max_steps to go on)",
-                  flush=True)
+        done = None if from_elsewhere else completed(cfg.train, meta)
+        if done:  # e.g. a retried job that had finished: no Ray needed
+            print(f"run {cfg.train.run_name} is complete: checkpoint {resume_from} {done}", flush=True)
             return TrainOutcome(run_dir=run_dir, checkpoint=resume_from, metrics={}, seconds=0.0, trained=False)
         source = "train.resume_from" if from_elsewhere else "its latest"
         print(f"run {cfg.train.run_name} resumes from checkpoint {resume_from} ({source})", flush=True)

@@ -49,6 +49,7 @@ from launcher.fault_injection import fault_point
 from launcher.mfu import count_forward_flops, peak_flops, training_flops_per_sample
 from launcher.panoptic_eval import panoptic_validation, summary_line
 from launcher.progress import StepLogger, StepRecords
+from launcher.ray_console import drop_report_lines_from_console
 from launcher.rng import derive_seed, restore_rng_state, seed_everything
 from launcher.universal_checkpoint import load_universal_checkpoint, needs_universal
 from model.build import build_criterion, build_model
@@ -152,6 +153,7 @@ def train_worker(loop_config: dict) -> None:
         elif preload_failed():  # host_allocator auto, on a node without the library: say where
             print(f"host memory, rank {rank} on {os.uname().nodename}: {malloc_note}", flush=True)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    drop_report_lines_from_console()
     # DeepSpeed 0.19 still calls the deprecated all_gather_into_tensor every step.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
     seed_everything(cfg.train.seed)  # same initial weights on every rank
@@ -246,6 +248,7 @@ def train_worker(loop_config: dict) -> None:
         with staging_directory(run_dir, rank) as tmp:
             size = save_checkpoint(engine, tmp, step=step, rank=rank, world_size=world_size, config=config_dict,
                                    data_position=stream.position().to_json(), resumes=resumes,
+                                   validation=(val_step, val_results["miou"]) if "miou" in val_results else None,
                                    before_seal=lambda: fault_point("mid_checkpoint", step, rank, run_dir))
             ray.train.report({"step": step, **extra_metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if metrics is not None:

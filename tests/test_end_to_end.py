@@ -105,6 +105,11 @@ def test_train_checkpoint_resume_eval_predict(dataset, tmp_path):
     final = find_latest_checkpoint(str(run_dir))
     meta = verify_checkpoint(final)
     assert meta.step == 7 and meta.world_size == 1 and meta.resumes == 2
+    # The checkpoint records the validation it was saved after (the driver's check for a
+    # run that reached train.target_miou reads it: test_preflight.py).
+    assert meta.val_step == 7 and f"step 7: validation mIoU {meta.val_miou:.4f}" in log, (meta, log)
+    # Ray Train's per-checkpoint report lines stay in its log files, off the console.
+    assert "Reporting training result" not in log and "Checkpoint successfully created" not in log
     after = load_model_weights(final)
     # Parameters only: BatchNorm running statistics move with every forward pass.
     drift = max((after[k] - before[k]).abs().max().item() for k, _ in model.named_parameters())

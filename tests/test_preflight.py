@@ -1,6 +1,7 @@
 """Pre-flight checks: bad runs fail on the driver, in a second, naming the key."""
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -225,3 +226,32 @@ def test_a_checkpoint_from_elsewhere_past_max_steps_is_refused(manifests, tmp_pa
                                           r"train.max_steps=4: nothing to train"):
         run_training(cfg)  # before Ray starts
     assert not (tmp_path / "new-run").exists()
+
+
+def test_a_run_that_reached_target_miou_is_complete(manifests, tmp_path, capsys):
+    """A retried run whose own checkpoint's validation reached train.target_miou stopped
+    there: nothing to train, no Ray, exit 0 (a checkpoint from elsewhere is trained on)."""
+    from launcher.checkpoint import read_meta
+    from launcher.driver import completed, run_training
+
+    checkpoint = tmp_path / "run" / "checkpoint_000001"
+    checkpoint.mkdir(parents=True)
+    write_json_atomic(checkpoint / "files_rank_0.json", {})
+    write_json_atomic(checkpoint / META_FILE, {"step": 2, "world_size": 1, "zero_stage": 1, "config": {},
+                                               "val_step": 2, "val_miou": 0.75})
+    cfg = config(*manifests, f"train.output_dir={tmp_path}", "train.run_name=run",
+                 "train.target_miou=0.7")  # test_tiny: max_steps 4
+    outcome = run_training(cfg)
+    assert not outcome.trained and outcome.checkpoint == str(checkpoint)
+    out = capsys.readouterr().out
+    assert (f"run run is complete: checkpoint {checkpoint} reached validation mIoU 0.7500 at step 2, "
+            "train.target_miou is 0.7; nothing to train") in out, out
+    assert not (tmp_path / "run" / "config.yaml").exists()  # returned before Ray and the run's files
+
+    meta = read_meta(str(checkpoint))
+    assert (meta.val_step, meta.val_miou) == (2, 0.75)
+    assert completed(config("train.target_miou=0.8").train, meta) is None  # target above: train on
+    assert completed(config("train.target_miou=0").train, meta) is None  # no target
+    assert "is at step 4" in completed(config().train, replace(meta, step=4))  # max_steps still counts
+    older = replace(meta, val_step=None, val_miou=None)  # written before validations were recorded
+    assert completed(config("train.target_miou=0.7").train, older) is None
