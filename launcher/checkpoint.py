@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import torch
@@ -192,6 +192,41 @@ def find_latest_checkpoint(run_dir: str) -> str | None:
         if best is None or meta.step > best[0]:
             best = (meta.step, directory)
     return best[1] if best else None
+
+
+# Ray Train's record of the checkpoints it keeps (and deletes beyond num_to_keep).
+RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def prune_untracked_checkpoints(run_dir: str) -> list[tuple[str, int]]:
+    """Delete the run's checkpoints that Ray Train does not track and that a checkpoint it
+    tracks supersedes; returns them as (folder, step).
+
+    A checkpoint written just before a worker failed can miss Ray's record: the resumed
+    run starts from it (``find_latest_checkpoint``), but Ray never counts it against
+    ``train.keep_checkpoints`` and so never deletes it — one more folder per failure.
+    Once a newer checkpoint is in Ray's record the untracked one is redundant. Checkpoints
+    newer than every tracked one are kept: they are where the run resumes."""
+    try:
+        with open(os.path.join(run_dir, RAY_CHECKPOINT_SNAPSHOT)) as f:
+            snapshot = json.load(f)
+        tracked = {entry["checkpoint_dir_name"] for entry in snapshot["checkpoint_results"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # no record (yet) or another Ray's format: leave everything
+    steps = {}
+    for directory in glob.glob(os.path.join(run_dir, "checkpoint_*")):
+        if os.path.isdir(directory):
+            with suppress(CheckpointError):
+                steps[os.path.basename(directory)] = verify_checkpoint(directory).step
+    newest_tracked = max((steps[name] for name in tracked if name in steps), default=None)
+    if newest_tracked is None:
+        return []
+    pruned = []
+    for name, step in sorted(steps.items(), key=lambda item: item[1]):
+        if name not in tracked and step < newest_tracked:
+            shutil.rmtree(os.path.join(run_dir, name))
+            pruned.append((os.path.join(run_dir, name), step))
+    return pruned
 
 
 def newest_verified_checkpoint(candidates) -> str | None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from data_pipeline.manifest import load_manifest, training_classes
 from launcher.checkpoint import META_FILE, CheckpointError, load_model_weights, read_meta, resolve_checkpoint
 from launcher.config import ConfigError, RunConfig, config_from_dict, default_run_name, load_config
+from launcher.preflight import RAY_JOB_ENV_VAR
 from launcher.typed_config import merge, parse_override
 
 if TYPE_CHECKING:
@@ -16,6 +17,17 @@ if TYPE_CHECKING:
 
 # The models (timm, torchvision) and the evaluation code are imported by the commands that
 # use them: `train` runs neither in this process, and starts Ray sooner without them.
+
+
+def resume_hint(cfg: RunConfig) -> str:
+    """How to resume a run that stopped: the same run name and output folder, through the
+    config the driver saved in the run folder (the run name, absolute paths, every --set)."""
+    run_dir = os.path.join(cfg.train.output_dir, cfg.train.run_name)
+    hint = f"resume it with: python -m launcher train --config {run_dir}/config.yaml"
+    if os.environ.get(RAY_JOB_ENV_VAR):  # this driver is a Ray job's entrypoint
+        hint += (f" (on the head node; from elsewhere, submit the job again with --set "
+                 f"train.run_name={cfg.train.run_name} and the same train.output_dir)")
+    return hint
 
 
 def train_command(config_path: str, overrides: list[str], address: str) -> int:
@@ -29,15 +41,19 @@ def train_command(config_path: str, overrides: list[str], address: str) -> int:
     try:
         outcome = run_training(cfg)
     except TrainingFailed as err:
-        run_dir = os.path.join(cfg.train.output_dir, cfg.train.run_name)
         print(f"error: {err}", flush=True)
         if ShardReadError.__name__ in err.causes:  # resuming alone would stop at the same sample
-            print("the data is at fault: `python -m data_pipeline verify MANIFEST` checks every shard; write "
-                  "the bad one again (or, for a training shard, set data.on_error=skip to train past unreadable "
-                  "samples), then", flush=True)
-        # The saved config holds the run name, the absolute paths and every --set.
-        print(f"resume it with: python -m launcher train --config {run_dir}/config.yaml", flush=True)
+            manifests = " and ".join(p for p in (cfg.data.train_manifest, cfg.data.val_manifest) if p)
+            print(f"the data is at fault: `python -m data_pipeline verify` of {manifests} checks every shard; "
+                  "write the bad one again (or, for a training shard, set data.on_error=skip to train past "
+                  "unreadable samples), then", flush=True)
+        print(resume_hint(cfg), flush=True)
         return 1
+    except (KeyboardInterrupt, SystemExit):
+        # Ray Train's own SIGINT handler aborts the run and then calls sys.exit(0) from
+        # inside fit(): without this a Ctrl-C'd run would exit 0, as if it had finished.
+        print(f"\ninterrupted; {resume_hint(cfg)}", flush=True)
+        return 130
     if outcome.trained:
         summary = ", ".join(f"{k} {v:.4f}" for k, v in outcome.metrics.items() if isinstance(v, float))
         print(f"run {cfg.train.run_name} finished in {outcome.seconds:.0f} s ({summary})")

@@ -18,7 +18,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from launcher.checkpoint import CheckpointMeta, read_meta
+from launcher.checkpoint import CheckpointMeta, prune_untracked_checkpoints, read_meta
 from launcher.config import ConfigError, RunConfig, TrainConfig, dump_config, to_dict
 from launcher.environment import LOCAL_INSTANCE_ENV, worker_env_vars
 from launcher.preflight import check_paths_for_job, check_resume, check_run
@@ -58,13 +58,38 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def running_local_cluster(temp_dir: str | None = None) -> str:
+    """The address of the head that the last `ray start` on this machine launched (Ray's
+    ``ray_current_cluster`` file in its temp dir, default /tmp/ray), if its GCS server is
+    still running (the file outlives a crashed head); else ""."""
+    from ray._private.services import find_bootstrap_address, find_gcs_addresses
+
+    address = find_bootstrap_address(temp_dir)
+    return address if address and address in find_gcs_addresses() else ""
+
+
 def connect(cfg: RunConfig) -> bool:
     """Join the configured Ray cluster or start a local instance; True when local."""
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
     if ray.is_initialized():
         return False
+    running = "" if address else running_local_cluster()
+    if running:
+        # What plain ray.init() does too: a head the user started here is meant to be used,
+        # and a second instance beside it would count the same cores twice.
+        print(f"joining the Ray cluster that `ray start` runs on this machine ({running}); pass --address to "
+              "choose another, or `ray stop` it to train in a private instance", flush=True)
+        address = running
+        # That head's `ray start` turned token auth on if this machine has a token (with
+        # RAY_AUTH_MODE unset); Ray's client does the same only for a head it starts itself.
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     if address:
-        print(f"joining the Ray cluster at {address}", flush=True)
+        if not running:
+            print(f"joining the Ray cluster at {address}", flush=True)
         try:
             ray.init(address=address, log_to_driver=True)
         except ConnectionError as err:
@@ -78,9 +103,10 @@ def connect(cfg: RunConfig) -> bool:
     for name, value in LOCAL_INSTANCE_ENV.items():  # inherited by the instance's processes
         os.environ.setdefault(name, value)
     # The dashboard also serves the State API that Ray Train's placement-group cleaner polls;
-    # without it that actor logs a warning every few seconds.
-    ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
-             _node_ip_address="127.0.0.1")
+    # without it that actor logs a warning every few seconds. address="local": not the
+    # address a stale ray_current_cluster file may still name.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             log_to_driver=True, _node_ip_address="127.0.0.1")
     return True
 
 
@@ -172,6 +198,11 @@ def run_training(cfg: RunConfig) -> TrainOutcome:
     finally:
         if local:
             ray.shutdown()
+        if "://" not in run_dir:
+            for folder, step in prune_untracked_checkpoints(run_dir):
+                print(f"removed checkpoint {folder} (step {step}): written just before a failure, it is not "
+                      f"among the {cfg.train.keep_checkpoints} that Ray Train keeps (train.keep_checkpoints), "
+                      "and a newer one is", flush=True)
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     return TrainOutcome(run_dir=run_dir, checkpoint=checkpoint, metrics=dict(result.metrics or {}),
                         seconds=time.time() - started)

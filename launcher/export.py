@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from launcher.checkpoint import load_model_weights, read_meta, resolve_checkpoint
+from ops.atomic_file import PUBLISHED_FILE_MODE
 
 
 def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -39,6 +40,7 @@ def export_weights(checkpoint: str, out: str) -> tuple[str, int, int]:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     partial = f"{out}.partial"
     save_file(state, partial, metadata=metadata)
+    os.chmod(partial, PUBLISHED_FILE_MODE)  # safetensors creates it 0600: readable by its writer only
     os.replace(partial, out)  # a reader never sees a half-written file
     return directory, len(state), sum(t.numel() for t in state.values())
 

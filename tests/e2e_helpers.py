@@ -13,7 +13,7 @@ def launcher(*args, timeout=420, env=None):
     ``env`` adds variables (e.g. ``SEGSCALE_FAULT``) to this process's environment.
     """
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    full_env.pop("RAY_ADDRESS", None)  # always a private local instance
+    full_env.pop("RAY_ADDRESS", None)  # a local instance (or a head `ray start` runs on this machine)
     proc = subprocess.run(
         [sys.executable, "-m", "launcher", *args],
         cwd=REPO,

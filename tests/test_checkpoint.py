@@ -58,3 +58,28 @@ def test_damaged_checkpoint_is_skipped(tmp_path, damage):
     with pytest.raises(CheckpointError, match=expected):
         verify_checkpoint(newest)
     assert find_latest_checkpoint(str(tmp_path)) == older
+
+
+def test_checkpoints_ray_does_not_track_are_pruned_once_superseded(tmp_path):
+    """A checkpoint written just before a failure can miss Ray Train's record (seen: the
+    step-4 one of a run killed at step 5); the resumed run's newer checkpoints make it
+    redundant, and Ray would never delete it."""
+    from launcher.checkpoint import RAY_CHECKPOINT_SNAPSHOT, prune_untracked_checkpoints
+
+    for name, step in (("checkpoint_2", 2), ("checkpoint_4", 4), ("checkpoint_6", 6), ("checkpoint_8", 8),
+                       ("checkpoint_10", 10)):
+        fake_checkpoint(tmp_path, name, step)
+
+    def record(*names):
+        write_json_atomic(tmp_path / RAY_CHECKPOINT_SNAPSHOT,
+                          {"checkpoint_results": [{"checkpoint_dir_name": n, "metrics": {}} for n in names]})
+
+    assert prune_untracked_checkpoints(str(tmp_path)) == []  # no record: nothing is touched
+    record("checkpoint_6", "checkpoint_8")
+    # 2 and 4 are superseded; 10 is newer than every tracked one: where the run resumes.
+    assert prune_untracked_checkpoints(str(tmp_path)) == [(str(tmp_path / "checkpoint_2"), 2),
+                                                          (str(tmp_path / "checkpoint_4"), 4)]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*") if p.is_dir()) == [
+        "checkpoint_10", "checkpoint_6", "checkpoint_8"]
+    (tmp_path / RAY_CHECKPOINT_SNAPSHOT).write_text("{not json")  # another Ray's format: leave all
+    assert prune_untracked_checkpoints(str(tmp_path)) == []

@@ -19,13 +19,15 @@ def test_a_local_instance_polls_its_workers_more_often_and_a_cluster_keeps_its_o
     monkeypatch.setenv(name, "unset at the end")
     monkeypatch.delenv(name)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(driver, "running_local_cluster", lambda: "")  # no `ray start` head here
     seen = []  # (ray.init's keyword arguments, the variable when it was called)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: seen.append((kwargs, os.environ.get(name))))
     cfg = load_config(TINY)
 
     assert driver.connect(cfg) is True
-    assert seen[-1][1] == value and "address" not in seen[-1][0]
+    # "local": a new instance, not whatever Ray's ray_current_cluster file names.
+    assert seen[-1][1] == value and seen[-1][0]["address"] == "local"
 
     monkeypatch.setenv(name, "3")  # the user's own setting wins
     assert driver.connect(cfg) is True
@@ -35,6 +37,43 @@ def test_a_local_instance_polls_its_workers_more_often_and_a_cluster_keeps_its_o
     cfg.cluster.address = "127.0.0.1:6379"
     assert driver.connect(cfg) is False
     assert seen[-1] == ({"address": "127.0.0.1:6379", "log_to_driver": True}, None)
+
+    # No address given, but `ray start` runs a head on this machine: join it
+    # (tests/test_submit.py finds a real one).
+    cfg.cluster.address = ""
+    monkeypatch.setattr(driver, "running_local_cluster", lambda: "10.0.0.5:6379")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the head's token mode, as the user set it
+    assert driver.connect(cfg) is False
+    assert seen[-1] == ({"address": "10.0.0.5:6379", "log_to_driver": True}, None)
+
+
+def test_a_stopped_run_says_how_to_resume_it(monkeypatch, capsys, tmp_path):
+    from data_pipeline.loader_io import ShardReadError
+    from launcher import commands
+
+    sets = [f"train.output_dir={tmp_path}", "train.run_name=r1", "data.train_manifest=/d/train-manifest.json",
+            "data.val_manifest=/d/val-manifest.json"]
+    resume = f"resume it with: python -m launcher train --config {tmp_path}/r1/config.yaml"
+
+    def fail(cfg):
+        raise driver.TrainingFailed("rank 1 failed", frozenset({ShardReadError.__name__}))
+
+    monkeypatch.setattr(driver, "run_training", fail)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert commands.train_command(TINY, sets, "") == 1
+    out = capsys.readouterr().out
+    assert "`python -m data_pipeline verify` of /d/train-manifest.json and /d/val-manifest.json" in out, out
+    assert out.rstrip().endswith(resume), out
+
+    def ray_sigint_handler(cfg):
+        raise SystemExit(0)  # what Ray Train's SIGINT handler ends fit() with
+
+    monkeypatch.setattr(driver, "run_training", ray_sigint_handler)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # the driver runs as a Ray job
+    assert commands.train_command(TINY, sets, "") == 130
+    out = capsys.readouterr().out
+    assert f"interrupted; {resume} (on the head node; from elsewhere, submit the job again with --set " \
+           "train.run_name=r1 and the same train.output_dir)" in out, out
 
 
 def test_each_failed_workers_own_error_is_found_behind_rays_wrapper():

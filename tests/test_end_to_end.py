@@ -88,6 +88,7 @@ def test_train_checkpoint_resume_eval_predict(dataset, tmp_path):
     with safe_open(str(exported), framework="pt") as f:
         metadata = f.metadata()
     assert metadata["segscale_step"] == "6"
+    assert exported.stat().st_mode & 0o777 == 0o644  # readable by whoever serves the model
     weights = load_file(str(exported))
     model = build_model(config_from_dict(json.loads(metadata["segscale_config"])).model)
     model.load_state_dict(weights, strict=True)

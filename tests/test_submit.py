@@ -91,6 +91,7 @@ class Head:
     token: str
     proc: subprocess.Popen
     temp_dir: str
+    gcs_port: int
 
     def explain(self) -> str:
         """What an assertion message needs when a submit could not reach this head: is
@@ -147,7 +148,7 @@ def head():
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    started = Head(f"http://127.0.0.1:{dashboard}", token, proc, temp_dir)
+    started = Head(f"http://127.0.0.1:{dashboard}", token, proc, temp_dir, gcs)
     try:
         # Up means this head's dashboard answers with the token: any answer on the port
         # (a 401, another program's 404) is not enough.
@@ -204,6 +205,21 @@ def test_submit_follows_the_job_and_raw_ray_job_submit_resumes_it(head, dataset,
     assert code == 0, log + head.explain()
     assert "at step 4" in log and "step 6/6" in log and "step 1/" not in log, log
     assert verify_checkpoint(find_latest_checkpoint(str(tmp_path / "job-test"))).step == 6
+
+
+def test_the_driver_finds_a_head_started_on_this_machine(head, tmp_path):
+    """`launcher train` without an address joins the head `ray start` runs here (what
+    plain ray.init() would do; a second local instance would count the cores twice), but
+    not a head whose GCS is gone, whose address Ray's ray_current_cluster file still names."""
+    from launcher.driver import running_local_cluster
+
+    # `ray start` writes the file after its dashboard answers (the fixture's readiness).
+    deadline = time.time() + 60
+    while not os.path.exists(os.path.join(head.temp_dir, "ray_current_cluster")) and time.time() < deadline:
+        time.sleep(0.5)
+    assert running_local_cluster(head.temp_dir).endswith(f":{head.gcs_port}"), head.explain()
+    (tmp_path / "ray_current_cluster").write_text("127.0.0.1:1\n")  # a crashed head's leftover
+    assert running_local_cluster(str(tmp_path)) == ""
 
 
 def test_auth_errors_are_one_line(head, dataset, tmp_path):
