@@ -198,14 +198,26 @@ def run_training(cfg: RunConfig) -> TrainOutcome:
     finally:
         if local:
             ray.shutdown()
-        if "://" not in run_dir:
-            for folder, step in prune_untracked_checkpoints(run_dir):
-                print(f"removed checkpoint {folder} (step {step}): written just before a failure, it is not "
-                      f"among the {cfg.train.keep_checkpoints} that Ray Train keeps (train.keep_checkpoints), "
-                      "and a newer one is", flush=True)
+        _prune_checkpoints(cfg, run_dir)
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     return TrainOutcome(run_dir=run_dir, checkpoint=checkpoint, metrics=dict(result.metrics or {}),
                         seconds=time.time() - started)
+
+
+def _prune_checkpoints(cfg: RunConfig, run_dir: str) -> None:
+    """``prune_untracked_checkpoints``, saying what it removed; a failure to remove is a
+    warning (it must not hide why a run failed)."""
+    if "://" in run_dir:
+        return
+    try:
+        pruned = prune_untracked_checkpoints(run_dir)
+    except OSError as err:
+        print(f"warning: could not remove an old checkpoint of run {cfg.train.run_name}: {err}", flush=True)
+        return
+    for folder, step in pruned:
+        print(f"removed checkpoint {folder} (step {step}): saved just before a failure, it missed Ray Train's "
+              f"record of the {cfg.train.keep_checkpoints} it keeps (train.keep_checkpoints), and a newer "
+              "recorded one supersedes it", flush=True)
 
 
 def _error_chain(err: BaseException) -> list[BaseException]:
