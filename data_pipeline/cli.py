@@ -10,10 +10,12 @@
     python -m data_pipeline export-panoptic DIR/val-manifest.json --out GT_DIR [--reduce-zero-label]
 
 Re-running an interrupted ``shard`` with the same arguments keeps the finished shards
-and completes the rest (see ``shard_writer``).
+and completes the rest (see ``shard_writer``); a finished dataset of the split in
+``--out`` is replaced only with ``--overwrite``.
 
 Exit codes: 0 ok, 1 the shards failed verification or an I/O error, 2 usage or input
-error (one line on stderr, no traceback).
+error (one line on stderr, no traceback), 130 interrupted (Ctrl-C; one line saying what
+is finished).
 
 A dataset format is a plain function ``(args) -> shard_writer.Source`` listed in
 ``READERS``. The real datasets (``data_pipeline.formats``) all take ``--root`` and
@@ -128,6 +130,7 @@ def _shard(args: argparse.Namespace) -> int:
         max_size=args.max_size,
         overwrite=args.overwrite,
         staging=args.staging,
+        keep_finished=not args.overwrite,
     )
     total = sum(s.bytes for s in manifest.shards)
     where = f"'{args.out}'" if piped else str(manifest.root)
@@ -189,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
             "past --max-count samples or --max-size bytes, so the layout does not depend on --workers. "
             f"Re-running an interrupted job with the same arguments keeps the finished shards (checked "
             f"against {state_name('SPLIT')}) and completes the rest; resuming works for a local --out "
-            "only, a pipe: output starts over."
+            "only, a pipe: output starts over. A finished dataset of the split in --out is replaced only "
+            "with --overwrite."
         ),
     )
     shard.add_argument("--format", required=True, help=f"dataset format: {', '.join(READERS)}")
@@ -218,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--workers", type=int, default=1,
                        help="encoding processes (the shards are the same for any number)")
     shard.add_argument("--overwrite", action="store_true",
-                       help="discard an interrupted sharding of this split made with other arguments "
-                       "instead of refusing to start")
+                       help="replace a finished dataset of this split in --out, discard an interrupted "
+                       "sharding of it made with other arguments, and overwrite shard files no manifest "
+                       "lists, instead of refusing to start (unlisted files are never deleted)")
     shard.add_argument("--staging", metavar="DIR",
                        help="with a pipe: --out, build shards in DIR before piping them (default: a temp folder)")
     shard.set_defaults(run=_shard)
@@ -287,5 +292,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exn:
         print(f"{PROG}: error: {exn}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exn:  # ShardingInterrupted says what is finished
+        print(f"{PROG}: {str(exn) or 'interrupted'}", file=sys.stderr)
         return 130

@@ -53,6 +53,7 @@ from data_pipeline.decode import decode_arrays, decode_sample
 from data_pipeline.loader_io import ReadPlan, ShardReadError, ShardRef, plan_reads, read_shard
 from data_pipeline.manifest import Manifest, ManifestError, load_manifest, training_classes
 from data_pipeline.panoptic import decode_panoptic_members
+from data_pipeline.sample_members import sample_source
 from data_pipeline.train_stream import consumer_stream, stream_start
 
 # reduce_zero_label: imported from here by launcher.eval_semantic and the tests.
@@ -169,6 +170,7 @@ class SegmentationStream(IterableDataset):
                 "plan": plan_sample(*semantic.shape, cfg.crop_size, cfg.augment, generator, cfg.ignore_index,
                                     cfg.reduce_zero_label),
                 "key": raw["__key__"],
+                "source": sample_source(raw),  # the source file's stem, None for older shards
                 # Where the consumer's stream stands after this sample (bad samples count:
                 # resuming from here replays none of them) and how many it skipped so far.
                 "stream": (worker, index + 1, skipped),
@@ -187,7 +189,8 @@ class SegmentationStream(IterableDataset):
         plan = plan_reads(sizes, consumer, num_consumers, order_seed=None, allow_empty=True)
         for raw in _read_plan(self.shards, plan):
             image, semantic = decode_sample(raw, self.cfg.reduce_zero_label, self.cfg.ignore_index, self.num_classes)
-            sample = {"image": image, "semantic": semantic, "key": raw["__key__"]}
+            sample = {"image": image, "semantic": semantic, "key": raw["__key__"],
+                      "source": sample_source(raw)}  # fmt: skip
             if self.cfg.task == "panoptic":
                 ids, sample["segments"] = self._panoptic(raw, tuple(semantic.shape))
                 sample["panoptic"] = torch.from_numpy(ids)
@@ -215,6 +218,9 @@ def collate_batch(samples: list[dict[str, Any]], ignore_index: int = 255) -> dic
         "images": torch.stack(images),
         "semantic": torch.stack(semantics),
         "keys": [s["key"] for s in samples],
+        # Stem of each sample's source file (``ADE_val_00000001``); None in shards written
+        # before it was recorded and for synthetic data: ``launcher predict`` names files by it.
+        "sources": [s.get("source") for s in samples],
         "image_sizes": [(int(s["semantic"].shape[0]), int(s["semantic"].shape[1])) for s in samples],
     }
     if "panoptic" in samples[0]:  # data.task=panoptic: ids padded with 0 (void), segments per image

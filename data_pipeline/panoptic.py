@@ -26,6 +26,7 @@ from PIL import Image
 
 from data_pipeline.loader_io import ShardReadError, ShardRef, read_shard
 from data_pipeline.manifest import Manifest, training_classes
+from data_pipeline.sample_members import describe_raw
 from data_pipeline.shard_writer import META_EXT, PANOPTIC_EXT, decode_panoptic, encode_panoptic
 
 
@@ -68,7 +69,7 @@ def decode_panoptic_members(
 
     ``shape`` is the sample's image size (checked when given); errors are ``ShardReadError`` naming shard and key.
     """
-    where = f"shard {raw.get('__url__')}: sample {raw.get('__key__')}"
+    where = describe_raw(raw)
     if PANOPTIC_EXT not in raw or META_EXT not in raw:
         members = sorted(k for k in raw if not k.startswith("__"))
         raise ShardReadError(

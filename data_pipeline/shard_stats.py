@@ -14,17 +14,16 @@ Reads every sample's ``.seg.png`` label once and reports:
 
 from __future__ import annotations
 
-import io
 import sys
 import tarfile
 from collections import Counter
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from data_pipeline.manifest import Manifest
+from data_pipeline.sample_members import MemberDecodeError, open_member, sample_label, sample_source
 from data_pipeline.shard_verify import SEMANTIC_EXT, iter_samples
 
 MOST_COMMON_SIZES = 5
@@ -36,10 +35,10 @@ class ShardDataError(OSError):
 
 def _label_counts(data: bytes, where: str) -> tuple[np.ndarray, tuple[int, int]]:
     try:
-        label = Image.open(io.BytesIO(data))
-        values = np.asarray(label).astype(np.int64, copy=False)
-    except Exception as exn:  # PIL raises many types for bad data
-        raise ShardDataError(f"{where}: .{SEMANTIC_EXT} does not decode: {exn}") from None
+        label = open_member(data, SEMANTIC_EXT)
+    except MemberDecodeError as exn:
+        raise ShardDataError(f"{where}: {exn}") from None
+    values = np.asarray(label).astype(np.int64, copy=False)
     if values.ndim != 2:
         raise ShardDataError(f"{where}: .{SEMANTIC_EXT} must be single-channel, got shape {values.shape}")
     return np.bincount(values.ravel(), minlength=256), (label.size[1], label.size[0])
@@ -57,7 +56,7 @@ def shard_stats(manifest: Manifest, progress: bool | None = None) -> dict[str, A
             try:
                 with tarfile.open(path, mode="r:") as tar:
                     for key, _, members in iter_samples(tar):
-                        where = f"{path}: sample {key}"
+                        where = f"{path}: sample {sample_label(key, sample_source(members))}"
                         if SEMANTIC_EXT not in members:
                             raise ShardDataError(f"{where}: no .{SEMANTIC_EXT} label")
                         counts, size = _label_counts(members[SEMANTIC_EXT], where)

@@ -5,19 +5,20 @@ every shard is read as a tar and every sample checked the way the loader will us
 
 * members of a sample (key = member name up to the first dot) are contiguous;
 * it has an image (``.png``/``.jpg``/``.jpeg``) and a ``.seg.png`` label, and its
-  ``.json`` (if any) parses;
+  ``.json`` (if any) parses and names its source file, if at all, by a plain stem;
 * both decode with PIL, the image is RGB, the label single-channel and the same size;
 * label values are < the number of classes or == the manifest's ``ignore_index``;
 * the shard's sample count, and the offset of each sample's first tar header when the
   manifest records ``sample_offsets``, match the manifest.
 
 Each shard gets a ``ShardReport`` with its problems (the first one is what the CLI
-prints) and the number of bad samples.
+prints, with the first bad sample when that is not it already) and the number of bad
+samples. Samples are named by key and, where the shard records it, source file
+(``sample val_00000000 (ADE_val_00000001)``).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
@@ -26,10 +27,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from data_pipeline.manifest import Manifest, ShardInfo, check_shard_file
+from data_pipeline.sample_members import (
+    SOURCE_FIELD,
+    MemberDecodeError,
+    check_source_name,
+    open_member,
+    sample_label,
+    sample_source,
+)
 
 IMAGE_EXTS = ("png", "jpg", "jpeg")
 SEMANTIC_EXT = "seg.png"
@@ -43,20 +51,29 @@ class ShardReport:
     path: str
     problems: list[str] = field(default_factory=list)
     bad_samples: int = 0
+    first_bad: str | None = None  # "sample KEY (SOURCE): problem" of the first bad sample
+
+    def add_bad_sample(self, problem: str) -> None:
+        self.bad_samples += 1
+        self.problems.append(problem)
+        if self.first_bad is None:
+            self.first_bad = problem
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def line(self) -> str:
-        """One line naming the shard, its first problem and the number of bad samples."""
+        """One line naming the shard, its first problem, the number of bad samples and,
+        when the first problem is about the whole shard (a checksum), the first bad sample."""
         extra = []
         if self.bad_samples:
             extra.append(f"{self.bad_samples} bad sample{'s' if self.bad_samples != 1 else ''}")
         if len(self.problems) > 1:
             extra.append(f"{len(self.problems)} problems")
         bad = f" ({', '.join(extra)})" if extra else ""
-        return f"{self.path}: {self.problems[0]}{bad}"
+        first = f"; first bad {self.first_bad}" if self.first_bad not in (None, self.problems[0]) else ""
+        return f"{self.path}: {self.problems[0]}{bad}{first}"
 
 
 def iter_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, int, dict[str, bytes]]]:
@@ -95,19 +112,18 @@ def check_sample(members: dict[str, bytes], num_classes: int, ignore_index: int)
         return f"no .{SEMANTIC_EXT} label, has {sorted(members)}"
     if META_EXT in members:
         try:
-            json.loads(members[META_EXT])
+            meta = json.loads(members[META_EXT])
         except (UnicodeDecodeError, json.JSONDecodeError) as exn:
             return f".{META_EXT} does not parse: {exn}"
+        if isinstance(meta, dict) and SOURCE_FIELD in meta:
+            problem = check_source_name(meta[SOURCE_FIELD])
+            if problem is not None:
+                return f".{META_EXT} {SOURCE_FIELD!r} {problem}"
     try:
-        image = Image.open(io.BytesIO(members[image_ext]))
-        image.load()
-    except Exception as exn:  # PIL raises many types for bad data
-        return f".{image_ext} does not decode: {exn}"
-    try:
-        label = Image.open(io.BytesIO(members[SEMANTIC_EXT]))
-        label.load()
-    except Exception as exn:
-        return f".{SEMANTIC_EXT} does not decode: {exn}"
+        image = open_member(members[image_ext], image_ext)
+        label = open_member(members[SEMANTIC_EXT], SEMANTIC_EXT)
+    except MemberDecodeError as exn:
+        return str(exn)
     if image.mode != "RGB":
         return f".{image_ext} must be RGB, got PIL mode {image.mode}"
     if label.mode not in LABEL_MODES:
@@ -130,8 +146,7 @@ def _deep_check(manifest: Manifest, info: ShardInfo, path: str, report: ShardRep
                 offsets.append(offset)
                 problem = check_sample(members, num_classes, ignore)
                 if problem is not None:
-                    report.bad_samples += 1
-                    report.problems.append(f"sample {key}: {problem}")
+                    report.add_bad_sample(f"sample {sample_label(key, sample_source(members))}: {problem}")
     except (tarfile.TarError, ValueError, OSError, EOFError) as exn:
         report.problems.append(f"not a readable tar after {len(offsets)} samples: {exn}")
         return

@@ -10,14 +10,8 @@ gives byte-identical shards (tar mtimes are pinned to 0). Members of sample ``i`
 (key ``{split}_{i:08d}``; keys must not contain dots, webdataset splits the member name
 at the first dot):
 
-* ``{key}.png``      RGB image. PNG rather than JPEG so the synthetic data round-trips
-  exactly (a JPEG's ringing would blur the label/colour relation the demo relies on).
-  A sample that carries its original JPEG (``image_bytes``, ``image_ext="jpg"``, see
-  ``formats.common.FormatSample``) is stored as ``{key}.jpg`` byte for byte instead:
-  re-encoding a photo dataset as PNG would multiply its size and change nothing.
-* ``{key}.seg.png``  single-channel uint8 semantic labels, 255 = ignore.
-* ``{key}.pan.png``  panoptic segment ids, COCO-style RGB: id = R + 256 G + 256^2 B.
-* ``{key}.json``     ``{"height", "width", "segments_info": [...]}`` (COCO panoptic).
+* the members ``sample_encode.encode_sample`` writes: the image (``.png``, or the
+  original ``.jpg``), ``.seg.png``, ``.pan.png`` and ``.json`` (with the source file's stem).
 
 Shard limits: a shard is closed when adding the next sample would take it past
 ``max_count`` samples or past ``max_size`` bytes (the final tar size, end-of-archive
@@ -30,14 +24,18 @@ manifest is written last (also atomically), so a crash never leaves a manifest t
 names a partial shard. The manifest records, per shard, the byte offset of each
 sample's first tar header (``sample_offsets``) so a reader can seek to a sample.
 
-Resuming: after each finished shard ``{split}-shard-state.json`` is rewritten
-atomically with a fingerprint of the job (format, source options, split, sample count,
-classes, limits) and the finished shards' infos. A re-run with the same fingerprint
-checks the finished shards' sizes and sha256, keeps the good leading ones and continues
-with the next sample, which gives the same bytes as an uninterrupted run; a different
-fingerprint is an error (``ShardStateError``) unless ``overwrite=True``. The state file
-is removed once the manifest is written. Hidden temp files left by a killed run
-(``.{split}-....tmp``) are removed at the start.
+Resuming and existing files (``shard_state``): after each finished shard
+``{split}-shard-state.json`` is rewritten atomically with a fingerprint of the job (format,
+source options, split, sample count, classes, limits), the finished shards' infos and the
+shards of the dataset being replaced. A re-run with the same fingerprint checks the
+finished shards' sizes and sha256, keeps the good leading ones and continues with the next
+sample, which gives the same bytes as an uninterrupted run; a different fingerprint is an
+error (``ShardStateError``) unless ``overwrite=True``. The job deletes only shard files a
+manifest or state of its split listed, never an unlisted ``{split}-NNNNNN.tar`` (which,
+without ``overwrite``, stops it from starting). The state file is removed once the
+manifest is written. Hidden temp files left by a killed run (``.{split}-....tmp``) are
+removed at the start. Ctrl-C raises ``ShardingInterrupted`` saying what is finished;
+pool workers ignore SIGINT so that only the main process reports it.
 
 ``out_dir`` may also be ``pipe:CMD`` with ``{name}`` in CMD (e.g. ``pipe:aws s3 cp -
 s3://bucket/ade/{name}``): each shard is staged in a local folder (``staging`` or a
@@ -51,13 +49,14 @@ keeping the order).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import json
 import multiprocessing
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -67,28 +66,44 @@ from dataclasses import dataclass, field
 from functools import partial
 from importlib import metadata
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO
 
-import numpy as np
 import webdataset as wds
-from PIL import Image
 from tqdm import tqdm
 
-from data_pipeline.manifest import Manifest, ManifestError, ShardInfo, parse_shard_info, write_manifest
+from data_pipeline.manifest import Manifest, ShardInfo, write_manifest
+from data_pipeline.sample_encode import (  # noqa: F401  (re-exported: the names callers import from here)
+    IMAGE_EXT,
+    JPEG_EXT,
+    META_EXT,
+    PANOPTIC_EXT,
+    SEMANTIC_EXT,
+    LabeledSample,
+    decode_panoptic,
+    encode_panoptic,
+    encode_sample,
+)
+from data_pipeline.shard_state import (  # noqa: F401  (ShardStateError, names: re-exported for callers)
+    Plan,
+    ShardingInterrupted,
+    ShardStateError,
+    finish_folder,
+    manifest_name,
+    plan_folder,
+    plural,
+    remove_temp_files,
+    shard_name,
+    state_json,
+    state_name,
+)
 from ops.atomic_file import atomic_write, write_json_atomic
 
-IMAGE_EXT = "png"
-JPEG_EXT = "jpg"
-SEMANTIC_EXT = "seg.png"
-PANOPTIC_EXT = "pan.png"
-META_EXT = "json"
 IGNORE_INDEX = 255
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 PIPE_PREFIX = "pipe:"
-STATE_VERSION = 1
 # Bump when the bytes written for the same samples change: a state file from another
-# layout must not be resumed into a mixed dataset.
-WRITER_LAYOUT = 1
+# layout must not be resumed into a mixed dataset. 2: readers' samples carry "source".
+WRITER_LAYOUT = 2
 _BLOCK = tarfile.BLOCKSIZE  # 512
 _RECORD = tarfile.RECORDSIZE  # 20 blocks: tarfile pads the archive to a multiple of this
 # An int, not 0.0: tarfile's (PAX) writer adds a 1 KiB extended header to every member
@@ -96,23 +111,8 @@ _RECORD = tarfile.RECORDSIZE  # 20 blocks: tarfile pads the archive to a multipl
 _TAR_MTIME = 0
 
 
-class ShardStateError(ValueError):
-    """An interrupted sharding in the output folder cannot be resumed (one-line message)."""
-
-
 class PipeError(OSError):
     """A ``pipe:`` output command failed (message names the file and the exit code)."""
-
-
-class LabeledSample(Protocol):
-    """What a format reader returns per sample (``synthetic.SyntheticSample`` is one)."""
-
-    image: np.ndarray  # uint8 H x W x 3 RGB
-    semantic: np.ndarray  # uint8 H x W, 255 = ignore
-    panoptic: np.ndarray  # int32 H x W segment ids, 0 = void
-    segments: list[dict[str, Any]]  # COCO panoptic segments_info
-    # Optional (read with getattr): ``image_bytes`` + ``image_ext`` "jpg" store the
-    # original JPEG as ``{key}.jpg`` instead of re-encoding ``image`` as PNG.
 
 
 @dataclass(frozen=True)
@@ -136,80 +136,8 @@ def check_split(split: str) -> None:
         )
 
 
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
-
-
-def manifest_name(split: str) -> str:
-    return f"{split}-manifest.json"
-
-
-def state_name(split: str) -> str:
-    return f"{split}-shard-state.json"
-
-
 def sample_key(split: str, index: int) -> str:
     return f"{split}_{index:08d}"
-
-
-def encode_panoptic(ids: np.ndarray) -> np.ndarray:
-    """int32 H x W segment ids -> uint8 H x W x 3, COCO's id = R + 256 G + 256^2 B."""
-    ids = ids.astype(np.uint32)
-    return np.stack([ids & 0xFF, (ids >> 8) & 0xFF, (ids >> 16) & 0xFF], axis=-1).astype(np.uint8)
-
-
-def decode_panoptic(rgb: np.ndarray) -> np.ndarray:
-    """Inverse of ``encode_panoptic``."""
-    rgb = rgb.astype(np.int32)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
-
-
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _image_member(sample: LabeledSample, key: str) -> tuple[str, bytes]:
-    """(extension, bytes) of the image member: the original JPEG if the sample has one."""
-    data: bytes | None = getattr(sample, "image_bytes", None)
-    if data is None:
-        return IMAGE_EXT, _png(sample.image)
-    ext = getattr(sample, "image_ext", None)
-    if ext not in ("jpg", "jpeg"):
-        raise ValueError(f"{key}: image_bytes must come with image_ext 'jpg', got {ext!r}")
-    try:
-        size = Image.open(io.BytesIO(data)).size  # header only: cheap
-    except Exception as exn:
-        raise ValueError(f"{key}: image_bytes is not a decodable image: {exn}") from None
-    if size != (sample.image.shape[1], sample.image.shape[0]):
-        raise ValueError(
-            f"{key}: image_bytes is {size[0]}x{size[1]} (WxH) but the image array is "
-            f"{sample.image.shape[1]}x{sample.image.shape[0]}"
-        )
-    return JPEG_EXT, data
-
-
-def encode_sample(sample: LabeledSample, key: str) -> dict[str, Any]:
-    """A webdataset sample dict (``__key__`` + member bytes) for one labelled sample."""
-    image, semantic, panoptic = sample.image, sample.semantic, sample.panoptic
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"{key}: image must be uint8 HxWx3, got {image.dtype} {image.shape}")
-    if semantic.dtype != np.uint8 or semantic.shape != image.shape[:2]:
-        raise ValueError(
-            f"{key}: semantic must be uint8 {image.shape[:2]}, got {semantic.dtype} {semantic.shape}"
-        )
-    if panoptic.shape != image.shape[:2]:
-        raise ValueError(f"{key}: panoptic must be {image.shape[:2]}, got {panoptic.shape}")
-    meta = {"height": int(image.shape[0]), "width": int(image.shape[1]), "segments_info": sample.segments}
-    image_ext, image_bytes = _image_member(sample, key)
-    return {
-        "__key__": key,
-        image_ext: image_bytes,
-        SEMANTIC_EXT: _png(semantic),
-        PANOPTIC_EXT: _png(encode_panoptic(panoptic)),
-        META_EXT: json.dumps(meta, sort_keys=True).encode("utf-8"),
-    }
 
 
 @dataclass
@@ -266,8 +194,14 @@ def _encoded_samples(source: Source, split: str, workers: int, start: int = 0) -
         return
     # imap keeps the order; chunks amortise the inter-process overhead of tiny samples.
     chunksize = max(1, min(64, len(indices) // (workers * 4)))
-    with multiprocessing.get_context().Pool(workers) as pool:
+    with multiprocessing.get_context().Pool(workers, initializer=_ignore_sigint) as pool:
         yield from pool.imap(encode, indices, chunksize=chunksize)
+
+
+def _ignore_sigint() -> None:
+    """Pool workers leave Ctrl-C to the main process, which stops them and says what is
+    finished; else each worker prints its own KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _created_by() -> str:
@@ -310,58 +244,6 @@ def _fingerprint(source: Source, split: str, max_count: int, max_size: int | Non
     return json.loads(json.dumps(fingerprint, sort_keys=True))
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _read_state(path: Path) -> tuple[dict[str, Any], list[ShardInfo]]:
-    hint = "pass --overwrite (overwrite=True) to start over"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exn:
-        raise ShardStateError(f"{path}: unreadable shard state file ({exn}); {hint}") from None
-    if (
-        not isinstance(data, dict)
-        or data.get("state_version") != STATE_VERSION
-        or not isinstance(data.get("fingerprint"), dict)
-        or not isinstance(data.get("shards"), list)
-    ):
-        raise ShardStateError(f"{path}: not a version {STATE_VERSION} shard state file; {hint}")
-    try:
-        shards = [parse_shard_info(raw, f"shards[{i}]", path) for i, raw in enumerate(data["shards"])]
-    except ManifestError as exn:
-        raise ShardStateError(f"{exn}; {hint}") from None
-    return data["fingerprint"], shards
-
-
-def _resumable_shards(out: Path, split: str, state: list[ShardInfo]) -> list[ShardInfo]:
-    """The leading shards of an interrupted run whose files are intact, in order."""
-    kept: list[ShardInfo] = []
-    for index, info in enumerate(state):
-        path = out / info.name
-        if info.name != shard_name(split, index):
-            break
-        try:
-            if path.stat().st_size != info.bytes or _file_sha256(path) != info.sha256:
-                break
-        except OSError:
-            break
-        kept.append(info)
-    return kept
-
-
-def _remove_temp_files(folder: Path, split: str) -> None:
-    """Hidden temp files a killed run left behind (``atomic_write`` names them so)."""
-    pattern = re.compile(rf"^\.{re.escape(split)}-(\d{{6}}\.tar|manifest\.json|shard-state\.json)\..+\.tmp$")
-    for path in folder.iterdir():
-        if pattern.match(path.name) and path.is_file():
-            path.unlink(missing_ok=True)
-
-
 def _pipe_file(command: str, path: Path) -> None:
     """Stream ``path`` into ``command`` (``{name}`` -> the file name); PipeError on failure."""
     cmd = command.replace("{name}", path.name)
@@ -385,16 +267,20 @@ def write_shards(
     max_size: int | None = None,
     overwrite: bool = False,
     staging: str | os.PathLike[str] | None = None,
+    keep_finished: bool = False,
 ) -> Manifest:
     """Shard ``source`` into ``out_dir`` and write ``{split}-manifest.json`` last.
 
-    Replaces a previous complete sharding of the same split in ``out_dir``: its manifest
-    is removed first (so a crash leaves no manifest rather than a stale one) and shards
-    it had beyond the new count are deleted at the end. An interrupted sharding (a
-    ``{split}-shard-state.json``) with the same arguments is resumed; with other
-    arguments it raises ``ShardStateError`` unless ``overwrite``. ``out_dir`` may be
-    ``pipe:CMD`` (see the module docstring); ``staging`` is then where shards are
-    built. ``progress=None`` shows a bar only on a TTY.
+    Replaces a previous complete sharding of the same split in ``out_dir`` (unless
+    ``keep_finished``: then that is a ``ShardStateError``, what the CLI does without
+    ``--overwrite``): its manifest is removed first (so a crash leaves no manifest rather
+    than a stale one) and shards it listed beyond the new count are deleted at the end.
+    An interrupted sharding (a ``{split}-shard-state.json``) with the same arguments is
+    resumed; with other arguments it raises ``ShardStateError`` unless ``overwrite``, as
+    does a ``{split}-NNNNNN.tar`` that no manifest or state lists (see ``shard_state``).
+    ``out_dir`` may be ``pipe:CMD`` (see the module docstring); ``staging`` is then where
+    shards are built. ``progress=None`` shows a bar only on a TTY. Ctrl-C raises
+    ``ShardingInterrupted`` (a KeyboardInterrupt) whose message says what is finished.
     """
     check_split(split)
     if max_count < 1:
@@ -421,43 +307,75 @@ def write_shards(
     else:
         out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(source, split, max_count, max_size)
+    if command is None:
+        plan = plan_folder(out, split, fingerprint, overwrite, keep_finished, source.num_samples)
+    else:
+        plan = Plan()  # a staging folder: nothing to resume or protect (see the module docstring)
+    job = _Job(out, split, fingerprint, plan, command)
     try:
-        return _write_shards(source, out, split, max_count, max_size, workers, progress, overwrite, command)
+        return _write_shards(source, job, max_count, max_size, workers, progress)
     finally:
         if made_staging:
             shutil.rmtree(out, ignore_errors=True)
 
 
-def _write_shards(
-    source: Source,
-    out: Path,
-    split: str,
-    max_count: int,
-    max_size: int | None,
-    workers: int,
-    progress: bool | None,
-    overwrite: bool,
-    command: str | None,
-) -> Manifest:
-    manifest_path = out / manifest_name(split)
-    state_path = out / state_name(split)
-    _remove_temp_files(out, split)
-    fingerprint = _fingerprint(source, split, max_count, max_size)
-    shards: list[ShardInfo] = []
-    if command is None and state_path.exists() and not overwrite:
-        old, state = _read_state(state_path)
-        if old != fingerprint:
-            changed = sorted(k for k in fingerprint.keys() | old.keys() if fingerprint.get(k) != old.get(k))
-            raise ShardStateError(
-                f"{out} holds an interrupted sharding of split {split!r} made with other arguments "
-                f"(differing: {', '.join(changed)}); re-run with the same arguments to resume it, "
-                f"or use a new --out or pass --overwrite to start over"
+@dataclass
+class _Job:
+    out: Path
+    split: str
+    fingerprint: dict[str, Any]
+    plan: Plan
+    command: str | None  # pipe: command, None for a local folder
+    recorded: list[ShardInfo] = field(default_factory=list)  # listed in the state file, or piped
+
+    @property
+    def state_path(self) -> Path:
+        return self.out / state_name(self.split)
+
+    def record(self, shards: list[ShardInfo]) -> None:
+        """After each finished shard: the state file (local) or the shard piped away."""
+        if self.command is None:
+            write_json_atomic(self.state_path, state_json(self.fingerprint, shards, self.plan.replaced))
+        else:
+            path = self.out / shards[-1].name
+            _pipe_file(self.command, path)
+            path.unlink()
+        self.recorded = list(shards)
+
+    def interrupted(self, total: int) -> ShardingInterrupted:
+        """The exception for Ctrl-C, counting the shards a re-run will find recorded: Ctrl-C may
+        land after the state file was replaced but before ``record`` returned, so read it back."""
+        counts = [s.num_samples for s in self.recorded]
+        if self.command is None:
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                recorded = json.loads(self.state_path.read_text())["shards"]
+                counts = [int(s["num_samples"]) for s in recorded]
+        done = f"{plural(len(counts), 'shard')} ({sum(counts)} of {total} samples)"
+        if self.command is not None:
+            return ShardingInterrupted(
+                f"interrupted: {done} of split {self.split} were piped; a pipe: output cannot resume, "
+                "run the same command again to start over"
             )
-        shards = _resumable_shards(out, split, state)
-    state_path.unlink(missing_ok=True)
+        return ShardingInterrupted(
+            f"interrupted: {done} of split {self.split} are finished in {self.out}; "
+            "run the same command again to resume"
+        )
+
+
+def _write_shards(
+    source: Source, job: _Job, max_count: int, max_size: int | None, workers: int, progress: bool | None
+) -> Manifest:
+    out, split = job.out, job.split
+    manifest_path = out / manifest_name(split)
+    remove_temp_files(out, split)
+    shards = list(job.plan.shards)
+    job.recorded = list(shards)
+    if job.command is None:
+        # Recorded before the old manifest goes: a run killed from here on still knows on
+        # its re-run which shard files it replaces (and may delete).
+        write_json_atomic(job.state_path, state_json(job.fingerprint, shards, job.plan.replaced))
     manifest_path.unlink(missing_ok=True)
-    if shards:
-        write_json_atomic(state_path, _state(fingerprint, shards))
 
     def fits(count: int, content: int, sample: _Encoded) -> bool:
         if count == 0:
@@ -468,22 +386,22 @@ def _write_shards(
 
     start = sum(s.num_samples for s in shards)
     show = sys.stderr.isatty() if progress is None else progress
-    with tqdm(
-        total=source.num_samples, initial=start, desc=f"shard {split}", unit="sample", disable=not show
-    ) as bar:
-        samples = _encoded_samples(source, split, workers, start)
-        try:
-            _fill_shards(samples, out, split, shards, fits, bar, state_path, fingerprint, command)
-        finally:
-            samples.close()  # stops the worker pool now, also on an error
+    try:
+        with tqdm(
+            total=source.num_samples, initial=start, desc=f"shard {split}", unit="sample", disable=not show
+        ) as bar:
+            samples = _encoded_samples(source, split, workers, start)
+            try:
+                _fill_shards(samples, job, shards, fits, bar)
+            finally:
+                samples.close()  # stops the worker pool now, also on an error
+    except ShardingInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise job.interrupted(source.num_samples) from None
 
-    if command is None:
-        keep = {s.name for s in shards}
-        stale = re.compile(rf"^{re.escape(split)}-\d{{6}}\.tar$")
-        for old_shard in out.iterdir():
-            if stale.match(old_shard.name) and old_shard.name not in keep:
-                old_shard.unlink()
-
+    if job.command is None:
+        finish_folder(out, job.plan, shards)
     manifest = Manifest(
         format=source.format,
         split=split,
@@ -496,29 +414,25 @@ def _write_shards(
         source=dict(source.options),
     )
     write_manifest(manifest_path, manifest)
-    if command is None:
-        state_path.unlink(missing_ok=True)
+    if job.command is None:
+        job.state_path.unlink(missing_ok=True)
     else:
-        _pipe_file(command, manifest_path)
+        _pipe_file(job.command, manifest_path)
         manifest_path.unlink()
     return manifest
 
 
 def _fill_shards(
     samples: Iterator[_Encoded],
-    out: Path,
-    split: str,
+    job: _Job,
     shards: list[ShardInfo],
     fits: Callable[[int, int, _Encoded], bool],
     bar: tqdm,
-    state_path: Path,
-    fingerprint: dict[str, Any],
-    command: str | None,
 ) -> None:
     """Write shards from ``samples`` in order, appending their infos to ``shards``."""
     upcoming = next(samples, None)
     while upcoming is not None:
-        path = out / shard_name(split, len(shards))
+        path = job.out / shard_name(job.split, len(shards))
         offsets: list[int] = []
         content = 0
         with atomic_write(path, "wb") as f:
@@ -540,16 +454,4 @@ def _fill_shards(
             sample_offsets=offsets,
         )
         shards.append(info)
-        if command is None:
-            write_json_atomic(state_path, _state(fingerprint, shards))
-        else:
-            _pipe_file(command, path)
-            path.unlink()
-
-
-def _state(fingerprint: dict[str, Any], shards: list[ShardInfo]) -> dict[str, Any]:
-    return {
-        "state_version": STATE_VERSION,
-        "fingerprint": fingerprint,
-        "shards": [s.to_json() for s in shards],
-    }
+        job.record(shards)

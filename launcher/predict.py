@@ -1,8 +1,13 @@
 """Predictions of validation images: overlay PNGs drawn for people, the predicted label
-maps (``labels/<key>.png``, classes 0..K-1) and the ground truth as the model is scored
-against it (``ground_truth/<key>.png``: after ``data.reduce_zero_label``, ignore pixels at
+maps (``labels/<name>.png``, classes 0..K-1) and the ground truth as the model is scored
+against it (``ground_truth/<name>.png``: after ``data.reduce_zero_label``, ignore pixels at
 ``data.ignore_index``), so that ``eval-semantic --pred-dir OUT/labels --gt-dir
-OUT/ground_truth`` scores the predictions as ``eval`` does, or other tools can."""
+OUT/ground_truth`` scores the predictions as ``eval`` does, or other tools can.
+
+``<name>`` is the stem of the sample's source image (``ADE_val_00000001``) as the shards
+record it, so ``labels/`` also matches the dataset's own annotation files by stem
+(``eval-semantic --gt-dir .../annotations/validation``); shards written before sources
+were recorded, and synthetic data, have none and use the sample key (``val_00000000``)."""
 
 from __future__ import annotations
 
@@ -28,25 +33,31 @@ def write_predictions(cfg: RunConfig, model: torch.nn.Module, out_dir: str, num:
     os.makedirs(labels_dir, exist_ok=True)
     os.makedirs(truth_dir, exist_ok=True)
     written: list[str] = []
+    used: set[str] = set()
     dtype = autocast_dtype(cfg.train)
     model.eval()
     for batch in build_eval_loader(cfg.data, 0, 1):
         images = batch["images"]
+        # A source stem seen before (two source files of one name) falls back to the sample key,
+        # which is unique: a prediction must not overwrite another's.
+        names = [key if not source or source in used else source
+                 for source, key in zip(batch["sources"], batch["keys"])]
+        used.update(names)
         sizes = batch.get("image_sizes") or [tuple(images.shape[-2:])] * len(images)
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             predictions = predict_semantic_scores(model, images, cfg.model.inference, cfg.model.name,
                                                   image_sizes=sizes).argmax(1)
-        for image, prediction, target, key, (height, width) in zip(images, predictions, batch["semantic"],
-                                                                    batch["keys"], sizes):
+        for image, prediction, target, name, (height, width) in zip(images, predictions, batch["semantic"],
+                                                                     names, sizes):
             # Each image at its own size: the batch padding is no part of it.
             panel = overlay_panel(image[:, :height, :width].permute(1, 2, 0).numpy(),
                                   prediction[:height, :width].numpy(),
                                   target[:height, :width].numpy().astype(np.int64), cfg.model.num_classes,
                                   cfg.data.ignore_index)
-            path = os.path.join(out_dir, f"{key}.png")
+            path = os.path.join(out_dir, f"{name}.png")
             panel.save(path)
-            save_label_map(prediction[:height, :width].numpy(), os.path.join(labels_dir, f"{key}.png"))
-            save_label_map(target[:height, :width].numpy(), os.path.join(truth_dir, f"{key}.png"))
+            save_label_map(prediction[:height, :width].numpy(), os.path.join(labels_dir, f"{name}.png"))
+            save_label_map(target[:height, :width].numpy(), os.path.join(truth_dir, f"{name}.png"))
             written.append(path)
             if len(written) >= num:
                 return written

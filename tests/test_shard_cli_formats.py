@@ -9,13 +9,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
-from test_formats import ade_tree, folder_tree, panoptic_tree, pascal_tree  # tests/ is on sys.path
+from test_formats import (  # tests/ is on sys.path
+    ade_tree,
+    folder_tree,
+    labels_like,
+    panoptic_tree,
+    pascal_tree,
+    write_image,
+    write_label,
+)
 
 from data_pipeline.cli import main
-from data_pipeline.loader import decode_sample
+from data_pipeline.config import DataConfig
+from data_pipeline.loader import build_eval_loader, decode_sample
+from data_pipeline.loader_io import ShardReadError
 from data_pipeline.manifest import load_manifest
 from data_pipeline.shard_writer import decode_panoptic
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def shard(fmt: str, root: Path, split: str, out: Path, *extra: str) -> int:
@@ -97,3 +110,139 @@ def test_cli_reader_errors_are_one_line_exit_2(tmp_path, capsys, fmt, make, mess
     err = capsys.readouterr().err
     assert err.startswith("python -m data_pipeline: error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "out/train-manifest.json").exists()
+
+
+# ------------------------------------------------- source file names (keys stay positions)
+
+
+def ade_val_tree(root: Path) -> Path:
+    """Two ADE20K validation images and their annotations, named as in the real dataset."""
+    base = root / "ADEChallengeData2016"
+    for i, (height, width) in enumerate([(6, 8), (5, 7)], start=1):
+        write_image(base / f"images/validation/ADE_val_{i:08d}.jpg", height, width, seed=i)
+        write_label(base / f"annotations/validation/ADE_val_{i:08d}.png", labels_like((height, width), [0, i, 150]))
+    return base
+
+
+def _predict(monkeypatch, manifest: Path, out: Path, *overrides: str) -> list[str]:
+    """``launcher predict``'s file writing, with a stand-in model that predicts class 1 everywhere."""
+    import launcher.predict as predict
+    from launcher.config import load_config
+
+    def constant(model, images, *args, **kwargs):
+        scores = torch.zeros(images.shape[0], 150, *images.shape[-2:])
+        scores[:, 1] = 1
+        return scores
+
+    monkeypatch.setattr(predict, "predict_semantic_scores", constant)
+    cfg = load_config(str(REPO / "configs/test_tiny.yaml"),
+                      [f"data.val_manifest={manifest}", "model.num_classes=150", *overrides])  # fmt: skip
+    predict.write_predictions(cfg, torch.nn.Identity(), str(out), num=8)
+    return sorted(p.name for p in (out / "labels").iterdir())
+
+
+def test_source_file_names_reach_the_loader_errors_and_predict(tmp_path, monkeypatch):
+    from launcher.eval_semantic import evaluate_label_folders
+
+    base = ade_val_tree(tmp_path / "ade")
+    assert shard("ade20k", tmp_path / "ade", "val", tmp_path / "out") == 0
+    manifest = load_manifest(tmp_path / "out/val-manifest.json")
+    raw = members(manifest.shard_paths()[0])
+    assert json.loads(raw["val_00000000.json"])["source"] == "ADE_val_00000001"  # key unchanged
+
+    batch = next(iter(build_eval_loader(DataConfig(val_manifest=str(manifest.path), reduce_zero_label=True), 0, 1)))
+    assert batch["keys"] == ["val_00000000", "val_00000001"]
+    assert batch["sources"] == ["ADE_val_00000001", "ADE_val_00000002"]
+
+    sample = {"__key__": "val_00000000", "__url__": "x", **{k.split(".", 1)[1]: v for k, v in raw.items()
+                                                           if k.startswith("val_00000000")}}  # fmt: skip
+    sample["seg.png"] = b"not a png"
+    with pytest.raises(ShardReadError) as err:
+        decode_sample(sample)
+    assert str(err.value) == "shard x: sample val_00000000 (ADE_val_00000001): .seg.png is not a decodable PNG"
+
+    # predict names its files after the source images, so eval-semantic pairs its labels/
+    # with the dataset's own annotation folder (the README's example).
+    pred = tmp_path / "pred"
+    names = _predict(monkeypatch, manifest.path, pred, "data.reduce_zero_label=true")
+    annotations = base / "annotations/validation"
+    assert names == sorted(p.name for p in annotations.iterdir()) == ["ADE_val_00000001.png", "ADE_val_00000002.png"]
+    assert sorted(p.name for p in (pred / "ground_truth").iterdir()) == names
+    assert sorted(p.name for p in pred.glob("*.png")) == names  # the overlays
+    against_dataset = evaluate_label_folders(str(pred / "labels"), str(annotations), 150,
+                                             reduce_zero_label=True, progress=False)  # fmt: skip
+    against_exported = evaluate_label_folders(str(pred / "labels"), str(pred / "ground_truth"), 150, progress=False)
+    assert against_dataset["images"] == 2 and against_dataset["pixels"] == 48 + 35 - 16 - 12  # label 0 ignored
+    assert against_dataset == against_exported
+
+
+def test_predict_names_files_by_key_for_shards_without_source_names(dataset, tmp_path, monkeypatch):
+    # Synthetic samples, like shards written before sources were recorded, have none.
+    names = _predict(monkeypatch, dataset / "val-manifest.json", tmp_path / "pred", "model.num_classes=5")
+    assert names == [f"val_{i:08d}.png" for i in range(6)]
+
+
+# ------------------------------------------------------------ every file is accounted for
+
+
+@pytest.mark.parametrize("fmt", ["ade20k", "folder"])
+def test_image_extensions_match_in_any_case_and_png_images_are_kept(tmp_path, fmt):
+    if fmt == "ade20k":
+        images = ade_tree(tmp_path / "data") / "images/training"
+        labels = images.parent.parent / "annotations/training"
+    else:
+        folder_tree(tmp_path / "data", ["a", "b", "c"])
+        images, labels = tmp_path / "data/images/train", tmp_path / "data/masks/train"
+    first = sorted(images.iterdir())[0]
+    first.rename(first.with_suffix(".JPG"))
+    write_image(images / "zz_converted.png", 4, 4)
+    write_label(labels / "zz_converted.png", labels_like((4, 4), [1]))
+    assert shard(fmt, tmp_path / "data", "train", tmp_path / "out") == 0
+    assert load_manifest(tmp_path / "out/train-manifest.json").num_samples == 3
+
+
+def test_labels_without_images_are_an_error_and_other_files_a_warning(tmp_path, capsys):
+    base = ade_tree(tmp_path / "data")
+    write_label(base / "annotations/training/ADE_train_00000009.png", labels_like((6, 8), [1]))
+    assert shard("ade20k", tmp_path / "data", "train", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ADE_train_00000009.png: label without an image, expected one named" in err
+    (base / "annotations/training/ADE_train_00000009.png").unlink()
+    (base / "images/training/notes.txt").write_text("not an image")
+    (base / "images/training/ADE_train_00000003.gif").write_bytes(b"GIF89a")
+    assert shard("ade20k", tmp_path / "data", "train", tmp_path / "out") == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert warning == [f"warning: {base / 'images/training'}: left out 2 files that are not .jpg/.jpeg/.png "
+                       "images: ADE_train_00000003.gif, notes.txt"]  # fmt: skip
+
+
+def test_cityscapes_other_gtfine_files_are_not_labels_but_labelids_need_an_image(tmp_path, capsys):
+    stem = "aachen_000000_000019"
+    write_image(tmp_path / f"leftImg8bit/train/aachen/{stem}_leftImg8bit.png", 6, 8)
+    write_label(tmp_path / f"gtFine/train/aachen/{stem}_gtFine_labelIds.png", labels_like((6, 8), [7]))
+    write_label(tmp_path / f"gtFine/train/aachen/{stem}_gtFine_instanceIds.png", labels_like((6, 8), [7]))
+    assert shard("cityscapes", tmp_path, "train", tmp_path / "out") == 0
+    assert "warning" not in capsys.readouterr().err
+    write_label(tmp_path / "gtFine/train/aachen/aachen_000001_000019_gtFine_labelIds.png", labels_like((6, 8), [7]))
+    assert shard("cityscapes", tmp_path, "train", tmp_path / "out2") == 2
+    assert "aachen_000001_000019_gtFine_labelIds.png: label without an image" in capsys.readouterr().err
+
+
+def test_folder_without_classes_txt_warns_with_the_inferred_count(tmp_path, capsys):
+    folder_tree(tmp_path / "plain")
+    assert shard("folder", tmp_path / "plain", "train", tmp_path / "out") == 0
+    err = capsys.readouterr().err
+    assert f"warning: {tmp_path / 'plain/classes.txt'} not found: inferred 3 classes" in err
+    assert "write classes.txt (one class name per line" in err
+    (tmp_path / "plain/classes.txt").write_text("a\nb\nc\n")
+    assert shard("folder", tmp_path / "plain", "train", tmp_path / "out2") == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_coco_panoptic_names_what_its_json_leaves_out(tmp_path, capsys):
+    panoptic_tree(tmp_path / "coco")
+    write_image(tmp_path / "coco/val2017/000000000999.jpg", 6, 8)  # in the folder, not in the JSON
+    assert shard("coco_panoptic", tmp_path / "coco", "val", tmp_path / "out") == 0
+    err = capsys.readouterr().err
+    assert f"warning: {tmp_path / 'coco/val2017'}: left out 1 file(s) that panoptic_val2017.json does not name: " \
+           "000000000999.jpg" in err

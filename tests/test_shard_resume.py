@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,7 +50,7 @@ def _reference(tmp_path: Path, **kwargs) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"max_size": 8 * 1024}])
-def test_rerun_after_crash_keeps_finished_shards_and_matches_an_uninterrupted_run(tmp_path, kwargs):
+def test_rerun_after_crash_keeps_finished_shards_and_matches_an_uninterrupted_run(tmp_path, capsys, kwargs):
     out = tmp_path / "out"
     crashy = _Crashy(_source(), crash_at=7)
     with pytest.raises(RuntimeError, match="crashed at 7"):
@@ -56,14 +61,18 @@ def test_rerun_after_crash_keeps_finished_shards_and_matches_an_uninterrupted_ru
     kept = {s["name"]: (out / s["name"]).stat().st_mtime_ns for s in state["shards"]}
 
     rerun = _Crashy(_source(), crash_at=None)
+    capsys.readouterr()
     manifest = write_shards(replace(_source(), load=rerun), out, "train", max_count=PER_SHARD, **kwargs)
     assert rerun.loaded == list(range(finished, N))  # finished shards were not re-encoded
+    shards = len(state["shards"])
+    assert (f"resuming the interrupted train sharding in {out}: kept {shards} finished shard"
+            f"{'s' if shards > 1 else ''} ({finished} of {N} samples)\n") in capsys.readouterr().err
     assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept
     assert manifest.num_samples == N
     assert _files(out) == _reference(tmp_path, **kwargs)  # byte for byte; no state or temp files
 
 
-def test_rerun_cleans_temp_files_and_rewrites_a_damaged_shard(tmp_path):
+def test_rerun_cleans_temp_files_and_rewrites_a_damaged_shard(tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(RuntimeError):
         write_shards(replace(_source(), load=_Crashy(_source(), 9)), out, "train", max_count=PER_SHARD)
@@ -73,8 +82,11 @@ def test_rerun_cleans_temp_files_and_rewrites_a_damaged_shard(tmp_path):
     damaged = out / "train-000001.tar"
     damaged.write_bytes(damaged.read_bytes()[:-1024])
     rerun = _Crashy(_source(), crash_at=None)
+    capsys.readouterr()
     write_shards(replace(_source(), load=rerun), out, "train", max_count=PER_SHARD)
     assert rerun.loaded == list(range(PER_SHARD, N))  # shard 0 kept, the rest rewritten
+    assert ("kept 1 finished shard (3 of 10 samples); rewriting the other 1 recorded shard "
+            "(train-000001.tar is missing or failed its size/sha256 check)\n") in capsys.readouterr().err
     files = _files(out)
     assert files.pop(".val-000000.tar.abc.tmp")
     assert files == _reference(tmp_path)
@@ -96,6 +108,33 @@ def test_rerun_with_other_arguments_is_refused_unless_overwrite(tmp_path, capsys
     assert main([*argv, "--overwrite"]) == 0
     assert load_manifest(out / "train-manifest.json").num_samples == 8
     assert not (out / "train-shard-state.json").exists()
+
+
+def test_ctrl_c_with_workers_says_what_is_finished_and_exits_130(tmp_path):
+    """SIGINT to the whole process group, as Ctrl-C sends it: one line, no worker tracebacks."""
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "data_pipeline", "shard", "--format", "synthetic", "--split", "train",
+            "--out", str(out), "--num-samples", "100000", "--image-size", "16", "--max-count", "2",
+            "--workers", "2"]  # fmt: skip
+    job = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)  # fmt: skip
+    try:
+        state = out / "train-shard-state.json"
+        deadline = time.monotonic() + 60
+        while not (state.exists() and json.loads(state.read_text())["shards"]):
+            assert job.poll() is None and time.monotonic() < deadline, "no shard finished"
+            time.sleep(0.05)
+        os.killpg(job.pid, signal.SIGINT)
+        _, err = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 130, err
+    shards = json.loads(state.read_text())["shards"]
+    samples = sum(s["num_samples"] for s in shards)
+    assert err == (f"python -m data_pipeline: interrupted: {len(shards)} shard{'s' if len(shards) > 1 else ''} "
+                   f"({samples} of 100000 samples) of split train are finished in {out}; run the same "
+                   "command again to resume\n")  # fmt: skip
 
 
 def test_pipe_output_matches_local_output(tmp_path, capsys):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_formats import ade_tree  # tests/ is on sys.path
 
 from data_pipeline.cli import main
 from data_pipeline.config import SyntheticConfig
@@ -43,8 +44,8 @@ def _write(tmp_path: Path, n: int = 6, relabel=None) -> Path:
     return write_shards(source, tmp_path, "train", max_count=4).path
 
 
-def _rewrite_member(manifest_path: Path, shard: int, name: str, data: bytes | None) -> None:
-    """Replace (or drop, ``data=None``) one member and fix the manifest's size and sha256."""
+def _rewrite_member(manifest_path: Path, shard: int, name: str, data: bytes | None, fix_manifest: bool = True) -> None:
+    """Replace (or drop, ``data=None``) one member and (``fix_manifest``) the manifest's size and sha256."""
     manifest = json.loads(manifest_path.read_text())
     info = manifest["shards"][shard]
     path = manifest_path.parent / info["name"]
@@ -58,9 +59,10 @@ def _rewrite_member(manifest_path: Path, shard: int, name: str, data: bytes | No
                 content = data
             member.size = len(content)
             tar.addfile(member, io.BytesIO(content))
-    info["bytes"] = path.stat().st_size
-    info["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    manifest_path.write_text(json.dumps(manifest))
+    if fix_manifest:
+        info["bytes"] = path.stat().st_size
+        info["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        manifest_path.write_text(json.dumps(manifest))
 
 
 def _verify(capsys, path: Path, *extra: str) -> tuple[int, str]:
@@ -102,7 +104,7 @@ def test_verify_reports_out_of_range_labels_per_shard(tmp_path, capsys):
         ("train_00000001.seg.png", None, "sample train_00000001: no .seg.png label"),
         ("train_00000001.png", None, "sample train_00000001: no image (.png/.jpg/.jpeg)"),
         ("train_00000001.json", b"{oops", "sample train_00000001: .json does not parse"),
-        ("train_00000001.png", b"not a png", "sample train_00000001: .png does not decode"),
+        ("train_00000001.png", b"not a png", "sample train_00000001: .png is not a decodable PNG"),
         ("train_00000001.seg.png", "rgb", ".seg.png must be single-channel, got PIL mode RGB"),
         ("train_00000001.png", "gray", ".png must be RGB, got PIL mode L"),
         ("train_00000001.seg.png", "small", "image is 16x16 but label is 8x8 (WxH)"),
@@ -124,6 +126,22 @@ def test_verify_names_the_shard_and_first_problem(tmp_path, capsys, name, data, 
     first = err.splitlines()[0]
     assert code == 1 and first.startswith(f"{tmp_path / 'train-000000.tar'}: ") and message in first
     assert "(1 bad sample" in first
+
+
+def test_verify_names_the_first_bad_sample_and_its_source_file_without_a_bytesio_repr(tmp_path, capsys):
+    ade_tree(tmp_path / "ade")
+    assert main(["shard", "--format", "ade20k", "--root", str(tmp_path / "ade"), "--split", "train",
+                 "--out", str(tmp_path / "out")]) == 0  # fmt: skip
+    path = tmp_path / "out/train-manifest.json"
+    jpeg = b"\xff\xd8 not really a JPEG"  # same length class as before: the tar stays readable
+    _rewrite_member(path, 0, "train_00000001.jpg", jpeg, fix_manifest=False)  # a corrupted copy
+    code, err = _verify(capsys, path)
+    first = err.splitlines()[0]
+    assert code == 1 and "sha256 mismatch" in first and "(1 bad sample, " in first
+    assert first.endswith("; first bad sample train_00000001 (ADE_train_00000002): .jpg is not a decodable JPEG")
+    code, err = _verify(capsys, path, "--all-problems")
+    assert code == 1 and "  also: sample train_00000001 (ADE_train_00000002): .jpg is not a decodable JPEG" in err
+    assert "BytesIO" not in err
 
 
 def test_verify_checks_offsets_counts_and_checksums(tmp_path, capsys):

@@ -94,9 +94,16 @@ def test_sharding_is_deterministic_across_runs_and_workers(tmp_path):
     assert c.shards[0].sha256 != a.shards[0].sha256
 
 
-def test_write_leaves_no_temp_files_and_replaces_stale_shards(tmp_path):
+def test_write_leaves_no_temp_files_and_replaces_stale_shards_only_with_overwrite(tmp_path, capsys):
     assert _shard(tmp_path, 40, 8) == 0  # 5 shards
-    assert _shard(tmp_path, 20, 8) == 0  # 3 shards: the 2 extra ones must go
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    capsys.readouterr()
+    assert _shard(tmp_path, 20, 8) == 2  # a finished dataset is not replaced silently
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path} already holds a finished train dataset" in err
+    assert str(tmp_path / "train-manifest.json") in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert _shard(tmp_path, 20, 8, "--overwrite") == 0  # 3 shards: the 2 extra ones must go
     assert _shard(tmp_path, 10, 8, split="val") == 0  # shares the folder, leaves train alone
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "train-000000.tar",
@@ -107,6 +114,27 @@ def test_write_leaves_no_temp_files_and_replaces_stale_shards(tmp_path):
         "val-000001.tar",
         "val-manifest.json",
     ]
+
+
+def test_shard_files_no_manifest_lists_are_never_deleted(tmp_path, capsys):
+    assert _shard(tmp_path, 20, 8) == 0  # 3 shards
+    stranger = tmp_path / "train-000042.tar"
+    stranger.write_bytes(b"someone else's shard")
+    capsys.readouterr()
+    assert _shard(tmp_path, 20, 8) == 2  # refused before touching anything
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train-manifest.json" in err
+    (tmp_path / "train-manifest.json").unlink()  # now no record lists any of the 4 shard files
+    assert _shard(tmp_path, 20, 8) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'train-000000.tar'} and 3 more: not listed by any train manifest" in err
+    assert err.count("\n") == 1
+    assert _shard(tmp_path, 4, 8, "--overwrite") == 0  # 1 shard; the unlisted old ones stay too
+    assert stranger.read_bytes() == b"someone else's shard"
+    assert "note: left 3 files" in capsys.readouterr().err and (tmp_path / "train-000001.tar").exists()
+    assert _shard(tmp_path, 20, 8, "--overwrite") == 0  # this job's own shards are still replaced
+    assert _shard(tmp_path, 4, 8, "--overwrite") == 0
+    assert sorted(p.name for p in tmp_path.glob("train-*.tar")) == ["train-000000.tar", "train-000042.tar"]
 
 
 def test_failed_write_leaves_complete_shards_only_and_no_manifest(tmp_path):

@@ -6,7 +6,9 @@ values); each segment keeps its id, ``iscrowd``, ``bbox`` and ``area``, with
 original). The semantic map derived from the PNG puts void (id 0) and crowd regions at
 255, as panoptic training does. ``load`` is a small picklable object that re-reads the
 JSON once per process (cached), so ``workers > 1`` does not ship the whole annotation
-file to the pool with every task.
+file to the pool with every task. The JSON decides what is sharded; images it lists
+without an annotation and files in the image or PNG folder it does not name are left out
+with a warning naming them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from data_pipeline.formats.common import (
     read_image,
     require_dir,
     require_file,
+    warn,
 )
 from data_pipeline.formats.paired import limit
 from data_pipeline.shard_writer import Source, decode_panoptic
@@ -39,6 +42,7 @@ class _Annotations:
     contiguous: dict[int, int]  # COCO category id -> class index
     # (image file, panoptic png file, segments_info), sorted by image file name
     samples: list[tuple[str, str, list[dict[str, Any]]]]
+    unannotated: list[str]  # image files the JSON lists without an annotation
 
 
 def _get(item: dict[str, Any], key: str, path: Path, where: str) -> Any:
@@ -72,7 +76,8 @@ def _read_annotations(json_path: str) -> _Annotations:
         samples.append((images[image_id], _get(ann, "file_name", path, "annotation"),
                         _get(ann, "segments_info", path, f"annotation {ann['file_name']}")))  # fmt: skip
     samples.sort(key=lambda s: s[0])
-    return _Annotations(classes, things, contiguous, samples)
+    unannotated = sorted(set(images.values()) - {s[0] for s in samples})
+    return _Annotations(classes, things, contiguous, samples, unannotated)
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,21 @@ class CocoPanopticLoader:
         stray = sorted(set(np.unique(panoptic).tolist()) - known)
         if stray:
             raise FormatError(f"{png_path}: segment ids {stray[:5]} are not in its segments_info")
-        return FormatSample(image, semantic, panoptic, segments, image_bytes=data, image_ext=ext)
+        return FormatSample(image, semantic, panoptic, segments, image_bytes=data, image_ext=ext,
+                            source_name=image_path.stem)
+
+
+def _warn_left_out(json_path: Path, ann: _Annotations, image_dir: Path, png_dir: Path) -> None:
+    """Name what is in the tree but will not be sharded (the JSON is what counts)."""
+    if ann.unannotated:
+        warn(f"{json_path}: left out {len(ann.unannotated)} listed image(s) without a panoptic annotation: "
+             f"{', '.join(ann.unannotated)}")  # fmt: skip
+    for folder, named in ((image_dir, {s[0] for s in ann.samples} | set(ann.unannotated)),
+                          (png_dir, {s[1] for s in ann.samples})):  # fmt: skip
+        extra = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in named)
+        if extra:
+            warn(f"{folder}: left out {len(extra)} file(s) that {json_path.name} does not name: "
+                 f"{', '.join(extra)}")  # fmt: skip
 
 
 def coco_panoptic_source(root: str | os.PathLike[str], split: str, num_samples: int | None = None) -> Source:
@@ -134,6 +153,7 @@ def coco_panoptic_source(root: str | os.PathLike[str], split: str, num_samples: 
     ann = _read_annotations(str(json_path.resolve()))
     if not ann.samples:
         raise FormatError(f"{json_path}: no annotations")
+    _warn_left_out(json_path, ann, image_dir, png_dir)
     count = len(limit(ann.samples, num_samples))
     return Source(
         format="coco_panoptic",

@@ -4,12 +4,15 @@ Every reader returns a ``shard_writer.Source`` whose ``load(index)`` gives a
 :class:`FormatSample`. Bad input raises :class:`FormatError` (a ``ValueError``) with one
 line naming the file and what was expected, which the CLI prints without a traceback.
 JPEG datasets keep their original bytes (``image_bytes``/``image_ext``) so the shard
-writer stores them as is instead of re-encoding them as (much larger) PNGs.
+writer stores them as is instead of re-encoding them as (much larger) PNGs. Files a reader
+leaves out (not images of the dataset's kind) are named in a warning: a dataset must
+never come out smaller than its folder without the user hearing of it.
 """
 
 from __future__ import annotations
 
 import io
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,16 @@ class FormatError(ValueError):
     """A dataset tree that does not have the expected layout or content (one line)."""
 
 
+def warn(message: str) -> None:
+    """One line on stderr: something the user should know but that does not stop the job."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def and_more(names: list[str]) -> str:
+    """``a`` or ``a (and 3 more)``: the first of several files an error is about."""
+    return names[0] + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
+
+
 @dataclass
 class FormatSample:
     """A ``shard_writer.LabeledSample`` plus the image's original encoded bytes."""
@@ -35,6 +48,9 @@ class FormatSample:
     segments: list[dict[str, Any]] = field(default_factory=list)
     image_bytes: bytes | None = None  # original file, written as-is when set
     image_ext: str | None = None  # "jpg" or "png"
+    # Stem of the image file (``ADE_val_00000001``): recorded in the shard as "source" so
+    # errors and ``launcher predict`` name the user's file, not only the sample's position.
+    source_name: str | None = None
 
 
 def require_dir(path: Path, what: str) -> Path:

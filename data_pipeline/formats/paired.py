@@ -6,6 +6,10 @@ files may hold and how stored values map to the values we shard. This module doe
 rest once: pairing, per-sample checks, the optional lookup table and the panoptic
 stand-in (one segment per class). Samples are sorted by image path relative to the
 image folder, so the same tree always gives the same order.
+
+Pairing accounts for every file: image extensions match in any case (``.JPG``), an image
+without its label or a label without its image is an error, and any other file in the
+image folder is named in a warning, never dropped silently.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from data_pipeline.formats.common import (
     IGNORE,
     FormatError,
     FormatSample,
+    and_more,
     check_range,
     read_image,
     read_index_label,
     semantic_segments,
+    warn,
 )
 from data_pipeline.shard_writer import Source
 
@@ -49,35 +55,54 @@ def make_lut(mapping: dict[int, int]) -> tuple[int, ...]:
     return tuple(lut)
 
 
-def pair_files(
-    image_dir: Path,
-    label_dir: Path,
-    image_glob: str,
-    label_name: Callable[[Path], Path],
-    suffixes: tuple[str, ...] | None = None,
-) -> list[tuple[str, str]]:
+@dataclass(frozen=True)
+class Layout:
+    """How one dataset names its files (name endings are matched case-insensitively)."""
+
+    image_endings: tuple[str, ...]  # lower-case ends of image file names, e.g. (".jpg", ".jpeg")
+    label_name: Callable[[Path], Path]  # image path relative to the image folder -> label's
+    label_endings: tuple[str, ...] = (".png",)  # what marks a file in the label folder as a label
+    depth: str = "*"  # glob of the files below each folder ("*/*": one subfolder per city)
+
+
+def _files(folder: Path, depth: str) -> list[Path]:
+    files = (p for p in folder.glob(depth) if p.is_file())
+    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def pair_files(image_dir: Path, label_dir: Path, layout: Layout) -> list[tuple[str, str]]:
     """(image, label) path pairs, sorted by image path relative to ``image_dir``.
 
-    ``label_name`` maps an image path relative to ``image_dir`` to its label path
-    relative to ``label_dir``. An image without its label is an error, not a skip: a
-    silently smaller dataset is worse than a clear message.
+    An image without its label, a label without its image or two images sharing a label
+    is an error, not a skip: a silently smaller dataset is worse than a clear message.
+    Other files in the image folder are left out with a warning naming each of them.
     """
-    images = sorted(
-        (p for p in image_dir.glob(image_glob) if suffixes is None or p.suffix.lower() in suffixes),
-        key=lambda p: p.relative_to(image_dir).as_posix(),
-    )
+    images, skipped = [], []
+    for path in _files(image_dir, layout.depth):
+        (images if path.name.lower().endswith(layout.image_endings) else skipped).append(path)
     if not images:
-        raise FormatError(f"{image_dir}: no images matching {image_glob!r}")
+        raise FormatError(f"{image_dir}: no {'/'.join(layout.image_endings)} images (in any case)")
+    if skipped:
+        names = ", ".join(p.relative_to(image_dir).as_posix() for p in skipped)
+        warn(f"{image_dir}: left out {len(skipped)} file{'s' if len(skipped) > 1 else ''} that are not "
+             f"{'/'.join(layout.image_endings)} images: {names}")  # fmt: skip
     pairs = []
     seen: dict[Path, Path] = {}
     for image in images:
-        label = label_dir / label_name(image.relative_to(image_dir))
+        label = label_dir / layout.label_name(image.relative_to(image_dir))
         if not label.is_file():
             raise FormatError(f"{image}: no label, expected {label}")
         if label in seen:
             raise FormatError(f"{image}: shares its label {label} with {seen[label]}")
         seen[label] = image
         pairs.append((str(image), str(label)))
+    orphans = [str(p) for p in _files(label_dir, layout.depth)
+               if p.name.lower().endswith(layout.label_endings) and p not in seen]  # fmt: skip
+    if orphans:
+        raise FormatError(
+            f"{and_more(orphans)}: label without an image, expected one named after it in {image_dir} "
+            f"({'/'.join(layout.image_endings)})"
+        )
     return pairs
 
 
@@ -90,7 +115,8 @@ def load_pair(pairs: Sequence[tuple[str, str]], spec: LabelSpec, index: int) -> 
     if spec.lut is not None:
         labels = np.asarray(spec.lut, dtype=np.uint8)[labels]
     panoptic, segments = semantic_segments(labels, spec.void)
-    return FormatSample(image, labels, panoptic, segments, image_bytes=data, image_ext=ext)
+    return FormatSample(image, labels, panoptic, segments, image_bytes=data, image_ext=ext,
+                        source_name=image_path.stem)
 
 
 def limit(pairs: list[T], num_samples: int | None) -> list[T]:

@@ -17,8 +17,15 @@ from pathlib import Path
 from PIL import Image
 
 from data_pipeline.formats import class_names
-from data_pipeline.formats.common import IGNORE, FormatError, read_index_label, require_dir, require_file
-from data_pipeline.formats.paired import LabelSpec, make_lut, pair_files, paired_source
+from data_pipeline.formats.common import (
+    IGNORE,
+    FormatError,
+    read_index_label,
+    require_dir,
+    require_file,
+    warn,
+)
+from data_pipeline.formats.paired import LabelSpec, Layout, make_lut, pair_files, paired_source
 from data_pipeline.shard_writer import Source
 
 PathLike = str | os.PathLike[str]
@@ -40,6 +47,9 @@ COCO_STUFF_IDS: dict[int, int] = {
 COCO_STUFF_NUM_VALUES = 182
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# ADE20K and COCO-Stuff ship JPEGs; a PNG (or .JPG) someone converted or renamed is still
+# that image, so it is sharded too (re-encoded losslessly) rather than left out.
+PHOTOS = Layout(IMAGE_SUFFIXES, lambda p: p.with_suffix(".png"))
 
 
 def _split_folder(split: str, aliases: dict[str, str]) -> str:
@@ -52,7 +62,7 @@ def ade20k_source(root: PathLike, split: str, num_samples: int | None = None) ->
     folder = _split_folder(split, {"train": "training", "val": "validation"})
     images = require_dir(base / "images" / folder, f"ADE20K {split} images")
     labels = require_dir(base / "annotations" / folder, f"ADE20K {split} annotations")
-    pairs = pair_files(images, labels, "*.jpg", lambda p: p.with_suffix(".png"))
+    pairs = pair_files(images, labels, PHOTOS)
     options = {"root": str(root), "split_folder": folder, "labels": "0 = other, 1..150 = classes",
                "reduce_zero_label": True}  # fmt: skip
     spec = LabelSpec(num_values=151, void=(0, IGNORE))
@@ -63,10 +73,11 @@ def cityscapes_source(root: PathLike, split: str, num_samples: int | None = None
     """``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` + ``gtFine/...`` labelIds -> train ids."""
     images = require_dir(Path(root) / "leftImg8bit" / split, f"Cityscapes {split} leftImg8bit")
     labels = require_dir(Path(root) / "gtFine" / split, f"Cityscapes {split} gtFine")
-    suffix = "_leftImg8bit.png"
-    pairs = pair_files(
-        images, labels, f"*/*{suffix}", lambda p: p.with_name(p.name[: -len(suffix)] + "_gtFine_labelIds.png")
-    )
+    suffix = "_leftimg8bit.png"
+    # gtFine also holds *_color.png, *_instanceIds.png and polygons: only labelIds are labels here.
+    layout = Layout((suffix,), lambda p: p.with_name(p.name[: -len(suffix)] + "_gtFine_labelIds.png"),
+                    label_endings=("_gtfine_labelids.png",), depth="*/*")  # fmt: skip
+    pairs = pair_files(images, labels, layout)
     options = {"root": str(root), "split_folder": split,
                "labels": "gtFine labelIds mapped to the 19 train ids, others 255",
                "reduce_zero_label": False}  # fmt: skip
@@ -79,7 +90,7 @@ def coco_stuff_source(root: PathLike, split: str, num_samples: int | None = None
     folder = _split_folder(split, {"train": "train2017", "val": "val2017"})
     images = require_dir(Path(root) / "images" / folder, f"COCO-Stuff {split} images")
     labels = require_dir(Path(root) / "stuffthingmaps_trainval2017" / folder, f"COCO-Stuff {split} labels")
-    pairs = pair_files(images, labels, "*.jpg", lambda p: p.with_suffix(".png"))
+    pairs = pair_files(images, labels, PHOTOS)
     options = {"root": str(root), "split_folder": folder,
                "labels": "stuffthingmaps (id - 1) mapped to 171 contiguous classes, unused ids 255",
                "reduce_zero_label": False}  # fmt: skip
@@ -96,10 +107,17 @@ def pascal_context_source(root: PathLike, split: str, num_samples: int | None = 
     stems = sorted({line.strip() for line in listing.read_text().splitlines() if line.strip()})
     if not stems:
         raise FormatError(f"{listing}: empty split list, expected one image stem per line")
+    # JPEGImages holds every VOC image, most of them in no Context split: only the listed
+    # ones matter, found by stem with the extension in any case (.jpg, .JPG, .jpeg, .png).
+    by_stem = {(p.stem, p.suffix.lower()): p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
     pairs = []
     for stem in stems:
-        image, label = images / f"{stem}.jpg", labels / f"{stem}.png"
-        require_file(image, f"image listed in {listing.name}")
+        label = labels / f"{stem}.png"
+        found = [by_stem[stem, ext] for ext in IMAGE_SUFFIXES if (stem, ext) in by_stem]
+        image = found[0] if found else require_file(images / f"{stem}.jpg", f"image listed in {listing.name}")
+        if len(found) > 1:
+            raise FormatError(f"{found[0]}: {listing.name} lists {stem!r}, which {found[1].name} has as "
+                              "its stem too; keep one of them")  # fmt: skip
         if not label.is_file():
             raise FormatError(f"{image}: no label, expected {label}")
         pairs.append((str(image), str(label)))
@@ -130,6 +148,13 @@ def _folder_classes(root: Path, pairs: list[tuple[str, str]]) -> tuple[list[str]
     return [f"class_{i}" for i in range(top + 1)], "inferred (max label + 1)"
 
 
+def _warn_inferred(root: Path, split: str, classes: list[str]) -> None:
+    """Each split infers its own count, and training refuses manifests that disagree."""
+    warn(f"{root / 'classes.txt'} not found: inferred {len(classes)} classes (largest label in the {split} "
+         f"masks + 1); another split may infer a different count, which training refuses - write "
+         "classes.txt (one class name per line, line i = label value i) so every split agrees")  # fmt: skip
+
+
 def folder_source(root: PathLike, split: str, num_samples: int | None = None) -> Source:
     """``ROOT/images/<split>/*.{jpg,jpeg,png}`` + ``ROOT/masks/<split>/<stem>.png`` index masks.
 
@@ -139,8 +164,10 @@ def folder_source(root: PathLike, split: str, num_samples: int | None = None) ->
     base = require_dir(Path(root), "dataset root")
     images = require_dir(base / "images" / split, f"{split} images")
     masks = require_dir(base / "masks" / split, f"{split} masks")
-    pairs = pair_files(images, masks, "*", lambda p: p.with_suffix(".png"), IMAGE_SUFFIXES)
+    pairs = pair_files(images, masks, PHOTOS)
     classes, origin = _folder_classes(base, pairs)
+    if origin.startswith("inferred"):
+        _warn_inferred(base, split, classes)
     options = {"root": str(root), "split_folder": split, "classes_from": origin,
                "labels": "as stored, 255 = ignore", "reduce_zero_label": False}  # fmt: skip
     spec = LabelSpec(num_values=len(classes))

@@ -1,0 +1,83 @@
+"""One shard sample's members as the readers need them: the name of the file it came
+from, how messages name the sample, and image members decoded with plain error text.
+
+Sample keys are positions (``val_00000000``): resume positions and the train stream rely
+on them. The source file's stem (``ADE_val_00000001``) is recorded in the sample's
+``.json`` member as ``"source"`` by the shard writer, so errors and ``launcher predict``'s
+output files can name what the user has on disk. Shards written before that, and the
+synthetic data, have no source; everything then falls back to the key.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+SOURCE_FIELD = "source"  # key in the sample's .json member
+META_EXT = "json"
+# PIL's messages embed the repr of the BytesIO it read from, which means nothing to a user.
+_BYTESIO_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+_KINDS = {"jpg": "JPEG", "jpeg": "JPEG"}
+
+
+def check_source_name(name: Any) -> str | None:
+    """Why ``name`` cannot be a source stem (it becomes a file name in ``predict``), or None."""
+    if not isinstance(name, str) or not name:
+        return f"must be a non-empty string, got {name!r}"
+    if name in (".", "..") or any(c in name for c in "/\\\0"):
+        return f"must be a file name without folders, got {name!r}"
+    return None
+
+
+def sample_source(members: dict[str, Any]) -> str | None:
+    """The source file stem recorded in a raw sample's ``.json`` member, if any and usable.
+
+    Never raises: a sample's name is for messages and output file names, and a missing
+    or odd one must not stop training (``verify`` reports an odd one).
+    """
+    meta = members.get(META_EXT)
+    if not meta:
+        return None
+    try:
+        name = json.loads(meta).get(SOURCE_FIELD)
+    except (ValueError, AttributeError):  # undecodable, not JSON, or not an object
+        return None
+    return name if check_source_name(name) is None else None
+
+
+def sample_label(key: str, source: str | None) -> str:
+    """``val_00000000 (ADE_val_00000001)``, or the key alone when the source is unknown."""
+    return f"{key} ({source})" if source and source != key else key
+
+
+def describe_raw(raw: dict[str, Any]) -> str:
+    """Where a raw loader sample comes from, for a one-line error: shard, key and source."""
+    return f"shard {raw.get('__url__')}: sample {sample_label(str(raw.get('__key__')), sample_source(raw))}"
+
+
+def decode_error(exn: BaseException, ext: str) -> str:
+    """A one-line reason why member ``.ext`` did not decode, without PIL's BytesIO repr."""
+    kind = _KINDS.get(ext.rsplit(".", 1)[-1], ext.rsplit(".", 1)[-1].upper())
+    if isinstance(exn, UnidentifiedImageError):
+        return f".{ext} is not a decodable {kind}"
+    detail = _BYTESIO_REPR.sub("", str(exn)).strip() or type(exn).__name__
+    return f".{ext} does not decode as {kind}: {detail}"
+
+
+class MemberDecodeError(ValueError):
+    """An image member that PIL cannot decode; the message is ``decode_error``'s line."""
+
+
+def open_member(data: bytes, ext: str, load: bool = True) -> Image.Image:
+    """Open (and with ``load``, fully decode: PIL is lazy) the bytes of member ``.ext``."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        if load:
+            image.load()
+        return image
+    except Exception as exn:  # PIL raises many types for bad data
+        raise MemberDecodeError(decode_error(exn, ext)) from exn
