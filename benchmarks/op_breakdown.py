@@ -15,7 +15,10 @@ divided by transformers' plain step is a lower bound on the step-time ratio that
 outside the products can beat. That holds in bf16, where both sides run the same direct
 convolutions; in fp32 segscale's 3×3 convolutions run as Winograd (``ops/winograd_conv.py``:
 batched products plus transforms, fewer FLOPs than transformers' direct ones), so there
-the bound is only indicative.
+the bound is only indicative, and the tile transforms, C kernels called through ctypes
+(``ops/winograd_native.py``), are no ATen ops: their time shows under "Python and the
+timer's own cost". The plain step is the median of the plain steps, the instrumented one
+their mean.
 
     python benchmarks/op_breakdown.py [--precision bf16] [--steps 3] [--warmup 3] [--top 20]
 

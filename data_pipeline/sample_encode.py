@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from typing import Any, Protocol
 
 import numpy as np
@@ -104,9 +105,10 @@ def encode_sample(sample: LabeledSample, key: str) -> dict[str, Any]:
     source_name = getattr(sample, "source_name", None)
     if source_name is not None:
         problem = check_source_name(source_name)
-        if problem is not None:
-            raise ValueError(f"{key}: source_name {problem}")
-        meta[SOURCE_FIELD] = source_name
+        if problem is not None:  # a name for messages and file names: not worth failing the job
+            print(f"warning: sample {key}: its source file name is not recorded: it {problem}", file=sys.stderr)
+        else:
+            meta[SOURCE_FIELD] = source_name
     image_ext, image_bytes = _image_member(sample, key)
     return {
         "__key__": key,

@@ -28,8 +28,10 @@ def check_source_name(name: Any) -> str | None:
     """Why ``name`` cannot be a source stem (it becomes a file name in ``predict``), or None."""
     if not isinstance(name, str) or not name:
         return f"must be a non-empty string, got {name!r}"
-    if name in (".", "..") or any(c in name for c in "/\\\0"):
+    if name in (".", "..") or "/" in name:
         return f"must be a file name without folders, got {name!r}"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):  # would break one-line messages
+        return f"must not contain control characters, got {name!r}"
     return None
 
 

@@ -169,6 +169,11 @@ def plan_folder(
             _note_resume(out, split, plan.shards, recorded, total)
         elif (recorded or replaced) and not overwrite:
             changed = sorted(k for k in fingerprint.keys() | old.keys() if fingerprint.get(k) != old.get(k))
+            if changed == ["layout"]:  # same arguments, but a segscale that wrote other shard bytes
+                raise ShardStateError(
+                    f"{out} holds an interrupted sharding of split {split!r} started by an older segscale "
+                    "(its shards are laid out differently); pass --overwrite to start over"
+                )
             raise ShardStateError(
                 f"{out} holds an interrupted sharding of split {split!r} made with other arguments "
                 f"(differing: {', '.join(changed)}); re-run with the same arguments to resume it, "
@@ -207,6 +212,10 @@ def finish_folder(out: Path, plan: Plan, shards: list[ShardInfo]) -> None:
     for name in plan.replaced:
         if name not in written:
             (out / name).unlink(missing_ok=True)
+    overwritten = [name for name in plan.foreign if name in written]
+    if overwritten:
+        note(f"note: overwrote {plural(len(overwritten), 'file')} in {out} that no manifest or shard state "
+             f"listed (--overwrite): {', '.join(overwritten)}")  # fmt: skip
     left = [name for name in plan.foreign if name not in written]
     if left:
         note(f"note: left {plural(len(left), 'file')} in {out} that no manifest or shard state listed "

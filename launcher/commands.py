@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from data_pipeline.manifest import load_manifest, training_classes
 from launcher.checkpoint import META_FILE, CheckpointError, load_model_weights, read_meta, resolve_checkpoint
 from launcher.config import ConfigError, RunConfig, config_from_dict, default_run_name, load_config
-from launcher.preflight import RAY_JOB_ENV_VAR
+from launcher.preflight import inside_ray_job
 from launcher.typed_config import merge, parse_override
 
 if TYPE_CHECKING:
@@ -21,10 +21,14 @@ if TYPE_CHECKING:
 
 def resume_hint(cfg: RunConfig) -> str:
     """How to resume a run that stopped: the same run name and output folder, through the
-    config the driver saved in the run folder (the run name, absolute paths, every --set)."""
-    run_dir = os.path.join(cfg.train.output_dir, cfg.train.run_name)
-    hint = f"resume it with: python -m launcher train --config {run_dir}/config.yaml"
-    if os.environ.get(RAY_JOB_ENV_VAR):  # this driver is a Ray job's entrypoint
+    config the driver saved in the run folder (the run name, absolute paths, every --set)
+    once it got that far, else through the same command with the run name."""
+    saved = os.path.join(cfg.train.output_dir, cfg.train.run_name, "config.yaml")
+    if os.path.isfile(saved):
+        hint = f"resume it with: python -m launcher train --config {saved}"
+    else:  # stopped before the driver wrote it (or the output folder is remote)
+        hint = f"resume it with the same command and --set train.run_name={cfg.train.run_name}"
+    if inside_ray_job():  # this driver is a Ray job's entrypoint
         hint += (f" (on the head node; from elsewhere, submit the job again with --set "
                  f"train.run_name={cfg.train.run_name} and the same train.output_dir)")
     return hint
@@ -49,9 +53,14 @@ def train_command(config_path: str, overrides: list[str], address: str) -> int:
                   "unreadable samples), then", flush=True)
         print(resume_hint(cfg), flush=True)
         return 1
-    except (KeyboardInterrupt, SystemExit):
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; {resume_hint(cfg)}", flush=True)
+        return 130
+    except SystemExit as exit_:
         # Ray Train's own SIGINT handler aborts the run and then calls sys.exit(0) from
         # inside fit(): without this a Ctrl-C'd run would exit 0, as if it had finished.
+        if exit_.code not in (0, None):
+            raise
         print(f"\ninterrupted; {resume_hint(cfg)}", flush=True)
         return 130
     if outcome.trained:

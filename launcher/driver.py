@@ -59,13 +59,34 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 
 
 def running_local_cluster(temp_dir: str | None = None) -> str:
-    """The address of the head that the last `ray start` on this machine launched (Ray's
-    ``ray_current_cluster`` file in its temp dir, default /tmp/ray), if its GCS server is
-    still running (the file outlives a crashed head); else ""."""
-    from ray._private.services import find_bootstrap_address, find_gcs_addresses
-
+    """The address of the head that this user's last `ray start` on this machine launched
+    (Ray's ``ray_current_cluster`` file in its temp dir, default /tmp/ray, written by this
+    user: on a shared machine another user's head is not ours to join), if its GCS server
+    still runs (the file outlives a crashed head); else ""."""
+    try:  # Ray's own lookup, private API: a Ray that moved it just means no joining
+        from ray._common.utils import get_ray_address_file
+        from ray._private.services import find_bootstrap_address, find_gcs_addresses
+    except ImportError:
+        return ""
+    try:
+        if os.stat(get_ray_address_file(temp_dir)).st_uid != os.getuid():
+            return ""
+    except OSError:
+        return ""
     address = find_bootstrap_address(temp_dir)
     return address if address and address in find_gcs_addresses() else ""
+
+
+def _enable_token_auth_if_available() -> None:
+    """What `ray start` does with RAY_AUTH_MODE unset: token auth on if this machine has a
+    token; Ray's client does the same only for a head it starts itself."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def connect(cfg: RunConfig) -> bool:
@@ -73,23 +94,23 @@ def connect(cfg: RunConfig) -> bool:
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
     if ray.is_initialized():
         return False
-    running = "" if address else running_local_cluster()
-    if running:
+    if address == "local":  # Ray's own word for "a new local instance"
+        address = ""
+        os.environ.pop("RAY_ADDRESS", None)  # not for the instance's processes to inherit
+    elif not address and (running := running_local_cluster()):
         # What plain ray.init() does too: a head the user started here is meant to be used,
         # and a second instance beside it would count the same cores twice.
         print(f"joining the Ray cluster that `ray start` runs on this machine ({running}); pass --address to "
-              "choose another, or `ray stop` it to train in a private instance", flush=True)
-        address = running
-        # That head's `ray start` turned token auth on if this machine has a token (with
-        # RAY_AUTH_MODE unset); Ray's client does the same only for a head it starts itself.
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+              "choose another, --address local for a private instance", flush=True)
+        _enable_token_auth_if_available()
+        try:
+            ray.init(address=running, log_to_driver=True)
+        except ConnectionError as err:
+            raise ConnectionError(f"cannot join the Ray cluster `ray start` runs on this machine at {running} "
+                                  f"({err}); pass --address local for a private instance") from None
+        return False
     if address:
-        if not running:
-            print(f"joining the Ray cluster at {address}", flush=True)
+        print(f"joining the Ray cluster at {address}", flush=True)
         try:
             ray.init(address=address, log_to_driver=True)
         except ConnectionError as err:

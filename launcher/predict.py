@@ -5,9 +5,11 @@ against it (``ground_truth/<name>.png``: after ``data.reduce_zero_label``, ignor
 OUT/ground_truth`` scores the predictions as ``eval`` does, or other tools can.
 
 ``<name>`` is the stem of the sample's source image (``ADE_val_00000001``) as the shards
-record it, so ``labels/`` also matches the dataset's own annotation files by stem
-(``eval-semantic --gt-dir .../annotations/validation``); shards written before sources
-were recorded, and synthetic data, have none and use the sample key (``val_00000000``)."""
+record it, so for datasets whose label files share their image's stem (ADE20K, Pascal
+Context, the folder format) ``labels/`` also pairs with the dataset's own annotations
+(``eval-semantic --gt-dir .../annotations/validation``; not Cityscapes or COCO-Stuff,
+whose label files are named and numbered otherwise). Shards written before sources were
+recorded, and synthetic data, have none and use the sample key (``val_00000000``)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,17 @@ from model.tta import predict_semantic_scores
 
 
 @torch.no_grad()
+def _unused_name(source: str | None, key: str, used: set[str]) -> str:
+    """The file name (without .png) for a sample: its source stem, or its key where it has
+    none or the stem is taken (two source files of one name, in this batch or an earlier
+    one); a prediction must never overwrite another's. Adds the name to ``used``."""
+    name = source if source and source not in used else key
+    while name in used:  # a key that equals an earlier sample's source stem
+        name = f"{name}_"
+    used.add(name)
+    return name
+
+
 def write_predictions(cfg: RunConfig, model: torch.nn.Module, out_dir: str, num: int) -> list[str]:
     """Write ``num`` PNGs [image | prediction | ground truth] of the first validation images
     to ``out_dir``, their predicted label maps to ``out_dir/labels`` and their ground truth
@@ -38,11 +51,7 @@ def write_predictions(cfg: RunConfig, model: torch.nn.Module, out_dir: str, num:
     model.eval()
     for batch in build_eval_loader(cfg.data, 0, 1):
         images = batch["images"]
-        # A source stem seen before (two source files of one name) falls back to the sample key,
-        # which is unique: a prediction must not overwrite another's.
-        names = [key if not source or source in used else source
-                 for source, key in zip(batch["sources"], batch["keys"])]
-        used.update(names)
+        names = [_unused_name(source, key, used) for source, key in zip(batch["sources"], batch["keys"])]
         sizes = batch.get("image_sizes") or [tuple(images.shape[-2:])] * len(images)
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             predictions = predict_semantic_scores(model, images, cfg.model.inference, cfg.model.name,

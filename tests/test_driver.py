@@ -4,6 +4,7 @@ failed workers' own errors behind Ray's wrapper."""
 
 import os
 
+import pytest
 import ray
 
 from launcher import driver
@@ -45,6 +46,10 @@ def test_a_local_instance_polls_its_workers_more_often_and_a_cluster_keeps_its_o
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the head's token mode, as the user set it
     assert driver.connect(cfg) is False
     assert seen[-1] == ({"address": "10.0.0.5:6379", "log_to_driver": True}, None)
+    # ... unless told "local" (Ray's word for a new instance), which its processes must not inherit.
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert driver.connect(cfg) is True
+    assert seen[-1][0]["address"] == "local" and "RAY_ADDRESS" not in os.environ
 
 
 def test_a_stopped_run_says_how_to_resume_it(monkeypatch, capsys, tmp_path):
@@ -60,6 +65,8 @@ def test_a_stopped_run_says_how_to_resume_it(monkeypatch, capsys, tmp_path):
 
     monkeypatch.setattr(driver, "run_training", fail)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    (tmp_path / "r1").mkdir()
+    (tmp_path / "r1" / "config.yaml").write_text("{}\n")  # the driver saved it when the run started
     assert commands.train_command(TINY, sets, "") == 1
     out = capsys.readouterr().out
     assert "`python -m data_pipeline verify` of /d/train-manifest.json and /d/val-manifest.json" in out, out
@@ -74,6 +81,19 @@ def test_a_stopped_run_says_how_to_resume_it(monkeypatch, capsys, tmp_path):
     out = capsys.readouterr().out
     assert f"interrupted; {resume} (on the head node; from elsewhere, submit the job again with --set " \
            "train.run_name=r1 and the same train.output_dir)" in out, out
+
+    # Stopped before the driver saved the run's config: the same command, with the run name.
+    (tmp_path / "r1" / "config.yaml").unlink()
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert commands.train_command(TINY, sets, "") == 130
+    assert "interrupted; resume it with the same command and --set train.run_name=r1" in capsys.readouterr().out
+
+    def other_exit(cfg):
+        raise SystemExit(3)  # not Ray's Ctrl-C handler: not an interruption
+
+    monkeypatch.setattr(driver, "run_training", other_exit)
+    with pytest.raises(SystemExit):
+        commands.train_command(TINY, sets, "")
 
 
 def test_each_failed_workers_own_error_is_found_behind_rays_wrapper():

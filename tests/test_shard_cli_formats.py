@@ -208,6 +208,11 @@ def test_labels_without_images_are_an_error_and_other_files_a_warning(tmp_path, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ADE_train_00000009.png: label without an image, expected one named" in err
     (base / "annotations/training/ADE_train_00000009.png").unlink()
+    # Hidden files (macOS's ._X copies, .DS_Store) are no one's data: neither error nor warning.
+    (base / "annotations/training/._ADE_train_00000009.png").write_bytes(b"\0\5\x16\7")
+    (base / "images/training/.DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    assert shard("ade20k", tmp_path / "data", "train", tmp_path / "out0") == 0
+    assert "warning" not in capsys.readouterr().err
     (base / "images/training/notes.txt").write_text("not an image")
     (base / "images/training/ADE_train_00000003.gif").write_bytes(b"GIF89a")
     assert shard("ade20k", tmp_path / "data", "train", tmp_path / "out") == 0
@@ -246,3 +251,33 @@ def test_coco_panoptic_names_what_its_json_leaves_out(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"warning: {tmp_path / 'coco/val2017'}: left out 1 file(s) that panoptic_val2017.json does not name: " \
            "000000000999.jpg" in err
+
+
+def test_prediction_file_names_never_collide():
+    from launcher.predict import _unused_name
+
+    used: set[str] = set()
+    names = [_unused_name(source, key, used) for source, key in
+             [("x", "val_00000000"), ("x", "val_00000001"), (None, "val_00000002"), ("val_00000001", "val_00000003")]]
+    # A repeated stem falls back to the key, in one batch or across batches; a stem that
+    # equals a key already used is made unique too.
+    assert names == ["x", "val_00000001", "val_00000002", "val_00000003"]
+    assert _unused_name("val_00000003", "val_00000003", used) == "val_00000003_"
+    assert len(used) == 5
+
+
+def test_a_source_name_that_is_no_file_name_is_left_out_with_a_warning(capsys):
+    from data_pipeline.sample_encode import encode_sample
+    from data_pipeline.sample_members import sample_source
+
+    class Sample:
+        image = np.zeros((4, 4, 3), np.uint8)
+        semantic = np.zeros((4, 4), np.uint8)
+        panoptic = np.zeros((4, 4), np.int32)
+        segments: list = []
+        source_name = "two\nlines"
+
+    assert sample_source(encode_sample(Sample(), "train_00000000")) is None
+    assert "warning: sample train_00000000: its source file name is not recorded" in capsys.readouterr().err
+    Sample.source_name = "back\\slash"  # a valid Linux file name
+    assert sample_source(encode_sample(Sample(), "train_00000001")) == "back\\slash"

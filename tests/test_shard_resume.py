@@ -98,6 +98,13 @@ def test_rerun_with_other_arguments_is_refused_unless_overwrite(tmp_path, capsys
         write_shards(replace(_source(), load=_Crashy(_source(), 5)), out, "train", max_count=PER_SHARD)
     with pytest.raises(ShardStateError, match=r"differing: max_count, num_samples\).*--overwrite"):
         write_shards(_source(8), out, "train", max_count=2)
+    # Same arguments, but the state was written by a segscale that laid shards out otherwise.
+    state_path = out / "train-shard-state.json"
+    state = json.loads(state_path.read_text())
+    state["fingerprint"]["layout"] -= 1
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(ShardStateError, match=r"started by an older segscale .*pass --overwrite to start over"):
+        write_shards(_source(), out, "train", max_count=PER_SHARD)
     argv = ["shard", "--format", "synthetic", "--split", "train", "--out", str(out), "--num-samples", "8"]
     argv += ["--image-size", "16", "--max-count", str(PER_SHARD)]
     assert main(argv) == 2

@@ -133,7 +133,7 @@ def test_verify_names_the_first_bad_sample_and_its_source_file_without_a_bytesio
     assert main(["shard", "--format", "ade20k", "--root", str(tmp_path / "ade"), "--split", "train",
                  "--out", str(tmp_path / "out")]) == 0  # fmt: skip
     path = tmp_path / "out/train-manifest.json"
-    jpeg = b"\xff\xd8 not really a JPEG"  # same length class as before: the tar stays readable
+    jpeg = b"\xff\xd8 not really a JPEG"  # _rewrite_member rebuilds the tar around it
     _rewrite_member(path, 0, "train_00000001.jpg", jpeg, fix_manifest=False)  # a corrupted copy
     code, err = _verify(capsys, path)
     first = err.splitlines()[0]

@@ -131,7 +131,9 @@ def test_shard_files_no_manifest_lists_are_never_deleted(tmp_path, capsys):
     assert err.count("\n") == 1
     assert _shard(tmp_path, 4, 8, "--overwrite") == 0  # 1 shard; the unlisted old ones stay too
     assert stranger.read_bytes() == b"someone else's shard"
-    assert "note: left 3 files" in capsys.readouterr().err and (tmp_path / "train-000001.tar").exists()
+    err = capsys.readouterr().err
+    assert "note: left 3 files" in err and (tmp_path / "train-000001.tar").exists()
+    assert "listed (--overwrite): train-000000.tar\n" in err, err
     assert _shard(tmp_path, 20, 8, "--overwrite") == 0  # this job's own shards are still replaced
     assert _shard(tmp_path, 4, 8, "--overwrite") == 0
     assert sorted(p.name for p in tmp_path.glob("train-*.tar")) == ["train-000000.tar", "train-000042.tar"]

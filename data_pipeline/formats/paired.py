@@ -66,7 +66,8 @@ class Layout:
 
 
 def _files(folder: Path, depth: str) -> list[Path]:
-    files = (p for p in folder.glob(depth) if p.is_file())
+    # Hidden files are no one's data: macOS leaves ._X.png and .DS_Store beside copied files.
+    files = (p for p in folder.glob(depth) if p.is_file() and not p.name.startswith("."))
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
 
@@ -84,8 +85,8 @@ def pair_files(image_dir: Path, label_dir: Path, layout: Layout) -> list[tuple[s
         raise FormatError(f"{image_dir}: no {'/'.join(layout.image_endings)} images (in any case)")
     if skipped:
         names = ", ".join(p.relative_to(image_dir).as_posix() for p in skipped)
-        warn(f"{image_dir}: left out {len(skipped)} file{'s' if len(skipped) > 1 else ''} that are not "
-             f"{'/'.join(layout.image_endings)} images: {names}")  # fmt: skip
+        warn(f"{image_dir}: left out {len(skipped)} file{'s' if len(skipped) > 1 else ''} that "
+             f"{'are' if len(skipped) > 1 else 'is'} not {'/'.join(layout.image_endings)} images: {names}")  # fmt: skip
     pairs = []
     seen: dict[Path, Path] = {}
     for image in images:
