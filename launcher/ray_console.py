@@ -25,8 +25,10 @@ def drop_report_lines_from_console() -> None:
     """In a Ray Train worker, after Ray configured its loggers: the console handlers of
     the root and ``ray.train`` loggers (where Ray Train's worker logs go) drop the
     report lines. Idempotent."""
-    from ray._private.log import PlainRayHandler  # Ray's console handler class
-
+    try:
+        from ray._private.log import PlainRayHandler  # Ray's console handler class (private)
+    except ImportError:  # a Ray that moved it: its lines stay, training goes on
+        return
     for logger in (logging.getLogger(), logging.getLogger("ray.train")):
         for handler in logger.handlers:
             if isinstance(handler, PlainRayHandler) and not any(isinstance(f, _DropReportLines)
