@@ -170,7 +170,6 @@ class SegmentationStream(IterableDataset):
                 "plan": plan_sample(*semantic.shape, cfg.crop_size, cfg.augment, generator, cfg.ignore_index,
                                     cfg.reduce_zero_label),
                 "key": raw["__key__"],
-                "source": sample_source(raw),  # the source file's stem, None for older shards
                 # Where the consumer's stream stands after this sample (bad samples count:
                 # resuming from here replays none of them) and how many it skipped so far.
                 "stream": (worker, index + 1, skipped),

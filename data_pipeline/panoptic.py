@@ -26,8 +26,8 @@ from PIL import Image
 
 from data_pipeline.loader_io import ShardReadError, ShardRef, read_shard
 from data_pipeline.manifest import Manifest, training_classes
+from data_pipeline.sample_encode import META_EXT, PANOPTIC_EXT, decode_panoptic, encode_panoptic
 from data_pipeline.sample_members import describe_raw
-from data_pipeline.shard_writer import META_EXT, PANOPTIC_EXT, decode_panoptic, encode_panoptic
 
 
 def panoptic_categories(manifest: Manifest, reduce_zero_label: bool) -> list[dict[str, Any]]:
@@ -69,28 +69,27 @@ def decode_panoptic_members(
 
     ``shape`` is the sample's image size (checked when given); errors are ``ShardReadError`` naming shard and key.
     """
-    where = describe_raw(raw)
     if PANOPTIC_EXT not in raw or META_EXT not in raw:
         members = sorted(k for k in raw if not k.startswith("__"))
         raise ShardReadError(
-            f"{where}: data.task=panoptic needs .{PANOPTIC_EXT} and .{META_EXT}, has {members}"
+            f"{describe_raw(raw)}: data.task=panoptic needs .{PANOPTIC_EXT} and .{META_EXT}, has {members}"
         )
     try:
         with Image.open(io.BytesIO(raw[PANOPTIC_EXT])) as image:
             rgb = np.asarray(image.convert("RGB"))
         segments = json.loads(raw[META_EXT])["segments_info"]
     except Exception as exn:
-        raise ShardReadError(f"{where}: cannot decode the panoptic members: {exn}") from exn
+        raise ShardReadError(f"{describe_raw(raw)}: cannot decode the panoptic members: {exn}") from exn
     if shape is not None and rgb.shape[:2] != tuple(shape):
         raise ShardReadError(
-            f"{where}: .{PANOPTIC_EXT} is {rgb.shape[:2]} but the image is {tuple(shape)} (H x W)"
+            f"{describe_raw(raw)}: .{PANOPTIC_EXT} is {rgb.shape[:2]} but the image is {tuple(shape)} (H x W)"
         )
     ids = decode_panoptic(rgb).astype(np.int32)
     kept, void = training_segments(segments, reduce_zero_label, ignore_index)
     if num_classes is not None:
         bad = [s for s in kept if not 0 <= s["category_id"] < num_classes]
         if bad:
-            raise ShardReadError(f"{where}: segment {bad[0]['id']} has class {bad[0]['category_id']} "
+            raise ShardReadError(f"{describe_raw(raw)}: segment {bad[0]['id']} has class {bad[0]['category_id']} "
                                  f"outside 0..{num_classes - 1}")  # fmt: skip
     if void:
         ids[np.isin(ids, void)] = 0

@@ -54,6 +54,7 @@ def note(message: str) -> None:
 
 
 def plural(count: int, word: str) -> str:
+    """``"1 shard"``, ``"2 shards"`` (``launcher.progress`` uses this one too)."""
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 

@@ -72,12 +72,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from data_pipeline.manifest import Manifest, ShardInfo, write_manifest
-from data_pipeline.sample_encode import (  # noqa: F401  (re-exported: the names callers import from here)
-    IMAGE_EXT,
-    JPEG_EXT,
-    META_EXT,
-    PANOPTIC_EXT,
-    SEMANTIC_EXT,
+from data_pipeline.sample_encode import (  # noqa: F401  (decode/encode_panoptic: re-exported for callers)
     LabeledSample,
     decode_panoptic,
     encode_panoptic,

@@ -53,13 +53,10 @@ def train_command(config_path: str, overrides: list[str], address: str) -> int:
                   "unreadable samples), then", flush=True)
         print(resume_hint(cfg), flush=True)
         return 1
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; {resume_hint(cfg)}", flush=True)
-        return 130
-    except SystemExit as exit_:
+    except (KeyboardInterrupt, SystemExit) as stop:
         # Ray Train's own SIGINT handler aborts the run and then calls sys.exit(0) from
         # inside fit(): without this a Ctrl-C'd run would exit 0, as if it had finished.
-        if exit_.code not in (0, None):
+        if isinstance(stop, SystemExit) and stop.code not in (0, None):
             raise
         print(f"\ninterrupted; {resume_hint(cfg)}", flush=True)
         return 130

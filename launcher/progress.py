@@ -6,10 +6,7 @@ import datetime
 import json
 import time
 
-
-def plural(count: int, noun: str) -> str:
-    """``"1 worker"``, ``"2 workers"``."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
+from data_pipeline.shard_state import plural  # noqa: F401  (one definition for both packages)
 
 
 def format_duration(seconds: float) -> str:

@@ -225,8 +225,17 @@ def train_worker(loop_config: dict) -> None:
     val_results: dict = {}
     val_step = -1
 
+    bn_shared_at = -1  # the step whose BatchNorm statistics are already averaged
+
+    def share_statistics(at_step: int) -> None:
+        # Validation and a save at the same step need one averaging, not two.
+        nonlocal bn_shared_at
+        if bn_shared_at != at_step:
+            share_batchnorm_statistics(engine.module, world_size)
+            bn_shared_at = at_step
+
     def validate(at_step: int) -> dict:
-        share_batchnorm_statistics(engine.module, world_size)
+        share_statistics(at_step)
         if cfg.data.task == "panoptic":  # PQ over each rank's slice, summed over ranks
             results = panoptic_validation(cfg, engine.module, rank, world_size, eval_dtype, engine.device)
             logger.print(f"step {at_step}: validation {summary_line(results)}")
@@ -243,7 +252,7 @@ def train_worker(loop_config: dict) -> None:
 
     def checkpoint_and_report(step: int, extra_metrics: dict) -> None:
         nonlocal last_saved
-        share_batchnorm_statistics(engine.module, world_size)
+        share_statistics(step)
         started = time.perf_counter()
         with staging_directory(run_dir, rank) as tmp:
             size = save_checkpoint(engine, tmp, step=step, rank=rank, world_size=world_size, config=config_dict,
