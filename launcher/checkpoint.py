@@ -21,6 +21,7 @@ import glob
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from launcher.progress import plural
 from launcher.rng import save_rng_state
 from ops.atomic_file import write_json_atomic
 
@@ -245,27 +247,51 @@ def newest_verified_checkpoint(candidates) -> str | None:
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A checkpoint folder as given, or a run folder's latest verified checkpoint."""
+    """A checkpoint folder as given, or a run folder's latest verified checkpoint; where
+    there is none, the error says why (a file given for a folder, a checkpoint whose
+    metadata rank 0 never wrote, a run folder whose newest checkpoint fails verification)."""
+    if os.path.isfile(path):
+        raise CheckpointError(f"{path}: is a file; expected a checkpoint folder (checkpoint_*/, with {META_FILE}) "
+                              "or a run folder")
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such checkpoint or run folder")
     if os.path.exists(os.path.join(path, META_FILE)):
         return path
+    if os.path.isdir(os.path.join(path, DEEPSPEED_DIR)) or glob.glob(os.path.join(path, "files_rank_*.json")):
+        raise CheckpointError(f"{path}: incomplete checkpoint, {META_FILE} is missing (rank 0 never finished "
+                              "saving it); use an earlier checkpoint of the run")
     latest = find_latest_checkpoint(path)
-    if latest is None:
-        raise CheckpointError(f"{path}: no verified checkpoint in this run folder")
-    return latest
+    if latest is not None:
+        return latest
+    folders = sorted(d for d in glob.glob(os.path.join(path, "checkpoint_*")) if os.path.isdir(d))
+    if not folders:
+        raise CheckpointError(f"{path}: neither a checkpoint folder ({META_FILE} missing) nor a run folder "
+                              "(no checkpoint_* folders in it)")
+    try:  # names sort by time: the newest one's problem is the likely question
+        verify_checkpoint(folders[-1])
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: no verified checkpoint in this run folder (of "
+                              f"{plural(len(folders), 'checkpoint folder')}, the newest: {err})") from None
+    raise CheckpointError(f"{path}: no verified checkpoint in this run folder")
 
 
 def load_model_weights(directory: str) -> dict[str, torch.Tensor]:
-    """Consolidated fp32 weights of the model in a verified checkpoint (any ZeRO stage)."""
+    """Consolidated fp32 weights of the model in a verified checkpoint (any ZeRO stage).
+    A weights file of the listed size whose bytes are damaged is a CheckpointError."""
     meta = verify_checkpoint(directory)
     ds_dir = os.path.join(directory, DEEPSPEED_DIR)
-    if meta.zero_stage < 3:
-        # Below ZeRO-3 rank 0's model-states file holds the whole module (fp32 under
-        # torch_autocast), which is far cheaper than merging optimizer partitions.
-        path = os.path.join(ds_dir, DEEPSPEED_TAG, "mp_rank_00_model_states.pt")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    try:
+        if meta.zero_stage < 3:
+            # Below ZeRO-3 rank 0's model-states file holds the whole module (fp32 under
+            # torch_autocast), which is far cheaper than merging optimizer partitions.
+            path = os.path.join(ds_dir, DEEPSPEED_TAG, "mp_rank_00_model_states.pt")
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=DEEPSPEED_TAG)
+        return get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=DEEPSPEED_TAG)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError, ValueError) as err:
+        # torch's messages run on for several sentences: the first names the problem.
+        reason = str(err).strip().split(". ")[0] or type(err).__name__
+        raise CheckpointError(f"{directory}: cannot read the model weights under {DEEPSPEED_DIR}/ ({reason}); "
+                              "the checkpoint is damaged, use another one") from None

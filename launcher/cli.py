@@ -18,6 +18,8 @@ code 2; a failed training run ends with exit code 1.
 from __future__ import annotations
 
 import argparse
+import difflib
+import glob
 import os
 import sys
 
@@ -112,8 +114,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_not_found(path: str) -> str:
+    """``--config PATH: no such file`` with the presets closest to what was typed."""
+    presets = sorted(glob.glob(os.path.join(os.path.dirname(DEMO_CONFIG), "*.yaml")))
+    names = {os.path.splitext(os.path.basename(p))[0]: p for p in presets}
+    stem = os.path.splitext(os.path.basename(path))[0]
+    close = difflib.get_close_matches(stem, list(names), n=3, cutoff=0.6)
+
+    def shown(p: str) -> str:  # relative where that is shorter (run from the checkout)
+        return min(os.path.relpath(p), p, key=len)
+
+    hint = (f"did you mean {' or '.join(shown(names[c]) for c in close)}?" if close
+            else f"presets are in {shown(os.path.dirname(DEMO_CONFIG))}/")
+    return f"--config {path}: config file not found ({hint})"
+
+
+def check_arguments(args: argparse.Namespace) -> str | None:
+    """What is wrong with the paths and numbers given, before any model or data is loaded
+    (an evaluation that runs for an hour must not fail at its last step on its --json)."""
+    config = getattr(args, "config", None)
+    if config and not os.path.exists(config):  # a folder or unreadable file: load_config says so
+        return _config_not_found(config)
+    # predict's --out is a folder; export's and every --json are files.
+    files = {"json": "results.json", **({"out": "model.safetensors"} if args.command == "export" else {})}
+    for flag, example in files.items():
+        path = getattr(args, flag, "")
+        if path and (os.path.isdir(path) or path.endswith(os.sep)):
+            return f"--{flag} {path} is a folder; give a file name (e.g. {os.path.join(path, example)})"
+    if getattr(args, "num", 0) < 0:
+        return f"--num {args.num}: expected a number of images >= 0"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problem = check_arguments(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     setup_process_environment()
     # Imported late so `--help` and argument errors are instant.
     from data_pipeline.loader import ShardReadError

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import TYPE_CHECKING
 
@@ -10,7 +9,9 @@ from data_pipeline.manifest import load_manifest, training_classes
 from launcher.checkpoint import META_FILE, CheckpointError, load_model_weights, read_meta, resolve_checkpoint
 from launcher.config import ConfigError, RunConfig, config_from_dict, default_run_name, load_config
 from launcher.preflight import inside_ray_job
-from launcher.typed_config import merge, parse_override
+from launcher.progress import plural
+from launcher.typed_config import merge, parse_override, to_dict
+from ops.atomic_file import write_json_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -67,6 +68,45 @@ def train_command(config_path: str, overrides: list[str], address: str) -> int:
     return 0
 
 
+def _flatten(data: dict, prefix: str) -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _model_differences(trained: dict, used: dict, limit: int = 4) -> str:
+    """``model.x=1 (checkpoint: 2), ...``: the model keys where ``used`` departs from the
+    config the checkpoint was trained with."""
+    before, after = _flatten(trained, "model."), _flatten(used, "model.")
+    changed = [f"{k}={after[k]!r} (checkpoint: {before[k]!r})" for k in after if k in before and before[k] != after[k]]
+    return ", ".join(changed[:limit]) + (f" and {len(changed) - limit} more" if len(changed) > limit else "")
+
+
+def load_weights_into(model: torch.nn.Module, directory: str, cfg: RunConfig, config_source: str) -> None:
+    """The checkpoint's weights into ``model``, or one line saying why they do not fit:
+    the first parameter that differs and the model settings behind it."""
+    state = load_model_weights(directory)
+    own = model.state_dict()
+    shapes = [f"{k} is {list(v.shape)} in the checkpoint, {list(own[k].shape)} here"
+              for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if shapes or missing or unexpected:
+        first = shapes[0] if shapes else (f"{missing[0]} is not in the checkpoint" if missing
+                                          else f"the checkpoint's {unexpected[0]} is not in the model")
+        count = len(shapes) + len(missing) + len(unexpected)
+        differences = _model_differences(read_meta(directory).config.get("model", {}), to_dict(cfg.model))
+        settings = f"; settings unlike the checkpoint's: {differences}" if differences else ""
+        raise CheckpointError(f"{directory}: weights do not fit the model of {config_source} ({first}; "
+                              f"{plural(count, 'mismatched tensor')}){settings}; without --config and --set model.* "
+                              "the config the checkpoint was trained with is used")
+    model.load_state_dict(state, strict=True)
+
+
 def load_for_inference(config_path: str, overrides: list[str], checkpoint: str) -> tuple[RunConfig, torch.nn.Module, str]:
     """The run config, the model with the checkpoint's weights, and the checkpoint folder.
 
@@ -96,10 +136,9 @@ def load_for_inference(config_path: str, overrides: list[str], checkpoint: str) 
     from model.build import build_model
 
     model = build_model(cfg.model)
-    missing, unexpected = model.load_state_dict(load_model_weights(directory), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{directory}: weights do not fit model.{cfg.model.name} "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    source = config_path or ("the checkpoint's config with " + " ".join(f"--set {o}" for o in overrides)
+                             if overrides else "the checkpoint's own config")
+    load_weights_into(model, directory, cfg, source)
     model.eval()
     return cfg, model, directory
 
@@ -118,8 +157,7 @@ def eval_command(config_path: str, overrides: list[str], checkpoint: str, json_p
     print(f"mIoU {results['miou']:.4f} | pixel accuracy {results['pixel_accuracy']:.4f} | "
           f"mean accuracy {results['mean_accuracy']:.4f} | {results['pixels']} pixels")
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"checkpoint": directory, **results}, f, indent=2)
+        write_json_atomic(json_path, {"checkpoint": directory, "classes": classes, **results})
     return 0
 
 
@@ -155,6 +193,5 @@ def _panoptic_eval(cfg: RunConfig, model: torch.nn.Module, directory: str, json_
     print(format_table(results))
     print(summary_line(results))
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"checkpoint": directory, **results}, f, indent=2)
+        write_json_atomic(json_path, {"checkpoint": directory, **results})
     return 0

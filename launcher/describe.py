@@ -402,7 +402,8 @@ def describe_model(cfg: RunConfig, masks_per_image: int = MASKS_PER_IMAGE) -> di
         zero_stage=cfg.train.zero_stage,
         num_workers=cfg.cluster.num_workers,
         precision=cfg.train.precision,
-        masks_per_image=masks_per_image,
+        # Per-pixel models (UN-EPT) have no mask losses: the count does not enter theirs.
+        masks_per_image=masks_per_image if "pred_masks" in outputs or "mask_features" in outputs else None,
     )
     return {"model": cfg.model.name, "backbone": cfg.model.backbone.name, "num_classes": cfg.model.num_classes,
             **counts, "memory": memory}
@@ -440,7 +441,8 @@ def format_description(desc: dict) -> str:
         + ("measured: largest checkpointed segment, rebuilt in backward" if m["recompute"]
            else "none (no activation checkpointing)"),
         f"  loss              {_gib(m['loss_activations'])}  estimate: measured at two small sizes, "
-        f"extrapolated; assumes {m['masks_per_image']} masks per image",
+        + (f"extrapolated; assumes {m['masks_per_image']} masks per image" if m["masks_per_image"]
+           else "extrapolated; per-pixel losses"),
         f"  total             {_gib(m['total'])}  estimate; excludes backward temporaries, fragmentation, "
         "CUDA context, DeepSpeed buckets",
     ]

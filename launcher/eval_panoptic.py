@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from launcher.panoptic_quality import PanopticAccumulator, PanopticFormatError, format_table, rgb_to_id
+from ops.atomic_file import write_json_atomic
 
 # (ground-truth PNG, its segments, prediction PNG, its segments, image id)
 Pair = tuple[str, list, str, list, object]
@@ -201,6 +202,5 @@ def eval_panoptic_command(
     print(f"{results['images']} images ({pred_json} vs {gt_json})")
     print(format_table(results))
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"gt_json": gt_json, "pred_json": pred_json, **results}, f, indent=2)
+        write_json_atomic(json_path, {"gt_json": gt_json, "pred_json": pred_json, **results})
     return 0

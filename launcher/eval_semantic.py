@@ -16,7 +16,6 @@ all images go into one confusion matrix, so the mIoU is the dataset-level number
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from data_pipeline.loader import reduce_zero_label as reduce_zero
 from launcher.evaluate import ConfusionMatrix
+from ops.atomic_file import write_json_atomic
 
 INDEX_MODES = ("L", "P", "I", "I;16")
 
@@ -36,6 +36,10 @@ def find_label_maps(folder: str, what: str) -> dict[str, Path]:
     root = Path(folder)
     if not root.is_dir():
         raise ValueError(f"{what} folder {folder} does not exist or is not a folder")
+    if (root / "labels").is_dir() and (root / "ground_truth").is_dir():
+        # `launcher predict`'s output folder: its overlays, labels/ and ground_truth/ share stems.
+        raise ValueError(f"{what} folder {folder} is a `launcher predict` output folder; pass "
+                         f"--pred-dir {root / 'labels'} (and --gt-dir {root / 'ground_truth'})")
     found: dict[str, Path] = {}
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() == ".png" and p.is_file()):
         if path.stem in found:
@@ -71,14 +75,18 @@ def score_pair(matrix: ConfusionMatrix, pred_path: Path, gt_path: Path, reduce_z
         target_t = reduce_zero(target_t, ignore)
     bad = (target_t != ignore) & ((target_t < 0) | (target_t >= k))
     if bad.any():
-        after = " after reduce_zero_label" if reduce_zero_label else ""
-        raise ValueError(f"{gt_path}: ground-truth label {int(target_t[bad][0])}{after} is outside [0, {k}) "
-                         f"and not the ignore index {ignore}")
+        label = int(target_t[bad].max())
+        after = " after --reduce-zero-label" if reduce_zero_label else ""
+        zero = (", or do its labels run 1..K with 0 = other (ADE20K) and need --reduce-zero-label"
+                if label == k and not reduce_zero_label else "")
+        hint = f" (is --num-classes {k} too small{zero}?)"
+        raise ValueError(f"{gt_path}: ground-truth label {label}{after} is outside [0, {k}) "
+                         f"and not the ignore index {ignore}{hint}")
     prediction_t = torch.from_numpy(prediction)
     bad = (target_t != ignore) & ((prediction_t < 0) | (prediction_t >= k))
     if bad.any():
         raise ValueError(f"{pred_path}: predicted label {int(prediction_t[bad][0])} at a labelled pixel is "
-                         f"outside [0, {k})")
+                         f"outside [0, {k}) (is --num-classes {k} too small?)")
     # Values at ignored pixels are dropped by the matrix; zero them so none is out of range.
     matrix.update(prediction_t.masked_fill(target_t == ignore, 0), target_t)
 
@@ -125,7 +133,6 @@ def eval_semantic_command(pred_dir: str, gt_dir: str, num_classes: int, ignore_i
     print(f"mIoU {results['miou']:.4f} | pixel accuracy {results['pixel_accuracy']:.4f} | "
           f"mean accuracy {results['mean_accuracy']:.4f}")
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"pred_dir": pred_dir, "gt_dir": gt_dir, "reduce_zero_label": reduce_zero_label, **results},
-                      f, indent=2)
+        write_json_atomic(json_path, {"pred_dir": pred_dir, "gt_dir": gt_dir, "reduce_zero_label": reduce_zero_label,
+                                      **results})
     return 0

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 from data_pipeline.loader import build_eval_loader
+from data_pipeline.manifest import load_manifest
 from launcher.config import RunConfig
 from launcher.deepspeed_config import autocast_dtype
 from model.config import InferenceConfig
@@ -136,10 +139,25 @@ def evaluate(model: nn.Module, batches: Iterable[dict], num_classes: int, ignore
     return matrix
 
 
+def with_progress(batches: Iterable[dict], total: int, desc: str) -> Iterator[dict]:
+    """``batches`` with a progress bar of images on a terminal (stderr), for the
+    single-process commands: an ADE20K validation takes many minutes on a CPU."""
+    with tqdm(total=total, desc=desc, unit="image", disable=not sys.stderr.isatty(), file=sys.stderr) as bar:
+        for batch in batches:
+            yield batch
+            bar.update(len(batch["images"]))
+
+
+def validation_batches(cfg: RunConfig, desc: str, limit: int | None = None) -> Iterator[dict]:
+    """The whole validation set in one process, with progress (up to ``limit`` images)."""
+    total = load_manifest(cfg.data.val_manifest).num_samples
+    return with_progress(build_eval_loader(cfg.data, 0, 1), total if limit is None else min(total, limit), desc)
+
+
 def evaluate_on_validation(cfg: RunConfig, model: nn.Module) -> dict:
     """Single-process evaluation of ``model`` on ``data.val_manifest`` (eval, demo)."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    matrix = evaluate(model, build_eval_loader(cfg.data, 0, 1), cfg.model.num_classes, cfg.data.ignore_index,
+    matrix = evaluate(model, validation_batches(cfg, "eval"), cfg.model.num_classes, cfg.data.ignore_index,
                       autocast_dtype=autocast_dtype(cfg.train), inference=cfg.model.inference,
                       rule=cfg.model.name)
     return matrix.results()

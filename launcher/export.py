@@ -33,15 +33,22 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def export_weights(checkpoint: str, out: str) -> tuple[str, int, int]:
     """Write the weights of ``checkpoint`` (a checkpoint or run folder) to ``out``;
     returns (checkpoint folder, tensors, parameters)."""
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out} is a folder; give a file name, e.g. {os.path.join(out, 'model.safetensors')}")
     directory = resolve_checkpoint(checkpoint)
     meta = read_meta(directory)
     state = _unshared(load_model_weights(directory))
     metadata = {"format": "pt", "segscale_step": str(meta.step), "segscale_config": json.dumps(meta.config)}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     partial = f"{out}.partial"
-    save_file(state, partial, metadata=metadata)
-    os.chmod(partial, PUBLISHED_FILE_MODE)  # safetensors creates it 0600: readable by its writer only
-    os.replace(partial, out)  # a reader never sees a half-written file
+    try:
+        save_file(state, partial, metadata=metadata)
+        os.chmod(partial, PUBLISHED_FILE_MODE)  # safetensors creates it 0600: readable by its writer only
+        os.replace(partial, out)  # a reader never sees a half-written file
+    except BaseException:  # a full disk or Ctrl-C: leave no stray .partial beside the output
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
     return directory, len(state), sum(t.numel() for t in state.values())
 
 

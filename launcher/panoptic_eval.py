@@ -30,7 +30,7 @@ from data_pipeline.manifest import load_manifest
 from data_pipeline.panoptic import panoptic_categories
 from launcher.config import RunConfig
 from launcher.deepspeed_config import autocast_dtype
-from launcher.evaluate import in_lockstep
+from launcher.evaluate import in_lockstep, validation_batches
 from launcher.panoptic_export import panoptic_overlay_panel, write_coco_panoptic, write_panoptic_json
 from launcher.panoptic_quality import PanopticAccumulator
 from model.config import InferenceConfig, ModelConfig
@@ -141,9 +141,11 @@ def panoptic_validation(cfg: RunConfig, model: nn.Module, rank: int = 0, world_s
 
 
 def evaluate_panoptic_on_validation(cfg: RunConfig, model: nn.Module) -> dict:
-    """Single-process panoptic evaluation (``launcher eval``)."""
+    """Single-process panoptic evaluation (``launcher eval``), with progress."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    return panoptic_validation(cfg, model, dtype=autocast_dtype(cfg.train))
+    accumulator = evaluate_panoptic_model(model, validation_batches(cfg, "eval"), _categories(cfg), cfg.model,
+                                          autocast_dtype(cfg.train))  # fmt: skip
+    return accumulator.results()
 
 
 def summary_line(results: dict) -> str:
@@ -169,7 +171,7 @@ def write_panoptic_predictions(
     os.makedirs(overlay_dir, exist_ok=True)
     annotations, overlays = [], 0
     model.eval()
-    for batch in build_eval_loader(cfg.data, 0, 1):
+    for batch in validation_batches(cfg, "predict"):
         with _autocast(device, dtype):
             predictions = predict_panoptic(model, batch["images"], batch["image_sizes"], cfg.model, is_thing)
         for b, (ids, segments) in enumerate(predictions):

@@ -207,6 +207,8 @@ def test_models_with_other_outputs_are_described(preset, capsys):
     out = capsys.readouterr().out
     loss = re.search(r"^  loss +([\d.]+) GiB", out, re.M)
     assert loss is not None and float(loss.group(1)) > 0, out
+    # UN-EPT classifies pixels: no mask count enters its loss, and none is claimed.
+    assert ("masks per image" in out) == ("unept" not in preset), out
 
 
 def test_bf16_activations_leave_out_the_weight_copies_the_train_loop_recasts():

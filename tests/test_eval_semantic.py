@@ -109,3 +109,26 @@ def test_empty_or_missing_folders_and_bad_arguments(folders, tmp_path):
         evaluate_label_folders(str(tmp_path / "nowhere"), str(gt), 3, progress=False)
     with pytest.raises(ValueError, match="--ignore-index 2 is a class index"):
         evaluate_label_folders(str(pred), str(gt), 3, ignore_index=2, progress=False)
+
+
+def test_a_predict_output_folder_and_a_too_small_class_count_are_explained(folders, tmp_path):
+    pred, gt = folders
+    out = tmp_path / "predictions"  # what `launcher predict` writes: overlays, labels/, ground_truth/
+    for name, array in PRED.items():
+        _write(out / "labels" / f"{name}.png", array)
+        _write(out / "ground_truth" / f"{name}.png", array)
+    with pytest.raises(ValueError, match=r"`launcher predict` output folder; pass --pred-dir .*predictions/labels"):
+        evaluate_label_folders(str(out), str(gt), 3, progress=False)
+    # ADE20K-style labels 1..K without --reduce-zero-label: label K is one past the classes.
+    with pytest.raises(ValueError, match=r"label 2 is outside \[0, 2\).*too small, or .*--reduce-zero-label"):
+        evaluate_label_folders(str(pred), str(gt), 2, progress=False)
+    _write(gt / "a.png", [[0, 0], [3, 3]])  # label 3 with K = 2: no zero-label story fits
+    with pytest.raises(ValueError, match=r"label 3 is outside \[0, 2\) .*\(is --num-classes 2 too small\?\)"):
+        evaluate_label_folders(str(pred), str(gt), 2, progress=False)
+
+
+def test_json_goes_into_a_new_folder(folders, tmp_path):
+    pred, gt = folders
+    target = tmp_path / "new" / "results.json"
+    assert eval_semantic_command(str(pred), str(gt), 3, json_path=str(target)) == 0
+    assert json.loads(target.read_text())["images"] == 2
