@@ -27,7 +27,7 @@ from PIL import Image
 from data_pipeline.loader_io import ShardReadError, ShardRef, read_shard
 from data_pipeline.manifest import Manifest, training_classes
 from data_pipeline.sample_encode import META_EXT, PANOPTIC_EXT, decode_panoptic, encode_panoptic
-from data_pipeline.sample_members import describe_raw
+from data_pipeline.sample_members import describe_raw, output_stem, sample_source
 
 
 def panoptic_categories(manifest: Manifest, reduce_zero_label: bool) -> list[dict[str, Any]]:
@@ -99,17 +99,19 @@ def decode_panoptic_members(
 def export_panoptic_gt(
     manifest: Manifest, out_dir: str, reduce_zero_label: bool = False, ignore_index: int = 255
 ) -> tuple[str, str]:
-    """Write every sample of ``manifest`` as ``out_dir/panoptic/<key>.png`` plus
-    ``out_dir/panoptic.json`` (annotations keyed by sample key, categories); returns
-    (JSON path, PNG folder)."""
+    """Write every sample of ``manifest`` as ``out_dir/panoptic/<name>.png`` plus
+    ``out_dir/panoptic.json`` (annotations, categories); ``<name>``, also the image id, is
+    the source image's stem, or the sample key where none was recorded, as ``launcher
+    predict`` names its predictions (``output_stem``). Returns (JSON path, PNG folder)."""
     png_dir = Path(out_dir) / "panoptic"
     png_dir.mkdir(parents=True, exist_ok=True)
     annotations = []
+    used: set[str] = set()
     first = 0
     for info, path in zip(manifest.shards, manifest.shard_paths()):
         for raw in read_shard(ShardRef(path=path, num_samples=info.num_samples, first_index=first)):
             ids, segments = decode_panoptic_members(raw, None, reduce_zero_label, ignore_index)
-            key = raw["__key__"]
+            key = output_stem(sample_source(raw), raw["__key__"], used)
             Image.fromarray(encode_panoptic(ids)).save(png_dir / f"{key}.png")
             present = set(np.unique(ids).tolist())
             annotations.append({"image_id": key, "file_name": f"{key}.png",

@@ -56,6 +56,19 @@ def sample_label(key: str, source: str | None) -> str:
     return f"{key} ({source})" if source and source != key else key
 
 
+def output_stem(source: str | None, key: str, used: set[str]) -> str:
+    """The file name (without extension) under which a sample's predictions or exported
+    ground truth are written: its source stem, or its key where it has none or the stem is
+    taken (two source files of one name, in this batch or an earlier one); one output must
+    never overwrite another's. Adds the name to ``used``. Writers that go through one split
+    in the same order (``launcher predict``, ``export-panoptic``) give a sample the same name."""
+    name = source if source and source not in used else key
+    while name in used:  # a key that equals an earlier sample's source stem
+        name = f"{name}_"
+    used.add(name)
+    return name
+
+
 def describe_raw(raw: dict[str, Any]) -> str:
     """Where a raw loader sample comes from, for a one-line error: shard, key and source."""
     return f"shard {raw.get('__url__')}: sample {sample_label(str(raw.get('__key__')), sample_source(raw))}"

@@ -28,6 +28,7 @@ from torch import nn
 from data_pipeline.loader import build_eval_loader
 from data_pipeline.manifest import load_manifest
 from data_pipeline.panoptic import panoptic_categories
+from data_pipeline.sample_members import output_stem
 from launcher.config import RunConfig
 from launcher.deepspeed_config import autocast_dtype
 from launcher.evaluate import in_lockstep, validation_batches
@@ -159,10 +160,11 @@ def summary_line(results: dict) -> str:
 def write_panoptic_predictions(
     cfg: RunConfig, model: nn.Module, out_dir: str, num: int
 ) -> tuple[str, int, int]:
-    """COCO-panoptic predictions of every validation image (``out_dir/panoptic/<key>.png``
-    and ``out_dir/panoptic.json``, image ids = sample keys) and [image | prediction | ground
-    truth] overlays of the first ``num`` (``out_dir/overlays/<key>.png``). Returns (JSON
-    path, predictions, overlays)."""
+    """COCO-panoptic predictions of every validation image (``out_dir/panoptic/<name>.png``
+    and ``out_dir/panoptic.json``) and [image | prediction | ground truth] overlays of the
+    first ``num`` (``out_dir/overlays/<name>.png``). ``<name>``, also the image id, is the
+    source image's stem, as ``export-panoptic`` names the ground truth (``output_stem``).
+    Returns (JSON path, predictions, overlays)."""
     check_panoptic_model(cfg.model)
     categories = _categories(cfg)
     is_thing = [bool(c["isthing"]) for c in categories]
@@ -170,12 +172,13 @@ def write_panoptic_predictions(
     png_dir, overlay_dir = os.path.join(out_dir, "panoptic"), os.path.join(out_dir, "overlays")
     os.makedirs(overlay_dir, exist_ok=True)
     annotations, overlays = [], 0
+    used: set[str] = set()
     model.eval()
     for batch in validation_batches(cfg, "predict"):
         with _autocast(device, dtype):
             predictions = predict_panoptic(model, batch["images"], batch["image_sizes"], cfg.model, is_thing)
         for b, (ids, segments) in enumerate(predictions):
-            key = batch["keys"][b]
+            key = output_stem(batch["sources"][b], batch["keys"][b], used)
             ids_np = ids.cpu().numpy().astype(np.int64)
             annotations.append(write_coco_panoptic(png_dir, key, f"{key}.png", ids_np, segments))
             if overlays < num:

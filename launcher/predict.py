@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data_pipeline.sample_members import output_stem
 from launcher.config import RunConfig
 from launcher.deepspeed_config import autocast_dtype
 from launcher.evaluate import validation_batches
@@ -29,18 +30,6 @@ from launcher.overlay import overlay_panel
 from launcher.progress import plural
 from model.tta import predict_semantic_scores
 from ops.atomic_file import write_json_atomic
-
-
-def _unused_name(source: str | None, key: str, used: set[str]) -> str:
-    """The file name (without .png) for a sample: its source stem, or its key where it has
-    none or the stem is taken (two source files of one name, in this batch or an earlier
-    one); a prediction must never overwrite another's. Adds the name to ``used``."""
-    name = source if source and source not in used else key
-    while name in used:  # a key that equals an earlier sample's source stem
-        name = f"{name}_"
-    used.add(name)
-    return name
-
 
 # The names the last predict into a folder wrote (see _clear_previous_predictions).
 PREDICT_RECORD = "predict.json"
@@ -99,7 +88,7 @@ def _predict_into(cfg: RunConfig, model: torch.nn.Module, out_dir: str, num: int
     model.eval()
     for batch in validation_batches(cfg, "predict", limit=num):
         images = batch["images"]
-        names = [_unused_name(source, key, used) for source, key in zip(batch["sources"], batch["keys"])]
+        names = [output_stem(source, key, used) for source, key in zip(batch["sources"], batch["keys"])]
         sizes = batch.get("image_sizes") or [tuple(images.shape[-2:])] * len(images)
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             predictions = predict_semantic_scores(model, images, cfg.model.inference, cfg.model.name,

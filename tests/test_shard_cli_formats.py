@@ -85,6 +85,12 @@ def test_coco_panoptic_shards_ids_and_segments(tmp_path):
     meta = json.loads(raw["val_00000000.json"])
     assert [(s["id"], s["iscrowd"]) for s in meta["segments_info"]] == [(5, 0), (70000, 0), (300, 1)]
     assert raw["val_00000000.jpg"] == (tmp_path / "coco/val2017/000000000285.jpg").read_bytes()
+    # export-panoptic names the ground truth as predict names predictions: by source stem.
+    assert main(["export-panoptic", str(tmp_path / "out/val-manifest.json"), "--out", str(tmp_path / "gt")]) == 0
+    exported = json.loads((tmp_path / "gt/panoptic.json").read_text())["annotations"]
+    assert [(a["image_id"], a["file_name"]) for a in exported] == [("000000000285", "000000000285.png")]
+    np.testing.assert_array_equal(decode_panoptic(np.asarray(Image.open(tmp_path / "gt/panoptic/000000000285.png"))),
+                                  ids)
 
 
 @pytest.mark.parametrize(
@@ -254,15 +260,15 @@ def test_coco_panoptic_names_what_its_json_leaves_out(tmp_path, capsys):
 
 
 def test_prediction_file_names_never_collide():
-    from launcher.predict import _unused_name
+    from data_pipeline.sample_members import output_stem
 
     used: set[str] = set()
-    names = [_unused_name(source, key, used) for source, key in
+    names = [output_stem(source, key, used) for source, key in
              [("x", "val_00000000"), ("x", "val_00000001"), (None, "val_00000002"), ("val_00000001", "val_00000003")]]
     # A repeated stem falls back to the key, in one batch or across batches; a stem that
     # equals a key already used is made unique too.
     assert names == ["x", "val_00000001", "val_00000002", "val_00000003"]
-    assert _unused_name("val_00000003", "val_00000003", used) == "val_00000003_"
+    assert output_stem("val_00000003", "val_00000003", used) == "val_00000003_"
     assert len(used) == 5
 
 
@@ -281,3 +287,28 @@ def test_a_source_name_that_is_no_file_name_is_left_out_with_a_warning(capsys):
     assert "warning: sample train_00000000: its source file name is not recorded" in capsys.readouterr().err
     Sample.source_name = "back\\slash"  # a valid Linux file name
     assert sample_source(encode_sample(Sample(), "train_00000001")) == "back\\slash"
+
+
+def test_panoptic_predictions_and_exported_ground_truth_pair_by_source_name(tmp_path, monkeypatch):
+    import launcher.panoptic_eval as panoptic_eval
+    from launcher.config import load_config
+    from launcher.eval_panoptic import evaluate_panoptic
+
+    _, ids = panoptic_tree(tmp_path / "coco")
+    assert shard("coco_panoptic", tmp_path / "coco", "val", tmp_path / "out") == 0
+    manifest = tmp_path / "out/val-manifest.json"
+    assert main(["export-panoptic", str(manifest), "--out", str(tmp_path / "gt")]) == 0
+
+    def one_stuff_segment(model, images, sizes, cfg, is_thing):  # stand-in model: all "tree-merged"
+        return [(torch.ones(h, w, dtype=torch.int64), [{"id": 1, "category_id": 2, "score": 1.0}]) for h, w in sizes]
+
+    monkeypatch.setattr(panoptic_eval, "predict_panoptic", one_stuff_segment)
+    cfg = load_config(str(REPO / "configs/test_tiny_panoptic.yaml"), [f"data.val_manifest={manifest}",
+                                                                       "model.num_classes=3"])  # fmt: skip
+    json_path, count, _ = panoptic_eval.write_panoptic_predictions(cfg, torch.nn.Identity(), str(tmp_path / "pred"), 1)
+    predicted = json.loads(Path(json_path).read_text())["annotations"]
+    assert count == 1 and [(a["image_id"], a["file_name"]) for a in predicted] == [("000000000285", "000000000285.png")]
+    assert (tmp_path / "pred/overlays/000000000285.png").is_file()
+    results = evaluate_panoptic(str(tmp_path / "gt/panoptic.json"), str(tmp_path / "gt/panoptic"), json_path,
+                                str(tmp_path / "pred/panoptic"))  # fmt: skip
+    assert results["images"] == 1
