@@ -292,7 +292,9 @@ def check_shard_size(shard: ShardInfo, shard_path: str | os.PathLike[str]) -> st
         size = os.path.getsize(shard_path)
     except OSError as exn:
         return f"cannot read: {exn.strerror or exn}"
-    return None if size == shard.bytes else f"{size} bytes, manifest says {shard.bytes}"
+    if size == shard.bytes:
+        return None
+    return f"{size} bytes, manifest says {shard.bytes} (cut short or replaced: write it again)"
 
 
 def check_shard_file(shard: ShardInfo, shard_path: str | os.PathLike[str]) -> str | None:

@@ -161,9 +161,8 @@ def check_shard_sizes(manifest: Manifest, key: str, tolerate: bool) -> None:
         problem = check_shard_size(shard, path)
         if problem is None:
             continue
-        fix = "cut short or replaced: write it again; " if "manifest says" in problem else ""
-        message = (f"data.{key}: shard {path}: {problem} ({fix}`python -m data_pipeline verify "
-                   f"{manifest.path}` checks them all)")
+        message = (f"data.{key}: shard {path}: {problem}; `python -m data_pipeline verify {manifest.path}` "
+                   "checks them all")
         if not tolerate:
             raise ConfigError(message)
         print(f"warning: {message}; data.on_error=skip drops the samples that cannot be read", flush=True)
