@@ -32,12 +32,12 @@ def _open_member(raw: dict[str, Any], ext: str) -> Image.Image:
 
 
 def _check_label_range(
-    labels: np.ndarray, num_classes: int, ignore_index: int, reduce_zero: bool, where: str | Callable[[], str]
+    labels: np.ndarray, num_classes: int, ignore_index: int, reduce_zero: bool, where: Callable[[], str]
 ) -> None:
     """Every label a class, or ignore; checked on the decoded (not yet reduced) values.
 
-    ``where`` names the sample; a callable is only called for the error (naming the source
-    file parses the sample's .json member)."""
+    ``where()`` names the sample; it is only called for the error (naming the source file
+    parses the sample's .json member)."""
     limit = num_classes + 1 if reduce_zero else num_classes  # raw ids below it are classes (or 0 = other)
     if labels.size == 0 or (int(labels.max()) < limit and int(labels.min()) >= 0):
         return  # the common case: two reductions, no mask
@@ -47,7 +47,7 @@ def _check_label_range(
         bad &= labels != fine
     if bad.any():
         value = int(labels[bad][0]) - int(reduce_zero)  # as training would see it
-        raise ShardReadError(f"{where() if callable(where) else where}: label value {value} out of range "
+        raise ShardReadError(f"{where()}: label value {value} out of range "
                              f"(classes 0..{num_classes - 1}, ignore {ignore_index})")  # fmt: skip
 
 

@@ -365,7 +365,7 @@ def test_label_range_check_on_decoded_ids_agrees_with_the_reduced_ids(ignore):
                 seen = int(reduce_zero_label(torch.from_numpy(ids), ignore)[0, 0]) if reduce else value
                 expect_bad = seen != ignore and seen >= num_classes
                 try:
-                    _check_label_range(ids, num_classes, ignore, reduce, "here")
+                    _check_label_range(ids, num_classes, ignore, reduce, lambda: "here")
                     bad = False
                 except ShardReadError as err:
                     bad = True
