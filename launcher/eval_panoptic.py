@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from launcher.panoptic_quality import PanopticAccumulator, PanopticFormatError, format_table, rgb_to_id
+from launcher.progress import plural
 from ops.atomic_file import write_json_atomic
 
 # (ground-truth PNG, its segments, prediction PNG, its segments, image id)
@@ -185,7 +186,7 @@ def evaluate_panoptic(
         raise PanopticFormatError(f"{gt_json}: no annotations to evaluate")
     if skipped:
         print(
-            f"warning: {skipped} prediction(s) in {pred_json} have no ground-truth image and are skipped",
+            f"warning: {plural(skipped, 'prediction')} in {pred_json} without a ground-truth image skipped",
             file=sys.stderr,
         )
     acc = accumulate(pairs, gt["categories"], workers=workers, progress=progress)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from data_pipeline.loader import reduce_zero_label as reduce_zero
 from launcher.evaluate import ConfusionMatrix
+from launcher.progress import plural
 from ops.atomic_file import write_json_atomic
 
 INDEX_MODES = ("L", "P", "I", "I;16")
@@ -106,7 +107,7 @@ def evaluate_label_folders(pred_dir: str, gt_dir: str, num_classes: int, ignore_
                          f"({len(missing)} of {len(targets)} ground-truth maps have none)")
     extra = sorted(set(predictions) - set(targets))
     if extra:
-        print(f"warning: {len(extra)} prediction(s) in {pred_dir} have no ground truth and are skipped "
+        print(f"warning: {plural(len(extra), 'prediction')} in {pred_dir} without ground truth skipped "
               f"(e.g. {predictions[extra[0]]})", file=sys.stderr)
     matrix = ConfusionMatrix(num_classes, ignore_index)
     # One image's label maps are too small for intra-op threads to pay: on a loaded machine

@@ -71,7 +71,7 @@ def test_predictions_without_ground_truth_are_skipped_with_a_warning(folders, ca
     _write(pred / "extra.png", [[0]])
     results = evaluate_label_folders(str(pred), str(gt), 3, progress=False)
     assert results["miou"] == pytest.approx(5 / 9) and results["skipped_predictions"] == 1
-    assert "1 prediction(s)" in capsys.readouterr().err
+    assert "1 prediction in" in capsys.readouterr().err
 
 
 def test_ground_truth_without_prediction_is_an_error(folders):

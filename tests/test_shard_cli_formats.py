@@ -255,7 +255,7 @@ def test_coco_panoptic_names_what_its_json_leaves_out(tmp_path, capsys):
     write_image(tmp_path / "coco/val2017/000000000999.jpg", 6, 8)  # in the folder, not in the JSON
     assert shard("coco_panoptic", tmp_path / "coco", "val", tmp_path / "out") == 0
     err = capsys.readouterr().err
-    assert f"warning: {tmp_path / 'coco/val2017'}: left out 1 file(s) that panoptic_val2017.json does not name: " \
+    assert f"warning: {tmp_path / 'coco/val2017'}: left out 1 file that panoptic_val2017.json does not name: " \
            "000000000999.jpg" in err
 
 

@@ -32,6 +32,7 @@ from data_pipeline.formats.common import (
     warn,
 )
 from data_pipeline.formats.paired import limit
+from data_pipeline.shard_state import plural
 from data_pipeline.shard_writer import Source, decode_panoptic
 
 
@@ -127,13 +128,13 @@ class CocoPanopticLoader:
 def _warn_left_out(json_path: Path, ann: _Annotations, image_dir: Path, png_dir: Path) -> None:
     """Name what is in the tree but will not be sharded (the JSON is what counts)."""
     if ann.unannotated:
-        warn(f"{json_path}: left out {len(ann.unannotated)} listed image(s) without a panoptic annotation: "
+        warn(f"{json_path}: left out {plural(len(ann.unannotated), 'listed image')} without a panoptic annotation: "
              f"{', '.join(ann.unannotated)}")  # fmt: skip
     for folder, named in ((image_dir, {s[0] for s in ann.samples} | set(ann.unannotated)),
                           (png_dir, {s[1] for s in ann.samples})):  # fmt: skip
         extra = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in named)
         if extra:
-            warn(f"{folder}: left out {len(extra)} file(s) that {json_path.name} does not name: "
+            warn(f"{folder}: left out {plural(len(extra), 'file')} that {json_path.name} does not name: "
                  f"{', '.join(extra)}")  # fmt: skip
 
 
