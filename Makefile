@@ -20,11 +20,13 @@ STAMP := $(VENV)/.segscale-installed
 .PHONY: help install demo test lint clean
 
 help:
-	@echo "make demo     install, then train the demo on a local Ray instance (2 CPU workers)"
-	@echo "make test     install, then run the test suite"
-	@echo "make install  create $(VENV) and install segscale with its dev tools"
-	@echo "make lint     ruff"
-	@echo "make clean    remove runs/ and build leftovers (keeps $(VENV))"
+	@echo "make demo     install, then train the demo on a local Ray instance (2 CPU workers; ~1 min once installed)"
+	@echo "make test     install, then run the test suite (~15 min on 2 cores)"
+	@echo "make install  create $(VENV) and install segscale with its dev tools (constraints.txt pins torch)"
+	@echo "make lint     install, then ruff check ."
+	@echo "make clean    delete runs/ (the demo's data and every run's checkpoints under the default"
+	@echo "              train.output_dir), build/, dist/, *.egg-info, .pytest_cache, .ruff_cache; keeps $(VENV)"
+	@echo "variables     VENV=$(VENV) PYTHON_SYS=$(PYTHON_SYS) TORCH_INDEX_URL=<a CPU wheel index, for install>"
 
 install: $(STAMP)
 
@@ -48,4 +50,4 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf runs build *.egg-info .pytest_cache .ruff_cache
+	rm -rf runs build dist *.egg-info .pytest_cache .ruff_cache

@@ -13,6 +13,10 @@ H100/H200-class GPU the Triton path at least 3× faster in bf16. Exit status 0 o
 every target measured on this device is met.
 
     python benchmarks/deform_attn_vs_hf.py [--device cpu|cuda] [--dtype fp32|bf16|both]
+
+Takes ~25 s per precision on a 2-core CPU (`--dtype fp32 --steps 5`: 23 s), ~1 min at
+the defaults. Needs transformers, the baseline:
+.venv/bin/pip install -c constraints.txt -e '.[bench]'
 """
 
 from __future__ import annotations
@@ -23,7 +27,14 @@ import ops.torchvision_fix  # noqa: F401  (transformers imports torchvision)
 
 # isort: split
 import torch
-from measure import compare_kernels, device_name, kernel_memory_child, kernel_parser, report_comparison
+from measure import (
+    compare_kernels,
+    device_name,
+    kernel_memory_child,
+    kernel_parser,
+    report_comparison,
+    require_baseline,
+)
 
 from ops.ms_deform_attn import ms_deform_attn, resolve_implementation
 
@@ -82,11 +93,12 @@ RUNNERS = {"segscale": run_segscale, "transformers": run_transformers}
 
 
 def main() -> int:
-    args = kernel_parser(__doc__.split("\n\n")[0]).parse_args()
+    args = kernel_parser(__doc__).parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_child:
         kernel_memory_child(RUNNERS, make_inputs, *args.memory_child)
         return 0
+    require_baseline()
     implementation = resolve_implementation("auto", torch.device(args.device).type)
     print(
         f"MSDeformAttn fwd+bwd, levels {LEVELS}, {HEADS} heads, {POINTS} points, head dim {HEAD_DIM}, batch {BATCH}; "

@@ -17,11 +17,14 @@ a machine whose load drifts between passes does not tilt the ratio).
 Target (issue 5): the loader at least 0.85× the decode-bound samples/s per worker.
 
     python benchmarks/loader_throughput.py [--num 48] [--passes 3]
+
+Takes seconds on a 2-core CPU (`--num 8 --passes 1`: 3 s), under a minute at the
+defaults; the shards go to a temporary folder, removed at the end. Needs nothing beyond
+segscale's install.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import itertools
@@ -37,6 +40,7 @@ import ops.torchvision_fix  # noqa: F401
 # isort: split
 import numpy as np
 import torch
+from measure import benchmark_parser  # benchmarks/ is on sys.path when run as a script
 from PIL import Image
 
 from data_pipeline.cli import main as shard_main
@@ -115,7 +119,7 @@ def prepare_ms(cfg: DataConfig, num: int) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--num", type=int, default=48, help="samples in the dataset (>= 8)")
     parser.add_argument("--passes", type=int, default=3, help="alternating passes per side")
     args = parser.parse_args()

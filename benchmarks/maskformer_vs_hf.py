@@ -31,8 +31,12 @@ RSS follows the live tensors as a GPU allocator's peak does.
 
     python benchmarks/maskformer_vs_hf.py [--steps 7] [--warmup 2] [--threads N]
 
-Needs transformers: `.venv/bin/pip install -c constraints.txt -e '.[bench]'`. Targets (issue 3):
-bf16 step time <= 0.6x, fp32 <= 0.85x, peak memory <= 0.75x in both.
+Targets (issue 3): bf16 step time <= 0.6x, fp32 <= 0.85x, peak memory <= 0.75x in both.
+
+Takes ~3.5 min on a 2-core CPU with `--precision fp32 --steps 5 --warmup 1 --memory-runs 1`
+(four sides, each also run alone for memory) and roughly 10 min at the defaults (both
+precisions, 3 memory runs); ~1.5 GiB of memory per side. Needs transformers, the baseline:
+.venv/bin/pip install -c constraints.txt -e '.[bench]'
 """
 
 from __future__ import annotations
@@ -52,8 +56,10 @@ from measure import (  # benchmarks/ is on sys.path when run as a script
     CPU_WORKER_ALLOCATOR_ENV,
     LIVE_ALLOCATOR_ENV,
     alternate_processes,
+    benchmark_parser,
     child_env,
     peak_rss_bytes,
+    require_baseline,
     serve_steps,
 )
 
@@ -225,7 +231,7 @@ def measure_time(dtype: str, steps: int, warmup: int, threads: int) -> dict[str,
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--steps", type=int, default=7, help="measured steps per side (>= 5)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -242,6 +248,7 @@ def main() -> int:
     if args.step_child:
         step_child(*args.step_child)
         return 0
+    require_baseline()
 
     print(f"MaskFormer Swin-T, {NUM_CLASSES} classes, 100 queries, 6 layers, {SIZE}x{SIZE}, batch {BATCH}, "
           f"CPU x{args.threads} threads, torch {torch.__version__}")

@@ -12,6 +12,7 @@ of.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -171,16 +172,49 @@ def report_child_peak(baseline: int) -> None:
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# How a user installs the optional baselines (setup.cfg's "bench" extra), pinned like the rest.
+BENCH_INSTALL = ".venv/bin/pip install -c constraints.txt -e '.[bench]'"
 
 
-def kernel_parser(description: str) -> argparse.ArgumentParser:
+def benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """A script's command line: ``--help`` shows the docstring's first paragraph (what it
+    measures), its paragraph starting "Takes" (how long, what it needs) and every
+    option's default, so a user knows what a run costs before starting one."""
+    paragraphs = [p.strip() for p in doc.strip().split("\n\n")]
+    cost = next((p for p in paragraphs if p.startswith("Takes")), None)
+    return argparse.ArgumentParser(description=paragraphs[0], epilog=cost,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def require_baseline(module: str = "transformers") -> None:
+    """One line naming the install command when an optional baseline is missing, before
+    any work (otherwise a child process fails minutes in with a traceback)."""
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        print(f"{os.path.basename(sys.argv[0])}: the baseline needs {module}, which is not installed ({err}); "
+              f"install it with: {BENCH_INSTALL}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _device(value: str) -> str:
+    """``--device``: cpu, or cuda where torch sees one (argparse turns the error into one line)."""
+    if value.split(":")[0] not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {value!r}")
+    if value.startswith("cuda") and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"torch {torch.__version__} sees no CUDA device on this machine; use cpu")
+    return value
+
+
+def kernel_parser(doc: str) -> argparse.ArgumentParser:
     """The command line shared by the kernel benchmarks (one op, two sides)."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
+    parser = benchmark_parser(doc)
+    parser.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (memory from the CUDA allocator there)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both", help="precisions measured")
     parser.add_argument("--steps", type=int, default=7, help="measured calls per side (>= 5)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per side first")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument("--memory-child", nargs=2, metavar=("SIDE", "DTYPE"), help=argparse.SUPPRESS)
     return parser
 

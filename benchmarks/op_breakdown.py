@@ -24,6 +24,9 @@ their mean.
 
 Each side runs in its own process, one after the other (started as in
 ``maskformer_vs_hf.py``: segscale's side with its CPU-worker allocator).
+
+Takes ~25 s on a 2-core CPU with `--steps 1 --warmup 1`, about a minute at the defaults.
+Needs transformers, the baseline: .venv/bin/pip install -c constraints.txt -e '.[bench]'
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import ops.torchvision_fix  # noqa: F401
 # isort: split
 import torch
 from maskformer_vs_hf import BATCH, IMPLEMENTATIONS, NUM_CLASSES, SIZE, side_env, start_side
+from measure import benchmark_parser, require_baseline
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from data_pipeline.synthetic import synthetic_batch
@@ -103,7 +107,7 @@ def run_side(impl: str, args: argparse.Namespace) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
@@ -115,6 +119,7 @@ def main() -> int:
     if args.side_child:
         side_child(args.side_child, args.precision, args.steps, args.warmup)
         return 0
+    require_baseline()
 
     result = {impl: run_side(impl, args) for impl in SIDES}
     ours, hf = result["ours"], result["hf"]

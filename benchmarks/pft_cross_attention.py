@@ -11,6 +11,9 @@ them are the same on both sides and left out.
 Targets (issue 4): at most 0.25× the plain attention's peak memory and no slower.
 
     python benchmarks/pft_cross_attention.py [--device cpu|cuda] [--dtype fp32|bf16|both]
+
+Takes ~15 s per precision on a 2-core CPU (`--dtype fp32 --steps 5`: 14 s), under a
+minute at the defaults. Needs nothing beyond segscale's install.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ RUNNERS = {
 
 
 def main() -> int:
-    args = kernel_parser(__doc__.split("\n\n")[0]).parse_args()
+    args = kernel_parser(__doc__).parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_child:
         kernel_memory_child(RUNNERS, make_inputs, *args.memory_child)

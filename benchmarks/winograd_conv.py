@@ -7,17 +7,21 @@ Both sides alternate, median of the measured repetitions; also prints the larges
 relative difference of the outputs against an fp64 direct convolution.
 
     python benchmarks/winograd_conv.py [--sizes 64 32 16 160] [--channels 256] [--repeats 7]
+
+Takes seconds on a 2-core CPU (`--sizes 16 32 --repeats 3`: 2 s), well under a minute at
+the defaults. Needs nothing beyond segscale's install (a C compiler for the native tile
+transforms; without one the PyTorch transforms run).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from measure import benchmark_parser  # benchmarks/ is on sys.path when run as a script
 
 from ops.winograd_conv import auto_min_tiles, winograd_conv3x3
 
@@ -31,7 +35,7 @@ def train_step_seconds(conv, x, weight, bias) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 32, 16, 160])
     parser.add_argument("--channels", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)

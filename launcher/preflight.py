@@ -97,8 +97,9 @@ def check_model(cfg: RunConfig) -> None:
     file exists and fits the backbone: on the ``meta`` device, reading only the file's keys
     and shapes, in a few seconds (timm's import most of them), where a worker would
     otherwise fail a minute into start-up with a traceback per rank."""
-    from model.backbone import Backbone, match_pretrained  # heavy imports (timm) only here
+    from model.backbone import Backbone  # heavy imports (timm) only here
     from model.build import build_meta_model
+    from model.pretrained import match_pretrained
 
     try:
         model = build_meta_model(cfg.model)

@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import pickle
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -49,7 +47,6 @@ import ops.torchvision_fix  # noqa: F401  (must run before timm imports torchvis
 
 # isort: split
 import timm
-import torch
 import torch.nn.functional as F
 from timm.layers import freeze_batch_norm_2d
 from timm.models import is_model_in_modules
@@ -57,18 +54,12 @@ from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from model.config import BackboneConfig
+from model.pretrained import load_pretrained
 from model.simple_feature_pyramid import SimpleFeaturePyramid
 from model.swin_block import use_segmentation_swin_blocks
 
 logger = logging.getLogger(__name__)
 
-# Keys a checkpoint may wrap its state dict in (training checkpoints, DeepSpeed/mmcv
-# exports); unwrapped until a flat name -> tensor mapping remains.
-_NESTING_KEYS = ("model", "state_dict", "module")
-# Buffers that some exporters drop; they are bookkeeping, not weights.
-_OPTIONAL_SUFFIXES = ("num_batches_tracked",)
-_SHOW = 3  # how many offending keys an error message names
-_ORIGINAL_SWIN_DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
 # timm's deep-stem "c" ResNets (32-32-64 stem), easily mistaken for MaskFormer's R101c.
 _TIMM_C_RESNET = re.compile(r"resnet(\d+)c")
 
@@ -281,108 +272,3 @@ def build_backbone(cfg: BackboneConfig, warn_timm_c_stem: bool = True) -> Backbo
         freeze_bn=cfg.freeze_bn,
         warn_timm_c_stem=warn_timm_c_stem,
     )
-
-
-# ---------------------------------------------------------------------------------------
-# Local pretrained weights
-
-
-def read_state_dict(path: str, shapes_only: bool = False) -> dict[str, Tensor]:
-    """Read a .safetensors / .pth / .pt file and unwrap ``{"model": ...}``-style nesting.
-    ``shapes_only``: tensors with the right shapes whose values are not read (``meta``
-    tensors, or a memory map of a torch file), to check a 1 GB file in a moment."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"model.backbone.pretrained_path: no such file: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        if shapes_only:
-            with safe_open(path, framework="pt") as f:
-                state: Any = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
-        else:
-            state = load_file(path, device="cpu")
-    else:
-        try:
-            # weights_only: a checkpoint is data, never code to execute. mmap needs torch's
-            # zip format; an older file is read whole.
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=shapes_only)
-            except RuntimeError:
-                if not shapes_only:
-                    raise
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # torch's own message is many lines about trusting the source.
-            raise ValueError(
-                f"model.backbone.pretrained_path: {path} pickles Python objects besides tensors, which "
-                "torch.load(weights_only=True) refuses; re-save just its state dict or convert it to .safetensors"
-            ) from None
-    while isinstance(state, Mapping):
-        nested = [k for k in _NESTING_KEYS if isinstance(state.get(k), Mapping)]
-        if not nested:
-            break
-        state = state[nested[0]]
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"model.backbone.pretrained_path: {path} does not hold a state dict of tensors")
-    # Strip the "module." prefix of DataParallel/DDP exports.
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def _swin_from_original(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Microsoft's Swin checkpoints end each stage with its patch merging
-    (``layers.0.downsample``); timm starts the next stage with it (``layers.1.downsample``),
-    with the same weights and the same order of the merged patches. Other files pass."""
-    if not any(k.startswith("layers.0.downsample.") for k in state):
-        return state
-    return {_ORIGINAL_SWIN_DOWNSAMPLE.sub(lambda m: f"layers.{int(m.group(1)) + 1}.downsample.", k): v
-            for k, v in state.items()}
-
-
-def match_pretrained(body: nn.Module, path: str, shapes_only: bool = False) -> tuple[dict[str, Tensor], int]:
-    """The timm-format weights in ``path`` keyed as the features-only model ``body``'s state
-    dict, and the number of the file's keys left unused. ``body`` may live on the ``meta``
-    device: only its keys and shapes are read; with ``shapes_only`` only the file's (the
-    driver checks a file this way before a run starts).
-
-    The file may hold the full classification model: keys of the pruned head (and, for
-    ViTs, of the blocks after the one read and the final norm) are ignored, and the
-    renamings of timm's features wrappers are undone: ``flatten_sequential``
-    (``layers.0.x`` -> ``layers_0.x``, Swin) and the ``model.`` prefix of the wrapper
-    around ViTs. Every weight of ``body`` must be present with the same shape; otherwise a
-    one-line ValueError names the file and the first offending keys. (The ViT pyramid and
-    Swin's output norms are new layers, outside ``body``, and start from their init.)
-    Microsoft's original Swin checkpoints (the ones MaskFormer's instructions download)
-    load too: see ``_swin_from_original``.
-    """
-    source = _swin_from_original(read_state_dict(path, shapes_only))
-    target = body.state_dict()
-    mapped: dict[str, Tensor] = {}
-    for key, value in source.items():
-        for candidate in (key, key.replace(".", "_", 1), f"model.{key}"):
-            if candidate in target:
-                mapped[candidate] = value
-                break
-        # else: classifier head / final norm / pruned blocks of the full model
-
-    missing = [k for k in target if k not in mapped and not k.endswith(_OPTIONAL_SUFFIXES)]
-    mismatched = [
-        f"{k} {tuple(mapped[k].shape)} vs {tuple(target[k].shape)}"
-        for k in target
-        if k in mapped and mapped[k].shape != target[k].shape
-    ]
-    if missing or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing keys (first: {', '.join(missing[:_SHOW])})")
-        if mismatched:
-            problems.append(f"{len(mismatched)} shape mismatches file vs model (first: {'; '.join(mismatched[:_SHOW])})")
-        raise ValueError(f"model.backbone.pretrained_path: {path} does not fit the backbone: " + "; ".join(problems))
-    return mapped, len(source) - len(mapped)
-
-
-def load_pretrained(body: nn.Module, path: str) -> None:
-    """Load the weights in ``path`` into ``body`` (``match_pretrained`` checks them first)."""
-    mapped, unused = match_pretrained(body, path)
-    body.load_state_dict(mapped, strict=False)  # strict checks done above, with better messages
-    logger.info("loaded %d backbone tensors from %s (%d unused keys)", len(mapped), path, unused)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from launcher.config import load_config
+from launcher.describe import count_parameters
 from model.build import build_model
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -78,3 +79,20 @@ def test_vit_l_presets(family):
     # on the pyramid's 256-channel maps.
     heads = total - backbone
     assert heads < (15e6 if family == "maskformer" else 50e6), f"{name}: heads {heads / 1e6:.1f}M"
+
+
+README = os.path.join(os.path.dirname(CONFIGS), "README.md")
+TABLE_BACKBONES = {"R50": "r50", "R101": "r101", "Swin-T": "swin_t", "Swin-S": "swin_s", "Swin-B": "swin_b",
+                   "Swin-L": "swin_l", "ViT-L": "vit_l"}
+
+
+def test_readme_table_matches_describe():
+    # The README's preset table shows what `describe` prints (its "total" line, frozen BN
+    # affine included, in M with one decimal), so count as describe does.
+    with open(README) as f:
+        rows = [line.split("|")[1:-1] for line in f if line.startswith("| ") and line.split("|")[1].strip() in TABLE_BACKBONES]
+    assert len(rows) == len(TABLE_BACKBONES)
+    for backbone, maskformer, _, pft, _ in (map(str.strip, row) for row in rows):
+        for family, shown in (("maskformer", maskformer), ("pft", pft)):
+            total = count_parameters(_meta_model(f"{family}_{TABLE_BACKBONES[backbone]}_ade20k.yaml"))["total"]
+            assert shown == f"{total / 1e6:.1f}M", f"README {family} {backbone}: {shown} vs describe {total / 1e6:.1f}M"
