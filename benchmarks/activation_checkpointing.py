@@ -71,7 +71,8 @@ from measure import (  # benchmarks/ is on sys.path
 )
 
 from data_pipeline.synthetic import synthetic_batch
-from launcher.describe import MASKS_PER_IMAGE, measure_activations, measure_loss_activations
+from launcher.describe import measure_activations
+from launcher.loss_memory import MASKS_PER_IMAGE, measure_loss_activations
 from model.backbone import build_backbone
 from model.build import build_criterion, build_model
 from model.config import ModelConfig

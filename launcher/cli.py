@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(describe, required=True)
     describe.add_argument("--masks-per-image", type=int, default=None,
                           help="ground-truth masks (classes present) per training crop that the loss estimate "
-                               "assumes (default: launcher.describe.MASKS_PER_IMAGE, 10; ADE20K images hold 8-9)")
+                               "assumes (default: launcher.loss_memory.MASKS_PER_IMAGE, 10; ADE20K images hold 8-9)")
 
     demo = sub.add_parser("demo", help="generate data, train on 2 workers, evaluate, draw overlays")
     _add_config_args(demo, required=False)

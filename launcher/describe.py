@@ -60,16 +60,12 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from launcher.config import RunConfig, load_config
-from model.build import build_criterion, build_meta_model
-from model.config import ModelConfig
+from launcher.loss_memory import MASKS_PER_IMAGE, measure_loss_activations
+from launcher.saved_tensors import SavedTensors
+from model.build import build_meta_model
 from ops.recompute import checkpointed_per_sample
-from ops.weight_recast import parameter_cast_source, recast_applies
+from ops.weight_recast import recast_applies
 
-# Ground-truth masks (classes present) per training crop assumed for the loss estimate;
-# ADE20K images hold about 8-9 classes on average, crops fewer.
-MASKS_PER_IMAGE = 10
-# Side lengths (of the predicted masks) of the two small loss measurements.
-_LOSS_SIDES = (8, 16)
 _GIB = 2**30
 
 
@@ -102,9 +98,13 @@ def count_parameters(model: nn.Module) -> dict[str, Any]:
         parts = {sub_name: count(sub) for sub_name, sub in child.named_children()}
         components[name] = sum(parts.values()) + count(child)  # + its own direct weights
         details[name] = {k: v for k, v in parts.items() if v}
-    rest = count(model)  # weights registered on the model itself
-    if rest:
-        components["other"] = rest
+    # Weights registered on the model itself (UN-EPT's query grid), each under its own name.
+    own = [(n, w) for n, w in (*model.named_parameters(recurse=False), *model.named_buffers(recurse=False))
+           if w.is_floating_point() and (isinstance(w, nn.Parameter) or n in ("weight", "bias"))]
+    for name, weight in own:
+        if id(weight) not in seen:
+            seen.add(id(weight))
+            components[name] = weight.numel()
     total = sum(p.numel() for p in {id(p): p for p in _weights(model)}.values())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"total": total, "trainable": trainable, "components": components, "details": details}
@@ -135,35 +135,6 @@ def state_bytes(
 
 def _autocast_dtype(precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-
-class _SavedTensors:
-    """Adds up the storages autograd saves for backward, each once, minus ``exclude``;
-    with ``recast_weights``, minus low-precision copies of parameters too (the train loop
-    recasts those in backward instead of saving them: ops/weight_recast.py)."""
-
-    def __init__(self, exclude: Sequence[torch.Tensor] = (), recast_weights: bool = False) -> None:
-        self.sizes: dict[int, int] = {}
-        self.exclude = {t.untyped_storage()._cdata for t in exclude}
-        self.recast_weights = recast_weights
-
-    def add(self, tensor: torch.Tensor) -> None:
-        if self.recast_weights and parameter_cast_source(tensor) is not None:
-            return
-        storage = tensor.untyped_storage()
-        if storage._cdata not in self.exclude:  # _cdata: the storage's identity, shared by views
-            self.sizes[storage._cdata] = storage.nbytes()
-
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.add(tensor)
-        return tensor
-
-    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
-        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    @property
-    def total(self) -> int:
-        return sum(self.sizes.values())
 
 
 # Keyword arguments of torch's / timm's checkpoint functions themselves; any others go to
@@ -213,7 +184,7 @@ def _largest_checkpointed_segment(exclude: Sequence[torch.Tensor]) -> Iterator[l
     def measure(function: Callable, *args: Any, **kwargs: Any) -> None:
         inside[0] = True
         try:
-            segment = _SavedTensors(exclude)
+            segment = SavedTensors(exclude)
             with segment.hooks():  # innermost hooks win: they see the whole segment
                 function(*args, **kwargs)  # fake tensors: a trace, not a computation
             largest[0] = max(largest[0], segment.total)
@@ -276,104 +247,13 @@ def measure_activations(
         model.train()
         # Buffers too: FrozenBN's statistics and affine are weights, not activations.
         params = [*model.parameters(), *model.buffers()]
-        saved = _SavedTensors(exclude=params, recast_weights=recast_weights)
+        saved = SavedTensors(exclude=params, recast_weights=recast_weights)
         images = torch.zeros(batch_size, 3, crop_size, crop_size)
         autocast = torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
         stand_in = mock.patch("ops.ms_deform_attn.ms_deform_attn", _deform_attn_stand_in)
         with _largest_checkpointed_segment(params) as recompute, saved.hooks(), autocast, stand_in:
             outputs = model(images)
     return saved.total, recompute[0], outputs
-
-
-def _stand_ins(value, key: str, side: int, generator: torch.Generator, leaves: list):
-    """Real random tensors in the structure of the (fake) model ``value``: ``pred_masks``
-    at ``side``², everything else at its own shape (class logits, boxes, ...)."""
-    if isinstance(value, dict):
-        return {k: _stand_ins(v, k, side, generator, leaves) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        # The per-scale mask features (MaskFormer's one, PFT's four): the finest side², the
-        # coarser ones in proportion.
-        sides = [max(1, side * v.shape[-1] // value[0].shape[-1]) if key == "mask_features" else side for v in value]
-        return [_stand_ins(v, key, s, generator, leaves) for v, s in zip(value, sides)]
-    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-        return value
-    # Mask logits (Panoptic SegFormer's per-layer ones are "masks") and the mask features
-    # they are a product of become side×side.
-    resized = key in ("pred_masks", "masks", "mask_features")
-    shape = (*value.shape[:2], side, side) if resized else tuple(value.shape)
-    leaf = torch.randn(shape, generator=generator).to(value.dtype).requires_grad_()
-    leaves.append(leaf)
-    return leaf
-
-
-def _loss_bytes_at(cfg: ModelConfig, outputs: dict, side: int, ratio: int, generator: torch.Generator,
-                   masks_per_image: int) -> int:
-    """Saved bytes of the criterion on stand-ins of ``outputs`` with ``side``² masks."""
-    leaves: list[torch.Tensor] = []
-    structured = _stand_ins(outputs, "", side, generator, leaves)
-    # PFT in training forms no pred_masks; its B×K class logits give the same two numbers.
-    batch, num_queries = structured["pred_masks" if "pred_masks" in structured else "pred_logits"].shape[:2]
-    targets = _stand_in_targets(cfg, batch, min(masks_per_image, num_queries), side * ratio, generator)
-    # The mask features are the model's, saved by its mask products: counted with the decoders.
-    saved = _SavedTensors(exclude=structured.get("mask_features", []))
-    for leaf in leaves:  # the outputs stay alive until the backward pass
-        saved.add(leaf)
-    with saved.hooks():
-        build_criterion(cfg)(structured, targets)
-    return saved.total
-
-
-def _stand_in_targets(cfg: ModelConfig, batch: int, masks: int, height: int,
-                      generator: torch.Generator) -> list[dict]:
-    num_masks = min(masks, cfg.num_classes)
-    targets = []
-    for _ in range(batch):
-        # Disjoint masks, as in semantic segmentation: every pixel belongs to one of them.
-        owner = torch.randint(num_masks, (height, height), generator=generator)
-        labels = torch.randperm(cfg.num_classes, generator=generator)[:num_masks]
-        targets.append({"labels": labels, "masks": owner[None] == torch.arange(num_masks)[:, None, None]})
-    return targets
-
-
-def _dense_loss_bytes(cfg: ModelConfig, outputs: dict, crop_size: int, masks_per_image: int) -> int:
-    """Per-pixel models (UN-EPT: logit maps at the image size and at stride 8): criterion
-    bytes measured on stand-ins for 64² and 128² images, extrapolated linearly in pixels."""
-    generator = torch.Generator().manual_seed(0)
-    sizes = []
-    for side in (64, 128):
-        stand_ins = {}
-        for key, out in outputs.items():
-            stride = max(1, round(crop_size / out.shape[-1]))
-            shape = (*out.shape[:2], side // stride, side // stride)
-            stand_ins[key] = torch.randn(shape, generator=generator).to(out.dtype).requires_grad_()
-        saved = _SavedTensors()
-        for out in stand_ins.values():  # the outputs stay alive until the backward pass
-            saved.add(out)
-        targets = _stand_in_targets(cfg, out.shape[0], masks_per_image, side, generator)
-        with saved.hooks():
-            build_criterion(cfg)(stand_ins, targets)
-        sizes.append(saved.total)
-    per_pixel = (sizes[1] - sizes[0]) / (128**2 - 64**2)
-    return int(sizes[0] - per_pixel * 64**2 + per_pixel * crop_size**2)
-
-
-def measure_loss_activations(cfg: ModelConfig, outputs: dict, crop_size: int,
-                             masks_per_image: int = MASKS_PER_IMAGE) -> int:
-    """Criterion bytes at the crop size, extrapolated from two small sizes (linear in
-    pixels), with ``masks_per_image`` ground-truth masks per image."""
-    if "pred_masks" in outputs:
-        mask_side = outputs["pred_masks"].shape[-1]
-    elif "mask_features" in outputs:  # PFT in training: its masks as their factors, finest first
-        mask_side = outputs["mask_features"][0].shape[-1]
-    else:
-        return _dense_loss_bytes(cfg, outputs, crop_size, masks_per_image)
-    ratio = max(1, round(crop_size / mask_side))  # the masks' stride (4 for MaskFormer/PFT)
-    generator = torch.Generator().manual_seed(0)
-    small, large = _LOSS_SIDES
-    sizes = [_loss_bytes_at(cfg, outputs, side, ratio, generator, masks_per_image) for side in _LOSS_SIDES]
-    per_pixel = (sizes[1] - sizes[0]) / ((large * ratio) ** 2 - (small * ratio) ** 2)
-    fixed = sizes[0] - per_pixel * (small * ratio) ** 2
-    return int(fixed + per_pixel * crop_size**2)
 
 
 def describe_model(cfg: RunConfig, masks_per_image: int = MASKS_PER_IMAGE) -> dict:
@@ -452,5 +332,8 @@ def format_description(desc: dict) -> str:
 def describe_command(config_path: str, overrides: list[str], masks_per_image: int | None = None) -> int:
     cfg = load_config(config_path, overrides)
     print(f"config: {config_path}")
+    if cfg.model.backbone.pretrained_path:  # counting needs shapes only (meta device)
+        print(f"model.backbone.pretrained_path: {cfg.model.backbone.pretrained_path} is not read by describe "
+              "(train checks it before Ray starts)")
     print(format_description(describe_model(cfg, MASKS_PER_IMAGE if masks_per_image is None else masks_per_image)))
     return 0

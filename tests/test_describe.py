@@ -13,15 +13,9 @@ from torchvision.ops.misc import FrozenBatchNorm2d  # what timm.layers.freeze_ba
 
 from launcher.cli import main
 from launcher.config import load_config
-from launcher.describe import (
-    MASKS_PER_IMAGE,
-    _loss_bytes_at,
-    _SavedTensors,
-    count_parameters,
-    describe_model,
-    measure_activations,
-    measure_loss_activations,
-)
+from launcher.describe import count_parameters, describe_model, measure_activations
+from launcher.loss_memory import MASKS_PER_IMAGE, _loss_bytes_at, measure_loss_activations
+from launcher.saved_tensors import SavedTensors
 from model.build import build_meta_model, build_model
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -38,8 +32,10 @@ FROZEN = "model.backbone.freeze_bn=true"
 
 
 def test_cli_prints_total_and_components_that_sum_to_it(capsys):
-    assert main(["describe", "--config", TINY, "--set", FROZEN]) == 0
+    assert main(["describe", "--config", TINY, "--set", FROZEN, "--set", "model.backbone.pretrained_path=/nowhere.pth"]) == 0
     lines = capsys.readouterr().out.splitlines()
+    # Shapes only: the pretrained file is not read, and describe says so rather than imply it fits.
+    assert "model.backbone.pretrained_path: /nowhere.pth is not read by describe" in lines[1], lines[:2]
     totals = [line for line in lines if line.startswith("total")]
     assert len(totals) == 1
     total = int(re.search(r"\(([\d,]+);", totals[0]).group(1).replace(",", ""))
@@ -107,7 +103,7 @@ def test_fake_trace_saves_what_a_real_forward_saves(precision):
     cfg = _tiny(f"train.precision={precision}")
     traced, _, _ = measure_activations(build_meta_model(cfg.model), 2, 64, precision)
     model = build_model(cfg.model).train()
-    saved = _SavedTensors(exclude=[*model.parameters(), *model.buffers()])
+    saved = SavedTensors(exclude=[*model.parameters(), *model.buffers()])
     dtype = torch.bfloat16 if precision == "bf16" else None
     with saved.hooks(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
         model(torch.zeros(2, 3, 64, 64))
@@ -209,6 +205,8 @@ def test_models_with_other_outputs_are_described(preset, capsys):
     assert loss is not None and float(loss.group(1)) > 0, out
     # UN-EPT classifies pixels: no mask count enters its loss, and none is claimed.
     assert ("masks per image" in out) == ("unept" not in preset), out
+    if "unept" in preset:  # its query grid sits on the model itself: named, not "other"
+        assert re.search(r"^  query_embed +0\.9M", out, re.M) and "  other " not in out, out
 
 
 def test_bf16_activations_leave_out_the_weight_copies_the_train_loop_recasts():
