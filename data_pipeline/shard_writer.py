@@ -50,7 +50,6 @@ keeping the order).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import multiprocessing
 import os
@@ -59,14 +58,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import metadata
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import webdataset as wds
 from tqdm import tqdm
@@ -91,6 +89,7 @@ from data_pipeline.shard_state import (  # noqa: F401  (ShardStateError, names: 
     state_json,
     state_name,
 )
+from data_pipeline.tar_bytes import TAR_MTIME, HashingWriter, archive_size, member_bytes
 from ops.atomic_file import atomic_write, write_json_atomic
 
 IGNORE_INDEX = 255
@@ -99,11 +98,6 @@ PIPE_PREFIX = "pipe:"
 # Bump when the bytes written for the same samples change: a state file from another
 # layout must not be resumed into a mixed dataset. 2: readers' samples carry "source".
 WRITER_LAYOUT = 2
-_BLOCK = tarfile.BLOCKSIZE  # 512
-_RECORD = tarfile.RECORDSIZE  # 20 blocks: tarfile pads the archive to a multiple of this
-# An int, not 0.0: tarfile's (PAX) writer adds a 1 KiB extended header to every member
-# whose mtime is a float.
-_TAR_MTIME = 0
 
 
 class PipeError(OSError):
@@ -141,44 +135,9 @@ class _Encoded:
     size: int  # bytes it takes in a tar: headers + data padded to 512-byte blocks
 
 
-def _tar_size(members: dict[str, Any]) -> int:
-    size = 0
-    for ext, data in members.items():
-        if ext.startswith("__"):
-            continue
-        # The header webdataset's TarWriter writes for this member (see _TAR_MTIME).
-        info = tarfile.TarInfo(f"{members['__key__']}.{ext}")
-        info.size = len(data)
-        info.mtime = _TAR_MTIME
-        info.mode = 0o444
-        info.uname = info.gname = "bigdata"
-        header = len(info.tobuf(tarfile.DEFAULT_FORMAT, "utf-8", "surrogateescape"))
-        size += header + -(-len(data) // _BLOCK) * _BLOCK
-    return size
-
-
-def archive_size(content: int) -> int:
-    """Final size of a tar whose members take ``content`` bytes: end blocks + record padding."""
-    return -(-(content + 2 * _BLOCK) // _RECORD) * _RECORD
-
-
 def _load_and_encode(load: Callable[[int], LabeledSample], split: str, index: int) -> _Encoded:
     members = encode_sample(load(index), sample_key(split, index))
-    return _Encoded(members, _tar_size(members))
-
-
-class _HashingWriter:
-    """File wrapper that hashes and counts what tarfile's stream mode writes through it."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self._f = f
-        self.sha256 = hashlib.sha256()
-        self.bytes = 0
-
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        self.bytes += len(data)
-        return self._f.write(data)
+    return _Encoded(members, member_bytes(members))
 
 
 def _encoded_samples(source: Source, split: str, workers: int, start: int = 0) -> Iterator[_Encoded]:
@@ -431,9 +390,9 @@ def _fill_shards(
         offsets: list[int] = []
         content = 0
         with atomic_write(path, "wb") as f:
-            hashing = _HashingWriter(f)
+            hashing = HashingWriter(f)
             # mtime=0 and fixed owner: identical input gives a byte-identical shard.
-            with wds.TarWriter(hashing, encoder=False, mtime=_TAR_MTIME) as writer:
+            with wds.TarWriter(hashing, encoder=False, mtime=TAR_MTIME) as writer:
                 while upcoming is not None and fits(len(offsets), content, upcoming):
                     # TarFile.offset: where the next member's header starts in the tar.
                     offsets.append(writer.tarstream.offset)

@@ -329,7 +329,7 @@ def test_bad_sample_offsets_are_one_line_errors(tmp_path, edit, expected):
 
 
 def test_max_size_closes_shards_greedily_and_ignores_workers(tmp_path):
-    from data_pipeline.shard_writer import archive_size
+    from data_pipeline.tar_bytes import archive_size
 
     max_size = 12 * 1024
     assert _shard(tmp_path / "a", 12, 3, "--max-size", "12K", "--image-size", "16") == 0
