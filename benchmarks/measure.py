@@ -192,7 +192,9 @@ def require_baseline(module: str = "transformers") -> None:
     try:
         importlib.import_module(module)
     except ImportError as err:
-        print(f"{os.path.basename(sys.argv[0])}: the baseline needs {module}, which is not installed ({err}); "
+        missing = isinstance(err, ModuleNotFoundError) and err.name == module
+        state = "which is not installed" if missing else f"which fails to import ({err})"
+        print(f"{os.path.basename(sys.argv[0])}: the baseline needs {module}, {state}; "
               f"install it with: {BENCH_INSTALL}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -265,8 +265,8 @@ def resolve_checkpoint(path: str) -> str:
         return latest
     folders = sorted(d for d in glob.glob(os.path.join(path, "checkpoint_*")) if os.path.isdir(d))
     if not folders:
-        raise CheckpointError(f"{path}: neither a checkpoint folder ({META_FILE} missing) nor a run folder "
-                              "(no checkpoint_* folders in it)")
+        raise CheckpointError(f"{path}: no checkpoint here: not a checkpoint folder ({META_FILE} missing) and no "
+                              "checkpoint_* folders in it (a run that has not saved one yet?)")
     try:  # names sort by time: the newest one's problem is the likely question
         verify_checkpoint(folders[-1])
     except CheckpointError as err:
@@ -293,5 +293,5 @@ def load_model_weights(directory: str) -> dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError, ValueError) as err:
         # torch's messages run on for several sentences: the first names the problem.
         reason = str(err).strip().split(". ")[0] or type(err).__name__
-        raise CheckpointError(f"{directory}: cannot read the model weights under {DEEPSPEED_DIR}/ ({reason}); "
-                              "the checkpoint is damaged, use another one") from None
+        raise CheckpointError(f"{directory}: cannot read the model weights under {DEEPSPEED_DIR}/ ({reason}): a damaged "
+                              "file, or one another torch or DeepSpeed wrote; use another checkpoint") from err

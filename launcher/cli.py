@@ -131,7 +131,9 @@ def _config_not_found(path: str) -> str:
 
 def check_arguments(args: argparse.Namespace) -> str | None:
     """What is wrong with the paths and numbers given, before any model or data is loaded
-    (an evaluation that runs for an hour must not fail at its last step on its --json)."""
+    (an evaluation that runs for an hour must not fail at its last step on its --json):
+    an output file that names a folder, or whose nearest existing parent is no writable
+    folder."""
     config = getattr(args, "config", None)
     if config and not os.path.exists(config):  # a folder or unreadable file: load_config says so
         return _config_not_found(config)
@@ -139,10 +141,17 @@ def check_arguments(args: argparse.Namespace) -> str | None:
     files = {"json": "results.json", **({"out": "model.safetensors"} if args.command == "export" else {})}
     for flag, example in files.items():
         path = getattr(args, flag, "")
-        if path and (os.path.isdir(path) or path.endswith(os.sep)):
+        if not path:
+            continue
+        if os.path.isdir(path) or path.endswith(os.sep):
             return f"--{flag} {path} is a folder; give a file name (e.g. {os.path.join(path, example)})"
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):  # missing folders are created on writing
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            return f"--{flag} {path}: {parent} is {'not a folder' if not os.path.isdir(parent) else 'not writable'}"
     if getattr(args, "num", 0) < 0:
-        return f"--num {args.num}: expected a number of images >= 0"
+        return f"--num {args.num}: expected a number of images >= 1 (>= 0 for panoptic configs: no overlays)"
     return None
 
 

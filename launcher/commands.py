@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from data_pipeline.manifest import load_manifest, training_classes
@@ -86,9 +87,11 @@ def _model_differences(trained: dict, used: dict, limit: int = 4) -> str:
     return ", ".join(changed[:limit]) + (f" and {len(changed) - limit} more" if len(changed) > limit else "")
 
 
-def load_weights_into(model: torch.nn.Module, directory: str, cfg: RunConfig, config_source: str) -> None:
+def load_weights_into(model: torch.nn.Module, directory: str, cfg: RunConfig, config_source: str = "") -> None:
     """The checkpoint's weights into ``model``, or one line saying why they do not fit:
-    the first parameter that differs and the model settings behind it."""
+    the first parameter that differs and the model settings behind it. ``config_source``
+    names the --config / --set model.* that chose the model; empty: the checkpoint's own
+    config did, so the model code itself differs from the one that trained it."""
     state = load_model_weights(directory)
     own = model.state_dict()
     shapes = [f"{k} is {list(v.shape)} in the checkpoint, {list(own[k].shape)} here"
@@ -101,18 +104,25 @@ def load_weights_into(model: torch.nn.Module, directory: str, cfg: RunConfig, co
         count = len(shapes) + len(missing) + len(unexpected)
         differences = _model_differences(read_meta(directory).config.get("model", {}), to_dict(cfg.model))
         settings = f"; settings unlike the checkpoint's: {differences}" if differences else ""
-        raise CheckpointError(f"{directory}: weights do not fit the model of {config_source} ({first}; "
-                              f"{plural(count, 'mismatched tensor')}){settings}; without --config and --set model.* "
-                              "the config the checkpoint was trained with is used")
+        tensors = plural(count, "mismatched tensor")
+        if config_source:
+            why = (f"{tensors}){settings}; without --config and --set model.* the config the checkpoint was "
+                   "trained with is used")
+        else:
+            config_source = "the checkpoint's own config"
+            why = f"{tensors}); the model code differs from the segscale that trained it"
+        raise CheckpointError(f"{directory}: weights do not fit the model of {config_source} ({first}; {why}")
     model.load_state_dict(state, strict=True)
 
 
-def load_for_inference(config_path: str, overrides: list[str], checkpoint: str) -> tuple[RunConfig, torch.nn.Module, str]:
+def load_for_inference(config_path: str, overrides: list[str], checkpoint: str,
+                       check: Callable[[RunConfig], None] | None = None) -> tuple[RunConfig, torch.nn.Module, str]:
     """The run config, the model with the checkpoint's weights, and the checkpoint folder.
 
     The config is ``--config`` when given, else the resolved config the checkpoint was
     trained with; ``--set`` overrides apply to either. Without ``--checkpoint`` the
-    latest checkpoint of the config's run (``train.run_name``) is used.
+    latest checkpoint of the config's run (``train.run_name``) is used. ``check(cfg)``
+    runs once the config is known, before the model is built and its weights read.
     """
     cfg = load_config(config_path, overrides) if config_path else None
     if not checkpoint:
@@ -125,6 +135,8 @@ def load_for_inference(config_path: str, overrides: list[str], checkpoint: str) 
         for text in overrides:
             data = merge(data, parse_override(text))
         cfg = config_from_dict(data, source=os.path.join(directory, META_FILE))
+    if check is not None:
+        check(cfg)
     if cfg.cluster.keep_freed_memory:
         from ops.host_allocator import configure_process
 
@@ -136,8 +148,9 @@ def load_for_inference(config_path: str, overrides: list[str], checkpoint: str) 
     from model.build import build_model
 
     model = build_model(cfg.model)
-    source = config_path or ("the checkpoint's config with " + " ".join(f"--set {o}" for o in overrides)
-                             if overrides else "the checkpoint's own config")
+    model_sets = [o for o in overrides if o.startswith("model.")]
+    source = config_path or ("the checkpoint's config with " + " ".join(f"--set {o}" for o in model_sets)
+                             if model_sets else "")
     load_weights_into(model, directory, cfg, source)
     model.eval()
     return cfg, model, directory
@@ -162,7 +175,11 @@ def eval_command(config_path: str, overrides: list[str], checkpoint: str, json_p
 
 
 def predict_command(config_path: str, overrides: list[str], checkpoint: str, out: str, num: int) -> int:
-    cfg, model, directory = load_for_inference(config_path, overrides, checkpoint)
+    def check_num(cfg: RunConfig) -> None:
+        if num < 1 and cfg.data.task != "panoptic":  # panoptic: 0 = predictions without overlays
+            raise ConfigError(f"--num {num}: expected a number of images >= 1")
+
+    cfg, model, directory = load_for_inference(config_path, overrides, checkpoint, check_num)
     out_dir = out or os.path.join(os.path.dirname(directory), "predictions")
     if cfg.data.task == "panoptic":
         from launcher.panoptic_eval import write_panoptic_predictions

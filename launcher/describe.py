@@ -69,14 +69,18 @@ from ops.weight_recast import recast_applies
 _GIB = 2**30
 
 
-def _weights(module: nn.Module) -> Iterator[torch.Tensor]:
+def _named_weights(module: nn.Module, recurse: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """Parameters, and the frozen ones kept as buffers: a buffer named ``weight`` or
     ``bias`` (FrozenBN's affine, ``model.backbone.freeze_bn``) is a weight that is not
     trained. The papers' counts include it; running statistics are not weights."""
-    yield from module.parameters()
-    for name, buffer in module.named_buffers():
+    yield from module.named_parameters(recurse=recurse)
+    for name, buffer in module.named_buffers(recurse=recurse):
         if name.rpartition(".")[2] in ("weight", "bias"):
-            yield buffer
+            yield name, buffer
+
+
+def _weights(module: nn.Module) -> Iterator[torch.Tensor]:
+    return (weight for _, weight in _named_weights(module))
 
 
 def count_parameters(model: nn.Module) -> dict[str, Any]:
@@ -99,9 +103,7 @@ def count_parameters(model: nn.Module) -> dict[str, Any]:
         components[name] = sum(parts.values()) + count(child)  # + its own direct weights
         details[name] = {k: v for k, v in parts.items() if v}
     # Weights registered on the model itself (UN-EPT's query grid), each under its own name.
-    own = [(n, w) for n, w in (*model.named_parameters(recurse=False), *model.named_buffers(recurse=False))
-           if w.is_floating_point() and (isinstance(w, nn.Parameter) or n in ("weight", "bias"))]
-    for name, weight in own:
+    for name, weight in _named_weights(model, recurse=False):
         if id(weight) not in seen:
             seen.add(id(weight))
             components[name] = weight.numel()

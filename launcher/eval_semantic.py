@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from data_pipeline.loader import reduce_zero_label as reduce_zero
 from launcher.evaluate import ConfusionMatrix
+from launcher.predict_record import RECORD_FILE
 from launcher.progress import plural
 from ops.atomic_file import write_json_atomic
 
@@ -37,8 +38,10 @@ def find_label_maps(folder: str, what: str) -> dict[str, Path]:
     root = Path(folder)
     if not root.is_dir():
         raise ValueError(f"{what} folder {folder} does not exist or is not a folder")
-    if (root / "labels").is_dir() and (root / "ground_truth").is_dir():
-        # `launcher predict`'s output folder: its overlays, labels/ and ground_truth/ share stems.
+    if (root / RECORD_FILE).is_file() or ((root / "labels").is_dir() and (root / "ground_truth").is_dir()
+                                          and any(root.glob("*.png"))):
+        # `launcher predict`'s output folder (its record, or its layout: overlays at the top,
+        # labels/ and ground_truth/ beside them, all sharing stems).
         raise ValueError(f"{what} folder {folder} is a `launcher predict` output folder; pass "
                          f"--pred-dir {root / 'labels'} (and --gt-dir {root / 'ground_truth'})")
     found: dict[str, Path] = {}

@@ -149,7 +149,8 @@ def with_progress(batches: Iterable[dict], total: int, desc: str) -> Iterator[di
 
 
 def validation_batches(cfg: RunConfig, desc: str, limit: int | None = None) -> Iterator[dict]:
-    """The whole validation set in one process, with progress (up to ``limit`` images)."""
+    """The whole validation set in one process, with progress; ``limit``: the number of
+    images the caller will take (the bar's total), it stops reading on its own."""
     total = load_manifest(cfg.data.val_manifest).num_samples
     return with_progress(build_eval_loader(cfg.data, 0, 1), total if limit is None else min(total, limit), desc)
 

@@ -13,10 +13,9 @@ recorded, and synthetic data, have none and use the sample key (``val_00000000``
 
 from __future__ import annotations
 
-import glob
-import json
+import itertools
 import os
-from contextlib import suppress
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -27,37 +26,8 @@ from launcher.config import RunConfig
 from launcher.deepspeed_config import autocast_dtype
 from launcher.evaluate import validation_batches
 from launcher.overlay import overlay_panel
-from launcher.progress import plural
+from launcher.predict_record import clear_previous, write_record
 from model.tta import predict_semantic_scores
-from ops.atomic_file import write_json_atomic
-
-# The names the last predict into a folder wrote (see _clear_previous_predictions).
-PREDICT_RECORD = "predict.json"
-
-
-def _clear_previous_predictions(out_dir: str, folders: tuple[str, ...]) -> None:
-    """Remove what the last ``predict`` into ``out_dir`` wrote, as its record lists: a run
-    that draws fewer or other images must not leave the earlier maps beside its own, for
-    ``eval-semantic`` over ``labels/`` would score them as this checkpoint's. PNGs no record
-    lists are someone else's: kept, and named in a warning."""
-    record = os.path.join(out_dir, PREDICT_RECORD)
-    if os.path.isfile(record):
-        try:
-            with open(record) as f:
-                names = [n for n in json.load(f)["names"] if isinstance(n, str) and os.sep not in n]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{record}: unreadable record of the last predict here ({err}); remove it and "
-                             f"the PNGs of {out_dir} it listed") from None
-        for name in names:
-            for folder in folders:
-                with suppress(FileNotFoundError):
-                    os.remove(os.path.join(folder, f"{name}.png"))
-        os.remove(record)
-    others = sorted(p for folder in folders[1:] for p in glob.glob(os.path.join(folder, "*.png")))
-    if others:
-        print(f"warning: {plural(len(others), 'PNG')} in {out_dir}/labels and ground_truth were not written by "
-              f"a predict (e.g. {others[0]}): kept, and eval-semantic over these folders scores them too",
-              flush=True)
 
 
 @torch.no_grad()
@@ -70,23 +40,26 @@ def write_predictions(cfg: RunConfig, model: torch.nn.Module, out_dir: str, num:
     labels_dir, truth_dir = os.path.join(out_dir, "labels"), os.path.join(out_dir, "ground_truth")
     os.makedirs(labels_dir, exist_ok=True)
     os.makedirs(truth_dir, exist_ok=True)
-    _clear_previous_predictions(out_dir, (out_dir, labels_dir, truth_dir))
+    batches = validation_batches(cfg, "predict", limit=num)
+    first = next(batches, None)  # the data is readable before the last predict's files go
+    clear_previous(out_dir, (out_dir, labels_dir, truth_dir))
     written: list[str] = []
     used: set[str] = set()
     try:
-        _predict_into(cfg, model, out_dir, num, used, written)
+        if first is not None:
+            _predict_into(cfg, model, out_dir, num, itertools.chain([first], batches), used, written)
     finally:  # also after Ctrl-C: the next predict here removes what this one wrote
-        write_json_atomic(os.path.join(out_dir, PREDICT_RECORD), {"names": sorted(used)})
+        write_record(out_dir, used)
     return written
 
 
-def _predict_into(cfg: RunConfig, model: torch.nn.Module, out_dir: str, num: int, used: set[str],
-                  written: list[str]) -> None:
+def _predict_into(cfg: RunConfig, model: torch.nn.Module, out_dir: str, num: int, batches: Iterator[dict],
+                  used: set[str], written: list[str]) -> None:
     """``write_predictions``' loop: names go into ``used`` before their files are written."""
     labels_dir, truth_dir = os.path.join(out_dir, "labels"), os.path.join(out_dir, "ground_truth")
     dtype = autocast_dtype(cfg.train)
     model.eval()
-    for batch in validation_batches(cfg, "predict", limit=num):
+    for batch in batches:
         images = batch["images"]
         names = [output_stem(source, key, used) for source, key in zip(batch["sources"], batch["keys"])]
         sizes = batch.get("image_sizes") or [tuple(images.shape[-2:])] * len(images)

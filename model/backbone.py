@@ -3,8 +3,8 @@ or equal ones from a dilated CNN (``timm_kwargs: {output_stride: 8}``).
 
 Everything timm-specific lives here: building the ``features_only`` model, converting
 NHWC outputs (Swin, MambaOut, ...) to NCHW, arbitrary input sizes, the simple feature
-pyramid in front of plain ViTs, activation checkpointing and loading local pretrained
-weights. The rest of the model only sees ``channels``, ``strides`` and a list of NCHW
+pyramid in front of plain ViTs, activation checkpointing, and loading local pretrained
+weights through ``model.pretrained``. The rest of the model only sees ``channels``, ``strides`` and a list of NCHW
 tensors.
 
 Families (decided from the timm model name):

@@ -78,15 +78,17 @@ def read_state_dict(path: str, shapes_only: bool = False) -> dict[str, Tensor]:
         state = _read_file(path, kind, shapes_only)
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):
-            raise ValueError(f"{where} is a damaged torch file (truncated download or copy?): {err}") from None
+            raise ValueError(f"{where} is a damaged torch file (truncated download or copy?): {err}") from err
         found = re.search(r"GLOBAL ([\w.]+)", str(err))  # torch's own message is many lines
         raise ValueError(
             f"{where} pickles Python objects besides tensors{f' ({found.group(1)})' if found else ''}, which "
             "torch.load(weights_only=True) refuses; re-save just its state dict or convert it to .safetensors"
-        ) from None
+        ) from err
+    except MemoryError:
+        raise
     except Exception as err:  # a damaged file fails anywhere: EOFError, KeyError, zip or header errors
         reason = str(err).split(". ")[0] or type(err).__name__
-        raise ValueError(f"{where} cannot be read as a {kind} file (truncated download or copy?): {reason}") from None
+        raise ValueError(f"{where} cannot be read as a {kind} file (truncated download or copy?): {reason}") from err
     while isinstance(state, Mapping):
         nested = [k for k in _NESTING_KEYS if isinstance(state.get(k), Mapping)]
         if not nested:

@@ -117,6 +117,13 @@ def test_a_predict_output_folder_and_a_too_small_class_count_are_explained(folde
     for name, array in PRED.items():
         _write(out / "labels" / f"{name}.png", array)
         _write(out / "ground_truth" / f"{name}.png", array)
+    # A dataset root that merely holds labels/ and ground_truth/ folders is scored as given ...
+    assert evaluate_label_folders(str(out / "labels"), str(gt), 3, progress=False)["images"] == 2
+    with pytest.raises(ValueError, match="two files share the stem"):
+        evaluate_label_folders(str(out), str(gt), 3, progress=False)
+    # ... while predict's layout (overlays on top) or its record names the folders to pass.
+    for name, array in PRED.items():
+        _write(out / f"{name}.png", array)
     with pytest.raises(ValueError, match=r"`launcher predict` output folder; pass --pred-dir .*predictions/labels"):
         evaluate_label_folders(str(out), str(gt), 3, progress=False)
     # ADE20K-style labels 1..K without --reduce-zero-label: label K is one past the classes.

@@ -1,17 +1,20 @@
 """The inference commands' handling of bad input (eval, predict, export): one line naming
 the file or key at fault, checked before any long work, and nothing half-written left."""
 
+import json
 import os
 
 import pytest
 import torch
 from torch import nn
 
+from data_pipeline.loader_io import ShardReadError
 from launcher import cli, predict
 from launcher.checkpoint import META_FILE, CheckpointError, _list_files, resolve_checkpoint
 from launcher.commands import load_weights_into
 from launcher.config import load_config
 from launcher.export import export_weights
+from launcher.predict_record import RECORD_FILE, clear_previous
 from ops.atomic_file import write_json_atomic
 
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
@@ -38,7 +41,7 @@ def test_checkpoint_paths_that_hold_no_checkpoint_say_why(tmp_path):
     with pytest.raises(CheckpointError, match="results.json: is a file; expected a checkpoint folder"):
         resolve_checkpoint(str(tmp_path / "results.json"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="empty: neither a checkpoint folder .* nor a run folder"):
+    with pytest.raises(CheckpointError, match=r"empty: no checkpoint here: .* no checkpoint_\* folders in it \(a run that has not saved one yet\?\)"):
         resolve_checkpoint(str(tmp_path / "empty"))
     # Rank 0 died before writing the metadata: the folder is a checkpoint, an incomplete one.
     half = fake_checkpoint(tmp_path / "run", "checkpoint_b")
@@ -61,6 +64,12 @@ def test_weights_of_another_config_name_the_tensor_and_the_setting(tmp_path):
                                               r"2 mismatched tensors\); settings unlike the checkpoint's: "
                                               r"model.num_classes=4 \(checkpoint: 5\)"):
         load_weights_into(nn.Linear(4, 5), directory, cfg, "demo.yaml")
+    # Nothing chose another model: the checkpoint's own config builds other shapes, so the
+    # model code changed; the --config hint would point the wrong way.
+    with pytest.raises(CheckpointError) as err:
+        load_weights_into(nn.Linear(4, 5), directory, cfg)
+    assert "of the checkpoint's own config" in str(err.value) and "model code differs" in str(err.value)
+    assert "without --config" not in str(err.value)
     model = nn.Linear(4, 6)
     load_weights_into(model, directory, cfg, "demo.yaml")  # fits: loaded, whatever the config says
     assert torch.equal(model.weight, torch.load(os.path.join(directory, "deepspeed", "state",
@@ -69,11 +78,11 @@ def test_weights_of_another_config_name_the_tensor_and_the_setting(tmp_path):
 
 def test_a_damaged_weights_file_of_the_listed_size_is_one_line(tmp_path):
     directory = fake_checkpoint(tmp_path, weights=b"not a torch file" * 10)
-    with pytest.raises(CheckpointError, match="checkpoint_a: cannot read the model weights .* damaged"):
+    with pytest.raises(CheckpointError, match="checkpoint_a: cannot read the model weights .*: a damaged file"):
         load_weights_into(nn.Linear(4, 6), directory, load_config(DEMO), "demo.yaml")
 
 
-def test_export_refuses_a_folder_and_leaves_no_partial_file(tmp_path):
+def test_export_refuses_a_folder_and_leaves_no_partial_file(tmp_path, monkeypatch):
     directory = fake_checkpoint(tmp_path)
     (tmp_path / "out").mkdir()
     with pytest.raises(ValueError, match="--out .*out is a folder; give a file name"):
@@ -82,6 +91,18 @@ def test_export_refuses_a_folder_and_leaves_no_partial_file(tmp_path):
     with pytest.raises(CheckpointError):
         export_weights(damaged, str(tmp_path / "model.safetensors"))
     assert sorted(os.listdir(tmp_path)) == ["checkpoint_a", "checkpoint_b", "out"]
+    import launcher.export
+
+    def disk_full(state, path, metadata=None):  # writes part of the file, then fails
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(launcher.export, "save_file", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            export_weights(directory, str(tmp_path / "model.safetensors"))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_a", "checkpoint_b", "out"]  # no .partial left
     _, tensors, _ = export_weights(directory, str(tmp_path / "new" / "model.safetensors"))
     assert tensors == 2 and os.listdir(tmp_path / "new") == ["model.safetensors"]
 
@@ -91,9 +112,11 @@ def test_export_refuses_a_folder_and_leaves_no_partial_file(tmp_path):
     (["describe", "--config", "nowhere/zzz.yaml"], "config file not found (presets are in .*configs/)"),
     (["eval", "--checkpoint", "x", "--json", "{tmp}"], "--json .* is a folder; give a file name"),
     (["export", "--checkpoint", "x", "--out", "{tmp}"], "--out .* is a folder; give a file name"),
-    (["predict", "--checkpoint", "x", "--num", "-1"], "--num -1: expected a number of images >= 0"),
+    (["predict", "--checkpoint", "x", "--num", "-1"], "--num -1: expected a number of images >= 1 (>= 0 for panoptic"),
+    (["eval", "--checkpoint", "x", "--json", "{tmp}/file.txt/results.json"], "--json .*: .*file.txt is not a folder"),
 ])
 def test_arguments_are_checked_before_anything_loads(tmp_path, capsys, argv, message):
+    (tmp_path / "file.txt").write_text("")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
@@ -135,6 +158,28 @@ def test_a_second_predict_into_one_folder_leaves_only_its_own_maps(tmp_path, mon
     predict.write_predictions(cfg, nn.Identity(), str(tmp_path), 1)
     assert sorted(os.listdir(tmp_path / "labels")) == ["mine.png", "val_2.png"]
     assert sorted(os.listdir(tmp_path / "ground_truth")) == ["val_2.png"]
-    assert sorted(os.listdir(tmp_path)) == ["ground_truth", "labels", predict.PREDICT_RECORD, "val_2.png"]
+    assert sorted(os.listdir(tmp_path)) == ["ground_truth", "labels", RECORD_FILE, "val_2.png"]
     out = capsys.readouterr().out
     assert "warning: 1 PNG in" in out and "labels/mine.png" in out, out
+
+
+def test_the_record_is_only_ever_segscales_and_old_maps_go_only_once_data_is_read(tmp_path, monkeypatch):
+    cfg = load_config(DEMO)
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "val_0.png").write_bytes(b"")
+    (tmp_path / RECORD_FILE).write_text(json.dumps({"tool": "segscale predict", "names": ["val_0"]}))
+
+    def unreadable(cfg, desc, limit=None):
+        raise ShardReadError("shard x: cannot read")
+        yield  # a generator, as validation_batches is
+
+    monkeypatch.setattr(predict, "validation_batches", unreadable)
+    with pytest.raises(ShardReadError):
+        predict.write_predictions(cfg, nn.Identity(), str(tmp_path), 1)
+    assert (tmp_path / "labels" / "val_0.png").exists()  # the data failed: the last run's maps stay
+    for record, message in ((["a"], "not a record written by segscale predict"),
+                            ({"tool": "segscale predict", "names": "abc"}, "expected \"names\": a list")):
+        (tmp_path / RECORD_FILE).write_text(json.dumps(record))
+        with pytest.raises(ValueError, match=message):
+            clear_previous(str(tmp_path), (str(tmp_path), str(tmp_path / "labels")))
+        assert (tmp_path / "labels" / "val_0.png").exists()
