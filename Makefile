@@ -24,8 +24,8 @@ help:
 	@echo "make test     install, then run the test suite (~15 min on 2 cores)"
 	@echo "make install  create $(VENV) and install segscale with its dev tools (constraints.txt pins torch)"
 	@echo "make lint     install, then ruff check ."
-	@echo "make clean    delete runs/ (the demo's data and every run's checkpoints under the default"
-	@echo "              train.output_dir), build/, dist/, *.egg-info, .pytest_cache, .ruff_cache; keeps $(VENV)"
+	@echo "make clean    delete the demo's data and runs (runs/demo-data, runs/demo-*), build/, dist/,"
+	@echo "              *.egg-info, .pytest_cache, .ruff_cache; keeps $(VENV) and every other run in runs/"
 	@echo "variables     VENV=$(VENV) PYTHON_SYS=$(PYTHON_SYS) TORCH_INDEX_URL=<a CPU wheel index, for install>"
 
 install: $(STAMP)
@@ -49,5 +49,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 
+# Only what the demo and the tools made: runs/ is also every training run's default
+# output folder (train.output_dir), and its checkpoints are no build leftovers.
 clean:
-	rm -rf runs build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf runs/demo-data runs/demo-* build dist *.egg-info .pytest_cache .ruff_cache
