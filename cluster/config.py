@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 
 @dataclass
@@ -42,3 +42,14 @@ class ClusterConfig:
     # Peak TFLOP/s of one worker for the MFU estimate (segscale_mfu); 0 = the datasheet
     # number of a known GPU, else a matmul rate measured at start-up.
     peak_tflops_per_worker: float = 0.0
+
+    # Value ranges checked when a config is loaded (launcher.typed_config.check_rules).
+    RULES: ClassVar[dict[str, str]] = {
+        "num_workers cpus_per_worker": "positive int",
+        "torch_threads max_failures peak_tflops_per_worker": ">= 0",
+    }
+
+    def validate(self, path: str) -> None:
+        if not -1 <= self.metrics_port_base <= 65535:
+            raise ValueError(f"{path}.metrics_port_base: expected -1 (no exporter), 0 (free ports) or a TCP port, "
+                             f"got {self.metrics_port_base}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from data_pipeline.augment_config import AugmentConfig
 
@@ -18,6 +18,10 @@ class SyntheticConfig:
     num_val: int = 64
     samples_per_shard: int = 64
     seed: int = 0
+
+    # Value ranges checked when a config is loaded (launcher.typed_config.check_rules).
+    RULES: ClassVar[dict[str, str]] = {
+        "num_classes image_size num_train num_val samples_per_shard": "positive int", "seed": ">= 0"}
 
 
 @dataclass
@@ -48,3 +52,14 @@ class DataConfig:
     # Training augmentation (random resize, category-constrained crop, flip, photometric
     # distortion: MaskFormer's ADE20K recipe); see augment_config.py.
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    # Value ranges checked when a config is loaded (launcher.typed_config.check_rules; the
+    # loader checks them again in the workers). Labels are uint8 maps: ignore is one of them.
+    RULES: ClassVar[dict[str, str]] = {
+        "crop_size batch_size": "positive int",
+        "num_workers shuffle_buffer seed": ">= 0",
+    }
+
+    def validate(self, path: str) -> None:
+        if not 0 <= self.ignore_index <= 255:
+            raise ValueError(f"{path}.ignore_index: expected a label value in [0, 255], got {self.ignore_index}")

@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
 
 from cluster.config import ClusterConfig
 from data_pipeline.config import DataConfig
-from launcher.typed_config import ConfigError, from_dict, merge, parse_override, to_dict
+from launcher.typed_config import ConfigError, from_dict, load_yaml, merge, parse_override, to_dict
 from model.config import ModelConfig
 
 __all__ = ["ConfigError", "RunConfig", "TrainConfig", "load_config", "config_from_dict", "to_dict"]
@@ -28,10 +28,11 @@ class TrainConfig:
     # resumes it from its latest checkpoint. "" = "<config stem>-<timestamp>".
     run_name: str = ""
     # Where Ray Train keeps the run (checkpoints, metrics snapshots, results): a local
-    # folder, or shared storage (NFS path, s3://...) on a multi-node cluster.
+    # folder, or a shared file system (NFS) path on a multi-node cluster (object storage,
+    # s3://..., is refused: every rank writes its checkpoint shards here).
     output_dir: str = "runs"
     max_steps: int = 160_000
-    # AdamW, MaskFormer's ADE20K recipe (DESIGN.md section 5).
+    # AdamW, MaskFormer's ADE20K recipe.
     lr: float = 1e-4
     weight_decay: float = 1e-4
     backbone_lr_multiplier: float = 0.1
@@ -67,12 +68,34 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
-    # Validation during training every N steps (0 = only at the end of the run).
+    # Validation during training every N steps, and always at the end of the run (0, or
+    # more than max_steps, = only at the end: a preset's interval stays valid for a short
+    # --set train.max_steps run, so it is not an error).
     eval_every: int = 0
     # Stop early once validation mIoU reaches this value (0 = train to max_steps).
     target_miou: float = 0.0
     # Start from this checkpoint folder instead of the run's own latest one.
     resume_from: str = ""
+
+    # Checked when a config is loaded, by describe, eval and submit too (typed_config's
+    # check_rules); the wording is launcher.preflight.check_run's, which train runs again.
+    RULES: ClassVar[dict[str, str]] = {
+        "max_steps log_every checkpoint_every keep_checkpoints grad_accum_steps": "positive int",
+        "lr": "> 0",
+        "weight_decay backbone_lr_multiplier poly_power grad_clip warmup_steps seed": ">= 0",
+        "target_miou": "[0, 1]",
+    }
+
+    def validate(self, path: str) -> None:
+        if self.eval_every < 0:
+            raise ValueError(f"{path}.eval_every: expected 0 (off) or a positive int, got {self.eval_every}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"{path}.zero_stage: expected 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.zero_bucket_elements < 1:
+            raise ValueError(f"{path}.zero_bucket_elements: expected a positive element count, "
+                             f"got {self.zero_bucket_elements}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"{path}.betas: expected AdamW's two betas, each in [0, 1), got {self.betas}")
 
 
 @dataclass
@@ -83,20 +106,23 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
-def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict:
-    """Read a config file, following ``base:`` links (cycles are an error)."""
+def _read_chain(path: str, chain: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
+    """``(file, data)`` of a config file and the files its ``base:`` links lead to, the
+    last base first (cycles are an error)."""
     path = os.path.abspath(path)
     if path in chain:
         raise ConfigError(f"{path}: 'base' links form a cycle")
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = load_yaml(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a folder; expected a YAML config file (e.g. configs/demo.yaml)") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file; expected a YAML config file") from None
+    except ConfigError as err:  # a duplicate key: the message starts with its line
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -104,17 +130,19 @@ def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, cluster), "
+                          f"got {type(data).__name__}")
     base = data.pop("base", None)
     if base is None:
-        return data
-    if not isinstance(base, str):
-        raise ConfigError(f"{path}: base: expected a file path (str), got {type(base).__name__}")
+        return [(path, data)]
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base: expected a file path (str), got {type(base).__name__} {base!r}")
     base_path = os.path.join(os.path.dirname(path), base)
-    if not os.path.exists(base_path):  # named with the file that links to it
-        raise ConfigError(f"{path}: base: {base!r}: config file not found ({os.path.abspath(base_path)}; "
+    if not os.path.isfile(base_path):  # named with the file that links to it
+        problem = "is a folder" if os.path.isdir(base_path) else "config file not found"
+        raise ConfigError(f"{path}: base: {base!r}: {problem} ({os.path.abspath(base_path)}; "
                           "a relative base is relative to this file's folder)")
-    return merge(_read_yaml(base_path, chain + (path,)), data)
+    return _read_chain(base_path, chain + (path,)) + [(path, data)]
 
 
 def config_from_dict(data: dict, source: str = "config") -> RunConfig:
@@ -125,39 +153,48 @@ def config_from_dict(data: dict, source: str = "config") -> RunConfig:
 
 
 def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Load ``path`` (with its ``base`` chain) and apply ``--set`` overrides, strictly."""
-    data = _read_yaml(path)
-    merged = data
-    for text in overrides:
-        merged = merge(merged, parse_override(text))
+    """Load ``path`` (with its ``base`` chain) and apply ``--set`` overrides, strictly.
+
+    An error names where the user has to look: the file of the chain, or the ``--set``,
+    from which on the config fails with it (``_blame``)."""
+    chain = _read_chain(path)
+    shown = [(_shown(file) if i < len(chain) - 1 else path, data) for i, (file, data) in enumerate(chain)]
+    steps = shown + [(f"--set {text}", parse_override(text)) for text in overrides]
+    merged: dict = {}
+    for _, data in steps:
+        merged = merge(merged, data)
     try:
-        return config_from_dict(merged, source=path)
+        return from_dict(RunConfig, merged)
     except ConfigError as err:
-        raise _blame_override(data, path, overrides, str(err)) or err from None
+        raise ConfigError(f"{_blame(steps, str(err))}: {err}") from None
 
 
-def _blame_override(
-    data: dict, path: str, overrides: list[str] | tuple[str, ...], error: str
-) -> ConfigError | None:
-    """The final ``error`` named with the ``--set`` that brings it in (the first step of the
-    overrides at which the config fails with exactly this error), or None where the file
-    itself fails so: the message should point where the user has to look."""
+def _blame(steps: list[tuple[str, dict]], error: str) -> str:
+    """The source (file or ``--set``) of the first step from which every merged prefix of
+    ``steps`` fails with exactly ``error``: a value set by a base and mended by a later
+    file is not blamed, nor is a ``--set`` that a later one replaces."""
 
-    def fails_so(candidate: dict) -> bool:
+    def fails_so(data: dict) -> bool:
         try:
-            config_from_dict(candidate, source=path)
+            from_dict(RunConfig, data)
         except ConfigError as err:
             return str(err) == error
         return False
 
-    if fails_so(data):
-        return None
-    for text in overrides:
-        data = merge(data, parse_override(text))
-        if fails_so(data):
-            detail = error[len(path):] if error.startswith(f"{path}: ") else f": {error}"
-            return ConfigError(f"--set {text}{detail}")
-    return None
+    prefixes, merged = [], {}
+    for _, data in steps:
+        merged = merge(merged, data)
+        prefixes.append(merged)
+    culprit = len(steps) - 1
+    while culprit > 0 and fails_so(prefixes[culprit - 1]):
+        culprit -= 1
+    return steps[culprit][0]
+
+
+def _shown(path: str) -> str:
+    """A base file's path, relative to the working dir when it lies inside it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
 
 
 def default_run_name(config_path: str) -> str:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from ops.config import OpsConfig
+
+# Each section's RULES are value ranges checked when a config is loaded (the specs are
+# launcher.typed_config.check_rules's); what depends on the architecture (head counts that
+# divide widths, thing classes below num_classes, ...) is checked as the model builds.
+_SIZES = "hidden_dim nheads dim_feedforward"
 
 
 @dataclass
@@ -19,7 +24,7 @@ class BackboneConfig:
     # ConvNeXt have no stride-2 level: use [0, 1, 2, 3] for them.
     out_indices: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
     # Extra keyword arguments for ``timm.create_model`` (e.g. drop_path_rate; output_stride: 8
-    # dilates a ResNet's res4/res5, all of res3..res5 at stride 8, for UN-EPT); null = timm's default.
+    # dilates a ResNet's res4/res5, all of res3..res5 at stride 8, for UN-EPT); {} = timm's defaults.
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     # Activation checkpointing of the backbone blocks.
     grad_checkpointing: bool = False
@@ -31,6 +36,8 @@ class BackboneConfig:
     # (ViTDet: x4, x2, x1, x1/2) turns it into strides 4/8/16/32 with this many channels.
     # Used only for backbones whose features all share one stride.
     pyramid_channels: int = 256
+
+    RULES: ClassVar[dict[str, str]] = {"out_indices": "non-empty", "pyramid_channels": "positive int"}
 
 
 @dataclass
@@ -53,6 +60,11 @@ class PixelDecoderConfig:
     # outside the backbone.
     grad_checkpointing: bool = False
 
+    RULES: ClassVar[dict[str, str]] = {
+        "conv_dim mask_dim encoder_layers encoder_nheads encoder_dim_feedforward encoder_num_points": "positive int",
+        "encoder_dropout": "[0, 1)",
+    }
+
 
 @dataclass
 class TransformerDecoderConfig:
@@ -71,6 +83,9 @@ class TransformerDecoderConfig:
     mask_embed_layers: int = 3
     deep_supervision: bool = True
 
+    RULES: ClassVar[dict[str, str]] = {
+        f"num_queries {_SIZES} dec_layers mask_embed_layers": "positive int", "dropout": "[0, 1)"}
+
 
 @dataclass
 class PFTDecoderConfig:
@@ -87,6 +102,8 @@ class PFTDecoderConfig:
     deep_supervision: bool = True
     # Activation checkpointing of each decoder layer (reentrant, so ZeRO-3 works).
     grad_checkpointing: bool = False
+
+    RULES: ClassVar[dict[str, str]] = {f"{_SIZES} dec_layers mask_embed_layers": "positive int", "dropout": "[0, 1)"}
 
 
 @dataclass
@@ -128,6 +145,14 @@ class PanopticSegFormerConfig:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
 
+    RULES: ClassVar[dict[str, str]] = {
+        f"num_queries {_SIZES} encoder_layers location_layers thing_mask_layers stuff_mask_layers num_points":
+            "positive int",
+        "dropout": "[0, 1)",
+        "class_weight stuff_class_weight dice_weight box_l1_weight giou_weight focal_gamma": ">= 0",
+        "focal_alpha": "[0, 1]",
+    }
+
 
 @dataclass
 class UNEPTConfig:
@@ -157,6 +182,12 @@ class UNEPTConfig:
     edge_weight: float = 5.0
     direction_weight: float = 0.6
 
+    RULES: ClassVar[dict[str, str]] = {
+        f"{_SIZES} num_levels num_points enc_layers dec_layers query_grid edge_radius": "positive int",
+        "dropout": "[0, 1)",
+        "refine_distance coarse_weight refined_weight edge_weight direction_weight": ">= 0",
+    }
+
 
 @dataclass
 class MatcherConfig:
@@ -165,6 +196,8 @@ class MatcherConfig:
     cost_dice: float = 1.0
     # Points sampled per mask for the matching costs; 0 = compare whole masks.
     num_points: int = 0
+
+    RULES: ClassVar[dict[str, str]] = {"cost_class cost_focal cost_dice num_points": ">= 0"}
 
 
 @dataclass
@@ -183,6 +216,12 @@ class LossConfig:
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
 
+    RULES: ClassVar[dict[str, str]] = {
+        "class_weight focal_ce_weight focal_weight dice_weight no_object_weight focal_gamma num_points": ">= 0",
+        "focal_alpha importance_sample_ratio": "[0, 1]",
+        "oversample_ratio": ">= 1",
+    }
+
 
 @dataclass
 class InferenceConfig:
@@ -199,10 +238,12 @@ class InferenceConfig:
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = False
 
+    RULES: ClassVar[dict[str, str]] = {"short_side window_size window_stride": ">= 0", "scales": "> 0"}
+
 
 @dataclass
 class PanopticInferenceConfig:
-    """Panoptic post-processing (``model.panoptic_inference``); defaults are the papers'."""
+    """Panoptic post-processing (``model.panoptic``); defaults are the papers'."""
 
     # MaskFormer/Mask2Former rule (their ADE20K/COCO panoptic configs: 0.8 / 0.8): keep
     # queries whose top class is not "no object" and scores > object_mask_threshold; drop
@@ -223,10 +264,17 @@ class PanopticInferenceConfig:
     mask_threshold: float = 0.5
     mask_area_offset: float = 1.0
 
+    RULES: ClassVar[dict[str, str]] = {
+        "object_mask_threshold overlap_threshold confidence_threshold stuff_confidence_threshold thing_overlap "
+        "stuff_overlap mask_threshold": "[0, 1]",
+        "class_exponent mask_exponent mask_area_offset": ">= 0",
+    }
+
 
 @dataclass
 class ModelConfig:
-    # "maskformer" (seed 002) or "pft" (Pyramid Fusion Transformer, seed 000).
+    # "maskformer" (seed 002), "pft" (Pyramid Fusion Transformer, seed 000), "unept" (seed
+    # 001) or "panoptic_segformer" (seed 004).
     name: Literal["maskformer", "pft", "panoptic_segformer", "unept"] = "maskformer"
     num_classes: int = 150
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -249,3 +297,13 @@ class ModelConfig:
     # so loaders can ship uint8 images.
     pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
     pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+
+    RULES: ClassVar[dict[str, str]] = {
+        "num_classes": "positive int",
+        "pixel_std": "> 0",
+    }
+
+    def validate(self, path: str) -> None:
+        for key in ("pixel_mean", "pixel_std"):
+            if len(getattr(self, key)) != 3:
+                raise ValueError(f"{path}.{key}: expected 3 values (RGB), got {getattr(self, key)}")

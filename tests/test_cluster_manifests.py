@@ -152,3 +152,38 @@ def test_grafana_dashboard_and_provisioning():
         assert panel["targets"] and all(t["expr"] and t["refId"] for t in panel["targets"]), panel["title"]
         for target in panel["targets"]:  # one run; ranks by the multi-value variable
             assert 'run="$run"' in target["expr"], target["expr"]
+
+
+def _queries():
+    """Every PromQL expression of the dashboard (panels and variables) and the alert rules."""
+    with open(os.path.join(CLUSTER, "grafana", "dashboards", "segscale.json")) as f:
+        dashboard = json.load(f)
+    panels = [p for top in dashboard["panels"] for p in (top, *top.get("panels", []))]
+    exprs = [t["expr"] for p in panels for t in p.get("targets", [])]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"] if v.get("definition")]
+    (rules,) = load("prometheus", "alerts.yml")
+    exprs += [r["expr"] for group in rules["groups"] for r in group["rules"]]
+    return exprs
+
+
+def test_dashboard_and_alerts_query_only_exported_series_and_labels():
+    """Without a Prometheus (test_observability.py scrapes a real run): each metric the
+    queries read is one cluster/metrics.py exports, and each label they match or group
+    by is one its series carry, so a renamed metric or label cannot leave a panel empty."""
+    from cluster.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics(run="r", rank=0)
+    metrics.observe_step(1, 1.0, {"loss_ce": 1.0}, 2, 0.5, 0.1, 1e-4, grad_norm=1.0, mfu=0.1)
+    metrics.observe_throughput(4.0)  # set once per logging window
+    series, labels = set(), {"le"}
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            series.add(sample.name)
+            labels |= set(sample.labels)
+    exprs = _queries()
+    queried = {name for expr in exprs for name in re.findall(r"\bsegscale_[a-z_]+", expr)}
+    assert len(queried) > 10 and queried <= series, sorted(queried - series)
+    matched = {name for expr in exprs for name in re.findall(r"([a-z_]+)\s*(?:=~|!=|=)\s*\"", expr)}
+    grouped = {name.strip() for expr in exprs for group in re.findall(r"\b(?:by|on)\s*\(([^)]*)\)", expr)
+               for name in group.split(",")}
+    assert matched | grouped <= labels, sorted((matched | grouped) - labels)

@@ -1,9 +1,13 @@
 """Typed config: YAML presets load, overrides apply, bad keys/types are one-line errors."""
 
+import dataclasses
 import glob
 import os
+import re
+import typing
 
 import pytest
+import yaml
 
 from launcher.config import ConfigError, RunConfig, load_config
 from launcher.typed_config import from_dict, parse_override, to_dict
@@ -112,3 +116,35 @@ def test_round_trip_through_dict():
     cfg = load_config(os.path.join(REPO, "configs", "demo.yaml"))
     again = from_dict(RunConfig, to_dict(cfg))
     assert again == cfg
+
+
+def _config_keys(cls, prefix=""):
+    """``{"train.lr": 0.0001, ...}``: every leaf key of a config dataclass and its default."""
+    hints = typing.get_type_hints(cls)
+    keys = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.update(_config_keys(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            keys[prefix + f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return keys
+
+
+def test_readme_lists_every_config_key_with_its_default():
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    section = readme[readme.index("### Config keys"):readme.index("## Running on a Ray cluster")]
+    rows = re.findall(r"^\| `([a-z_0-9.]+)` \| `([^`]*)` \|", section, flags=re.M)
+    documented = {}
+    for key, cell in rows:
+        low_high = re.fullmatch(r"\[(\d+)\.\.(\d+)\]", cell)  # a long list written as its range
+        documented[key] = list(range(int(low_high[1]), int(low_high[2]) + 1)) if low_high else yaml.safe_load(cell)
+    keys = _config_keys(RunConfig)
+    assert sorted(set(keys) - set(documented)) == [], "config keys missing from README's Config keys"
+    assert sorted(set(documented) - set(keys)) == [], "README lists keys that do not exist"
+    wrong = {k: (documented[k], v) for k, v in keys.items() if documented[k] != v}
+    assert wrong == {}, "README default (documented, actual)"
+    # Keys named anywhere else in the README exist too (a renamed key leaves no stale mention).
+    mentioned = set(re.findall(r"`(?:--set )?((?:model|data|train|cluster)\.[a-z_0-9.]+)(?:[=` ])", readme))
+    sections = {k.rsplit(".", 1)[0] for k in keys}
+    assert sorted(m for m in mentioned if m not in keys and m not in sections) == []
