@@ -132,11 +132,15 @@ def evaluate_panoptic_model(model: nn.Module, batches: Iterable[dict], categorie
 
 
 def panoptic_validation(cfg: RunConfig, model: nn.Module, rank: int = 0, world_size: int = 1,
-                        dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> dict:  # fmt: skip
+                        dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                        batches: Iterable[dict] | None = None) -> dict:  # fmt: skip
     """PQ / SQ / RQ (All, Things, Stuff, per class) of ``model`` on ``data.val_manifest``,
-    every rank scoring its own slice; the statistics are summed over ranks."""
-    accumulator = evaluate_panoptic_model(model, build_eval_loader(cfg.data, rank, world_size), _categories(cfg),
-                                          cfg.model, dtype, device, lockstep=cfg.train.zero_stage == 3)  # fmt: skip
+    every rank scoring its own slice (``batches``: the whole set, in one process); the
+    statistics are summed over ranks."""
+    if batches is None:
+        batches = build_eval_loader(cfg.data, rank, world_size)
+    accumulator = evaluate_panoptic_model(model, batches, _categories(cfg), cfg.model, dtype, device,
+                                          lockstep=cfg.train.zero_stage == 3)  # fmt: skip
     accumulator.all_reduce()
     return accumulator.results()
 
@@ -144,9 +148,7 @@ def panoptic_validation(cfg: RunConfig, model: nn.Module, rank: int = 0, world_s
 def evaluate_panoptic_on_validation(cfg: RunConfig, model: nn.Module) -> dict:
     """Single-process panoptic evaluation (``launcher eval``), with progress."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    accumulator = evaluate_panoptic_model(model, validation_batches(cfg, "eval"), _categories(cfg), cfg.model,
-                                          autocast_dtype(cfg.train))  # fmt: skip
-    return accumulator.results()
+    return panoptic_validation(cfg, model, dtype=autocast_dtype(cfg.train), batches=validation_batches(cfg, "eval"))
 
 
 def summary_line(results: dict) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -44,42 +43,34 @@ def write_predictions(cfg: RunConfig, model: torch.nn.Module, out_dir: str, num:
     first = next(batches, None)  # the data is readable before the last predict's files go
     clear_previous(out_dir, (out_dir, labels_dir, truth_dir))
     written: list[str] = []
-    used: set[str] = set()
+    used: set[str] = set()  # names go in before their files are written
+    dtype = autocast_dtype(cfg.train)
+    model.eval()
     try:
-        if first is not None:
-            _predict_into(cfg, model, out_dir, num, itertools.chain([first], batches), used, written)
+        for batch in itertools.chain([first] if first is not None else [], batches):
+            images = batch["images"]
+            names = [output_stem(source, key, used) for source, key in zip(batch["sources"], batch["keys"])]
+            sizes = batch.get("image_sizes") or [tuple(images.shape[-2:])] * len(images)
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                predictions = predict_semantic_scores(model, images, cfg.model.inference, cfg.model.name,
+                                                      image_sizes=sizes).argmax(1)
+            for image, prediction, target, name, (height, width) in zip(images, predictions, batch["semantic"],
+                                                                         names, sizes):
+                # Each image at its own size: the batch padding is no part of it.
+                panel = overlay_panel(image[:, :height, :width].permute(1, 2, 0).numpy(),
+                                      prediction[:height, :width].numpy(),
+                                      target[:height, :width].numpy().astype(np.int64), cfg.model.num_classes,
+                                      cfg.data.ignore_index)
+                path = os.path.join(out_dir, f"{name}.png")
+                panel.save(path)
+                save_label_map(prediction[:height, :width].numpy(), os.path.join(labels_dir, f"{name}.png"))
+                save_label_map(target[:height, :width].numpy(), os.path.join(truth_dir, f"{name}.png"))
+                written.append(path)
+                if len(written) >= num:
+                    return written
     finally:  # also after Ctrl-C: the next predict here removes what this one wrote
         write_record(out_dir, used)
     return written
-
-
-def _predict_into(cfg: RunConfig, model: torch.nn.Module, out_dir: str, num: int, batches: Iterator[dict],
-                  used: set[str], written: list[str]) -> None:
-    """``write_predictions``' loop: names go into ``used`` before their files are written."""
-    labels_dir, truth_dir = os.path.join(out_dir, "labels"), os.path.join(out_dir, "ground_truth")
-    dtype = autocast_dtype(cfg.train)
-    model.eval()
-    for batch in batches:
-        images = batch["images"]
-        names = [output_stem(source, key, used) for source, key in zip(batch["sources"], batch["keys"])]
-        sizes = batch.get("image_sizes") or [tuple(images.shape[-2:])] * len(images)
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            predictions = predict_semantic_scores(model, images, cfg.model.inference, cfg.model.name,
-                                                  image_sizes=sizes).argmax(1)
-        for image, prediction, target, name, (height, width) in zip(images, predictions, batch["semantic"],
-                                                                     names, sizes):
-            # Each image at its own size: the batch padding is no part of it.
-            panel = overlay_panel(image[:, :height, :width].permute(1, 2, 0).numpy(),
-                                  prediction[:height, :width].numpy(),
-                                  target[:height, :width].numpy().astype(np.int64), cfg.model.num_classes,
-                                  cfg.data.ignore_index)
-            path = os.path.join(out_dir, f"{name}.png")
-            panel.save(path)
-            save_label_map(prediction[:height, :width].numpy(), os.path.join(labels_dir, f"{name}.png"))
-            save_label_map(target[:height, :width].numpy(), os.path.join(truth_dir, f"{name}.png"))
-            written.append(path)
-            if len(written) >= num:
-                return
 
 
 def save_label_map(labels: np.ndarray, path: str) -> None:

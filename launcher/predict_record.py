@@ -30,9 +30,9 @@ def _recorded_names(record: str) -> list[str]:
             data = json.load(f)
     except (OSError, ValueError) as err:
         raise ValueError(f"{record}: unreadable ({err}); remove it and the PNGs of that folder it listed") from None
-    names = data.get("names") if isinstance(data, dict) else None
     if not isinstance(data, dict) or data.get("tool") != _TOOL:
         raise ValueError(f"{record}: not a record written by {_TOOL}; move it away, predict writes its own there")
+    names = data.get("names")
     if not isinstance(names, list) or not all(isinstance(n, str) and n and os.sep not in n for n in names):
         raise ValueError(f"{record}: expected \"names\": a list of file names without folders")
     return names
