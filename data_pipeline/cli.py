@@ -30,7 +30,6 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import NoReturn
 
 from data_pipeline import formats
 from data_pipeline.config import SyntheticConfig
@@ -49,18 +48,9 @@ from data_pipeline.shard_writer import (
     write_shards,
 )
 from data_pipeline.synthetic import synthetic_source
+from data_pipeline.usage import OneLineParser, UsageError
 
 PROG = "python -m data_pipeline"
-
-
-class UsageError(Exception):
-    """Bad command line or input: reported as one line on stderr, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    # argparse prints the whole usage block before the message; we want one line.
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def _synthetic_reader(args: argparse.Namespace) -> Source:
@@ -180,8 +170,8 @@ def _export_panoptic(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Shard segmentation datasets into webdataset tars.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = OneLineParser(prog=PROG, description="Shard segmentation datasets into webdataset tars.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     shard = commands.add_parser(
         "shard",

@@ -291,7 +291,16 @@ def load_model_weights(directory: str) -> dict[str, torch.Tensor]:
 
         return get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=DEEPSPEED_TAG)
     except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError, ValueError) as err:
+        if _out_of_memory(err):  # the file may be fine: say what happened, not "damaged"
+            raise CheckpointError(f"{directory}: not enough memory to load the model weights "
+                                  f"({str(err).strip().splitlines()[0]})") from err
         # torch's messages run on for several sentences: the first names the problem.
         reason = str(err).strip().split(". ")[0] or type(err).__name__
         raise CheckpointError(f"{directory}: cannot read the model weights under {DEEPSPEED_DIR}/ ({reason}): a damaged "
                               "file, or one another torch or DeepSpeed wrote; use another checkpoint") from err
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """torch reports an allocation that failed as a RuntimeError too: on CPU with this
+    message, on a GPU as its OutOfMemoryError subclass."""
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)

@@ -26,20 +26,30 @@ import sys
 import ops.torchvision_fix  # noqa: F401  (first: timm imports torchvision)
 
 # isort: split
+from data_pipeline.usage import OneLineParser, UsageError
 from launcher.environment import setup_process_environment
 
 # The demo preset ships in the repository's configs/ (make demo runs from a checkout).
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
 
 
+def _override(text: str) -> str:
+    # Checked while argparse reads the line: `--set train.lr 0.1` would otherwise be
+    # reported as an unrecognized argument "0.1".
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected SECTION.KEY=VALUE in one word, got {text!r}")
+    return text
+
+
 def _add_config_args(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--config", required=required, help="YAML run config (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        type=_override,
                         help="override one config key; repeatable (e.g. --set train.max_steps=100)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="segscale",
         description="Train transformer segmentation models with pyramid decoders on Ray Train + DeepSpeed.",
         epilog="Quick start: `make demo`. Every command takes --help. Docs: README.md.")
@@ -156,7 +166,11 @@ def check_arguments(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     problem = check_arguments(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

@@ -110,3 +110,19 @@ def test_cli_prints_one_line_and_exits_2(capsys):
     err = capsys.readouterr().err
     assert err == ("error: --set train.grad_accum_steps=0: train.grad_accum_steps: expected a positive int, "
                    "got 0\n")
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        # the space would otherwise be reported as an unrecognized argument "0.1"
+        (["train", "--config", DEMO, "--set", "train.lr", "0.1"],
+         "error: argument --set: expected SECTION.KEY=VALUE in one word, got 'train.lr' (see segscale train --help)"),
+        (["train", "--config", DEMO, "--bogus"], "error: unrecognized arguments: --bogus (see segscale --help)"),
+        (["eval-semantic", "--pred-dir", "p"], "error: the following arguments are required: --gt-dir, --num-classes"),
+    ],
+)
+def test_command_line_mistakes_are_one_line(capsys, argv, expected):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected) and err.count("\n") == 1, err

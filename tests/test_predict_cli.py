@@ -82,6 +82,20 @@ def test_a_damaged_weights_file_of_the_listed_size_is_one_line(tmp_path):
         load_weights_into(nn.Linear(4, 6), directory, load_config(DEMO), "demo.yaml")
 
 
+def test_running_out_of_memory_while_loading_is_not_called_damage(tmp_path, monkeypatch):
+    directory = fake_checkpoint(tmp_path)
+
+    def no_memory(*args, **kwargs):  # what torch's CPU allocator raises
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 4096 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(torch, "load", no_memory)
+    with pytest.raises(CheckpointError, match=r"checkpoint_a: not enough memory to load the model weights "
+                                              r"\(.*DefaultCPUAllocator: can't allocate memory") as err:
+        load_weights_into(nn.Linear(4, 6), directory, load_config(DEMO), "demo.yaml")
+    assert "damaged" not in str(err.value)
+
+
 def test_export_refuses_a_folder_and_leaves_no_partial_file(tmp_path, monkeypatch):
     directory = fake_checkpoint(tmp_path)
     (tmp_path / "out").mkdir()
