@@ -53,7 +53,7 @@ from data_pipeline.decode import decode_arrays, decode_sample
 from data_pipeline.loader_io import ReadPlan, ShardReadError, ShardRef, plan_reads, read_shard
 from data_pipeline.manifest import Manifest, ManifestError, load_manifest, training_classes
 from data_pipeline.panoptic import decode_panoptic_members
-from data_pipeline.sample_members import sample_source
+from data_pipeline.sample_members import sample_image_id, sample_source
 from data_pipeline.train_stream import consumer_stream, stream_start
 
 # reduce_zero_label: imported from here by launcher.eval_semantic and the tests.
@@ -193,6 +193,7 @@ class SegmentationStream(IterableDataset):
             if self.cfg.task == "panoptic":
                 ids, sample["segments"] = self._panoptic(raw, tuple(semantic.shape))
                 sample["panoptic"] = torch.from_numpy(ids)
+                sample["image_id"] = sample_image_id(raw)
             yield sample
 
 
@@ -225,6 +226,8 @@ def collate_batch(samples: list[dict[str, Any]], ignore_index: int = 255) -> dic
     if "panoptic" in samples[0]:  # data.task=panoptic: ids padded with 0 (void), segments per image
         batch["panoptic"] = torch.stack([pad_to(s["panoptic"], s["panoptic"], height, width, 0)[0] for s in samples])
         batch["segments"] = [s["segments"] for s in samples]
+        # The dataset's own image ids (COCO's), None where the shards recorded none.
+        batch["image_ids"] = [s.get("image_id") for s in samples]
     return batch
 
 

@@ -9,6 +9,7 @@ so a dataset folder can be moved or synced to object storage as a whole)::
       "split": "train",
       "classes": ["background", ...],   # index = label value in .seg.png
       "thing_classes": [1, 2, 3, 4],    # category ids that are "things" (panoptic)
+      "category_ids": [1, 2, 3, ...],   # optional: the dataset's own id of each class (COCO's)
       "ignore_index": 255,
       "num_samples": 512,               # == sum of shards[*].num_samples
       "shards": [{"name": "train-000000.tar", "num_samples": 64,
@@ -22,6 +23,11 @@ so a dataset folder can be moved or synced to object storage as a whole)::
 offset in the tar of the first header of each sample; the sample's members follow
 contiguously, so a reader can ``seek`` there and stream the tar from that point. It is
 left out (an empty list after loading: unknown) by manifests written before it existed.
+
+``category_ids`` (optional, one distinct int per class) is the dataset's own category id
+of each class, where it has ids other than the class index (COCO panoptic: 1..200 with
+gaps). Panoptic predictions and exported ground truth are written with these ids, so they
+pair with the dataset's own annotation files; without it the class index is the id.
 
 Errors are one line naming the file and the key at fault, because a bad manifest is a
 user input error that the CLI reports without a traceback.
@@ -78,6 +84,7 @@ class Manifest:
     created_by: str
     thing_classes: list[int] = field(default_factory=list)
     source: dict[str, Any] = field(default_factory=dict)
+    category_ids: list[int] = field(default_factory=list)  # [] = the class index is the id
     manifest_version: int = MANIFEST_VERSION
     # Where the manifest lives (set by load/write); shard names resolve against its folder.
     # Not serialised.
@@ -100,6 +107,7 @@ class Manifest:
             "split": self.split,
             "classes": list(self.classes),
             "thing_classes": list(self.thing_classes),
+            **({"category_ids": list(self.category_ids)} if self.category_ids else {}),
             "ignore_index": self.ignore_index,
             "num_samples": self.num_samples,
             "shards": [s.to_json() for s in self.shards],
@@ -124,6 +132,8 @@ class Manifest:
             f"thing ids:    {self.thing_classes}",
             f"ignore_index: {self.ignore_index}",
         ]
+        if self.category_ids:
+            lines.insert(-1, f"category ids: {self.category_ids} (the dataset's own, in panoptic outputs)")
         if self.source:
             lines.append("source:       " + ", ".join(f"{k}={v}" for k, v in self.source.items()))
         return "\n".join(lines)
@@ -258,6 +268,7 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
         created_by=_get(data, "created_by", str, "created_by", path),
         thing_classes=thing_classes,
         source=_get(data, "source", dict, "source", path) if "source" in data else {},
+        category_ids=_category_ids(data, path),
         manifest_version=version,
         path=path.resolve(),
     )
@@ -267,6 +278,18 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
             f"{path}: key 'num_samples' is {manifest.num_samples} but the shards hold {total}"
         )
     return manifest
+
+
+def _category_ids(data: dict[str, Any], path: Path) -> list[int]:
+    if "category_ids" not in data:
+        return []
+    ids = _list_of(_get(data, "category_ids", list, "category_ids", path), int, "category_ids", path)
+    classes = data.get("classes")
+    if isinstance(classes, list) and len(ids) != len(classes):
+        raise ManifestError(f"{path}: key 'category_ids' has {len(ids)} ids for {len(classes)} classes")
+    if len(set(ids)) != len(ids):
+        raise ManifestError(f"{path}: key 'category_ids' repeats an id: {ids}")
+    return ids
 
 
 # ----------------------------------------------------------------------------- writing

@@ -9,9 +9,12 @@ becomes void (its segments' pixels are set to id 0 and the segments dropped) and
 other class shifts down by one. The categories (``id`` = training class, ``name``,
 ``isthing``) come from the manifest's ``classes`` and ``thing_classes``.
 
-``export_panoptic_gt`` writes a split's ground truth as COCO panoptic (PNGs + JSON, the
-image id being the sample key), so ``python -m launcher eval-panoptic`` can score the
-predictions ``python -m launcher predict`` exports for a panoptic config.
+``export_panoptic_gt`` writes a split's ground truth as COCO panoptic (PNGs + JSON), so
+``python -m launcher eval-panoptic`` can score the predictions ``python -m launcher
+predict`` exports for a panoptic config. Both name files by the source image's stem; both
+write the dataset's own image ids and category ids where the shards recorded them (COCO:
+``image_id`` per sample, the manifest's ``category_ids``), so their files also pair with
+the dataset's own annotation JSON; elsewhere the id is the stem and the training class.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from PIL import Image
 from data_pipeline.loader_io import ShardReadError, ShardRef, read_shard
 from data_pipeline.manifest import Manifest, training_classes
 from data_pipeline.sample_encode import META_EXT, PANOPTIC_EXT, decode_panoptic, encode_panoptic
-from data_pipeline.sample_members import describe_raw, output_stem, sample_source
+from data_pipeline.sample_members import describe_raw, output_stem, sample_image_id, sample_source
 
 
 def panoptic_categories(manifest: Manifest, reduce_zero_label: bool) -> list[dict[str, Any]]:
@@ -38,6 +41,28 @@ def panoptic_categories(manifest: Manifest, reduce_zero_label: bool) -> list[dic
         {"id": c, "name": name, "isthing": int(c in things)}
         for c, name in enumerate(training_classes(manifest, reduce_zero_label))
     ]
+
+
+def output_category_ids(manifest: Manifest, reduce_zero_label: bool) -> list[int] | None:
+    """The category id each training class is written with in panoptic outputs: the
+    dataset's own (the manifest's ``category_ids``), or None where the class index is it."""
+    if not manifest.category_ids:
+        return None
+    return list(manifest.category_ids[1 if reduce_zero_label else 0 :])
+
+
+def with_output_ids(
+    annotations: list[dict[str, Any]], categories: list[dict[str, Any]], category_ids: list[int] | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """COCO-panoptic ``annotations`` and ``categories`` in training classes -> the same with
+    ``output_category_ids``' ids (unchanged where those are None)."""
+    if category_ids is None:
+        return annotations, categories
+    annotations = [
+        {**ann, "segments_info": [{**s, "category_id": category_ids[s["category_id"]]} for s in ann["segments_info"]]}
+        for ann in annotations
+    ]
+    return annotations, [{**c, "id": category_ids[c["id"]]} for c in categories]
 
 
 def training_segments(
@@ -100,9 +125,10 @@ def export_panoptic_gt(
     manifest: Manifest, out_dir: str, reduce_zero_label: bool = False, ignore_index: int = 255
 ) -> tuple[str, str]:
     """Write every sample of ``manifest`` as ``out_dir/panoptic/<name>.png`` plus
-    ``out_dir/panoptic.json`` (annotations, categories); ``<name>``, also the image id, is
-    the source image's stem, or the sample key where none was recorded, as ``launcher
-    predict`` names its predictions (``output_stem``). Returns (JSON path, PNG folder)."""
+    ``out_dir/panoptic.json`` (annotations, categories); ``<name>`` is the source image's
+    stem, or the sample key where none was recorded, as ``launcher predict`` names its
+    predictions (``output_stem``); the image id is the recorded one, else ``<name>``.
+    Returns (JSON path, PNG folder)."""
     png_dir = Path(out_dir) / "panoptic"
     png_dir.mkdir(parents=True, exist_ok=True)
     annotations = []
@@ -114,10 +140,12 @@ def export_panoptic_gt(
             key = output_stem(sample_source(raw), raw["__key__"], used)
             Image.fromarray(encode_panoptic(ids)).save(png_dir / f"{key}.png")
             present = set(np.unique(ids).tolist())
-            annotations.append({"image_id": key, "file_name": f"{key}.png",
+            image_id = sample_image_id(raw)
+            annotations.append({"image_id": key if image_id is None else image_id, "file_name": f"{key}.png",
                                 "segments_info": [s for s in segments if s["id"] in present]})  # fmt: skip
         first += info.num_samples
     json_path = Path(out_dir) / "panoptic.json"
-    categories = panoptic_categories(manifest, reduce_zero_label)
+    annotations, categories = with_output_ids(annotations, panoptic_categories(manifest, reduce_zero_label),
+                                              output_category_ids(manifest, reduce_zero_label))  # fmt: skip
     json_path.write_text(json.dumps({"annotations": annotations, "categories": categories}))
     return str(json_path), str(png_dir)

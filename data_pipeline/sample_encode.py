@@ -13,7 +13,8 @@ member name at the first dot):
 * ``{key}.json``     ``{"height", "width", "segments_info": [...]}`` (COCO panoptic), plus
   ``"source"``: the stem of the file the sample was read from (``ADE_val_00000001``) when
   the reader knows it (``source_name``); keys are positions, so this is what lets errors
-  and ``launcher predict`` name the user's files.
+  and ``launcher predict`` name the user's files; and ``"image_id"``, the dataset's own
+  image id (COCO's int), where the reader has one (panoptic outputs use it).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline.sample_members import (
+    IMAGE_ID_FIELD,
     META_EXT,
     SOURCE_FIELD,
     MemberDecodeError,
@@ -49,7 +51,8 @@ class LabeledSample(Protocol):
     segments: list[dict[str, Any]]  # COCO panoptic segments_info
     # Optional (read with getattr): ``image_bytes`` + ``image_ext`` "jpg" store the
     # original JPEG as ``{key}.jpg`` instead of re-encoding ``image`` as PNG;
-    # ``source_name``, the source file's stem, goes into ``{key}.json`` as "source".
+    # ``source_name``, the source file's stem, goes into ``{key}.json`` as "source";
+    # ``image_id``, the dataset's own image id (COCO's int), as "image_id".
 
 
 def encode_panoptic(ids: np.ndarray) -> np.ndarray:
@@ -109,6 +112,9 @@ def encode_sample(sample: LabeledSample, key: str) -> dict[str, Any]:
             print(f"warning: sample {key}: its source file name is not recorded: it {problem}", file=sys.stderr)
         else:
             meta[SOURCE_FIELD] = source_name
+    image_id = getattr(sample, "image_id", None)
+    if image_id is not None:
+        meta[IMAGE_ID_FIELD] = image_id
     image_ext, image_bytes = _image_member(sample, key)
     return {
         "__key__": key,

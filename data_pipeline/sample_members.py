@@ -5,7 +5,9 @@ Sample keys are positions (``val_00000000``): resume positions and the train str
 on them. The source file's stem (``ADE_val_00000001``) is recorded in the sample's
 ``.json`` member as ``"source"`` by the shard writer, so errors and ``launcher predict``'s
 output files can name what the user has on disk. Shards written before that, and the
-synthetic data, have no source; everything then falls back to the key.
+synthetic data, have no source; everything then falls back to the key. Readers of
+datasets with their own image ids (COCO) also record ``"image_id"``, which panoptic
+outputs use so they pair with the dataset's annotation files.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 SOURCE_FIELD = "source"  # key in the sample's .json member
+IMAGE_ID_FIELD = "image_id"  # likewise: the dataset's own image id, where it has one
 META_EXT = "json"
 # PIL's messages embed the repr of the BytesIO it read from, which means nothing to a user.
 _BYTESIO_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
@@ -35,20 +38,32 @@ def check_source_name(name: Any) -> str | None:
     return None
 
 
+def _meta_field(members: dict[str, Any], field: str) -> Any:
+    meta = members.get(META_EXT)
+    if not meta:
+        return None
+    try:
+        return json.loads(meta).get(field)
+    except (ValueError, AttributeError):  # undecodable, not JSON, or not an object
+        return None
+
+
 def sample_source(members: dict[str, Any]) -> str | None:
     """The source file stem recorded in a raw sample's ``.json`` member, if any and usable.
 
     Never raises: a sample's name is for messages and output file names, and a missing
     or odd one must not stop training (``verify`` reports an odd one).
     """
-    meta = members.get(META_EXT)
-    if not meta:
-        return None
-    try:
-        name = json.loads(meta).get(SOURCE_FIELD)
-    except (ValueError, AttributeError):  # undecodable, not JSON, or not an object
-        return None
+    name = _meta_field(members, SOURCE_FIELD)
     return name if check_source_name(name) is None else None
+
+
+def sample_image_id(members: dict[str, Any]) -> int | str | None:
+    """The dataset's own image id recorded in a raw sample's ``.json`` member (an int for
+    COCO), or None where none was recorded or it is neither an int nor a string."""
+    image_id = _meta_field(members, IMAGE_ID_FIELD)
+    ok = isinstance(image_id, (int, str)) and not isinstance(image_id, bool)
+    return image_id if ok else None
 
 
 def sample_label(key: str, source: str | None) -> str:

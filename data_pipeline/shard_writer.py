@@ -114,6 +114,7 @@ class Source:
     # Must be picklable (a top-level function or functools.partial of one) for workers > 1.
     load: Callable[[int], LabeledSample]
     thing_classes: list[int] = field(default_factory=list)
+    category_ids: list[int] = field(default_factory=list)  # the dataset's own id per class, if not the index
     options: dict[str, Any] = field(default_factory=dict)  # provenance -> manifest "source"
 
 
@@ -190,6 +191,8 @@ def _fingerprint(source: Source, split: str, max_count: int, max_size: int | Non
         "num_samples": source.num_samples,
         "classes": list(source.classes),
         "thing_classes": list(source.thing_classes),
+        # Only where a reader has them: older fingerprints stay valid for the rest.
+        **({"category_ids": list(source.category_ids)} if source.category_ids else {}),
         "source": dict(source.options),
         "max_count": max_count,
         "max_size": max_size,
@@ -361,6 +364,7 @@ def _write_shards(
         split=split,
         classes=list(source.classes),
         thing_classes=list(source.thing_classes),
+        category_ids=list(source.category_ids),
         ignore_index=IGNORE_INDEX,
         num_samples=source.num_samples,
         shards=shards,

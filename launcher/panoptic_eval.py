@@ -27,7 +27,7 @@ from torch import nn
 
 from data_pipeline.loader import build_eval_loader
 from data_pipeline.manifest import load_manifest
-from data_pipeline.panoptic import panoptic_categories
+from data_pipeline.panoptic import output_category_ids, panoptic_categories, with_output_ids
 from data_pipeline.sample_members import output_stem
 from launcher.config import RunConfig
 from launcher.deepspeed_config import autocast_dtype
@@ -164,8 +164,9 @@ def write_panoptic_predictions(
 ) -> tuple[str, int, int]:
     """COCO-panoptic predictions of every validation image (``out_dir/panoptic/<name>.png``
     and ``out_dir/panoptic.json``) and [image | prediction | ground truth] overlays of the
-    first ``num`` (``out_dir/overlays/<name>.png``). ``<name>``, also the image id, is the
-    source image's stem, as ``export-panoptic`` names the ground truth (``output_stem``).
+    first ``num`` (``out_dir/overlays/<name>.png``). ``<name>`` is the source image's stem,
+    as ``export-panoptic`` names the ground truth (``output_stem``); image and category ids
+    are the dataset's own where the shards recorded them (``data_pipeline.panoptic``).
     Returns (JSON path, predictions, overlays)."""
     check_panoptic_model(cfg.model)
     categories = _categories(cfg)
@@ -180,9 +181,10 @@ def write_panoptic_predictions(
         with _autocast(device, dtype):
             predictions = predict_panoptic(model, batch["images"], batch["image_sizes"], cfg.model, is_thing)
         for b, (ids, segments) in enumerate(predictions):
-            key = output_stem(batch["sources"][b], batch["keys"][b], used)
+            key, image_id = output_stem(batch["sources"][b], batch["keys"][b], used), batch["image_ids"][b]
             ids_np = ids.cpu().numpy().astype(np.int64)
-            annotations.append(write_coco_panoptic(png_dir, key, f"{key}.png", ids_np, segments))
+            image_id = key if image_id is None else image_id  # the dataset's own (COCO's) where recorded
+            annotations.append(write_coco_panoptic(png_dir, image_id, f"{key}.png", ids_np, segments))
             if overlays < num:
                 height, width = batch["image_sizes"][b]
                 image = batch["images"][b, :, :height, :width].permute(1, 2, 0).numpy()
@@ -193,5 +195,6 @@ def write_panoptic_predictions(
                 panel.save(os.path.join(overlay_dir, f"{key}.png"))
                 overlays += 1
     json_path = os.path.join(out_dir, "panoptic.json")
-    write_panoptic_json(json_path, annotations, categories)
+    category_ids = output_category_ids(load_manifest(cfg.data.val_manifest), cfg.data.reduce_zero_label)
+    write_panoptic_json(json_path, *with_output_ids(annotations, categories, category_ids))
     return json_path, len(annotations), overlays

@@ -85,12 +85,29 @@ def test_coco_panoptic_shards_ids_and_segments(tmp_path):
     meta = json.loads(raw["val_00000000.json"])
     assert [(s["id"], s["iscrowd"]) for s in meta["segments_info"]] == [(5, 0), (70000, 0), (300, 1)]
     assert raw["val_00000000.jpg"] == (tmp_path / "coco/val2017/000000000285.jpg").read_bytes()
-    # export-panoptic names the ground truth as predict names predictions: by source stem.
+    # COCO's own ids are recorded: the image's, and each class's category id.
+    assert meta["image_id"] == 285 and manifest.category_ids == [1, 3, 184]
+    assert load_manifest(tmp_path / "out/val-manifest.json").to_json()["category_ids"] == [1, 3, 184]
+    # export-panoptic names the ground truth as predict names predictions: files by source
+    # stem, ids the dataset's own (predict: test_panoptic_end_to_end.py).
     assert main(["export-panoptic", str(tmp_path / "out/val-manifest.json"), "--out", str(tmp_path / "gt")]) == 0
-    exported = json.loads((tmp_path / "gt/panoptic.json").read_text())["annotations"]
-    assert [(a["image_id"], a["file_name"]) for a in exported] == [("000000000285", "000000000285.png")]
+    exported = json.loads((tmp_path / "gt/panoptic.json").read_text())
+    assert [(a["image_id"], a["file_name"]) for a in exported["annotations"]] == [(285, "000000000285.png")]
+    assert [(s["id"], s["category_id"]) for s in exported["annotations"][0]["segments_info"]] == [
+        (5, 1), (70000, 184), (300, 3)]  # fmt: skip
+    assert sorted((c["id"], c["name"]) for c in exported["categories"]) == [(1, "person"), (3, "car"),
+                                                                           (184, "tree-merged")]  # fmt: skip
     np.testing.assert_array_equal(decode_panoptic(np.asarray(Image.open(tmp_path / "gt/panoptic/000000000285.png"))),
                                   ids)
+    # ... so these files pair with COCO's own JSON and PNGs, as a perfect prediction.
+    from launcher.cli import main as launcher_main
+
+    coco = tmp_path / "coco/annotations"
+    assert launcher_main(["eval-panoptic", "--gt-json", str(coco / "panoptic_val2017.json"), "--gt-dir",
+                          str(coco / "panoptic_val2017"), "--pred-json", str(tmp_path / "gt/panoptic.json"),
+                          "--pred-dir", str(tmp_path / "gt/panoptic"), "--json", str(tmp_path / "pq.json")]) == 0  # fmt: skip
+    results = json.loads((tmp_path / "pq.json").read_text())
+    assert results["All"]["pq"] == 1.0 and results["All"]["n"] == 2, results  # person and tree; crowd car: none
 
 
 @pytest.mark.parametrize(
@@ -306,9 +323,16 @@ def test_panoptic_predictions_and_exported_ground_truth_pair_by_source_name(tmp_
     cfg = load_config(str(REPO / "configs/test_tiny_panoptic.yaml"), [f"data.val_manifest={manifest}",
                                                                        "model.num_classes=3"])  # fmt: skip
     json_path, count, _ = panoptic_eval.write_panoptic_predictions(cfg, torch.nn.Identity(), str(tmp_path / "pred"), 1)
-    predicted = json.loads(Path(json_path).read_text())["annotations"]
-    assert count == 1 and [(a["image_id"], a["file_name"]) for a in predicted] == [("000000000285", "000000000285.png")]
+    predicted = json.loads(Path(json_path).read_text())
+    # files by source stem; image and category ids COCO's own (class 2 is category 184)
+    assert count == 1 and [(a["image_id"], a["file_name"]) for a in predicted["annotations"]] == [
+        (285, "000000000285.png")]  # fmt: skip
+    assert [s["category_id"] for s in predicted["annotations"][0]["segments_info"]] == [184]
+    assert sorted(c["id"] for c in predicted["categories"]) == [1, 3, 184]
     assert (tmp_path / "pred/overlays/000000000285.png").is_file()
-    results = evaluate_panoptic(str(tmp_path / "gt/panoptic.json"), str(tmp_path / "gt/panoptic"), json_path,
-                                str(tmp_path / "pred/panoptic"))  # fmt: skip
-    assert results["images"] == 1
+    coco = tmp_path / "coco/annotations"
+    for gt_json, gt_dir in ((tmp_path / "gt/panoptic.json", tmp_path / "gt/panoptic"),
+                            (coco / "panoptic_val2017.json", coco / "panoptic_val2017")):  # fmt: skip
+        results = evaluate_panoptic(str(gt_json), str(gt_dir), json_path, str(tmp_path / "pred/panoptic"))
+        tree = next(c for c in results["per_class"] if c["name"] == "tree-merged")
+        assert results["images"] == 1 and (tree["fp"], tree["fn"]) == (1, 1), results  # IoU 10/36: no match

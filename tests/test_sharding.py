@@ -181,6 +181,9 @@ def _edit(path: Path, edit) -> None:
         (lambda d: d["classes"].append(3), "key 'classes[5]' must be str"),
         (lambda d: d.update(num_samples=5), "key 'num_samples' is 5 but the shards hold 4"),
         (lambda d: d["shards"][0].update(name="/abs/x.tar"), "key 'shards[0].name' must be relative"),
+        (lambda d: d.update(category_ids=[1, 2]), "key 'category_ids' has 2 ids for 5 classes"),
+        (lambda d: d.update(category_ids=[1, 2, 3, 4, 1]), "key 'category_ids' repeats an id"),
+        (lambda d: d.update(category_ids=[1, 2, 3, 4, "5"]), "key 'category_ids[4]' must be int, got str"),
     ],
 )
 def test_manifest_errors_name_the_file_and_key(tmp_path, edit, expected):

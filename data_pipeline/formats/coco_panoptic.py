@@ -3,7 +3,8 @@
 Categories sorted by COCO id become contiguous classes 0..132 (the manifest's label
 values); each segment keeps its id, ``iscrowd``, ``bbox`` and ``area``, with
 ``category_id`` rewritten to the contiguous class (``coco_category_id`` keeps the
-original). The semantic map derived from the PNG puts void (id 0) and crowd regions at
+original; the manifest's ``category_ids`` list them per class and every sample records
+its COCO ``image_id``, so panoptic outputs pair with COCO's own JSON). The semantic map derived from the PNG puts void (id 0) and crowd regions at
 255, as panoptic training does. ``load`` is a small picklable object that re-reads the
 JSON once per process (cached), so ``workers > 1`` does not ship the whole annotation
 file to the pool with every task. The JSON decides what is sharded; images it lists
@@ -41,8 +42,8 @@ class _Annotations:
     classes: list[str]
     thing_classes: list[int]
     contiguous: dict[int, int]  # COCO category id -> class index
-    # (image file, panoptic png file, segments_info), sorted by image file name
-    samples: list[tuple[str, str, list[dict[str, Any]]]]
+    # (image file, panoptic png file, segments_info, COCO image id), sorted by image file name
+    samples: list[tuple[str, str, list[dict[str, Any]], Any]]
     unannotated: list[str]  # image files the JSON lists without an annotation
 
 
@@ -75,7 +76,7 @@ def _read_annotations(json_path: str) -> _Annotations:
         if image_id not in images:
             raise FormatError(f"{path}: annotation {ann.get('file_name')} names unknown image_id {image_id}")
         samples.append((images[image_id], _get(ann, "file_name", path, "annotation"),
-                        _get(ann, "segments_info", path, f"annotation {ann['file_name']}")))  # fmt: skip
+                        _get(ann, "segments_info", path, f"annotation {ann['file_name']}"), image_id))  # fmt: skip
     samples.sort(key=lambda s: s[0])
     unannotated = sorted(set(images.values()) - {s[0] for s in samples})
     return _Annotations(classes, things, contiguous, samples, unannotated)
@@ -91,7 +92,7 @@ class CocoPanopticLoader:
 
     def __call__(self, index: int) -> FormatSample:
         ann = _read_annotations(self.json_path)
-        image_file, png_file, infos = ann.samples[index]
+        image_file, png_file, infos, image_id = ann.samples[index]
         image_path, png_path = Path(self.image_dir) / image_file, Path(self.png_dir) / png_file
         require_file(image_path, f"image of {png_file}")
         require_file(png_path, f"panoptic PNG of {image_file}")
@@ -122,7 +123,7 @@ class CocoPanopticLoader:
         if stray:
             raise FormatError(f"{png_path}: segment ids {stray[:5]} are not in its segments_info")
         return FormatSample(image, semantic, panoptic, segments, image_bytes=data, image_ext=ext,
-                            source_name=image_path.stem)
+                            source_name=image_path.stem, image_id=image_id)
 
 
 def _warn_left_out(json_path: Path, ann: _Annotations, image_dir: Path, png_dir: Path) -> None:
@@ -162,6 +163,7 @@ def coco_panoptic_source(root: str | os.PathLike[str], split: str, num_samples: 
         num_samples=count,
         load=CocoPanopticLoader(str(json_path.resolve()), str(image_dir), str(png_dir)),
         thing_classes=list(ann.thing_classes),
+        category_ids=sorted(ann.contiguous, key=ann.contiguous.__getitem__),
         options={
             "root": str(root),
             "split_folder": folder,

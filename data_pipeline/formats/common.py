@@ -51,6 +51,8 @@ class FormatSample:
     # Stem of the image file (``ADE_val_00000001``): recorded in the shard as "source" so
     # errors and ``launcher predict`` name the user's file, not only the sample's position.
     source_name: str | None = None
+    # The dataset's own image id (COCO's int), recorded as "image_id" for panoptic outputs.
+    image_id: int | str | None = None
 
 
 def require_dir(path: Path, what: str) -> Path:
