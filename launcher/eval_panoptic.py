@@ -88,10 +88,13 @@ def pair_annotations(
     for image_id, ann in gt_by_id.items():
         if image_id not in pred_by_id:
             missing = sum(i not in pred_by_id for i in gt_by_id)
+            # Ids of two numberings (COCO's ints against file-name stems) share none.
+            hint = (f"; the two share no image_id: ground truth has e.g. {image_id!r}, predictions "
+                    f"{next(iter(pred_by_id))!r}" if missing == len(gt_by_id) and pred_by_id else "")  # fmt: skip
             raise PanopticFormatError(
                 f"{pred_json}: no prediction for image_id {image_id} (ground truth "
                 f"{Path(gt_dir) / ann['file_name']}; {missing} of {len(gt_by_id)} "
-                "ground-truth images have none)"
+                f"ground-truth images have none{hint})"
             )
         p = pred_by_id[image_id]
         pairs.append(

@@ -164,7 +164,10 @@ def _edit_json(path: Path, image_id: int, edit) -> None:
         ("extra id", r"pred/b.png \(image_id 2\): segment id 11 is in segments_info but not in the PNG"),
         ("unknown category", r"pred/a.png \(image_id 1\): segment id 9 has unknown category_id 99"),
         ("wrong size", r"pred/b.png: size 3x2 \(W x H\) differs from its ground truth .*gt/b.png \(4x2\)"),
-        ("missing prediction", r"pred.json: no prediction for image_id 2 \(ground truth .*gt/b.png"),
+        ("missing prediction", r"pred.json: no prediction for image_id 2 \(ground truth .*gt/b.png; 1 of 2 "
+                               r"ground-truth images have none\)$"),
+        ("other numbering", r"pred.json: no prediction for image_id 1 .* 2 of 2 ground-truth images have none; "
+                            r"the two share no image_id: ground truth has e.g. 1, predictions 'a'\)"),
         ("gt missing id", r"gt/b.png \(image_id 2\): segment id 4 is in the PNG but not in segments_info"),
         ("gt not RGB", r"gt/a.png: PIL mode L, expected an RGB"),
     ],
@@ -181,6 +184,9 @@ def test_bad_input_is_one_line_naming_file_and_id(tree, capsys, case, message):
         write_png(tree / "pred" / "b.png", [[7, 7, 8], [8, 8, 8]])
     elif case == "missing prediction":
         _edit_json(pred_json, 2, lambda ann, data: data["annotations"].remove(ann))
+    elif case == "other numbering":  # predictions named by file stem, ground truth by COCO's ints
+        for image_id, stem in ((1, "a"), (2, "b")):
+            _edit_json(pred_json, image_id, lambda ann, _, stem=stem: ann.update(image_id=stem))
     elif case == "gt missing id":
         _edit_json(gt_json, 2, lambda ann, _: ann["segments_info"].pop())
     elif case == "gt not RGB":
