@@ -196,6 +196,28 @@ def find_latest_checkpoint(run_dir: str) -> str | None:
     return best[1] if best else None
 
 
+def damaged_checkpoints(run_dir: str) -> list[tuple[str, CheckpointError, bool]]:
+    """The run's checkpoint folders that fail verification, oldest first (names sort by
+    time), each with why and whether it had been *sealed* (metadata and every rank's file
+    list written): a sealed one was complete once and lost or cut a file since, where an
+    unsealed one is what a crash in the middle of a save leaves."""
+    found = []
+    for directory in sorted(glob.glob(os.path.join(run_dir, "checkpoint_*"))):
+        if not os.path.isdir(directory):
+            continue
+        try:
+            verify_checkpoint(directory)
+        except CheckpointError as err:
+            try:
+                meta = read_meta(directory)
+                sealed = all(os.path.isfile(os.path.join(directory, f"files_rank_{r}.json"))
+                             for r in range(meta.world_size))
+            except CheckpointError:
+                sealed = False
+            found.append((directory, err, sealed))
+    return found
+
+
 # Ray Train's record of the checkpoints it keeps (and deletes beyond num_to_keep).
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 

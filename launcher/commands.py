@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from data_pipeline.manifest import load_manifest, training_classes
 from launcher.checkpoint import META_FILE, CheckpointError, load_model_weights, read_meta, resolve_checkpoint
 from launcher.config import ConfigError, RunConfig, config_from_dict, default_run_name, load_config
-from launcher.preflight import inside_ray_job
+from launcher.preflight import inside_ray_job, model_differences
 from launcher.progress import plural
 from launcher.typed_config import merge, parse_override, to_dict
 from ops.atomic_file import write_json_atomic
@@ -69,24 +69,6 @@ def train_command(config_path: str, overrides: list[str], address: str) -> int:
     return 0
 
 
-def _flatten(data: dict, prefix: str) -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _model_differences(trained: dict, used: dict, limit: int = 4) -> str:
-    """``model.x=1 (checkpoint: 2), ...``: the model keys where ``used`` departs from the
-    config the checkpoint was trained with."""
-    before, after = _flatten(trained, "model."), _flatten(used, "model.")
-    changed = [f"{k}={after[k]!r} (checkpoint: {before[k]!r})" for k in after if k in before and before[k] != after[k]]
-    return ", ".join(changed[:limit]) + (f" and {len(changed) - limit} more" if len(changed) > limit else "")
-
-
 def load_weights_into(model: torch.nn.Module, directory: str, cfg: RunConfig, config_source: str = "") -> None:
     """The checkpoint's weights into ``model``, or one line saying why they do not fit:
     the first parameter that differs and the model settings behind it. ``config_source``
@@ -102,7 +84,7 @@ def load_weights_into(model: torch.nn.Module, directory: str, cfg: RunConfig, co
         first = shapes[0] if shapes else (f"{missing[0]} is not in the checkpoint" if missing
                                           else f"the checkpoint's {unexpected[0]} is not in the model")
         count = len(shapes) + len(missing) + len(unexpected)
-        differences = _model_differences(read_meta(directory).config.get("model", {}), to_dict(cfg.model))
+        differences = model_differences(read_meta(directory).config.get("model", {}), to_dict(cfg.model))
         settings = f"; settings unlike the checkpoint's: {differences}" if differences else ""
         tensors = plural(count, "mismatched tensor")
         if config_source:

@@ -21,7 +21,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from launcher.checkpoint import CheckpointMeta, prune_untracked_checkpoints, read_meta
 from launcher.config import ConfigError, RunConfig, TrainConfig, dump_config, to_dict
 from launcher.environment import LOCAL_INSTANCE_ENV, worker_env_vars
-from launcher.preflight import check_paths_for_job, check_resume, check_run
+from launcher.preflight import check_paths_for_job, check_resume, check_resume_fits, check_run
 from launcher.progress import plural
 from launcher.universal_checkpoint import ensure_universal, needs_universal
 
@@ -172,7 +172,9 @@ def run_training(cfg: RunConfig) -> TrainOutcome:
         if done:  # e.g. a retried job that had finished: no Ray needed
             print(f"run {cfg.train.run_name} is complete: checkpoint {resume_from} {done}", flush=True)
             return TrainOutcome(run_dir=run_dir, checkpoint=resume_from, metrics={}, seconds=0.0, trained=False)
-        source = "train.resume_from" if from_elsewhere else "its latest"
+        check_resume_fits(cfg, resume_from, meta, "train.resume_from" if from_elsewhere else
+                          f"train.run_name={cfg.train.run_name}")
+        source = "train.resume_from" if from_elsewhere else "its latest complete one"
         print(f"run {cfg.train.run_name} resumes from checkpoint {resume_from} ({source})", flush=True)
         if needs_universal(meta, cfg.cluster.num_workers):
             ensure_universal(resume_from, meta, cfg.cluster.num_workers)

@@ -109,3 +109,41 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+
+# What a run's config sets in each AdamW group. A checkpoint's optimizer and scheduler
+# states hold the values of the run that wrote them (``initial_lr`` is the schedule's
+# base lr): loaded as they are, a resume with another train.lr or weight decay would
+# silently train on with the old ones.
+_CONFIGURED = ("initial_lr", "weight_decay", "betas", "eps")
+
+
+def configured_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each group's name and configured hyperparameters, as built (before a load)."""
+    return [{"name": g.get("name"), **{k: g[k] for k in _CONFIGURED if k in g}} for g in optimizer.param_groups]
+
+
+def reapply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, built: list[dict]) -> list[str]:
+    """After a checkpoint load: ``built``'s hyperparameters back into the groups, the
+    schedule's base lrs with them and each group's current lr recomputed at the loaded
+    step (the schedule's own function is this run's: it is not part of its state).
+    Returns ``"group: key old -> new"`` for each value that differs from the checkpoint.
+    Groups that do not line up by name are left as loaded."""
+    groups = optimizer.param_groups
+    if [g.get("name") for g in groups] != [b["name"] for b in built]:
+        return []
+    changed = [f"{b['name']}: {'lr' if k == 'initial_lr' else k} {g.get(k)} -> {v}"
+               for g, b in zip(groups, built) for k, v in b.items() if k != "name" and not _same(g.get(k), v)]
+    for group, values in zip(groups, built):
+        group.update({k: v for k, v in values.items() if k != "name"})
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        scheduler.base_lrs = [g["initial_lr"] for g in groups]
+        for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [g["lr"] for g in groups]
+    return changed
+
+
+def _same(a, b) -> bool:
+    """Equal, counting a list and a tuple of the same values (``betas`` after some loads)."""
+    return tuple(a) == tuple(b) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else a == b

@@ -16,15 +16,19 @@ from data_pipeline.loader import DataConfigError, resolve_manifest
 from data_pipeline.manifest import Manifest, check_shard_size, training_classes
 from launcher.checkpoint import (
     CheckpointError,
+    CheckpointMeta,
+    damaged_checkpoints,
     find_latest_checkpoint,
     newest_verified_checkpoint,
     verify_checkpoint,
 )
-from launcher.config import ConfigError, RunConfig, TrainConfig
+from launcher.config import ConfigError, RunConfig, TrainConfig, config_from_dict
 from launcher.deepspeed_config import build_deepspeed_config
 from launcher.environment import worker_env_vars
 from launcher.fault_injection import ENV_VAR as FAULT_ENV_VAR
 from launcher.fault_injection import parse_fault
+from launcher.progress import plural
+from launcher.typed_config import to_dict
 
 # Set by Ray's job supervisor in the environment of a `ray job submit` entrypoint.
 RAY_JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -173,4 +177,84 @@ def check_resume(cfg: RunConfig, run_dir: str) -> str | None:
             verify_checkpoint(cfg.train.resume_from)
         except CheckpointError as err:
             raise ConfigError(f"train.resume_from: {err}") from None
-    return newest_verified_checkpoint([find_latest_checkpoint(run_dir), cfg.train.resume_from])
+    chosen = newest_verified_checkpoint([find_latest_checkpoint(run_dir), cfg.train.resume_from])
+    _report_damaged(cfg, run_dir, chosen)
+    return chosen
+
+
+def _report_damaged(cfg: RunConfig, run_dir: str, chosen: str | None) -> None:
+    """Say which of the run's checkpoints are passed over, and refuse to start the run over
+    from step 0 when one of them was complete once: a checkpoint that lost a file (a
+    partial copy, a cleanup, a full disk) must not silently cost the run, and once new
+    checkpoints come Ray Train deletes it."""
+    damaged = damaged_checkpoints(run_dir)
+    if chosen is not None and os.path.dirname(chosen) == run_dir:  # older ones do not matter
+        damaged = [entry for entry in damaged if os.path.basename(entry[0]) > os.path.basename(chosen)]
+    for directory, err, _sealed in damaged:
+        print(f"warning: checkpoint {directory} is not used: {str(err).removeprefix(directory + ': ')}", flush=True)
+    sealed = [(directory, err) for directory, err, was_sealed in damaged if was_sealed]
+    if chosen is None and sealed:
+        directory, err = sealed[-1]
+        raise ConfigError(f"train.run_name={cfg.train.run_name}: no complete checkpoint to resume from, and the run "
+                          f"would start over from step 0: {err}. Restore the file, or set train.resume_from to "
+                          "another checkpoint, or move the run's checkpoint_* folders away to start over")
+
+
+def _flatten(data: dict, prefix: str) -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def model_differences(trained: dict, used: dict, limit: int = 4) -> str:
+    """``model.x=1 (checkpoint: 2), ...``: the model keys where ``used`` departs from the
+    config the checkpoint was trained with."""
+    before, after = _flatten(trained, "model."), _flatten(used, "model.")
+    changed = [f"{k}={after[k]!r} (checkpoint: {before[k]!r})" for k in after if k in before and before[k] != after[k]]
+    return ", ".join(changed[:limit]) + (f" and {len(changed) - limit} more" if len(changed) > limit else "")
+
+
+def _tensor_mismatches(trained: dict, cfg: RunConfig) -> list[str]:
+    """How the weights of the model that ``trained`` (a checkpoint's model section)
+    builds differ from ``cfg.model``'s, first difference first; both built on the meta
+    device, so nothing is read from the checkpoint."""
+    from model.build import build_meta_model
+
+    theirs = build_meta_model(config_from_dict({"model": trained}, source="checkpoint config").model).state_dict()
+    ours = build_meta_model(cfg.model).state_dict()
+    shapes = [f"{k} is {list(v.shape)} in the checkpoint, {list(ours[k].shape)} here"
+              for k, v in theirs.items() if k in ours and tuple(v.shape) != tuple(ours[k].shape)]
+    return (shapes + [f"{k} is not in the checkpoint" for k in ours if k not in theirs]
+            + [f"the checkpoint's {k} is not in the model" for k in theirs if k not in ours])
+
+
+def check_resume_fits(cfg: RunConfig, directory: str, meta: CheckpointMeta, key: str) -> None:
+    """The checkpoint the workers would load fits this config: the same model weights and
+    ZeRO stage. Otherwise each worker fails a minute into start-up inside DeepSpeed's load
+    (a size-mismatch line per tensor, or a bare AssertionError for another stage), and the
+    failed run's resume hint names a config that fails the same way. ``key`` is the
+    setting that chose the checkpoint (train.run_name or train.resume_from)."""
+    where = f"checkpoint {directory} (step {meta.step}, chosen by {key})"
+    instead = "no train.resume_from" if key == "train.resume_from" else "another train.run_name"
+    trained = meta.config.get("model") if isinstance(meta.config, dict) else None
+    if isinstance(trained, dict) and trained != to_dict(cfg.model):
+        try:
+            mismatches = _tensor_mismatches(trained, cfg)
+        except (ConfigError, ValueError, OSError):
+            mismatches = []  # written by another segscale: DeepSpeed's own load decides
+        if mismatches:
+            differences = model_differences(trained, to_dict(cfg.model))
+            settings = f"; settings unlike the checkpoint's: {differences}" if differences else ""
+            raise ConfigError(f"model: {where} does not fit this config's model ({mismatches[0]}; "
+                              f"{plural(len(mismatches), 'mismatched tensor')}){settings}. Use the checkpoint's "
+                              f"model settings, or {instead} to train this model from scratch")
+    # ZeRO-1 and 2 share DeepSpeed's optimizer and its state layout; 0 and 3 have their own.
+    if meta.zero_stage != cfg.train.zero_stage and {meta.zero_stage, cfg.train.zero_stage} != {1, 2}:
+        allowed = "1 or 2" if meta.zero_stage in (1, 2) else str(meta.zero_stage)
+        raise ConfigError(f"train.zero_stage: {cfg.train.zero_stage}, but {where} holds "
+                          f"ZeRO-{meta.zero_stage} state, which DeepSpeed cannot load at another stage; set "
+                          f"train.zero_stage={allowed} to resume it")

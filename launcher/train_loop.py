@@ -47,6 +47,7 @@ from launcher.engine import create_engine
 from launcher.evaluate import evaluate
 from launcher.fault_injection import fault_point
 from launcher.mfu import count_forward_flops, peak_flops, training_flops_per_sample
+from launcher.optim import configured_hyperparameters, reapply_hyperparameters
 from launcher.panoptic_eval import panoptic_validation, summary_line
 from launcher.progress import StepLogger, StepRecords
 from launcher.ray_console import drop_report_lines_from_console
@@ -191,10 +192,15 @@ def train_worker(loop_config: dict) -> None:
     start_batches, start_positions = 0, ()
     if meta is not None:
         start_step, resumes = meta.step, meta.resumes + 1
+        optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # under DeepSpeed's ZeRO wrapper
+        built = configured_hyperparameters(optimizer)
         if universal:
             load_universal_checkpoint(engine, resume_dir)
         else:
             engine.load_checkpoint(os.path.join(resume_dir, DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+        changed = reapply_hyperparameters(optimizer, engine.lr_scheduler, built)
+        if changed and rank == 0:
+            print(f"this config's optimizer settings replace the checkpoint's: {'; '.join(changed)}", flush=True)
         saved = _saved_position(resume_dir, meta, rank)
         current = replace(layout, batches=start_step * cfg.train.grad_accum_steps)
         if saved is None:  # written before exact loader resume: count steps

@@ -39,3 +39,13 @@ def panoptic_dataset(tmp_path_factory):
                 "--max-count", str(max_count), "--seed", "5"]  # fmt: skip
         assert shard_main(args) == 0
     return root
+
+
+@pytest.fixture(scope="module")
+def manifests(tmp_path_factory):
+    """``--set`` items for 4 train and 4 val synthetic samples of 5 classes (one shard
+    each): the data of configs/test_tiny.yaml's checks that never train."""
+    root = tmp_path_factory.mktemp("data")
+    for split in ("train", "val"):
+        write_shards(synthetic_source(SyntheticConfig(num_classes=5), split, 4), root, split, max_count=4)
+    return [f"data.train_manifest={root}/train-manifest.json", f"data.val_manifest={root}/val-manifest.json"]

@@ -18,14 +18,6 @@ from ops.atomic_file import write_json_atomic
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def manifests(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    for split in ("train", "val"):
-        write_shards(synthetic_source(SyntheticConfig(num_classes=5), split, 4), root, split, max_count=4)
-    return [f"data.train_manifest={root}/train-manifest.json", f"data.val_manifest={root}/val-manifest.json"]
-
-
 def config(*overrides):
     return load_config(os.path.join(REPO, "configs", "test_tiny.yaml"), list(overrides))
 
