@@ -73,6 +73,13 @@ class WorkerMetrics:
         self.last_step_time = Gauge(
             "segscale_last_step_timestamp_seconds", "Unix time of the last completed step", labels, registry=r
         )
+        # Set once, now: a worker that hangs before its first step (a collective that never
+        # completes, shards that never arrive) has no last-step time, and the stall alert
+        # and the dashboard measure from this instead.
+        self.start_time = Gauge(
+            "segscale_start_timestamp_seconds", "Unix time this worker's exporter started", labels, registry=r
+        )
+        self.start_time.labels(**self._labels).set(time.time())
         self.checkpoint_seconds = Counter(
             "segscale_checkpoint_save_seconds_total", "Time spent saving checkpoints", labels, registry=r
         )

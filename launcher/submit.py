@@ -14,10 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import http.client
 import logging
 import os
 import shlex
 import time
+import urllib.error
+import urllib.request
 
 import yaml
 
@@ -87,8 +90,11 @@ def submit_command(
         or os.environ.get("RAY_ADDRESS")
         or DEFAULT_ADDRESS
     )
-    client, auth_prefix = connect(address)
+    client, auth_prefix, auth_note = connect(address)
     address = client.get_address()
+    refuse_if_running(client, cfg, address, auth_prefix)
+    if auth_note:  # after the checks, so that a refusal stays one line
+        print(auth_note, flush=True)
     print(
         f"submitting run {cfg.train.run_name} to {address}: uploading {working_dir} "
         f"(without {', '.join(excludes)})",
@@ -100,7 +106,7 @@ def submit_command(
         entrypoint=entrypoint,
         submission_id=submission_id,
         runtime_env=runtime_env,
-        metadata={"segscale_run": cfg.train.run_name},
+        metadata={"segscale_run": cfg.train.run_name, "segscale_output_dir": cfg.train.output_dir},
     )
     logs_hint = f"  logs: {auth_prefix}ray job logs --address {address} --follow {job_id}"
     hints = f"{logs_hint}\n  stop: {auth_prefix}ray job stop --address {address} {job_id}"
@@ -172,6 +178,40 @@ def config_in_working_dir(config_path: str, working_dir: str, excludes: list[str
         path = os.path.join(os.path.dirname(path), base)
 
 
+def _runs_of(job) -> tuple[str, str]:
+    """(run name, output folder) of a job: from submit's metadata, else from a raw
+    ``ray job submit -- python -m launcher train ... --set train.run_name=...``."""
+    metadata = job.metadata or {}
+    if metadata.get("segscale_run"):
+        return metadata["segscale_run"], metadata.get("segscale_output_dir", "")
+    try:
+        words = shlex.split(job.entrypoint or "")
+    except ValueError:
+        return "", ""
+    if "train" not in words:
+        return "", ""
+    sets = dict(w.partition("=")[::2] for w in words if w.startswith("train.") and "=" in w)
+    return sets.get("train.run_name", ""), sets.get("train.output_dir", "")
+
+
+def refuse_if_running(client, cfg: RunConfig, address: str, auth_prefix: str = "") -> None:
+    """A second job of a run that is still running would train beside the first and both
+    would write the same checkpoints: refused, with the command that stops the first.
+    (Ctrl-C on ``submit`` leaves the job running, so re-submitting is an easy mistake.)"""
+    for job in client.list_jobs():
+        if job.status.is_terminal():
+            continue
+        run, output_dir = _runs_of(job)
+        same_folder = not output_dir or os.path.normpath(output_dir) == os.path.normpath(cfg.train.output_dir)
+        if run == cfg.train.run_name and same_folder:
+            job_id = job.submission_id or job.job_id
+            raise ConfigError(
+                f"train.run_name={run}: job {job_id} on {address} is still {job.status.value} for this run; "
+                f"follow it ({auth_prefix}ray job logs --address {address} --follow {job_id}) or stop it "
+                f"({auth_prefix}ray job stop --address {address} {job_id}) before submitting it again"
+            )
+
+
 def parse_env(items: list[str]) -> dict[str, str]:
     env = {}
     for item in items:
@@ -207,10 +247,27 @@ def _only_this_address():
         os.environ.update(saved)
 
 
+def dashboard_url(address: str, timeout: float = 3.0) -> str:
+    """``HOST:PORT`` as ``http://HOST:PORT`` when an HTTP server (the dashboard) answers
+    there. Ray's client takes an address without a scheme for the cluster's GCS address
+    (``HEAD:6379``) and, given the dashboard's port, waits ~45 s for a GCS that never
+    answers; a GCS does not answer HTTP, so such an address is left as it is."""
+    if "://" in address or ":" not in address:
+        return address
+    url = f"http://{address}"
+    try:
+        with urllib.request.urlopen(f"{url}/api/version", timeout=timeout):
+            return url
+    except urllib.error.HTTPError:  # an HTTP answer (401 without a token): a web server
+        return url
+    except (OSError, ValueError, http.client.HTTPException):  # refused, timed out, not HTTP
+        return address
+
+
 def connect(address: str):
-    """A connected JobSubmissionClient and the ``RAY_AUTH_MODE=token `` prefix that Ray's
-    own CLI needs for this cluster ("" when none)."""
-    from ray.exceptions import AuthenticationError
+    """A connected JobSubmissionClient, the ``RAY_AUTH_MODE=token `` prefix that Ray's own
+    CLI needs for this cluster ("" when none) and a note on the token sent ("" when none)."""
+    from ray.exceptions import AuthenticationError, RpcError
     from ray.job_submission import JobSubmissionClient
 
     # Ray's packaging logs every .gitignore it honours and each folder it now excludes by
@@ -224,23 +281,29 @@ def connect(address: str):
         logging.getLogger(name).setLevel(logging.WARNING if name.endswith("packaging") else logging.ERROR)
     mode = os.environ.get("RAY_AUTH_MODE", "").lower()
     token = local_token()
+    address = dashboard_url(address)
     with _only_this_address():
         try:
             try:
-                return JobSubmissionClient(address), ""
+                return JobSubmissionClient(address), "", ""
             except AuthenticationError:
                 # With RAY_AUTH_MODE unset, Ray's `ray start` turns token auth on when a
                 # token exists; a client on such a machine does the same.
                 if mode or token is None:
                     raise
                 client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token[0]}"})
-                print(
-                    f"{address} uses token authentication: sending the token from {token[1]} "
-                    "(set RAY_AUTH_MODE=token to say so)",
-                    flush=True,
-                )
-                return client, "RAY_AUTH_MODE=token "
+                note = (f"{address} uses token authentication: sending the token from {token[1]} "
+                        "(set RAY_AUTH_MODE=token to say so)")
+                return client, "RAY_AUTH_MODE=token ", note
         except AuthenticationError as err:
+            if "://" not in address and mode != "token":
+                # A GCS address: Ray's GCS client sends a token only under RAY_AUTH_MODE=token
+                # (read once per process), so the token at hand was never sent.
+                raise ConnectionError(
+                    f"--address {address}: the cluster requires an authentication token, which Ray "
+                    "sends to a GCS address only with RAY_AUTH_MODE=token; set it, or give the "
+                    "dashboard's URL, e.g. http://HEAD:8265"
+                ) from None
             if "invalid" in str(err).lower():
                 raise ConnectionError(
                     f"--address {address}: the cluster rejected the authentication token from "
@@ -251,7 +314,7 @@ def connect(address: str):
                 f"RAY_AUTH_MODE=token and the cluster's token ({TOKEN_ENV}, {TOKEN_PATH_ENV} "
                 "or ~/.ray/auth_token)"
             ) from None
-        except (ConnectionError, RuntimeError) as err:
+        except (ConnectionError, RuntimeError, RpcError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConnectionError(
                 f"--address {address}: cannot reach the Ray dashboard ({first}); give the "

@@ -133,7 +133,8 @@ def test_grafana_dashboard_and_provisioning():
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["current"]["value"] == source["uid"]
     assert variables["rank"]["multi"] and variables["rank"]["allValue"] == ".*"
-    assert "segscale_step" in variables["run"]["definition"]
+    # Every run is listed from its worker's start, before its first step (tests/test_monitoring_walkthrough.py).
+    assert "segscale_start_timestamp_seconds" in variables["run"]["definition"]
 
     panels = [p for top in dashboard["panels"] for p in (top, *top.get("panels", []))]
     assert len({p["id"] for p in panels}) == len(panels)
