@@ -11,13 +11,16 @@ checkpoint to the workers.
 from __future__ import annotations
 
 import os
+import socket
 import time
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from cluster.metrics import live_targets_file
 from launcher.checkpoint import CheckpointMeta, prune_untracked_checkpoints, read_meta
 from launcher.config import ConfigError, RunConfig, TrainConfig, dump_config, to_dict
 from launcher.environment import LOCAL_INSTANCE_ENV, worker_env_vars
@@ -124,11 +127,38 @@ def connect(cfg: RunConfig) -> bool:
     for name, value in LOCAL_INSTANCE_ENV.items():  # inherited by the instance's processes
         os.environ.setdefault(name, value)
     # The dashboard also serves the State API that Ray Train's placement-group cleaner polls;
-    # without it that actor logs a warning every few seconds. address="local": not the
-    # address a stale ray_current_cluster file may still name.
-    ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=True, _node_ip_address="127.0.0.1")
+    # without it that actor logs a warning every few seconds. That actor finds the API by
+    # itself, which fails with a traceback where other Ray instances run on this machine,
+    # unless RAY_API_SERVER_ADDRESS names ours: set while ray.init spawns the instance's
+    # processes, which pass it on to every worker. address="local": not the address a
+    # stale ray_current_cluster file may still name.
+    port = _free_port()
+    with _environment(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}"):
+        ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, log_to_driver=True, _node_ip_address="127.0.0.1")
     return True
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def _environment(**values: str):
+    """``values`` in os.environ for the block only (this process's later commands and
+    tests must not inherit them)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def train_worker(loop_config: dict) -> None:
@@ -221,10 +251,21 @@ def run_training(cfg: RunConfig) -> TrainOutcome:
     finally:
         if local:
             ray.shutdown()
+        _forget_targets(run_dir)
         _prune_checkpoints(cfg, run_dir)
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     return TrainOutcome(run_dir=run_dir, checkpoint=checkpoint, metrics=dict(result.metrics or {}),
                         seconds=time.time() - started)
+
+
+def _forget_targets(run_dir: str) -> None:
+    """However the run ended (finished, failed, stopped), its exporters are gone: take
+    them out of Prometheus' file discovery, where a failed or stopped run's targets would
+    otherwise stay listed as down until a run of the same name replaced them. Only a
+    driver that dies itself leaves them (they show as down: the run crashed)."""
+    if "://" not in run_dir:
+        with suppress(FileNotFoundError):
+            os.remove(live_targets_file(run_dir))
 
 
 def _prune_checkpoints(cfg: RunConfig, run_dir: str) -> None:

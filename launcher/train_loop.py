@@ -357,8 +357,8 @@ def train_worker(loop_config: dict) -> None:
         _write_metrics_snapshot(metrics, run_dir, rank)
         metrics.stop()
     if rank == 0 and metrics is not None and "://" not in run_dir:
-        # A finished run's exporters are gone: drop them from discovery, so that only
-        # a crashed run's targets stay listed (and show as down).
+        # A finished run's exporters are gone: drop them from discovery at once (the
+        # driver does it again however the run ended: launcher/driver.py).
         with suppress(FileNotFoundError):
             os.remove(live_targets_file(run_dir))
 

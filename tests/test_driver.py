@@ -26,9 +26,18 @@ def test_a_local_instance_polls_its_workers_more_often_and_a_cluster_keeps_its_o
     monkeypatch.setattr(ray, "init", lambda **kwargs: seen.append((kwargs, os.environ.get(name))))
     cfg = load_config(TINY)
 
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    api = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: (seen.append((kwargs, os.environ.get(name))),
+                                                       api.append(os.environ.get("RAY_API_SERVER_ADDRESS"))))
     assert driver.connect(cfg) is True
     # "local": a new instance, not whatever Ray's ray_current_cluster file names.
     assert seen[-1][1] == value and seen[-1][0]["address"] == "local"
+    # Its processes learn where its dashboard (the State API) is, while this process
+    # keeps no trace of it: with other Ray instances on the machine, Ray Train's
+    # placement-group cleaner would otherwise fail to find it, with a traceback.
+    assert api[-1] == f"http://127.0.0.1:{seen[-1][0]['dashboard_port']}"
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ
 
     monkeypatch.setenv(name, "3")  # the user's own setting wins
     assert driver.connect(cfg) is True
@@ -119,3 +128,29 @@ def test_each_failed_workers_own_error_is_found_behind_rays_wrapper():
     assert {"ShardReadError", "TarFormatError", "RuntimeError"} <= failure_types(group)
     assert "ShardReadError" not in failure_types(RuntimeError("Connection closed by peer"))
     assert {"ShardReadError", "TarFormatError"} <= failure_types(shard_error)
+
+
+def test_a_run_that_fails_or_is_stopped_leaves_prometheus_discovery(monkeypatch, tmp_path, manifests):
+    from cluster.metrics import live_targets_file
+
+    class Trainer:  # Ray Train's, up to fit(): what each case ends it with
+        ending: BaseException = RuntimeError("rank 0 failed")
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self):
+            raise self.ending
+
+    monkeypatch.setattr(driver, "connect", lambda cfg: False)
+    monkeypatch.setattr(driver, "TorchTrainer", Trainer)
+    cfg = load_config(TINY, [*manifests, f"train.output_dir={tmp_path}", "train.run_name=r1"])
+    targets = live_targets_file(str(tmp_path / "r1"))
+    for ending, raised in ((RuntimeError("rank 0 failed"), driver.TrainingFailed), (SystemExit(0), SystemExit)):
+        os.makedirs(os.path.dirname(targets), exist_ok=True)
+        with open(targets, "w") as f:  # what rank 0 wrote when its exporter started
+            f.write('[{"targets": ["127.0.0.1:9400"]}]')
+        Trainer.ending = ending
+        with pytest.raises(raised):
+            driver.run_training(cfg)
+        assert not os.path.exists(targets), ending
