@@ -222,13 +222,21 @@ def main(argv: list[str] | None = None) -> int:
 
             return export_command(args.checkpoint, args.out)
         if args.command == "build-ops":
+            import warnings
+
             from launcher.environment import build_deepspeed_ops, torch_extensions_dir
             from ops import cpu_native
 
             built = build_deepspeed_ops()
             print(f"DeepSpeed ops ready in {torch_extensions_dir()}: {', '.join(built) or 'none needed'}")
-            state = "ready" if cpu_native.load("winograd_cpu") is not None else "unavailable (the PyTorch path runs)"
-            print(f"segscale C kernels (ops/winograd_cpu.c) {state} in {cpu_native.cache_dir()}")
+            with warnings.catch_warnings():  # the reason is printed on the line below instead
+                warnings.simplefilter("ignore", UserWarning)
+                library = cpu_native.load("winograd_cpu")
+            if library is not None:
+                print(f"segscale C kernels (ops/winograd_cpu.c) ready in {cpu_native.cache_dir()}")
+            else:
+                reason = cpu_native.why_unavailable("winograd_cpu")
+                print(f"segscale C kernels (ops/winograd_cpu.c) not built: {reason}; the PyTorch path runs")
             return 0
     except (ConfigError, CheckpointError, ShardReadError, OSError, ValueError) as err:
         if os.environ.get("SEGSCALE_DEBUG"):

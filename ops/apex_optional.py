@@ -12,6 +12,7 @@ the caller.
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Iterable
 from functools import cache
 from types import ModuleType
@@ -32,15 +33,31 @@ def _import_apex_part(module: str) -> ModuleType | None:
 
 def apex_usable(mode: str = "auto") -> bool:
     """True when apex's fused parts should be used: mode "auto", CUDA available and
-    NVIDIA apex importable (its ``normalization`` and ``optimizers`` packages)."""
+    NVIDIA apex importable (its ``normalization`` and ``optimizers`` packages and the
+    CUDA extensions they load)."""
     if mode not in ("auto", "off"):
         raise ValueError(f"model.ops.apex must be 'auto' or 'off', got {mode!r}")
     if mode == "off" or not torch.cuda.is_available():
         return False
-    return (
-        _import_apex_part("apex.normalization") is not None
-        and _import_apex_part("apex.optimizers") is not None
-    )
+    if _import_apex_part("apex.normalization") is None or _import_apex_part("apex.optimizers") is None:
+        return False
+    # A Python-only build of apex imports both packages but lacks the compiled parts they
+    # load on use: FusedLayerNorm would fail at its first forward, FusedAdam when built.
+    missing = [name for name in _APEX_EXTENSIONS if _import_apex_part(name) is None]
+    if missing:
+        _warn_once(f"segscale: NVIDIA apex has no CUDA extensions here ({', '.join(missing)} missing); "
+                   "using torch's LayerNorm and AdamW")
+        return False
+    return True
+
+
+# apex's compiled extensions behind FusedLayerNorm and FusedAdam.
+_APEX_EXTENSIONS = ("fused_layer_norm_cuda", "amp_C")
+
+
+@cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
 
 
 def layer_norm(dim: int, mode: str = "auto", eps: float = 1e-5) -> nn.Module:

@@ -64,7 +64,10 @@ _HALF = (torch.float16, torch.bfloat16)
 
 def check_backend(name: str) -> str:
     if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
+        raise ValueError(
+            f"model.ops.attention_backend: attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+            f"got {name!r}"
+        )
     return name
 
 
@@ -94,12 +97,13 @@ def choose_backends(
     if requested != "auto":
         if requested in _SDP_BACKENDS and requested != "math" and requested not in fused_here:
             raise ValueError(
-                f"attention backend {requested!r} does not run on {device_type}; "
+                f"model.ops.attention_backend: attention backend {requested!r} does not run on {device_type}; "
                 f"choose one of auto, {', '.join(fused_here + ('math', 'chunked', 'blocked'))}"
             )
         if requested == "blocked" and (has_mask or dropout_p > 0.0):
             raise ValueError(
-                "attention backend 'blocked' takes no mask and no dropout; use auto, flash, math or chunked here"
+                "model.ops.attention_backend: attention backend 'blocked' takes no mask and no dropout; "
+                "use auto, flash, math or chunked here"
             )
         return [requested]
     small = matrix_size <= max_matrix_bytes
@@ -163,6 +167,8 @@ def _chunked_attention(
     queries, keys = q.shape[-2], k.shape[-2]
     per_query = max(1, matrix_bytes(batch_heads, 1, keys, dropout_p))
     chunk = max(1, min(queries, int(max_matrix_bytes // per_query)))
+    if queries == 0:  # no chunks to run (and torch.cat takes no empty list)
+        return _math_attention(q, k, v, mask, dropout_p, scale)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     outputs = []
     for start in range(0, queries, chunk):
@@ -225,7 +231,13 @@ def scaled_dot_product_attention(
     if backends == ["blocked"]:
         return blocked_attention(q, k, v, scale)
     with sdpa_kernel([_SDP_BACKENDS[name] for name in backends], set_priority=True):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+    if q.device.type == "cpu":
+        # torch's CPU flash kernel (2.13) returns a zero row for a query row holding NaN
+        # or Inf, where every other backend returns NaN: add the row's sum times zero, so
+        # a NaN in comes out as NaN (finite rows get + 0, their values unchanged).
+        out = out + (q.sum(-1, keepdim=True) * 0).to(out.dtype)
+    return out
 
 
 class MultiheadAttention(nn.Module):

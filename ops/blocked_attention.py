@@ -101,7 +101,10 @@ class _BlockedAttention(torch.autograd.Function):
         heads, rows = ctx.blocks
         grad_out = grad_out.reshape(*q_scaled.shape[:-1], v.shape[-1])
         grad_q = torch.empty_like(q_scaled)
-        grad_k, grad_v = torch.empty_like(k), torch.empty_like(v)
+        # With no query rows the loops below write nothing: k's and v's gradients are sums
+        # over no rows, zeros (empty_like would hand back uninitialised memory).
+        new = torch.zeros_like if q_scaled.shape[1] == 0 else torch.empty_like
+        grad_k, grad_v = new(k), new(v)
         scratch = ScratchBuffers(q_scaled)
         several_row_blocks = rows < q_scaled.shape[1]
         accumulate_dtype = torch.promote_types(k.dtype, torch.float32)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 
 @dataclass
 class OpsConfig:
+    # Checked when a config is loaded (launcher.typed_config.check_rules): a budget of 0 or
+    # less would run every attention one query row at a time, silently.
+    RULES: ClassVar[dict[str, str]] = {"attention_max_matrix_mib": "> 0"}
+
     # Attention backend of every decoder attention (ops/attention.py): "auto" picks by
     # device, dtype, mask and dropout; the others force one ("flash" and "math" run on
     # CPU, "cudnn" / "efficient" only on CUDA, "chunked" anywhere, "blocked" — no masks,

@@ -15,8 +15,9 @@ own copy under that name first, so the kernels share torch's thread pool rather 
 starting a second one that would compete with it for the cores.
 
 Without a compiler, or with ``SEGSCALE_NATIVE_OPS=0``, :func:`load` returns ``None``
-(with one warning naming the reason where a build failed) and callers use their
-PyTorch path.
+(with one warning naming the reason where a build failed; :func:`why_unavailable` keeps
+it) and callers use their PyTorch path. Any other value of ``SEGSCALE_NATIVE_OPS`` than
+0 or 1 is an error.
 """
 
 from __future__ import annotations
@@ -60,15 +61,42 @@ def _build(source: Path, compiler: str, target: Path) -> None:
             os.unlink(tmp)
 
 
+# Why ``load`` returned None, by library name (``launcher build-ops`` prints it).
+_UNAVAILABLE: dict[str, str] = {}
+
+
+def enabled() -> bool:
+    """``SEGSCALE_NATIVE_OPS``: unset or 1 builds and uses the kernels, 0 switches them off.
+    Anything else is refused rather than read as "on" (``off``, ``false`` would otherwise
+    leave the kernels running while the user thinks they are off)."""
+    setting = os.environ.get("SEGSCALE_NATIVE_OPS", "1").strip()
+    if setting not in ("0", "1"):
+        raise ValueError(f"SEGSCALE_NATIVE_OPS must be 0 (PyTorch path) or 1 (C kernels), got {setting!r}")
+    return setting == "1"
+
+
+def why_unavailable(name: str) -> str | None:
+    """The reason the last ``load(name)`` returned None (None if it loaded or never ran)."""
+    return _UNAVAILABLE.get(name)
+
+
+def _unavailable(name: str, reason: str, warn: bool = True) -> None:
+    _UNAVAILABLE[name] = reason
+    if warn:
+        warnings.warn(f"segscale: {reason}; using the PyTorch path", stacklevel=3)
+
+
 @cache
 def load(name: str) -> ctypes.CDLL | None:
     """The library built from ``ops/<name>.c``, or ``None`` where it cannot be had."""
-    if os.environ.get("SEGSCALE_NATIVE_OPS", "1") == "0":
+    _UNAVAILABLE.pop(name, None)
+    if not enabled():
+        _unavailable(name, "switched off by SEGSCALE_NATIVE_OPS=0", warn=False)
         return None
     source = Path(__file__).with_name(f"{name}.c")
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
-        warnings.warn(f"segscale: no C compiler ({os.environ.get('CC', 'cc')}) for ops/{name}.c; using the PyTorch path", stacklevel=2)
+        _unavailable(name, f"no C compiler ({os.environ.get('CC', 'cc')}) for ops/{name}.c")
         return None
     key = hashlib.sha256(
         b"\0".join([source.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(), _cpu_features().encode()])
@@ -80,7 +108,7 @@ def load(name: str) -> ctypes.CDLL | None:
         return ctypes.CDLL(str(target))
     except subprocess.CalledProcessError as error:
         reason = (error.stderr or "").strip().splitlines()[-1:] or [f"exit {error.returncode}"]
-        warnings.warn(f"segscale: building ops/{name}.c with {compiler} failed ({reason[0]}); using the PyTorch path", stacklevel=2)
+        _unavailable(name, f"building ops/{name}.c with {compiler} failed ({reason[0]})")
     except OSError as error:
-        warnings.warn(f"segscale: ops/{name}.c unavailable ({error}); using the PyTorch path", stacklevel=2)
+        _unavailable(name, f"ops/{name}.c unavailable ({error})")
     return None

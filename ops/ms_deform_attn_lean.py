@@ -159,7 +159,9 @@ def _backward(grad_output, value, shapes, starts, sampling_locations, attention_
             dv, dg = torch.autograd.grad(sampled, (value_l, grid), grad_sampled)
             grad_value_l = dv if grad_value_l is None else grad_value_l.add_(dv)
             grad_grids[level, :, q0:q1] = dg
-        assert grad_value_l is not None
+        if grad_value_l is None:  # no queries, no blocks: nothing sampled this level
+            grad_value[:, start : start + height * width] = 0
+            continue
         # (B·M)×D×H×W -> B×HW×M×D slice of the value gradient
         grad_value[:, start : start + height * width] = grad_value_l.view(
             batch, heads, head_dim, height * width

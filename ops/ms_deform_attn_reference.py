@@ -42,6 +42,13 @@ def level_layout(
         raise ValueError(
             f"ms_deform_attn: value has {num_tokens} tokens, spatial_shapes sum to {expected_tokens}"
         )
+    # Levels must tile S in order: the lean backward writes each level's slice of the
+    # value gradient once, and any other layout would read the wrong tokens silently.
+    expected_starts = [sum(h * w for h, w in shapes[:level]) for level in range(levels)]
+    if starts != expected_starts:
+        raise ValueError(
+            f"ms_deform_attn: level_start_index must be {expected_starts} for spatial_shapes {shapes}, got {starts}"
+        )
     return shapes, starts
 
 

@@ -30,6 +30,8 @@ def fake_apex(monkeypatch):
         ("apex", apex),
         ("apex.normalization", normalization),
         ("apex.optimizers", optimizers),
+        ("fused_layer_norm_cuda", types.ModuleType("fused_layer_norm_cuda")),
+        ("amp_C", types.ModuleType("amp_C")),
     ):
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -71,11 +73,23 @@ def test_apex_off_or_without_cuda_is_not_chosen(fake_apex, monkeypatch):
 
 
 def test_broken_apex_install_falls_back(monkeypatch):
-    # An apex without its CUDA extensions (or the unrelated PyPI "apex") has no
-    # normalization/optimizers packages: torch's parts are used.
+    # The unrelated PyPI "apex" has no normalization/optimizers packages: torch's parts
+    # are used (an apex without its CUDA extensions: the test above).
     monkeypatch.setitem(sys.modules, "apex", types.ModuleType("apex"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert not apex_usable("auto")
+
+
+@pytest.mark.parametrize("extension", ["fused_layer_norm_cuda", "amp_C"])
+def test_apex_without_its_cuda_extensions_falls_back(fake_apex, monkeypatch, extension):
+    # A Python-only apex build imports apex.normalization and apex.optimizers, but
+    # FusedLayerNorm fails at its first forward and FusedAdam when built.
+    monkeypatch.setitem(sys.modules, extension, None)  # import raises ImportError
+    apex_optional._warn_once.cache_clear()
+    with pytest.warns(UserWarning, match=f"apex has no CUDA extensions here \\({extension} missing\\)"):
+        assert not apex_usable("auto")
+    assert type(layer_norm(8)) is nn.LayerNorm
+    assert adamw_choice("auto", "cuda") == "fused"
 
 
 def test_unknown_mode_is_rejected():

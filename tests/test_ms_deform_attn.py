@@ -81,6 +81,36 @@ def test_matches_naive_bilinear_loop_values_and_gradients(implementation):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("shapes", [[(1, 1)], [(1, 5), (3, 1)]])
+def test_one_pixel_and_one_row_levels_match_the_naive_loop(implementation, shapes):
+    inputs = _problem(shapes=shapes, batch=1, queries=4, heads=3, head_dim=5, points=3, dtype=torch.float64)
+    value, spatial_shapes, level_start_index, locations, weights = inputs
+    leaves = [t.requires_grad_() for t in (value, locations, weights)]
+    out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, implementation)
+    ref = naive_ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+    torch.testing.assert_close(out, ref)
+    for grad, ref_grad in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(ref.sum(), leaves)):
+        torch.testing.assert_close(grad, ref_grad)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_no_queries_give_an_empty_output_and_a_zero_value_gradient(implementation):
+    value, spatial_shapes, level_start_index, locations, weights = _problem(queries=0)
+    value.requires_grad_()
+    out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, implementation)
+    assert out.shape == (2, 0, 6)
+    (grad,) = torch.autograd.grad(out.sum(), value)
+    assert grad.shape == value.shape and not grad.any()
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_level_start_index_must_tile_the_tokens(implementation):
+    value, spatial_shapes, _, locations, weights = _problem()
+    with pytest.raises(ValueError, match=r"level_start_index must be \[0, 35\].*got \[0, 0\]"):
+        ms_deform_attn(value, spatial_shapes, torch.zeros(2, dtype=torch.long), locations, weights, implementation)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_gradcheck_float64(implementation):
     value, spatial_shapes, level_start_index, locations, weights = _problem(
         shapes=[(3, 4), (2, 2)],

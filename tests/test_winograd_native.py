@@ -129,3 +129,22 @@ def test_a_failed_build_warns_once_and_the_pytorch_path_runs(fresh_build, monkey
 def test_switched_off_by_environment(fresh_build, monkeypatch):
     monkeypatch.setenv("SEGSCALE_NATIVE_OPS", "0")
     assert cpu_native.load("winograd_cpu") is None and not winograd_native.usable(torch.zeros(1))
+
+
+@pytest.mark.parametrize("setting", ["off", "false", "2", "yes"])
+def test_an_unknown_switch_value_is_refused(fresh_build, monkeypatch, setting):
+    # Read as "on" before: the kernels ran while the user meant them off.
+    monkeypatch.setenv("SEGSCALE_NATIVE_OPS", setting)
+    with pytest.raises(ValueError, match=rf"SEGSCALE_NATIVE_OPS must be 0 .* or 1 .*got '{setting}'"):
+        cpu_native.load("winograd_cpu")
+
+
+def test_the_reason_a_library_is_missing_is_kept(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with pytest.warns(UserWarning, match=r"no C compiler \(/nonexistent/cc\)"):
+        assert cpu_native.load("winograd_cpu") is None
+    assert cpu_native.why_unavailable("winograd_cpu") == "no C compiler (/nonexistent/cc) for ops/winograd_cpu.c"
+    cpu_native.load.cache_clear()
+    monkeypatch.setenv("SEGSCALE_NATIVE_OPS", "0")
+    assert cpu_native.load("winograd_cpu") is None
+    assert cpu_native.why_unavailable("winograd_cpu") == "switched off by SEGSCALE_NATIVE_OPS=0"
