@@ -11,6 +11,7 @@ the crop), ``MAX_SIZE_TRAIN = 2048`` (4x the crop), ``CROP.SINGLE_CATEGORY_MAX_A
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -40,9 +41,10 @@ class AugmentConfig:
         for key in ("hflip", "photometric"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{p}.{key} must be true or false, got {getattr(self, key)!r}")
-        if not (self.min_scale > 0 and self.min_scale <= self.max_scale):
+        if not (self.min_scale > 0 and self.min_scale <= self.max_scale and math.isfinite(self.max_scale)):
             raise ValueError(
-                f"{p}.min_scale must be > 0 and <= max_scale, got {self.min_scale} (max_scale {self.max_scale})"
+                f"{p}.min_scale must be > 0 and <= max_scale (finite), got {self.min_scale} "
+                f"(max_scale {self.max_scale})"
             )
         if isinstance(self.max_size, bool) or not isinstance(self.max_size, int) or self.max_size < 0:
             raise ValueError(

@@ -51,6 +51,21 @@ def _check_label_range(
                              f"(classes 0..{num_classes - 1}, ignore {ignore_index})")  # fmt: skip
 
 
+def _rgb_array(raw: dict[str, Any], ext: str, image: Image.Image) -> np.ndarray:
+    """uint8 H x W x 3 of any 8-bit mode (gray, palette, RGBA: PIL's conversion), and of a
+    16-bit grayscale PNG by its high byte, as PIL itself reads a 16-bit RGB PNG. PIL's own
+    conversion of 16-bit gray to RGB clips every value above 255: a near-white image."""
+    if image.mode == "RGB":
+        return np.array(image)
+    if image.mode.startswith("I;16"):
+        gray = (np.asarray(image) >> 8).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode in ("I", "F"):  # 32-bit pixels: no conversion to 8 bits that is not a guess
+        raise ShardReadError(f"{describe_raw(raw)}: .{ext} has 32-bit pixels (PIL mode {image.mode}); "
+                             "expected an 8-bit (or 16-bit grayscale) image")
+    return np.array(image.convert("RGB"))
+
+
 def decode_arrays(
     raw: dict[str, Any], reduce_zero: bool = False, ignore_index: int = 255, num_classes: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -67,8 +82,6 @@ def decode_arrays(
             f"{describe_raw(raw)}: needs an image (.png/.jpg) and a .{SEMANTIC_EXT}, has {members}"
         )
     image = _open_member(raw, image_ext)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
     labels = _open_member(raw, SEMANTIC_EXT)
     if labels.mode not in ("L", "P", "I", "I;16"):  # "P": palette indices are the labels
         raise ShardReadError(
@@ -79,7 +92,7 @@ def decode_arrays(
             f"{describe_raw(raw)}: image is {image.size} but labels are {labels.size} (W x H)"
         )
     # np.array, not np.asarray: PIL's buffer is read-only, which torch.from_numpy warns about.
-    image_np, labels_np = np.array(image), np.array(labels)
+    image_np, labels_np = _rgb_array(raw, image_ext, image), np.array(labels)
     if labels_np.dtype != np.uint8:  # modes I and I;16: as narrow as the ids allow
         fits = labels_np.size == 0 or (int(labels_np.min()) >= 0 and int(labels_np.max()) <= 255)
         labels_np = labels_np.astype(np.uint8 if fits else np.int64)

@@ -133,6 +133,10 @@ class SegmentationStream(IterableDataset):
             tolerate=cfg.on_error == "skip",
         )
         skipped = 0
+        # Bad samples in a row. As many as the dataset holds means that nothing is left to
+        # train on (a manifest with too few classes fails every sample): stop rather than
+        # spin through epochs of errors without a batch. A bad shard alone never gets there.
+        bad_run, total = 0, sum(s.num_samples for s in self.shards)
         # A cut-off shard fails every sample it still owed alike: each error is printed once
         # an epoch, its repeats counted and reported as the next epoch starts.
         shown: set[str] = set()
@@ -150,6 +154,12 @@ class SegmentationStream(IterableDataset):
                 if cfg.on_error != "skip":
                     raise
                 skipped += 1
+                bad_run += 1
+                if bad_run >= total:
+                    raise ShardReadError(
+                        f"data.on_error=skip: rank {self.rank} worker {worker}: the last {bad_run} samples read were "
+                        f"all bad, as many as the training manifest holds; nothing to train on. The last: {exn}"
+                    ) from None
                 # Never a silent drop: each skip is logged here (a repeated error by its count,
                 # see above), counted in every batch and exported by the trainer
                 # (segscale_data_skipped_samples_total).
@@ -160,6 +170,7 @@ class SegmentationStream(IterableDataset):
                 print(f"data.on_error=skip: rank {self.rank} worker {worker}: skipped ({skipped} so far): {exn}",
                       file=sys.stderr, flush=True)
                 continue
+            bad_run = 0
             # One generator per output sample, seeded by where it is in the stream, so a
             # resumed stream augments every sample exactly as the uninterrupted one did.
             generator = sample_generator(cfg.seed, epoch, self.rank, worker, 1, position)

@@ -3,6 +3,7 @@ seeking (``read_shard``), shared by the training stream and the eval loader."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -97,6 +98,10 @@ def read_shard(ref: ShardRef, start: int = 0, limit: int | None = None) -> Itera
     with stream:
         local = 0
         if start and ref.offsets:
+            size = os.fstat(stream.fileno()).st_size
+            if ref.offsets[start] >= size:  # else it would read as "holds {start} samples"
+                raise ShardReadError(f"shard {ref.path} ends at byte {size}, before its sample {start} "
+                                     f"(at byte {ref.offsets[start]} by the manifest): truncated")
             stream.seek(ref.offsets[start])
             local = start
         produced = 0

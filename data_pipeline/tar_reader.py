@@ -66,21 +66,36 @@ def _pax_fields(data: bytes) -> dict[str, str]:
     return fields
 
 
+def _where(stream: BinaryIO, header: bytes, last: str) -> str:
+    """" at byte N, after member 'x'" for an error in the ``header`` just read (N left out
+    where the stream cannot tell, e.g. a pipe). Only called for an error: ``tell`` costs a
+    system call, which every member would otherwise pay."""
+    try:
+        at = f" at byte {stream.tell() - len(header)}"
+    except (OSError, ValueError):
+        at = ""
+    return f"{at}, after member {last!r}" if last else f"{at}, before any member"
+
+
 def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     """(path, data) of every regular file from the stream's position to the archive's end
     (two zero blocks, or the end of the file at a header boundary)."""
     long_name: str | None = None
     pax: dict[str, str] = {}
+    last = ""  # the last member read whole: with the byte offset, it says where a shard broke
     while True:
         header = stream.read(BLOCK)
         if not header or header == _ZERO_BLOCK:
             return
         if len(header) < BLOCK:
-            raise TarFormatError(f"truncated header ({len(header)} of {BLOCK} bytes)")
-        if not _checksum_ok(header):
-            raise TarFormatError("invalid header (bad checksum)")
+            raise TarFormatError(f"truncated header ({len(header)} of {BLOCK} bytes){_where(stream, header, last)}")
         kind = header[156:157]
-        size = int(pax["size"]) if "size" in pax else _number(header[124:136])
+        try:
+            if not _checksum_ok(header):
+                raise TarFormatError("invalid header (bad checksum)")
+            size = int(pax["size"]) if "size" in pax else _number(header[124:136])
+        except ValueError as exn:  # TarFormatError is one; so is a bad PAX size
+            raise TarFormatError(f"{exn}{_where(stream, header, last)}") from None
         name = header[0:100].split(b"\0", 1)[0].decode(*_ENCODING)
         prefix = header[345:500].split(b"\0", 1)[0]
         if header[257:263] == b"ustar\0" and prefix:  # POSIX ustar: path = prefix/name
@@ -100,6 +115,7 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
             continue
         long_name, pax = None, {}
         if kind in _REGULAR and not name.endswith("/"):
+            last = name
             yield name, data
 
 

@@ -26,6 +26,7 @@ layout they were counted in. Exact resume needs the same layout; see
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -191,22 +192,34 @@ def _fetch(
     for shard, group in itertools.groupby(sorted(items), key=lambda item: item[0]):
         wanted = sorted({local for _, local in group})
         ref = shards[shard]
+        if ref.offsets:  # each sample on its own: one bad sample must not take its shard mates along
+            for local in wanted:
+                fetched[(shard, local)] = _fetch_one(ref, local, tolerate)
+            continue
         try:
-            if ref.offsets:
-                for local in wanted:
-                    fetched[(shard, local)] = next(read_shard(ref, start=local, limit=1))
-            else:
-                for raw in read_shard(ref):
-                    local = raw["__index__"] - ref.first_index
-                    if local in wanted:
-                        fetched[(shard, local)] = raw
-        except (ShardReadError, StopIteration) as exn:
+            for raw in read_shard(ref):
+                local = raw["__index__"] - ref.first_index
+                if local in wanted:
+                    fetched[(shard, local)] = raw
+        except ShardReadError as exn:
             if not tolerate:
                 raise
-            error = exn if isinstance(exn, ShardReadError) else ShardReadError(f"shard {ref.path} ends early")
             for local in wanted:
-                fetched.setdefault((shard, local), error)
+                fetched.setdefault((shard, local), exn)
     return fetched
+
+
+def _fetch_one(ref: ShardRef, local: int, tolerate: bool) -> dict | ShardReadError:
+    """Sample ``local`` of a shard with offsets, read alone from its offset."""
+    try:
+        return next(read_shard(ref, start=local, limit=1))
+    except StopIteration:
+        error = ShardReadError(f"shard {ref.path} ends before its sample {local}")
+    except ShardReadError as exn:
+        error = exn
+    if not tolerate:
+        raise error
+    return error
 
 
 def _read_from(
@@ -218,21 +231,53 @@ def _read_from(
     remaining = items[start:]
     for shard, group in itertools.groupby(remaining, key=lambda item: item[0]):
         locals_ = [local for _, local in group]
-        wanted = set(locals_)
-        ref = shards[shard]
-        delivered: set[int] = set()
+        for local, raw in _read_shard_items(shards[shard], locals_, tolerate):
+            yield (shard, local), raw
+
+
+def _can_resync(ref: ShardRef, local: int) -> bool:
+    """Whether reading can start again at sample ``local`` of a shard that failed before it:
+    its offset is known and inside the file (a cut-off file has nothing more to give)."""
+    if not ref.offsets or local >= ref.num_samples:
+        return False
+    try:
+        return ref.offsets[local] < os.path.getsize(ref.path)
+    except OSError:
+        return False
+
+
+def _read_shard_items(
+    ref: ShardRef, locals_: Sequence[int], tolerate: bool
+) -> Iterator[tuple[int, dict | ShardReadError]]:
+    """(sample in shard, raw sample or its error) of the increasing ``locals_`` of one shard.
+
+    A broken sample in the middle of a shard (a damaged tar header) costs only itself when
+    the manifest has offsets: reading starts again at the next sample's offset. That also
+    makes the sequential read agree with ``_fetch``'s per-sample seeks, which a resumed
+    stream uses for its buffer: sample i reads here iff it reads alone from its offset."""
+    wanted = set(locals_)
+    begin = locals_[0]
+    while True:
+        failing = begin  # the sample the reader is inside when an error comes
         try:
-            for raw in read_shard(ref, start=locals_[0]):
+            for raw in read_shard(ref, start=begin):
                 local = raw["__index__"] - ref.first_index
+                failing = local + 1
                 if local in wanted:
-                    delivered.add(local)
-                    yield (shard, local), raw
+                    yield local, raw
+            return
         except ShardReadError as exn:
             if not tolerate:
                 raise
+            if failing < ref.num_samples and _can_resync(ref, failing + 1):
+                if failing in wanted:
+                    yield failing, exn
+                begin = failing + 1
+                continue
             for local in locals_:
-                if local not in delivered:
-                    yield (shard, local), exn
+                if local >= failing:
+                    yield local, exn
+            return
 
 
 def consumer_stream(
