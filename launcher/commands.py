@@ -49,10 +49,12 @@ def train_command(config_path: str, overrides: list[str], address: str) -> int:
     except TrainingFailed as err:
         print(f"error: {err}", flush=True)
         if ShardReadError.__name__ in err.causes:  # resuming alone would stop at the same sample
-            manifests = " and ".join(p for p in (cfg.data.train_manifest, cfg.data.val_manifest) if p)
+            manifests = " and ".join(dict.fromkeys(p for p in (cfg.data.train_manifest, cfg.data.val_manifest) if p))
+            # Under skip the failure was one skipping cannot pass (validation, or every sample bad).
+            skip = "" if cfg.data.on_error == "skip" else (
+                " (or, for a training shard, set data.on_error=skip to train past unreadable samples)")
             print(f"the data is at fault: `python -m data_pipeline verify` of {manifests} checks every shard; "
-                  "write the bad one again (or, for a training shard, set data.on_error=skip to train past "
-                  "unreadable samples), then", flush=True)
+                  f"write the bad one again{skip}, then", flush=True)
         print(resume_hint(cfg), flush=True)
         return 1
     except (KeyboardInterrupt, SystemExit) as stop:

@@ -79,7 +79,13 @@ def test_a_stopped_run_says_how_to_resume_it(monkeypatch, capsys, tmp_path):
     assert commands.train_command(TINY, sets, "") == 1
     out = capsys.readouterr().out
     assert "`python -m data_pipeline verify` of /d/train-manifest.json and /d/val-manifest.json" in out, out
-    assert out.rstrip().endswith(resume), out
+    assert "set data.on_error=skip" in out and out.rstrip().endswith(resume), out
+    # Already skipping (what failed was validation, or every sample): no skip advice; one
+    # manifest used for both splits is named once.
+    assert commands.train_command(TINY, [*sets[:2], "data.train_manifest=/d/m.json", "data.val_manifest=/d/m.json",
+                                         "data.on_error=skip"], "") == 1  # fmt: skip
+    out = capsys.readouterr().out
+    assert "verify` of /d/m.json checks every shard; write the bad one again, then" in out, out
 
     def ray_sigint_handler(cfg):
         raise SystemExit(0)  # what Ray Train's SIGINT handler ends fit() with
