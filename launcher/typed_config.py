@@ -167,7 +167,8 @@ def convert(tp: Any, value: Any, path: str) -> Any:
         spelled = [a for a in typing.get_args(tp) if isinstance(a, str) and yaml.safe_load(a) is value]
         if isinstance(value, bool) and spelled:
             return spelled[0]
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_describe(value)}")
+        read_as = " (YAML reads a bare on/off/yes/no/true/false as a boolean)" if isinstance(value, bool) else ""
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_describe(value)}{read_as}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_describe(value)}")

@@ -70,6 +70,10 @@ def test_yaml_booleans_and_choices():
     assert cfg.model.backbone.freeze_bn is True and cfg.cluster.use_gpu is False
     assert cfg.model.ops.apex == "off"  # YAML reads a bare off as false; the key wants the word
     assert cfg.model.backbone.timm_kwargs == {"drop_path_rate": 0.1}
+    # "on" is no choice of this key: the error says why a word became a boolean
+    assert error(DEMO, ["model.ops.apex=on"]).endswith(
+        "model.ops.apex: expected one of 'auto', 'off', got bool True (YAML reads a bare on/off/yes/no/true/false "
+        "as a boolean)")
 
 
 def test_file_mistakes(tmp_path):
