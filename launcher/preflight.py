@@ -29,6 +29,7 @@ from launcher.fault_injection import ENV_VAR as FAULT_ENV_VAR
 from launcher.fault_injection import parse_fault
 from launcher.progress import plural
 from launcher.typed_config import to_dict
+from ops import cpu_native
 
 # Set by Ray's job supervisor in the environment of a `ray job submit` entrypoint.
 RAY_JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -69,6 +70,10 @@ def check_run(cfg: RunConfig) -> None:
         raise ConfigError(str(err)) from None
     try:  # host_allocator: jemalloc where it is not installed fails here, not in every worker
         worker_env_vars(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    try:  # SEGSCALE_NATIVE_OPS=off fails here, not at every worker's first convolution
+        cpu_native.enabled()
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if cfg.data.task == "panoptic":

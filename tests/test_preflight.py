@@ -105,6 +105,15 @@ def test_missing_jemalloc_fails_the_run_before_ray_starts(monkeypatch, manifests
     check_run(config(*manifests, "cluster.host_allocator=jemalloc", "cluster.keep_freed_memory=false"))
 
 
+def test_a_bad_native_ops_switch_fails_the_run_before_ray_starts(monkeypatch, manifests):
+    monkeypatch.setenv("SEGSCALE_NATIVE_OPS", "off")
+    with pytest.raises(ConfigError, match=r"SEGSCALE_NATIVE_OPS must be 0 \(PyTorch path\) or 1 \(C kernels\), "
+                                          r"got 'off'"):
+        check_run(config(*manifests))
+    monkeypatch.setenv("SEGSCALE_NATIVE_OPS", "0")
+    check_run(config(*manifests))
+
+
 def test_relative_paths_refused_inside_ray_job(monkeypatch):
     cfg = config()  # test_tiny.yaml's output_dir is the relative 'runs'
     check_paths_for_job(cfg)  # outside a job: fine
