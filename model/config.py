@@ -96,6 +96,8 @@ class PFTDecoderConfig:
     nheads: int = 8
     dim_feedforward: int = 2048
     dec_layers: int = 6
+    # Seed 000 gives no decoder dropout; 0.0 (Mask2Former's decoder value) is a choice, not
+    # the paper's. MaskFormer's DETR decoder, which PFT replaces, uses 0.1 (model.decoder).
     dropout: float = 0.0
     pre_norm: bool = False
     mask_embed_layers: int = 3
