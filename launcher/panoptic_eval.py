@@ -50,7 +50,7 @@ def check_panoptic_model(cfg: ModelConfig) -> None:
     if cfg.inference != InferenceConfig():
         raise ValueError(
             "data.task=panoptic predicts each image once at its stored size: model.inference "
-            "(short_side, window_size, scales, flip) is semantic-only, leave it at its defaults"
+            "(short_side, max_size, window_size, scales, flip) is semantic-only, leave it at its defaults"
         )
 
 

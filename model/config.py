@@ -231,6 +231,9 @@ class InferenceConfig:
     # the prediction back (MaskFormer's test pipeline: the training short side, 512 or
     # 640); 0 = keep the stored size. ``scales`` multiply this size.
     short_side: int = 0
+    # ... with the long side capped at this many pixels (detectron2's MAX_SIZE_TEST: 4×
+    # the crop in MaskFormer's configs); ``scales`` multiply it too. 0 = no cap.
+    max_size: int = 0
     # Sliding-window inference for images larger than the training crop: window side
     # (0 = whole image in one pass) and stride between windows.
     window_size: int = 0
@@ -240,7 +243,7 @@ class InferenceConfig:
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = False
 
-    RULES: ClassVar[dict[str, str]] = {"short_side window_size window_stride": ">= 0", "scales": "> 0"}
+    RULES: ClassVar[dict[str, str]] = {"short_side max_size window_size window_stride": ">= 0", "scales": "> 0"}
 
 
 @dataclass

@@ -5,10 +5,12 @@ input resolution, following ``model.inference`` (``InferenceConfig``):
 
 * **Test size and scales.** Scale ``s`` resizes the image (bilinear, aspect kept) so its
   short side becomes ``s × short_side`` — or ``s ×`` its own short side when ``short_side``
-  is 0 — each side rounded as mmcv does (``int(side * factor + 0.5)``). With
-  ``short_side`` = the training crop this is MaskFormer's/mmseg's test pipeline (resize to
-  the training scale, then ``ratio × scale`` for multi-scale); the scores always come back
-  at the size the image was given in.
+  is 0 — with the long side capped at ``s × max_size`` where that is set, each side
+  rounded as mmcv and detectron2 do (``int(side * factor + 0.5)``). With ``short_side`` =
+  the training crop and ``max_size`` = 4× it, whole images, this is MaskFormer's test
+  pipeline (detectron2's ``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)``; its
+  multi-scale sizes are the same ratios of both); with sliding windows, mmseg's. The
+  scores always come back at the size the image was given in.
 * **Flip.** With ``flip`` every scale also runs on the horizontally flipped image and its
   scores are flipped back.
 * **Whole image** (``window_size == 0``): one forward per view; the stride-4 mask *logits*
@@ -57,6 +59,8 @@ def check_inference_config(cfg: InferenceConfig) -> None:
     """One-line ValueErrors naming the ``model.inference`` key at fault."""
     if cfg.short_side < 0:
         raise ValueError(f"model.inference.short_side must be >= 0 (0 = keep the image size), got {cfg.short_side}")
+    if cfg.max_size < 0:
+        raise ValueError(f"model.inference.max_size must be >= 0 (0 = no cap on the long side), got {cfg.max_size}")
     if cfg.window_size < 0:
         raise ValueError(f"model.inference.window_size must be >= 0 (0 = whole image), got {cfg.window_size}")
     if cfg.window_size > 0 and not 0 < cfg.window_stride <= cfg.window_size:
@@ -79,10 +83,13 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
     return [min(i * stride, length - window) for i in range(count)]
 
 
-def scaled_size(size: Sequence[int], scale: float, short_side: int = 0) -> tuple[int, int]:
+def scaled_size(size: Sequence[int], scale: float, short_side: int = 0, max_size: int = 0) -> tuple[int, int]:
     """(H, W) of an image of ``size`` at ``scale``: short side ``scale × short_side`` (or
-    ``scale ×`` its own when ``short_side`` is 0), aspect ratio kept."""
+    ``scale ×`` its own when ``short_side`` is 0), long side at most ``scale × max_size``
+    when that is set, aspect ratio kept."""
     factor = scale * short_side / min(size[0], size[1]) if short_side > 0 else scale
+    if max_size > 0:
+        factor = min(factor, scale * max_size / max(size[0], size[1]))
     return max(1, int(size[0] * factor + 0.5)), max(1, int(size[1] * factor + 0.5))
 
 
@@ -103,7 +110,7 @@ class View:
 def plan_views(image_size: Sequence[int], cfg: InferenceConfig) -> list[View]:
     views = []
     for scale in cfg.scales:
-        size = scaled_size(image_size, scale, cfg.short_side)
+        size = scaled_size(image_size, scale, cfg.short_side, cfg.max_size)
         if cfg.window_size > 0:
             win, stride = cfg.window_size, cfg.window_stride
             padded = (max(size[0], win), max(size[1], win))

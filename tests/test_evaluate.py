@@ -137,7 +137,7 @@ def test_a_prediction_does_not_depend_on_its_batch_mates():
 @pytest.mark.parametrize("name", ["maskformer_r50", "maskformer_r101", "maskformer_swin_t", "maskformer_swin_s",
                                   "maskformer_swin_b", "maskformer_swin_l", "maskformer_vit_l", "pft_r50",
                                   "pft_swin_t", "pft_swin_b", "pft_swin_l", "pft_vit_l"])
-def test_presets_test_at_the_training_scale_with_mmseg_sliding_windows(name):
+def test_presets_test_whole_images_at_the_training_scale_as_maskformer(name):
     import os
 
     from launcher.config import load_config
@@ -145,7 +145,8 @@ def test_presets_test_at_the_training_scale_with_mmseg_sliding_windows(name):
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}_ade20k.yaml"))
     crop, inference = cfg.data.crop_size, cfg.model.inference
     assert crop == (640 if name.endswith(("swin_b", "swin_l")) else 512)
-    assert (inference.short_side, inference.window_size, inference.window_stride) == (crop, crop, crop * 2 // 3)
+    # detectron2's ResizeShortestEdge(MIN_SIZE_TEST=crop, MAX_SIZE_TEST=4 x crop), whole image
+    assert (inference.short_side, inference.max_size, inference.window_size) == (crop, 4 * crop, 0)
     assert inference.scales == [1.0] and not inference.flip  # single-scale: the papers' main numbers
 
 

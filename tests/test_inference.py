@@ -218,6 +218,10 @@ def test_scaled_size_sets_the_short_side():
     assert scaled_size((512, 683), 1.75, 512) == (896, 1195)  # mmseg's 1.75 ratio of 512
     assert scaled_size((30, 45), 0.5) == (15, 23)  # short_side 0: relative to the image itself
     assert scaled_size((683, 512), 1.0, 512) == (683, 512)
+    # the long side capped as detectron2's ResizeShortestEdge(512, max_size=2048) does
+    assert scaled_size((100, 500), 1.0, 512, 2048) == (410, 2048)  # 512 x 2560 would pass the cap
+    assert scaled_size((100, 300), 1.0, 512, 2048) == (512, 1536)  # under the cap: unchanged
+    assert scaled_size((100, 500), 0.5, 512, 2048) == (205, 1024)  # scales shrink the cap too
 
 
 @pytest.mark.parametrize("rule", ["maskformer", "pft"])
