@@ -240,7 +240,7 @@ def test_short_side_resizes_before_inference_and_maps_back(rule):
     assert not torch.allclose(predict_semantic_scores(model, images, InferenceConfig(), rule), scores, atol=1e-3)
 
 
-def test_short_side_with_the_presets_sliding_window():
+def test_short_side_with_mmseg_sliding_windows():
     """mmseg's single-scale slide test: resize to the crop's short side, windows of the crop
     every 2/3 crop, scores resized back to the stored size."""
     model, images = PixelModel(ramp=1.0, stride=4), _images(batch=1, height=24, width=40)
