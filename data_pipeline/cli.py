@@ -258,9 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
         "export-panoptic",
         help="write a sharded split's panoptic ground truth as COCO panoptic (for launcher eval-panoptic)",
         description=(
-            "Write every sample's panoptic ids as OUT/panoptic/<key>.png and OUT/panoptic.json (image_id = "
-            "sample key, category_id = training class, categories from the manifest), in the label space "
-            "training uses (--reduce-zero-label: stored class 0 becomes void, the rest shift down)."
+            "Write every sample's panoptic ids as OUT/panoptic/<name>.png and OUT/panoptic.json, <name> being "
+            "the source image's stem (the sample key where none was recorded), as launcher predict names its "
+            "predictions; image_id and category_id are the dataset's own where the shards recorded them "
+            "(coco_panoptic), else <name> and the training class; categories from the manifest. Labels are in "
+            "the space training uses (--reduce-zero-label: stored class 0 becomes void, the rest shift down)."
         ),
     )
     export.add_argument("manifest", help="path of a {split}-manifest.json")

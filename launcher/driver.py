@@ -11,7 +11,6 @@ checkpoint to the workers.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from cluster.metrics import live_targets_file
 from launcher.checkpoint import CheckpointMeta, prune_untracked_checkpoints, read_meta
 from launcher.config import ConfigError, RunConfig, TrainConfig, dump_config, to_dict
-from launcher.environment import LOCAL_INSTANCE_ENV, worker_env_vars
+from launcher.environment import LOCAL_INSTANCE_ENV, free_loopback_port, worker_env_vars
 from launcher.preflight import check_paths_for_job, check_resume, check_resume_fits, check_run
 from launcher.progress import plural
 from launcher.universal_checkpoint import ensure_universal, needs_universal
@@ -132,17 +131,11 @@ def connect(cfg: RunConfig) -> bool:
     # unless RAY_API_SERVER_ADDRESS names ours: set while ray.init spawns the instance's
     # processes, which pass it on to every worker. address="local": not the address a
     # stale ray_current_cluster file may still name.
-    port = _free_port()
+    port = free_loopback_port()
     with _environment(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}"):
         ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, log_to_driver=True, _node_ip_address="127.0.0.1")
     return True
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextmanager

@@ -39,7 +39,7 @@ def torch_extensions_dir() -> str:
 # follows its live tensors, for more step time (README "Troubleshooting"). A worker that
 # finds glibc's leaves malloc to them (ops/host_allocator.py), on a cluster as on a local
 # instance.
-USER_ENV_VARS = ("OMP_NUM_THREADS", *MALLOC_ENV_VARS, "SEGSCALE_LOG_LEVEL", "SEGSCALE_FAULT")
+USER_ENV_VARS = ("OMP_NUM_THREADS", *MALLOC_ENV_VARS, "SEGSCALE_FAULT", "SEGSCALE_NATIVE_OPS")
 
 
 # What a local Ray instance started by the driver runs with, unless the user has set it.

@@ -66,8 +66,10 @@ def test_workers_get_the_users_thread_and_allocator_settings(monkeypatch):
 
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4194304")
+    monkeypatch.setenv("SEGSCALE_NATIVE_OPS", "0")  # checked on the driver, applied in the workers
     env = runtime_env_vars()
     assert env["OMP_NUM_THREADS"] == "3" and env["MALLOC_MMAP_THRESHOLD_"] == "4194304"
+    assert env["SEGSCALE_NATIVE_OPS"] == "0"
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     assert "MALLOC_MMAP_THRESHOLD_" not in runtime_env_vars()  # glibc's own default unless set
     # Every setting a worker's host_allocator defers to reaches it, so a cluster's workers
