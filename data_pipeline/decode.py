@@ -18,7 +18,7 @@ from PIL import Image
 
 from data_pipeline.loader_io import ShardReadError
 from data_pipeline.sample_encode import SEMANTIC_EXT
-from data_pipeline.sample_members import MemberDecodeError, describe_raw, open_member
+from data_pipeline.sample_members import MemberDecodeError, describe_raw, open_member, rgb_pixels
 from data_pipeline.transforms import reduce_zero_label
 
 IMAGE_EXTS = ("png", "jpg", "jpeg")  # first one present is the image
@@ -52,18 +52,10 @@ def _check_label_range(
 
 
 def _rgb_array(raw: dict[str, Any], ext: str, image: Image.Image) -> np.ndarray:
-    """uint8 H x W x 3 of any 8-bit mode (gray, palette, RGBA: PIL's conversion), and of a
-    16-bit grayscale PNG by its high byte, as PIL itself reads a 16-bit RGB PNG. PIL's own
-    conversion of 16-bit gray to RGB clips every value above 255: a near-white image."""
-    if image.mode == "RGB":
-        return np.array(image)
-    if image.mode.startswith("I;16"):
-        gray = (np.asarray(image) >> 8).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    if image.mode in ("I", "F"):  # 32-bit pixels: no conversion to 8 bits that is not a guess
-        raise ShardReadError(f"{describe_raw(raw)}: .{ext} has 32-bit pixels (PIL mode {image.mode}); "
-                             "expected an 8-bit (or 16-bit grayscale) image")
-    return np.array(image.convert("RGB"))
+    try:
+        return rgb_pixels(image)
+    except ValueError as exn:  # 32-bit pixels
+        raise ShardReadError(f"{describe_raw(raw)}: .{ext} {exn}") from None
 
 
 def decode_arrays(

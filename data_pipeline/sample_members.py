@@ -17,6 +17,7 @@ import json
 import re
 from typing import Any
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 SOURCE_FIELD = "source"  # key in the sample's .json member
@@ -64,6 +65,33 @@ def sample_image_id(members: dict[str, Any]) -> int | str | None:
     image_id = _meta_field(members, IMAGE_ID_FIELD)
     ok = isinstance(image_id, (int, str)) and not isinstance(image_id, bool)
     return image_id if ok else None
+
+
+def image_mode_problem(mode: str) -> str | None:
+    """Why an image member of PIL ``mode`` cannot train, or None. The loader converts
+    8-bit gray, palette and RGBA images to RGB and a 16-bit gray one by its high byte
+    (``data_pipeline.decode``); 32-bit pixels have no conversion to 8 bits that is not a
+    guess. ``verify`` applies the same rule."""
+    if mode in ("I", "F"):
+        return f"has 32-bit pixels (PIL mode {mode}); expected an 8-bit (or 16-bit grayscale) image"
+    return None
+
+
+def rgb_pixels(image: Image.Image) -> np.ndarray:
+    """uint8 H x W x 3 of any 8-bit mode (gray, palette, RGBA: PIL's conversion), and of a
+    16-bit grayscale image by its high byte, as PIL itself reads a 16-bit RGB PNG: PIL's
+    own conversion of 16-bit gray to RGB clips every value above 255, a near-white image.
+    ValueError (``image_mode_problem``'s words) for 32-bit pixels. The sharding readers
+    and the training loader both convert with this."""
+    if image.mode == "RGB":
+        return np.array(image)
+    if image.mode.startswith("I;16"):
+        gray = (np.asarray(image) >> 8).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    problem = image_mode_problem(image.mode)
+    if problem is not None:
+        raise ValueError(problem)
+    return np.array(image.convert("RGB"))
 
 
 def sample_label(key: str, source: str | None) -> str:

@@ -6,7 +6,8 @@ every shard is read as a tar and every sample checked the way the loader will us
 * members of a sample (key = member name up to the first dot) are contiguous;
 * it has an image (``.png``/``.jpg``/``.jpeg``) and a ``.seg.png`` label, and its
   ``.json`` (if any) parses and names its source file, if at all, by a plain stem;
-* both decode with PIL, the image is RGB, the label single-channel and the same size;
+* both decode with PIL, the image in a mode the loader converts to RGB (not 32-bit), the
+  label single-channel and the same size;
 * label values are < the number of classes or == the manifest's ``ignore_index``;
 * the shard's sample count, and the offset of each sample's first tar header when the
   manifest records ``sample_offsets``, match the manifest.
@@ -34,6 +35,7 @@ from data_pipeline.sample_members import (
     SOURCE_FIELD,
     MemberDecodeError,
     check_source_name,
+    image_mode_problem,
     open_member,
     sample_label,
     sample_source,
@@ -124,8 +126,9 @@ def check_sample(members: dict[str, bytes], num_classes: int, ignore_index: int)
         label = open_member(members[SEMANTIC_EXT], SEMANTIC_EXT)
     except MemberDecodeError as exn:
         return str(exn)
-    if image.mode != "RGB":
-        return f".{image_ext} must be RGB, got PIL mode {image.mode}"
+    problem = image_mode_problem(image.mode)  # the loader's rule: gray, palette, RGBA convert
+    if problem is not None:
+        return f".{image_ext} {problem}"
     if label.mode not in LABEL_MODES:
         return f".{SEMANTIC_EXT} must be single-channel, got PIL mode {label.mode}"
     if label.size != image.size:

@@ -200,6 +200,17 @@ def test_folder_classes_from_file_or_inferred(tmp_path):
         source.load(1)
 
 
+def test_a_16_bit_gray_image_is_sharded_by_its_high_byte_as_the_loader_reads_it(tmp_path):
+    folder_tree(tmp_path)
+    Image.fromarray(np.full((6, 8), 0x1234, np.uint16)).save(tmp_path / "images/train/b.png")  # mode I;16
+    image = folder_source(tmp_path, "train").load(1).image
+    assert image.dtype == np.uint8 and (image == 0x12).all()  # PIL's own conversion gives 255 everywhere
+    tiff = tmp_path / "images/train/b.png"  # no 32-bit PNG exists: a TIFF under the name (PIL reads content)
+    Image.fromarray(np.full((6, 8), 7, np.int32)).save(tiff, format="TIFF")
+    with pytest.raises(FormatError, match=r"b.png: the image has 32-bit pixels \(PIL mode I\)"):
+        folder_source(tmp_path, "train").load(1)
+
+
 def panoptic_tree(root: Path) -> tuple[Path, np.ndarray]:
     ids = np.zeros((6, 8), dtype=np.int32)
     ids[:, :3], ids[:2, 3:], ids[4:, 4:] = 5, 70000, 300  # person, stuff, crowd car; rest void

@@ -106,7 +106,9 @@ def test_verify_reports_out_of_range_labels_per_shard(tmp_path, capsys):
         ("train_00000001.json", b"{oops", "sample train_00000001: .json does not parse"),
         ("train_00000001.png", b"not a png", "sample train_00000001: .png is not a decodable PNG"),
         ("train_00000001.seg.png", "rgb", ".seg.png must be single-channel, got PIL mode RGB"),
-        ("train_00000001.png", "gray", ".png must be RGB, got PIL mode L"),
+        # gray images train (the loader converts them); 32-bit ones cannot
+        ("train_00000001.png", "int32", ".png has 32-bit pixels (PIL mode I); expected an 8-bit (or 16-bit "
+                                        "grayscale) image"),
         ("train_00000001.seg.png", "small", "image is 16x16 but label is 8x8 (WxH)"),
     ],
 )
@@ -114,12 +116,13 @@ def test_verify_names_the_shard_and_first_problem(tmp_path, capsys, name, data, 
     path = _write(tmp_path)
     images = {
         "rgb": np.zeros((16, 16, 3), np.uint8),
-        "gray": np.zeros((16, 16), np.uint8),
+        "int32": np.zeros((16, 16), np.int32),
         "small": np.zeros((8, 8), np.uint8),
     }
     if isinstance(data, str):
         buf = io.BytesIO()
-        Image.fromarray(images[data]).save(buf, format="PNG")
+        # PNG has no 32-bit gray: a TIFF under the .png name (PIL reads the content)
+        Image.fromarray(images[data]).save(buf, format="TIFF" if data == "int32" else "PNG")
         data = buf.getvalue()
     _rewrite_member(path, 0, name, data)
     code, err = _verify(capsys, path)

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from data_pipeline.sample_members import rgb_pixels
+
 IGNORE = 255
 JPEG_EXTS = (".jpg", ".jpeg")
 
@@ -80,7 +82,10 @@ def _open(path: Path, data: bytes) -> Image.Image:
 def read_image(path: Path) -> tuple[np.ndarray, bytes | None, str | None]:
     """(RGB uint8 array, original bytes, extension) -- bytes only for JPEGs (kept as is)."""
     data = path.read_bytes()
-    rgb = np.asarray(_open(path, data).convert("RGB"), dtype=np.uint8)
+    try:  # the loader's conversion: 16-bit gray by its high byte, not clipped to white
+        rgb = rgb_pixels(_open(path, data))
+    except ValueError as exn:
+        raise FormatError(f"{path}: the image {exn}") from None
     if path.suffix.lower() in JPEG_EXTS:
         return rgb, data, "jpg"
     return rgb, None, None
