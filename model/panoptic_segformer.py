@@ -12,8 +12,8 @@ from their attention maps over strides 8/16/32 (``model/psf_decoders.py``). Matc
 losses: ``model/psf_criterion.py``; panoptic merging:
 ``model.panoptic_inference.mask_wise_merge`` on ``query_class_probs`` and the sigmoid masks.
 
-Left out of the official head: its extra attention-only mask layer (``AttentionTail``),
-the thing mask decoder's class and box heads (trained with weight 0 there, and unused in
+Left out of the official head (its attention-only last mask layer, ``AttentionTail``, is
+kept: ``MaskDecoder``'s tail): the thing mask decoder's class and box heads (trained with weight 0 there, and unused in
 inference), and the pre-filtering of thing queries by a one-to-many location matching
 (up to 3 queries per object) before the mask decoder, a memory saving; here every thing
 query is decoded and one Hungarian matching (with the dice cost) serves the last

@@ -15,7 +15,9 @@ official stuff decoder has one, the thing decoder none). Each layer's pre-softma
 attention logits (B×heads×Q×S over the S tokens of all levels) are split by level,
 reshaped to each level's H×W, upsampled (bilinear) to the finest level (stride 8),
 concatenated over levels and heads and fused by a 1×1 conv into one mask logit per
-query (``fuse_attention_maps``); stuff query k also gets one class logit per layer
+query (``fuse_attention_maps``; the seed's "a conv". The official ``Attention`` first maps
+each level's heads by a Linear(heads, heads) + ReLU and fuses with Linear(3·heads, 1) +
+ReLU); stuff query k also gets one class logit per layer
 ("stuff class k is present"). Every layer predicts (deep supervision); inference reads
 the last.
 """

@@ -27,7 +27,10 @@ normalised per level, and the level embedding tells the levels apart.
 
 Differences to the official code: BatchNorm in the spatial branch and heads is per worker
 (official: SyncBN), and the backbone's BatchNorm is frozen (``model.backbone.freeze_bn``;
-official: trained SyncBN, ``norm_eval=False``).
+official: trained SyncBN, ``norm_eval=False``). Inference uses the refined logits, as the
+paper describes (boundary pixels are relabelled at test time, its Fig. 4); the official test
+path (``base_segmentor.slide_inference``) averages the coarse logits, using the refinement
+only inside the training loss.
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ refinement (seed 001).
   the pixel ``distance`` steps along the predicted direction bin (into the segment's
   interior, where predictions are more reliable); other pixels keep their own. The
   official code does this with ``grid_sample`` at integer offsets and border padding; a
-  gather with clamped indices is the same and exact in any dtype.
+  gather with clamped indices is the same and exact in any dtype. One difference: the
+  official ``_get_offset`` marks edges by the raw edge-class logit (``mask_logits[:, 1] >
+  0.5``), not by the softmax; here p(edge) > 0.5, i.e. logit[1] > logit[0].
 """
 
 from __future__ import annotations
