@@ -268,11 +268,15 @@ class PanopticInferenceConfig:
     stuff_overlap: float = 0.2
     mask_threshold: float = 0.5
     mask_area_offset: float = 1.0
+    # The things merged: the top this many (thing query, class) pairs of the sigmoid class
+    # scores, so a query may enter with two classes (the official test_cfg max_per_img,
+    # mmdet's top-k over Q×C); 0 = every thing query with its best class.
+    max_thing_detections: int = 100
 
     RULES: ClassVar[dict[str, str]] = {
         "object_mask_threshold overlap_threshold confidence_threshold stuff_confidence_threshold thing_overlap "
         "stuff_overlap mask_threshold": "[0, 1]",
-        "class_exponent mask_exponent mask_area_offset": ">= 0",
+        "class_exponent mask_exponent mask_area_offset max_thing_detections": ">= 0",
     }
 
 

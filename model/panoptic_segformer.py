@@ -164,4 +164,30 @@ def panoptic_segformer_panoptic(outputs: dict, image_size: Sequence[int], thing_
     masks = upsample_masks(outputs["pred_masks"], image_size).sigmoid()
     things = set(thing_classes)
     is_thing = [c in things for c in range(probs.shape[-1])]
-    return [mask_wise_merge_from_config(probs[b], masks[b], is_thing, cfg) for b in range(masks.shape[0])]
+    num_things = outputs["pred_thing_logits"].shape[1]
+    results = []
+    for b in range(masks.shape[0]):
+        candidates, candidate_masks = thing_detections(probs[b, :num_things], masks[b, :num_things],
+                                                       thing_classes, cfg.max_thing_detections)  # fmt: skip
+        results.append(mask_wise_merge_from_config(torch.cat([candidates, probs[b, num_things:]]),
+                                                   torch.cat([candidate_masks, masks[b, num_things:]]), is_thing,
+                                                   cfg))  # fmt: skip
+    return results
+
+
+def thing_detections(probs: Tensor, masks: Tensor, thing_classes: Sequence[int], limit: int) -> tuple[Tensor, Tensor]:
+    """The thing candidates of one image, as the official test picks them (mmdet's
+    ``max_per_img``): of the Q×K class probabilities (``query_class_probs`` rows of the thing
+    queries), the ``limit`` highest (query, thing class) pairs, each a row holding only its
+    class's probability, with its query's mask. A query may enter twice, with two classes;
+    ``limit`` 0 (or at least Q × classes) keeps every query with all its classes, which the
+    merge ranks by the best."""
+    columns = torch.as_tensor(list(thing_classes), device=probs.device)
+    scores = probs[:, columns]
+    if limit <= 0 or limit >= scores.numel():
+        return probs, masks
+    top, flat = scores.reshape(-1).topk(limit)
+    query, column = flat // scores.shape[1], flat % scores.shape[1]
+    rows = probs.new_zeros(limit, probs.shape[1])
+    rows[torch.arange(limit, device=probs.device), columns[column]] = top
+    return rows, masks[query]

@@ -262,6 +262,32 @@ def test_query_class_probs_places_stuff_query_k_in_its_class_column():
     assert probs[0, 4, 3] < 0.01 and probs[0, 4, :3].sum() == 0  # stuff query 1 = class 3
 
 
+def test_things_enter_the_merge_as_the_official_top_k_query_class_pairs():
+    from model.config import PanopticInferenceConfig
+    from model.panoptic_segformer import thing_detections
+
+    # A 16x8 image (2x1 stride-8 cells), 3 thing queries of classes (1, 2): query 0 on the
+    # top cell, scoring high for both classes; query 1 on the bottom cell, class 2 only;
+    # query 2 scores nothing. Stuff queries score nothing.
+    thing = torch.tensor([[[4.0, 3.0], [-9.0, 2.0], [-9.0, -9.0]]])
+    masks = torch.full((1, 5, 2, 1), -9.0)
+    masks[0, 0, 0], masks[0, 1, 1] = 9.0, 9.0
+    outputs = {"pred_thing_logits": thing, "pred_stuff_logits": torch.full((1, 2), -9.0), "pred_masks": masks}
+
+    def categories(limit):
+        cfg = PanopticInferenceConfig(max_thing_detections=limit)
+        return sorted(s["category_id"] for s in panoptic_segformer_panoptic(outputs, (16, 8), THINGS, STUFF, cfg)[0][1])
+
+    # The top 2 (query, class) pairs are query 0 twice (as class 1, then as class 2, which
+    # finds its pixels painted): query 1 is left out; a third pair brings it in.
+    assert categories(2) == [1] and categories(3) == [1, 2]
+    assert categories(0) == [1, 2]  # 0: every query with its best class
+    probs = query_class_probs(outputs, THINGS, STUFF)[0, :3]
+    rows, picked = thing_detections(probs, torch.arange(3.0).view(3, 1, 1), THINGS, 2)
+    assert picked.flatten().tolist() == [0.0, 0.0]  # query 0's mask, twice
+    assert rows[0, 1] == probs[0, 1] and rows[1, 2] == probs[0, 2] and rows.count_nonzero() == 2
+
+
 def test_tiny_model_overfits_one_batch():
     """A fixed number of seeded steps, no clock: the summed loss falls by a clear factor."""
     torch.manual_seed(0)
