@@ -15,9 +15,10 @@ from data_pipeline.manifest import ManifestError, load_manifest
 from data_pipeline.shard_writer import write_shards
 from data_pipeline.synthetic import synthetic_source
 from launcher.commands import load_for_inference
-from launcher.config import RunConfig, default_run_name, load_config
+from launcher.config import ConfigError, RunConfig, default_run_name, load_config
 from launcher.driver import TrainingFailed, run_training
 from launcher.evaluate import evaluate_on_validation
+from launcher.interrupt import sigint_watch, was_interrupted
 from launcher.predict import write_predictions
 from launcher.progress import plural
 
@@ -37,15 +38,37 @@ def _existing_matches(manifest_path: str, expected_options: dict, count: int, pe
             and all(os.path.exists(p) for p in manifest.shard_paths()))
 
 
+def _foreign_format(manifest_path: str) -> str | None:
+    """The format of a readable manifest at ``manifest_path`` that the synthetic generator
+    did not write, else None."""
+    try:
+        manifest = load_manifest(manifest_path)
+    except ManifestError:
+        return None
+    return None if manifest.format == "synthetic" else manifest.format
+
+
 def ensure_synthetic_data(cfg: RunConfig) -> None:
     """Generate and shard the demo dataset unless identical shards are already there."""
     synthetic = cfg.data.synthetic
+    # The run's pre-flight check would say so too, but only after the shards are written.
+    if cfg.model.num_classes != synthetic.num_classes:
+        raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but data.synthetic.num_classes is "
+                          f"{synthetic.num_classes}; set both")
     for split, manifest_path, count in (("train", cfg.data.train_manifest, synthetic.num_train),
                                         ("val", cfg.data.val_manifest, synthetic.num_val)):
         source = synthetic_source(synthetic, split, count)
         if _existing_matches(manifest_path, source.options, count, synthetic.samples_per_shard):
             print(f"data: reusing {count} {split} samples in {manifest_path}")
             continue
+        # Regenerating replaces the manifest and the shards it lists: `demo --config` of a
+        # preset whose manifest is named {split}-manifest.json (Cityscapes) would otherwise
+        # delete the user's real shards and write generated ones in their place.
+        foreign = _foreign_format(manifest_path)
+        if foreign:
+            raise ConfigError(f"data.{split}_manifest: {manifest_path} lists {foreign} shards; the demo only "
+                              "trains on data it generates and will not replace them (use `python -m launcher "
+                              "train` for this config)")
         expected = os.path.join(os.path.dirname(manifest_path), f"{split}-manifest.json")
         if os.path.abspath(expected) != os.path.abspath(manifest_path):
             raise ValueError(f"data.{split}_manifest: the demo writes {split}-manifest.json, got {manifest_path}")
@@ -56,16 +79,35 @@ def ensure_synthetic_data(cfg: RunConfig) -> None:
               f"({time.perf_counter() - started:.1f} s) -> {manifest_path}")
 
 
+def _resume_hint(cfg: RunConfig) -> str:
+    """How to go on with a stopped demo run: ``demo`` again (not ``train``, which would skip
+    the evaluation and overlays) on the config the driver saved in the run folder, which
+    holds the run name and every --set; before it is saved, the run name."""
+    saved = os.path.join(cfg.train.output_dir, cfg.train.run_name, "config.yaml")
+    if os.path.isfile(saved):
+        return f"resume it with: python -m launcher demo --config {saved}"
+    return f"resume it with the same command and --set train.run_name={cfg.train.run_name}"
+
+
 def run_demo(config_path: str, overrides: list[str]) -> int:
     started = time.time()
     cfg = load_config(config_path, overrides)
     cfg.train.run_name = cfg.train.run_name or default_run_name(config_path)
     ensure_synthetic_data(cfg)
-    try:
-        outcome = run_training(cfg)
-    except TrainingFailed as err:
-        print(f"error: {err}")
-        return 1
+    with sigint_watch() as sigint_seen:
+        try:
+            outcome = run_training(cfg)
+        except TrainingFailed as err:
+            print(f"error: {err}", flush=True)
+            print(_resume_hint(cfg), flush=True)
+            return 1
+        except (KeyboardInterrupt, SystemExit) as stop:
+            # Without this a Ctrl-C'd demo exited silently, with 1 (or 0, as if it had
+            # finished): launcher/interrupt.py.
+            if not was_interrupted(stop, sigint_seen):
+                raise
+            print(f"\ninterrupted; {_resume_hint(cfg)}", flush=True)
+            return 130
     if outcome.checkpoint is None:
         print("error: the run reported no checkpoint")
         return 1

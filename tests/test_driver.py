@@ -103,6 +103,20 @@ def test_a_stopped_run_says_how_to_resume_it(monkeypatch, capsys, tmp_path):
     assert commands.train_command(TINY, sets, "") == 130
     assert "interrupted; resume it with the same command and --set train.run_name=r1" in capsys.readouterr().out
 
+    def ray_sigint_then_exit_1(cfg):  # a SIGINT that cut a wait short: Ray's SystemExit(1)
+        import signal
+
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: None)  # Ray's handler, no chaining
+        try:
+            signal.raise_signal(signal.SIGINT)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        raise SystemExit(1)
+
+    monkeypatch.setattr(driver, "run_training", ray_sigint_then_exit_1)
+    assert commands.train_command(TINY, sets, "") == 130
+    assert "interrupted; resume it with the same command" in capsys.readouterr().out
+
     def other_exit(cfg):
         raise SystemExit(3)  # not Ray's Ctrl-C handler: not an interruption
 

@@ -1,0 +1,48 @@
+"""Telling a Ctrl-C'd run from other exits of Ray Train's ``fit()``.
+
+During ``fit()`` Ray Train installs its own SIGINT handler, which aborts the run and does
+not chain to any other; ``fit()`` then ends in ``sys.exit(0)``, or in Ray's
+``SystemExit(1)`` when the signal cut a wait short. The second looks like any failure, so
+``train`` and ``demo`` watch for the signal itself: through the wakeup fd, which the
+interpreter writes for every signal a Python handler (Ray's included) receives.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def sigint_watch() -> Iterator[Callable[[], bool]]:
+    """Yields a function telling whether a SIGINT arrived inside the block (main thread only)."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    received: set[int] = set()
+
+    def seen() -> bool:
+        try:
+            received.update(os.read(read_fd, 4096))
+        except BlockingIOError:  # nothing arrived since the last read
+            pass
+        return signal.SIGINT in received
+
+    previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    try:
+        yield seen
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def was_interrupted(stop: KeyboardInterrupt | SystemExit, sigint_seen: Callable[[], bool]) -> bool:
+    """Whether ``stop``, raised out of ``fit()``, ended a run the user stopped with Ctrl-C:
+    a KeyboardInterrupt, Ray's ``sys.exit(0)``, or any exit after a SIGINT. Another exit
+    code without one is someone else's exit, to be re-raised."""
+    if isinstance(stop, KeyboardInterrupt):
+        return True
+    return stop.code in (0, None) or sigint_seen()
