@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from data_pipeline.manifest import load_manifest, training_classes
 from launcher.checkpoint import META_FILE, CheckpointError, load_model_weights, read_meta, resolve_checkpoint
 from launcher.config import ConfigError, RunConfig, config_from_dict, default_run_name, load_config
-from launcher.interrupt import sigint_watch, was_interrupted
+from launcher.interrupt import run_unless_interrupted
 from launcher.preflight import inside_ray_job, model_differences
 from launcher.progress import plural
 from launcher.typed_config import merge, parse_override, to_dict
@@ -45,29 +45,21 @@ def train_command(config_path: str, overrides: list[str], address: str) -> int:
     cfg.train.run_name = cfg.train.run_name or default_run_name(config_path)
     if address:
         cfg.cluster.address = address
-    with sigint_watch() as sigint_seen:
-        try:
-            outcome = run_training(cfg)
-        except TrainingFailed as err:
-            print(f"error: {err}", flush=True)
-            if ShardReadError.__name__ in err.causes:  # resuming alone would stop at the same sample
-                manifests = " and ".join(dict.fromkeys(p for p in (cfg.data.train_manifest, cfg.data.val_manifest)
-                                                       if p))  # fmt: skip
-                # Under skip the failure was one skipping cannot pass (validation, or every sample bad).
-                skip = "" if cfg.data.on_error == "skip" else (
-                    " (or, for a training shard, set data.on_error=skip to train past unreadable samples)")
-                print(f"the data is at fault: `python -m data_pipeline verify` of {manifests} checks every shard; "
-                      f"write the bad one again{skip}, then", flush=True)
-            print(resume_hint(cfg), flush=True)
-            return 1
-        except (KeyboardInterrupt, SystemExit) as stop:
-            # Ray Train's own SIGINT handler aborts the run, then fit() ends in sys.exit(0)
-            # or Ray's SystemExit(1): without this a Ctrl-C'd run exited 1 with no word, or
-            # 0 as if it had finished (launcher/interrupt.py).
-            if not was_interrupted(stop, sigint_seen):
-                raise
-            print(f"\ninterrupted; {resume_hint(cfg)}", flush=True)
-            return 130
+    try:
+        outcome = run_unless_interrupted(lambda: run_training(cfg), lambda: resume_hint(cfg))
+    except TrainingFailed as err:
+        print(f"error: {err}", flush=True)
+        if ShardReadError.__name__ in err.causes:  # resuming alone would stop at the same sample
+            manifests = " and ".join(dict.fromkeys(p for p in (cfg.data.train_manifest, cfg.data.val_manifest) if p))
+            # Under skip the failure was one skipping cannot pass (validation, or every sample bad).
+            skip = "" if cfg.data.on_error == "skip" else (
+                " (or, for a training shard, set data.on_error=skip to train past unreadable samples)")
+            print(f"the data is at fault: `python -m data_pipeline verify` of {manifests} checks every shard; "
+                  f"write the bad one again{skip}, then", flush=True)
+        print(resume_hint(cfg), flush=True)
+        return 1
+    if outcome is None:
+        return 130
     if outcome.trained:
         summary = ", ".join(f"{k} {v:.4f}" for k, v in outcome.metrics.items() if isinstance(v, float))
         print(f"run {cfg.train.run_name} finished in {outcome.seconds:.0f} s ({summary})")

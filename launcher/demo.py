@@ -18,7 +18,7 @@ from launcher.commands import load_for_inference
 from launcher.config import ConfigError, RunConfig, default_run_name, load_config
 from launcher.driver import TrainingFailed, run_training
 from launcher.evaluate import evaluate_on_validation
-from launcher.interrupt import sigint_watch, was_interrupted
+from launcher.interrupt import run_unless_interrupted
 from launcher.predict import write_predictions
 from launcher.progress import plural
 
@@ -94,20 +94,14 @@ def run_demo(config_path: str, overrides: list[str]) -> int:
     cfg = load_config(config_path, overrides)
     cfg.train.run_name = cfg.train.run_name or default_run_name(config_path)
     ensure_synthetic_data(cfg)
-    with sigint_watch() as sigint_seen:
-        try:
-            outcome = run_training(cfg)
-        except TrainingFailed as err:
-            print(f"error: {err}", flush=True)
-            print(_resume_hint(cfg), flush=True)
-            return 1
-        except (KeyboardInterrupt, SystemExit) as stop:
-            # Without this a Ctrl-C'd demo exited silently, with 1 (or 0, as if it had
-            # finished): launcher/interrupt.py.
-            if not was_interrupted(stop, sigint_seen):
-                raise
-            print(f"\ninterrupted; {_resume_hint(cfg)}", flush=True)
-            return 130
+    try:
+        outcome = run_unless_interrupted(lambda: run_training(cfg), lambda: _resume_hint(cfg))
+    except TrainingFailed as err:
+        print(f"error: {err}", flush=True)
+        print(_resume_hint(cfg), flush=True)
+        return 1
+    if outcome is None:
+        return 130
     if outcome.checkpoint is None:
         print("error: the run reported no checkpoint")
         return 1

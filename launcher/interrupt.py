@@ -13,6 +13,9 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @contextmanager
@@ -46,3 +49,18 @@ def was_interrupted(stop: KeyboardInterrupt | SystemExit, sigint_seen: Callable[
     if isinstance(stop, KeyboardInterrupt):
         return True
     return stop.code in (0, None) or sigint_seen()
+
+
+def run_unless_interrupted(run: Callable[[], T], resume_hint: Callable[[], str]) -> T | None:
+    """``run()``'s result, or None after a Ctrl-C, having printed ``interrupted; `` and
+    ``resume_hint()`` (asked then: the run may have saved its config by that time; the
+    caller exits 130). Every other exception passes through."""
+    with sigint_watch() as sigint_seen:
+        try:
+            return run()
+        except (KeyboardInterrupt, SystemExit) as stop:
+            # Without this a Ctrl-C'd run exited 1 with no word, or 0 as if it had finished.
+            if not was_interrupted(stop, sigint_seen):
+                raise
+            print(f"\ninterrupted; {resume_hint()}", flush=True)
+            return None
