@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -20,7 +21,11 @@ T = TypeVar("T")
 
 @contextmanager
 def sigint_watch() -> Iterator[Callable[[], bool]]:
-    """Yields a function telling whether a SIGINT arrived inside the block (main thread only)."""
+    """Yields a function telling whether a SIGINT arrived inside the block. Off the main
+    thread (where Python delivers no signals and refuses a wakeup fd) it says no."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)
     os.set_blocking(write_fd, False)
