@@ -171,8 +171,10 @@ def predict_command(config_path: str, overrides: list[str], checkpoint: str, out
     from launcher.predict import write_predictions
 
     written = write_predictions(cfg, model, out_dir, num)
-    print(f"wrote {len(written)} overlays (image | prediction | ground truth) to {out_dir} and their "
-          f"label maps (classes 0..{cfg.model.num_classes - 1}, for eval-semantic) to {os.path.join(out_dir, 'labels')}")
+    print(f"wrote {len(written)} overlays (image | prediction | ground truth) to {out_dir}, their label maps "
+          f"(classes 0..{cfg.model.num_classes - 1}) to {os.path.join(out_dir, 'labels')} and the ground truth to "
+          f"{os.path.join(out_dir, 'ground_truth')}: eval-semantic --pred-dir {os.path.join(out_dir, 'labels')} "
+          f"--gt-dir {os.path.join(out_dir, 'ground_truth')} --num-classes {cfg.model.num_classes} scores them")
     return 0
 
 

@@ -121,7 +121,7 @@ def connect(cfg: RunConfig) -> bool:
             raise ConnectionError(f"cluster.address: cannot connect to Ray at {address} ({err}){hint}") from None
         return False
     cpus = max(os.cpu_count() or 1, cfg.cluster.num_workers * cfg.cluster.cpus_per_worker)
-    print(f"starting a local Ray instance ({cpus} CPUs); set RAY_ADDRESS or --address to use a cluster",
+    print(f"starting a local Ray instance ({cpus} CPUs); set RAY_ADDRESS (or cluster.address) to use a cluster",
           flush=True)
     for name, value in LOCAL_INSTANCE_ENV.items():  # inherited by the instance's processes
         os.environ.setdefault(name, value)
