@@ -10,7 +10,7 @@ from data_pipeline.manifest import load_manifest, training_classes
 from launcher.checkpoint import META_FILE, CheckpointError, load_model_weights, read_meta, resolve_checkpoint
 from launcher.config import ConfigError, RunConfig, config_from_dict, default_run_name, load_config
 from launcher.interrupt import run_unless_interrupted
-from launcher.preflight import inside_ray_job, model_differences
+from launcher.preflight import inside_ray_job, model_differences, state_mismatches
 from launcher.progress import plural
 from launcher.typed_config import merge, parse_override, to_dict
 from ops.atomic_file import write_json_atomic
@@ -73,15 +73,9 @@ def load_weights_into(model: torch.nn.Module, directory: str, cfg: RunConfig, co
     names the --config / --set model.* that chose the model; empty: the checkpoint's own
     config did, so the model code itself differs from the one that trained it."""
     state = load_model_weights(directory)
-    own = model.state_dict()
-    shapes = [f"{k} is {list(v.shape)} in the checkpoint, {list(own[k].shape)} here"
-              for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if shapes or missing or unexpected:
-        first = shapes[0] if shapes else (f"{missing[0]} is not in the checkpoint" if missing
-                                          else f"the checkpoint's {unexpected[0]} is not in the model")
-        count = len(shapes) + len(missing) + len(unexpected)
+    mismatches = state_mismatches(state, model.state_dict())
+    if mismatches:
+        first, count = mismatches[0], len(mismatches)
         differences = model_differences(read_meta(directory).config.get("model", {}), to_dict(cfg.model))
         settings = f"; settings unlike the checkpoint's: {differences}" if differences else ""
         tensors = plural(count, "mismatched tensor")

@@ -77,8 +77,8 @@ class TrainConfig:
     # Start from this checkpoint folder instead of the run's own latest one.
     resume_from: str = ""
 
-    # Checked when a config is loaded, by describe, eval and submit too (typed_config's
-    # check_rules); the wording is launcher.preflight.check_run's, which train runs again.
+    # Checked whenever a config is loaded, by every command (typed_config's check_rules);
+    # launcher.preflight.check_run checks only what depends on several keys or the machine.
     RULES: ClassVar[dict[str, str]] = {
         "max_steps log_every checkpoint_every keep_checkpoints grad_accum_steps": "positive int",
         "lr": "> 0",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 
 import ray
@@ -22,7 +22,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from cluster.metrics import live_targets_file
 from launcher.checkpoint import CheckpointMeta, prune_untracked_checkpoints, read_meta
 from launcher.config import ConfigError, RunConfig, TrainConfig, dump_config, to_dict
-from launcher.environment import LOCAL_INSTANCE_ENV, free_loopback_port, worker_env_vars
+from launcher.environment import LOCAL_INSTANCE_ENV, environment, free_loopback_port, worker_env_vars
 from launcher.preflight import check_paths_for_job, check_resume, check_resume_fits, check_run
 from launcher.progress import plural
 from launcher.universal_checkpoint import ensure_universal, needs_universal
@@ -132,26 +132,10 @@ def connect(cfg: RunConfig) -> bool:
     # processes, which pass it on to every worker. address="local": not the address a
     # stale ray_current_cluster file may still name.
     port = free_loopback_port()
-    with _environment(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}"):
+    with environment(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}"):
         ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, log_to_driver=True, _node_ip_address="127.0.0.1")
     return True
-
-
-@contextmanager
-def _environment(**values: str):
-    """``values`` in os.environ for the block only (this process's later commands and
-    tests must not inherit them)."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def train_worker(loop_config: dict) -> None:

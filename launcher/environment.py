@@ -12,6 +12,8 @@ import hashlib
 import os
 import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from ops.host_allocator import MALLOC_ENV_VARS, worker_allocator_env
@@ -130,3 +132,23 @@ def build_deepspeed_ops() -> list[str]:
             builder.load(verbose=False)
         built.append(builder.NAME)
     return built
+
+
+@contextmanager
+def environment(**values: str | None) -> Iterator[None]:
+    """``os.environ`` with ``values`` for the block only (None: unset), restored after, so
+    that this process's later commands and tests inherit nothing from it."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        _assign(values)
+        yield
+    finally:
+        _assign(saved)
+
+
+def _assign(values: dict[str, str | None]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

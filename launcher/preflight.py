@@ -2,7 +2,7 @@
 
 Everything that can be known on the driver is checked here, so bad input is a one-line
 ``ConfigError`` in a second instead of a worker traceback a minute into start-up: the
-manifests exist and agree with the model's class count, intervals are positive, the
+manifests exist and agree with the model's class count, the lr schedule fits the run, the
 precision fits the hardware, the model builds and its pretrained file fits, paths make
 sense for where the driver runs, and a resumed run's checkpoint is complete (and converted,
 for another world size, by the driver).
@@ -11,6 +11,8 @@ for another world size, by the driver).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 from data_pipeline.loader import DataConfigError, resolve_manifest
 from data_pipeline.manifest import Manifest, check_shard_size, training_classes
@@ -230,11 +232,16 @@ def _tensor_mismatches(trained: dict, cfg: RunConfig) -> list[str]:
     from model.build import build_meta_model
 
     theirs = build_meta_model(config_from_dict({"model": trained}, source="checkpoint config").model).state_dict()
-    ours = build_meta_model(cfg.model).state_dict()
-    shapes = [f"{k} is {list(v.shape)} in the checkpoint, {list(ours[k].shape)} here"
-              for k, v in theirs.items() if k in ours and tuple(v.shape) != tuple(ours[k].shape)]
-    return (shapes + [f"{k} is not in the checkpoint" for k in ours if k not in theirs]
-            + [f"the checkpoint's {k} is not in the model" for k in theirs if k not in ours])
+    return state_mismatches(theirs, build_meta_model(cfg.model).state_dict())
+
+
+def state_mismatches(checkpoint: Mapping[str, Any], model: Mapping[str, Any]) -> list[str]:
+    """How a checkpoint's state dict differs from a model's, shapes first, then the
+    model's tensors the checkpoint lacks, then the checkpoint's the model lacks."""
+    shapes = [f"{k} is {list(v.shape)} in the checkpoint, {list(model[k].shape)} here"
+              for k, v in checkpoint.items() if k in model and tuple(v.shape) != tuple(model[k].shape)]
+    return (shapes + [f"{k} is not in the checkpoint" for k in model if k not in checkpoint]
+            + [f"the checkpoint's {k} is not in the model" for k in checkpoint if k not in model])
 
 
 def check_resume_fits(cfg: RunConfig, directory: str, meta: CheckpointMeta, key: str) -> None:

@@ -25,7 +25,7 @@ import urllib.request
 import yaml
 
 from launcher.config import ConfigError, RunConfig, default_run_name, load_config
-from launcher.environment import USER_ENV_VARS
+from launcher.environment import USER_ENV_VARS, environment
 from launcher.preflight import check_paths_for_job
 
 # The checkout this package runs from: its code is what the job runs.
@@ -234,19 +234,6 @@ def local_token() -> tuple[str, str] | None:
     return None
 
 
-@contextlib.contextmanager
-def _only_this_address():
-    """Ray's client lets RAY_ADDRESS / RAY_API_SERVER_ADDRESS override the address it is
-    given; here --address wins (the env vars are already its default)."""
-    saved = {
-        name: os.environ.pop(name) for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS") if name in os.environ
-    }
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
-
-
 def dashboard_url(address: str, timeout: float = 3.0) -> str:
     """``HOST:PORT`` as ``http://HOST:PORT`` when an HTTP server (the dashboard) answers
     there. Ray's client takes an address without a scheme for the cluster's GCS address
@@ -282,7 +269,9 @@ def connect(address: str):
     mode = os.environ.get("RAY_AUTH_MODE", "").lower()
     token = local_token()
     address = dashboard_url(address)
-    with _only_this_address():
+    # Ray's client lets RAY_ADDRESS / RAY_API_SERVER_ADDRESS override the address it is
+    # given; here --address wins (the env vars are already its default).
+    with environment(RAY_ADDRESS=None, RAY_API_SERVER_ADDRESS=None):
         try:
             try:
                 return JobSubmissionClient(address), "", ""
